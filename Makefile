@@ -1,0 +1,45 @@
+# kvmlite — the two README commands are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: all setup guest demo run test unit integration bench bench-qemu clean
+
+all: setup guest
+
+# A venv with kvmlite installed editable; cffi compiles kvmlite._kvm against
+# this machine's <linux/kvm.h> during the install.
+setup: $(STAMP)
+$(STAMP): pyproject.toml setup.py kvmlite/_kvm_build.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+guest:
+	$(MAKE) -C guest
+
+# The main job: two kvmlite processes on this machine, one live migration
+# mid-workload, the guest finishing on the destination, figures printed.
+demo: setup guest
+	$(PY) -m kvmlite.demo
+
+run: setup guest
+	$(PY) -m kvmlite run guest/guest.bin --cmdline "workload=churn pages=20000 rounds=50" --stats
+
+test: setup guest
+	$(PY) -m pytest -q tests
+
+unit: setup
+	$(PY) -m pytest -q tests/unit
+
+integration: setup guest
+	$(PY) -m pytest -q tests/integration
+
+bench: setup guest
+	$(PY) -m bench
+
+clean:
+	$(MAKE) -C guest clean
+	rm -rf build *.egg-info kvmlite/_kvm.c kvmlite/*.so kvmlite/*.o bench/out

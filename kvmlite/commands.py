@@ -1,0 +1,117 @@
+"""What each subcommand does, kept apart from argument parsing."""
+
+from __future__ import annotations
+
+import sys
+
+from .errors import ConfigError
+from .units import parse_addr, parse_size
+
+MAX_MEMORY_HELP = "64G"
+
+
+def _memory(args, default: str = "256M") -> int:
+    from .boot import MAX_RAM
+    from .cli import MIN_MEMORY
+    size = parse_size(args.memory or default)
+    if size % 4096:
+        raise ConfigError(f"--memory {args.memory}: must be a multiple of 4 KiB")
+    if size < MIN_MEMORY:
+        raise ConfigError(f"--memory {args.memory}: at least {MIN_MEMORY >> 20} MiB is needed")
+    if size > MAX_RAM:
+        raise ConfigError(f"--memory {args.memory}: at most {MAX_RAM >> 30} GiB is supported")
+    return size
+
+
+def _trace():
+    count = [0]
+
+    def trace(msg: str) -> None:
+        count[0] += 1
+        print(f"kvmlite: trace {count[0]}: {msg}", file=sys.stderr)
+    return trace
+
+
+def cmd_run(args) -> int:
+    if args.incoming:
+        if args.image:
+            raise ConfigError("give either an image or --incoming, not both")
+        from .migration.destination import run_incoming
+        return run_incoming(args)
+    if not args.image:
+        raise ConfigError("no guest image given (try: kvmlite run guest/guest.bin)")
+    from .machine import Machine
+    size = _memory(args)
+    load = parse_addr(args.load, "--load") if args.load else None
+    entry = parse_addr(args.entry, "--entry") if args.entry else None
+    from .loader import read_image
+    read_image(args.image)   # a missing image fails before /dev/kvm is opened
+    machine = Machine(size, prefault=args.prealloc, trace=_trace() if args.trace else None)
+    try:
+        machine.boot(args.image, args.cmdline, load, entry)
+        return run_machine(machine, args)
+    finally:
+        machine.close()
+
+
+def run_machine(machine, args) -> int:
+    """Run until the guest ends; serve the monitor meanwhile; report crash and stats."""
+    monitor = None
+    if getattr(args, "monitor", None):
+        from .monitor import Monitor
+        monitor = Monitor(machine, args.monitor)
+        monitor.start()
+    try:
+        result = machine.run()
+    finally:
+        if monitor:
+            monitor.stop()
+    if result.reason == "crash":
+        from .crash import crash_report
+        print(crash_report(machine, result.crash), file=sys.stderr)
+    if args.stats:
+        print_stats(machine)
+    return result.status
+
+
+def print_stats(machine) -> None:
+    total = machine.memory.npages
+    if machine.fph.registration is None:
+        print(f"kvmlite: stats: pages total {total}, no free-page bitmap registered, "
+              f"exits {machine.exits}", file=sys.stderr)
+        return
+    free = machine.fph.count_free()
+    print(f"kvmlite: stats: pages total {total}, free per bitmap {free}, active {total - free}, "
+          f"exits {machine.exits}", file=sys.stderr)
+
+
+def cmd_info(args) -> int:
+    from .kvm import lib
+    from .vstate import Kvm
+    with Kvm() as k:
+        print(f"/dev/kvm: KVM API version {k.api_version} (kvmlite needs {lib.KVM_API_VERSION})")
+        print(f"vCPU run area: {k.vcpu_mmap_size} bytes")
+        for cap, value in k.capabilities().items():
+            print(f"  {cap:<36} {'yes' if value else 'no ':<4} {value if value > 1 else ''}")
+        cpuid = k.supported_cpuid()
+        print(f"supported CPUID leaves: {cpuid.nent}")
+        msrs = k.msr_index_list()
+        print(f"saveable MSRs: {len(msrs)}")
+        modules = _kvm_modules()
+        if modules:
+            print(f"kernel modules: {', '.join(modules)}")
+    print("kvmlite can run guests here.")
+    return 0
+
+
+def _kvm_modules() -> list[str]:
+    import os
+    try:
+        return sorted(m for m in os.listdir("/sys/module") if m.startswith("kvm"))
+    except OSError:
+        return []
+
+
+def cmd_migrate(args) -> int:
+    from .migration.client import migrate_command
+    return migrate_command(args)

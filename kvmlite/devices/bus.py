@@ -1,0 +1,76 @@
+"""The port-I/O bus: maps port ranges to devices, refusing overlaps."""
+
+from __future__ import annotations
+
+from ..errors import ConfigError
+
+PORT_SPACE = 0x10000
+
+
+class Device:
+    """A device on the I/O bus.  Subclasses override what they implement."""
+
+    name = "device"
+
+    def io_read(self, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+    def save_state(self) -> dict:
+        return {}
+
+    def restore_state(self, state: dict) -> None:
+        pass
+
+
+class IoBus:
+    """Port → (device, base).  Unclaimed reads return all ones, writes are dropped,
+    as on a PC where nothing drives the bus."""
+
+    def __init__(self):
+        self._ranges: list[tuple[int, int, Device]] = []
+        self._ports: dict[int, tuple[Device, int]] = {}
+        self.unclaimed = 0
+        self.trace = None   # callable(str) when --trace is on
+
+    def register(self, base: int, length: int, device: Device) -> None:
+        if length <= 0 or base < 0 or base + length > PORT_SPACE:
+            raise ConfigError(f"{device.name}: ports {base:#x}+{length} are outside the port space")
+        for b, n, d in self._ranges:
+            if base < b + n and b < base + length:
+                raise ConfigError(f"{device.name} at ports {base:#x}-{base + length - 1:#x} "
+                                  f"overlaps {d.name} at {b:#x}-{b + n - 1:#x}")
+        self._ranges.append((base, length, device))
+        for port in range(base, base + length):
+            self._ports[port] = (device, base)
+
+    def devices(self) -> list[tuple[int, int, Device]]:
+        return sorted(self._ranges, key=lambda r: r[0])
+
+    def write(self, port: int, size: int, data: bytes) -> None:
+        """An OUT of len(data) // size elements of `size` bytes (string I/O repeats)."""
+        hit = self._ports.get(port)
+        if hit is None:
+            self.unclaimed += 1
+            if self.trace:
+                self.trace(f"unclaimed OUT port {port:#x} data {data.hex()}")
+            return
+        device, base = hit
+        if len(data) == size:
+            device.io_write(port - base, size, int.from_bytes(data, "little"))
+            return
+        for i in range(0, len(data), size):
+            device.io_write(port - base, size, int.from_bytes(data[i:i + size], "little"))
+
+    def read(self, port: int, size: int, count: int = 1) -> bytes:
+        hit = self._ports.get(port)
+        if hit is None:
+            self.unclaimed += 1
+            if self.trace:
+                self.trace(f"unclaimed IN port {port:#x}")
+            return b"\xff" * (size * count)
+        device, base = hit
+        return b"".join(device.io_read(port - base, size).to_bytes(size, "little")
+                        for _ in range(count))

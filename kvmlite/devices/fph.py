@@ -1,0 +1,138 @@
+"""The free-page-hint device (docs/abi.md): where the guest registers its bitmap."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import abi
+from ..vstate.memory import PAGE_SHIFT
+from .bus import Device
+
+ALL_ONES32 = 0xFFFFFFFF
+
+
+class FreePageHint(Device):
+    name = "free-page-hint"
+
+    def __init__(self, memory, log=None):
+        self.memory = memory
+        self.log = log                    # callable(str) for refusals, or None
+        self.region_lo = 0
+        self.region_hi = 0
+        self.status = abi.STATUS_NONE
+        self.host_events = 0
+        self.registration: abi.Registration | None = None
+        self.refusal: str | None = None
+
+    # ---- guest side ----------------------------------------------------------
+
+    def io_read(self, offset: int, size: int) -> int:
+        if size != 4:
+            return (1 << (8 * size)) - 1
+        if offset == abi.REG_ID:
+            return abi.DEVICE_ID
+        if offset == abi.REG_REGION_LO:
+            return self.region_lo
+        if offset == abi.REG_REGION_HI:
+            return self.region_hi
+        if offset == abi.REG_COMMAND_STATUS:
+            return self.status
+        if offset == abi.REG_HOST_EVENTS:
+            return self.host_events
+        return ALL_ONES32
+
+    def io_write(self, offset: int, size: int, value: int) -> None:
+        if size != 4:
+            return
+        if offset == abi.REG_REGION_LO:
+            self.region_lo = value
+        elif offset == abi.REG_REGION_HI:
+            self.region_hi = value
+        elif offset == abi.REG_COMMAND_STATUS:
+            if value == abi.CMD_REGISTER:
+                self._register((self.region_hi << 32) | self.region_lo)
+            elif value == abi.CMD_UNREGISTER:
+                self.registration = None
+                self.status = abi.STATUS_NONE
+
+    def _register(self, gpa: int) -> None:
+        ram = self.memory.size
+        header = self.memory.read(gpa, abi.HEADER.size) if self.memory.contains(gpa, abi.HEADER.size) else b""
+        try:
+            self.registration = abi.validate_registration(gpa, header, ram)
+            self.status = abi.STATUS_REGISTERED
+            self.refusal = None
+        except abi.RegistrationError as e:
+            self.registration = None
+            self.status = abi.STATUS_ERROR | e.reason
+            self.refusal = f"free-page-hint registration at GPA {gpa:#x} refused: {e}"
+            if self.log:
+                self.log(self.refusal)
+
+    # ---- host side -------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        self.host_events |= abi.HOST_EVENT_STOP
+
+    def bitmap_words(self) -> np.ndarray | None:
+        """The guest's bitmap as uint64 words, a live view of guest memory (not a copy)."""
+        reg = self.registration
+        if reg is None:
+            return None
+        nwords = reg.bitmap_size // 8
+        return np.frombuffer(self.memory.slice(reg.bitmap_gpa, nwords * 8), dtype="<u8")
+
+    def always_sent_pages(self) -> list[tuple[int, int]]:
+        """(first page, count) ranges sent whatever the bitmap says: header and bitmap."""
+        reg = self.registration
+        if reg is None:
+            return []
+        out = []
+        for gpa, size in ((reg.region_gpa, abi.HEADER_MIN_SIZE), (reg.bitmap_gpa, reg.bitmap_size)):
+            first = gpa >> PAGE_SHIFT
+            last = (gpa + size - 1) >> PAGE_SHIFT
+            out.append((first, last - first + 1))
+        return out
+
+    def free_mask(self) -> np.ndarray | None:
+        """Per page of RAM, True where the hint says free (and the page may be skipped).
+
+        Pages outside the registered range, the header's and the bitmap's pages
+        are never free.  A snapshot: read it after the dirty log was cleared.
+        """
+        words = self.bitmap_words()
+        if words is None:
+            return None
+        reg = self.registration
+        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:reg.npages].view(bool)
+        mask = np.zeros(self.memory.npages, dtype=bool)
+        first = reg.base_gpa >> PAGE_SHIFT
+        mask[first:first + reg.npages] = bits
+        for page, count in self.always_sent_pages():
+            mask[page:page + count] = False
+        return mask
+
+    def count_free(self) -> int:
+        mask = self.free_mask()
+        return int(np.count_nonzero(mask)) if mask is not None else 0
+
+    # ---- migration ---------------------------------------------------------------
+
+    def save_state(self) -> dict:
+        return {"region_lo": self.region_lo, "region_hi": self.region_hi,
+                "status": self.status, "host_events": self.host_events,
+                "registration": self.registration.to_state() if self.registration else None}
+
+    def restore_state(self, state: dict) -> None:
+        self.region_lo = int(state["region_lo"]) & ALL_ONES32
+        self.region_hi = int(state["region_hi"]) & ALL_ONES32
+        self.status = int(state["status"]) & ALL_ONES32
+        self.host_events = 0
+        reg = state["registration"]
+        if reg is None:
+            self.registration = None
+        else:
+            # Validated against *this* VMM's RAM: the numbers came over the wire.
+            self.registration = abi.validate_numbers(
+                reg["region_gpa"], reg["base_gpa"], reg["npages"], reg["bitmap_gpa"],
+                self.memory.size)

@@ -1,0 +1,104 @@
+"""VM exits decoded into typed values (rust-vmm's ``VcpuExit`` in Python).
+
+``Vcpu.run()`` returns one of these; the run loop ``match``es on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kvm import lib
+
+
+@dataclass(frozen=True, slots=True)
+class IoOut:
+    """The guest wrote `data` (count × size bytes) to `port`."""
+    port: int
+    size: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class IoIn:
+    """The guest reads `count` × `size` bytes from `port`; answer with Vcpu.complete_io_in."""
+    port: int
+    size: int
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class MmioWrite:
+    addr: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MmioRead:
+    addr: int
+    length: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hlt:
+    """HLT with nothing to wake the vCPU (no in-kernel interrupt controller)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown:
+    """The vCPU shut down: a triple fault, or an exception KVM could not deliver."""
+
+
+@dataclass(frozen=True, slots=True)
+class FailEntry:
+    """VM entry failed: the vCPU's state is invalid for the hardware."""
+    hardware_entry_failure_reason: int
+    cpu: int
+
+
+@dataclass(frozen=True, slots=True)
+class InternalError:
+    """KVM could not handle something itself, typically an instruction it cannot emulate."""
+    suberror: int
+    data: tuple[int, ...]
+
+    @property
+    def suberror_name(self) -> str:
+        return INTERNAL_ERROR_NAMES.get(self.suberror, str(self.suberror))
+
+
+@dataclass(frozen=True, slots=True)
+class SystemEvent:
+    type: int
+
+
+@dataclass(frozen=True, slots=True)
+class Interrupted:
+    """KVM_RUN returned EINTR: a signal kicked the vCPU out (pause, migration, quit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unhandled:
+    """An exit kvmlite has no arm for; `reason` is the KVM_EXIT_* number."""
+    reason: int
+    hardware_exit_reason: int = 0
+
+    @property
+    def name(self) -> str:
+        return exit_name(self.reason)
+
+
+INTERRUPTED = Interrupted()
+HLT = Hlt()
+SHUTDOWN = Shutdown()
+
+EXIT_NAMES = {getattr(lib, n): n for n in dir(lib)
+              if n.startswith("KVM_EXIT_") and not n.startswith("KVM_EXIT_IO_")}
+INTERNAL_ERROR_NAMES = {getattr(lib, n): n for n in dir(lib) if n.startswith("KVM_INTERNAL_ERROR_")}
+
+
+def exit_name(reason: int) -> str:
+    return EXIT_NAMES.get(reason, f"exit reason {reason}")
+
+
+Exit = (IoOut | IoIn | MmioWrite | MmioRead | Hlt | Shutdown | FailEntry | InternalError
+        | SystemEvent | Interrupted | Unhandled)

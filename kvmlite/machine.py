@@ -1,0 +1,172 @@
+"""A whole virtual machine: KVM VM + RAM + one vCPU + devices, and its run loop."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+
+from . import boot, exits as ex
+from .abi import DEFAULT_PORT as FPH_PORT, PORT_COUNT as FPH_PORT_COUNT
+from .devices import DebugCon, ExitDevice, FreePageHint, GuestExit, IoBus, Uart16550
+from .devices.output import SerialOutput
+from .devices.uart import PORT_COUNT as UART_PORT_COUNT
+from .errors import KvmliteError
+from .vstate import GuestMemory, Kvm, Vm
+
+UART_PORT = 0x3F8
+DEBUGCON_PORT = 0xE9
+EXIT_PORT = 0x501
+
+
+@dataclass
+class RunResult:
+    """How a run ended: `status` is what `kvmlite run` exits with."""
+    reason: str             # "exit", "hlt", "crash", "migrated", "quit"
+    status: int
+    crash: ex.Exit | None = None
+    exits: int = 0
+
+
+class Machine:
+    """Builds the VM and runs its vCPU.  Other threads (monitor, migration)
+    control it with pause() / resume() / quit(), which kick the vCPU out of
+    KVM_RUN and park it at a safe point between exits."""
+
+    def __init__(self, memory_size: int, *, prefault: bool = False, output: SerialOutput | None = None,
+                 trace=None, log=None):
+        self.kvm = Kvm()
+        self.vm = Vm(self.kvm)
+        self.memory = GuestMemory(memory_size, prefault=prefault)
+        self.vm.add_memory(self.memory)
+        self.vcpu = self.vm.create_vcpu()
+        self.vcpu.set_cpuid(self.kvm.supported_cpuid())
+        self.output = output or SerialOutput()
+        self.log = log or (lambda msg: print(f"kvmlite: {msg}", file=sys.stderr, flush=True))
+        self.bus = IoBus()
+        self.uart = Uart16550(self.output)
+        self.debugcon = DebugCon(self.output)
+        self.exit_device = ExitDevice()
+        self.fph = FreePageHint(self.memory, log=self.log)
+        self.bus.register(UART_PORT, UART_PORT_COUNT, self.uart)
+        self.bus.register(DEBUGCON_PORT, 1, self.debugcon)
+        self.bus.register(EXIT_PORT, 1, self.exit_device)
+        self.bus.register(FPH_PORT, FPH_PORT_COUNT, self.fph)
+        self.trace = trace
+        self.bus.trace = trace
+        self.image = None
+        self.exits = 0
+        # pause/resume protocol between the vCPU thread and controllers
+        self._lock = threading.Condition()
+        self._pause_requested = False
+        self._paused = False
+        self._quit = None          # RunResult to return at the next safe point
+        self.running = False
+
+    # ---- devices by name, for migration ------------------------------------
+
+    def devices(self) -> dict:
+        return {"uart": self.uart, "debugcon": self.debugcon, "exit": self.exit_device,
+                "fph": self.fph}
+
+    # ---- booting -------------------------------------------------------------
+
+    def boot(self, image_path: str, cmdline: str = "", load_addr=None, entry=None) -> None:
+        from .loader import load_image
+        self.image = load_image(self.memory, image_path, load_addr=load_addr, entry=entry)
+        info = boot.boot_info_bytes(
+            ram_size=self.memory.size, cmdline_len=len(cmdline.encode()), fph=True,
+            tsc_khz=self.vcpu.tsc_khz(), image_start=self.image.start, image_end=self.image.end,
+            uart_port=UART_PORT, debugcon_port=DEBUGCON_PORT, exit_port=EXIT_PORT,
+            fph_port=FPH_PORT)
+        boot.write_boot_area(self.memory, cmdline=cmdline, boot_info=info)
+        boot.setup_long_mode(self.vcpu, self.image.entry)
+
+    # ---- the run loop ----------------------------------------------------------
+
+    def run(self) -> RunResult:
+        """Run the vCPU on this thread until the guest exits, crashes or is told to quit."""
+        vcpu, bus = self.vcpu, self.bus
+        vcpu.bind_thread()
+        self.running = True
+        trace = self.trace
+        try:
+            while True:
+                exit_ = vcpu.run()
+                self.exits += 1
+                if trace:
+                    trace(repr(exit_))
+                match exit_:
+                    case ex.IoOut(port, size, data):
+                        bus.write(port, size, data)
+                    case ex.IoIn(port, size, count):
+                        vcpu.complete_io_in(bus.read(port, size, count))
+                    case ex.Interrupted():
+                        if (result := self._safe_point()) is not None:
+                            return result
+                    case ex.Hlt():
+                        return RunResult("hlt", 0, exits=self.exits)
+                    case ex.MmioRead(_, length):
+                        vcpu.complete_mmio_read(b"\xff" * length)
+                    case ex.MmioWrite():
+                        pass  # no MMIO devices: writes to unbacked addresses vanish
+                    case _:
+                        return RunResult("crash", CRASH_STATUS, crash=exit_, exits=self.exits)
+        except GuestExit as e:
+            return RunResult("exit", e.status, exits=self.exits)
+        finally:
+            self.running = False
+            self.output.flush()
+            with self._lock:
+                self._paused = False
+                self._lock.notify_all()
+
+    def _safe_point(self) -> RunResult | None:
+        """The vCPU is between exits: park while paused, return a result to quit."""
+        with self._lock:
+            while True:
+                if self._quit is not None:
+                    return self._quit
+                if not self._pause_requested:
+                    self._paused = False
+                    self._lock.notify_all()
+                    return None
+                if not self._paused:
+                    self._paused = True
+                    self.output.flush()
+                    self._lock.notify_all()
+                self._lock.wait()
+
+    # ---- control from other threads ----------------------------------------------
+
+    def pause(self, timeout: float = 5.0) -> None:
+        """Stop the vCPU at a safe point and wait until it is parked there."""
+        with self._lock:
+            self._pause_requested = True
+            self.vcpu.kick()
+            if not self._lock.wait_for(lambda: self._paused or not self.running, timeout):
+                raise KvmliteError("the vCPU did not stop within %.1f s" % timeout)
+
+    def resume(self) -> None:
+        with self._lock:
+            self._pause_requested = False
+            self._lock.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def quit(self, result: RunResult) -> None:
+        """End run() at the next safe point with `result` (e.g. after migrating away)."""
+        with self._lock:
+            self._quit = result
+            self._lock.notify_all()
+        self.vcpu.kick()
+
+    def close(self) -> None:
+        self.output.flush()
+        self.vm.close()
+        self.kvm.close()
+
+
+CRASH_STATUS = 125

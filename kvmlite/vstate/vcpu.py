@@ -1,0 +1,244 @@
+"""A virtual CPU: its shared run page, registers, and the KVM_RUN call."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import signal
+import threading
+
+from .. import kvm
+from .. import exits as ex
+from ..errors import KvmError
+from ..kvm import ffi, lib
+from .system import kvm_call
+
+KICK_SIGNAL = signal.SIGUSR1
+
+REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
+             "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+SEG_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+SEG_FIELDS = ("base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g",
+              "avl", "unusable")
+CR_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+
+_EXIT_IO = lib.KVM_EXIT_IO
+_EXIT_IO_OUT = lib.KVM_EXIT_IO_OUT
+_EXIT_HLT = lib.KVM_EXIT_HLT
+_EXIT_MMIO = lib.KVM_EXIT_MMIO
+_EXIT_SHUTDOWN = lib.KVM_EXIT_SHUTDOWN
+_EXIT_FAIL_ENTRY = lib.KVM_EXIT_FAIL_ENTRY
+_EXIT_INTERNAL_ERROR = lib.KVM_EXIT_INTERNAL_ERROR
+_EXIT_SYSTEM_EVENT = lib.KVM_EXIT_SYSTEM_EVENT
+_EXIT_UNKNOWN = lib.KVM_EXIT_UNKNOWN
+_EXIT_INTR = lib.KVM_EXIT_INTR
+
+
+class Vcpu:
+    """One vCPU of a Vm.  `run()` enters the guest and returns a typed exit."""
+
+    def __init__(self, vm, index: int):
+        self.vm = vm
+        self.index = index
+        self.fd = kvm_call("KVM_CREATE_VCPU", kvm.KVM_CREATE_VCPU, vm.fd, index,
+                           context=f"vCPU {index}")
+        size = vm.kvm.vcpu_mmap_size
+        self._runmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
+                                 mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_struct = ffi.cast("struct kvm_run *", ffi.from_buffer(self._runmap))
+        self._thread_id: int | None = None
+        lib.kvmlite_install_kick_handler(KICK_SIGNAL)
+
+    # ---- running -----------------------------------------------------------
+
+    def run(self) -> ex.Exit:
+        """KVM_RUN once and decode why it came back."""
+        r = lib.kvmlite_run(self.fd)
+        run = self.run_struct
+        if r < 0:
+            if r == -errno.EINTR or r == -errno.EAGAIN:
+                run.immediate_exit = 0
+                return ex.INTERRUPTED
+            raise KvmError("KVM_RUN", -r, f"vCPU {self.index}")
+        reason = run.exit_reason
+        if reason == _EXIT_IO:
+            io = run.io
+            if io.direction == _EXIT_IO_OUT:
+                off = io.data_offset
+                return ex.IoOut(io.port, io.size, self._runmap[off:off + io.size * io.count])
+            return ex.IoIn(io.port, io.size, io.count)
+        if reason == _EXIT_HLT:
+            return ex.HLT
+        if reason == _EXIT_MMIO:
+            m = run.mmio
+            if m.is_write:
+                return ex.MmioWrite(m.phys_addr, bytes(ffi.buffer(m.data, m.len)))
+            return ex.MmioRead(m.phys_addr, m.len)
+        if reason == _EXIT_SHUTDOWN:
+            return ex.SHUTDOWN
+        if reason == _EXIT_FAIL_ENTRY:
+            return ex.FailEntry(run.fail_entry.hardware_entry_failure_reason, run.fail_entry.cpu)
+        if reason == _EXIT_INTERNAL_ERROR:
+            n = min(run.internal.ndata, 16)
+            return ex.InternalError(run.internal.suberror, tuple(run.internal.data[0:n]))
+        if reason == _EXIT_SYSTEM_EVENT:
+            return ex.SystemEvent(run.system_event.type)
+        if reason == _EXIT_INTR:
+            return ex.INTERRUPTED
+        if reason == _EXIT_UNKNOWN:
+            return ex.Unhandled(reason, run.hw.hardware_exit_reason)
+        return ex.Unhandled(reason)
+
+    def complete_io_in(self, data: bytes) -> None:
+        """Hand the guest the bytes of an IoIn exit; KVM delivers them on the next run()."""
+        off = self.run_struct.io.data_offset
+        self._runmap[off:off + len(data)] = data
+
+    def complete_mmio_read(self, data: bytes) -> None:
+        ffi.memmove(self.run_struct.mmio.data, data, len(data))
+
+    def bind_thread(self) -> None:
+        """Record the calling thread as the one that runs this vCPU (for kick())."""
+        self._thread_id = threading.get_ident()
+
+    def kick(self) -> None:
+        """Make a KVM_RUN in progress, or the next one, return Interrupted."""
+        # immediate_exit covers the window where the vCPU thread is between
+        # runs: the signal would be lost there, the flag is not.
+        self.run_struct.immediate_exit = 1
+        if self._thread_id is not None:
+            try:
+                signal.pthread_kill(self._thread_id, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    # ---- registers -----------------------------------------------------------
+
+    def get_regs(self):
+        regs = ffi.new("struct kvm_regs *")
+        kvm_call("KVM_GET_REGS", kvm.KVM_GET_REGS, self.fd, regs)
+        return regs
+
+    def set_regs(self, regs) -> None:
+        kvm_call("KVM_SET_REGS", kvm.KVM_SET_REGS, self.fd, regs)
+
+    def get_sregs(self):
+        sregs = ffi.new("struct kvm_sregs *")
+        kvm_call("KVM_GET_SREGS", kvm.KVM_GET_SREGS, self.fd, sregs)
+        return sregs
+
+    def set_sregs(self, sregs) -> None:
+        kvm_call("KVM_SET_SREGS", kvm.KVM_SET_SREGS, self.fd, sregs)
+
+    def set_cpuid(self, cpuid2) -> None:
+        kvm_call("KVM_SET_CPUID2", kvm.KVM_SET_CPUID2, self.fd, cpuid2)
+
+    def get_msrs(self, indices) -> dict[int, int]:
+        n = len(indices)
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+        for i, index in enumerate(indices):
+            msrs.entries[i].index = index
+        got = kvm_call("KVM_GET_MSRS", kvm.KVM_GET_MSRS, self.fd, msrs)
+        return {msrs.entries[i].index: msrs.entries[i].data for i in range(got)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        n = len(values)
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": n, "entries": n})
+        for i, (index, data) in enumerate(values.items()):
+            msrs.entries[i].index = index
+            msrs.entries[i].data = data
+        done = kvm_call("KVM_SET_MSRS", kvm.KVM_SET_MSRS, self.fd, msrs)
+        if done != n:
+            bad = msrs.entries[done].index
+            raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {bad:#x} refused")
+
+    def tsc_khz(self) -> int:
+        try:
+            return kvm.KVM_GET_TSC_KHZ(self.fd)
+        except OSError:
+            return 0
+
+    def translate(self, linear: int) -> int | None:
+        """Guest-virtual to guest-physical through the vCPU's page tables, or None."""
+        tr = ffi.new("struct kvm_translation *", {"linear_address": linear})
+        try:
+            kvm.KVM_TRANSLATE(self.fd, tr)
+        except OSError:
+            return None
+        return tr.physical_address if tr.valid else None
+
+    # ---- state as plain values (for crash reports and migration) ----------------
+
+    def regs_dict(self) -> dict[str, int]:
+        regs = self.get_regs()
+        return {n: getattr(regs, n) for n in REG_NAMES}
+
+    def sregs_dict(self) -> dict:
+        s = self.get_sregs()
+        out = {n: getattr(s, n) for n in CR_NAMES}
+        for seg in SEG_NAMES:
+            out[seg] = {f: getattr(getattr(s, seg), f) for f in SEG_FIELDS}
+        out["gdt"] = {"base": s.gdt.base, "limit": s.gdt.limit}
+        out["idt"] = {"base": s.idt.base, "limit": s.idt.limit}
+        out["interrupt_bitmap"] = list(s.interrupt_bitmap)
+        return out
+
+    def save_state(self, msr_indices) -> dict:
+        """Everything a destination needs to resume this vCPU, as plain values."""
+        state = {"regs": self.regs_dict(), "sregs": self.sregs_dict()}
+        for what, ctype, get in (("fpu", "struct kvm_fpu *", kvm.KVM_GET_FPU),
+                                 ("xsave", "struct kvm_xsave *", kvm.KVM_GET_XSAVE),
+                                 ("events", "struct kvm_vcpu_events *", kvm.KVM_GET_VCPU_EVENTS)):
+            obj = ffi.new(ctype)
+            kvm_call(get.__name__, get, self.fd, obj)
+            state[what] = bytes(ffi.buffer(obj))
+        xcrs = ffi.new("struct kvm_xcrs *")
+        try:
+            kvm.KVM_GET_XCRS(self.fd, xcrs)
+            state["xcrs"] = [[xcrs.xcrs[i].xcr, xcrs.xcrs[i].value] for i in range(xcrs.nr_xcrs)]
+        except OSError:
+            state["xcrs"] = []
+        state["msrs"] = [[k, v] for k, v in self.get_msrs(msr_indices).items()]
+        return state
+
+    def restore_state(self, state: dict) -> None:
+        """Inverse of save_state(); `state` must already be validated (see migration.state)."""
+        s = self.get_sregs()
+        sr = state["sregs"]
+        for n in CR_NAMES:
+            setattr(s, n, sr[n])
+        for seg in SEG_NAMES:
+            dst = getattr(s, seg)
+            for f in SEG_FIELDS:
+                setattr(dst, f, sr[seg][f])
+        s.gdt.base, s.gdt.limit = sr["gdt"]["base"], sr["gdt"]["limit"]
+        s.idt.base, s.idt.limit = sr["idt"]["base"], sr["idt"]["limit"]
+        for i, w in enumerate(sr["interrupt_bitmap"]):
+            s.interrupt_bitmap[i] = w
+        self.set_sregs(s)
+        regs = ffi.new("struct kvm_regs *", state["regs"])
+        self.set_regs(regs)
+        for what, ctype, put in (("fpu", "struct kvm_fpu *", kvm.KVM_SET_FPU),
+                                 ("xsave", "struct kvm_xsave *", kvm.KVM_SET_XSAVE)):
+            obj = ffi.new(ctype)
+            ffi.buffer(obj)[:] = state[what]
+            kvm_call(put.__name__, put, self.fd, obj)
+        if state["xcrs"]:
+            xcrs = ffi.new("struct kvm_xcrs *")
+            xcrs.nr_xcrs = len(state["xcrs"])
+            for i, (xcr, value) in enumerate(state["xcrs"]):
+                xcrs.xcrs[i].xcr, xcrs.xcrs[i].value = xcr, value
+            kvm_call("KVM_SET_XCRS", kvm.KVM_SET_XCRS, self.fd, xcrs)
+        if state["msrs"]:
+            self.set_msrs(dict((k, v) for k, v in state["msrs"]))
+        events = ffi.new("struct kvm_vcpu_events *")
+        ffi.buffer(events)[:] = state["events"]
+        kvm_call("KVM_SET_VCPU_EVENTS", kvm.KVM_SET_VCPU_EVENTS, self.fd, events)
+
+    def close(self) -> None:
+        self.run_struct = None
+        self._runmap.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,127 @@
+"""A KVM virtual machine: memslots, dirty logging, vCPU creation."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import kvm
+from ..kvm import ffi, lib
+from .memory import PAGE_SHIFT, GuestMemory
+from .system import Kvm, kvm_call
+
+# KVM_CLEAR_DIRTY_LOG works in multiples of 64 pages (one bitmap word).
+CLEAR_GRANULE = 64
+
+
+class Vm:
+    """A VM: owns its fd, its memory regions (one memslot each) and its vCPUs."""
+
+    def __init__(self, system: Kvm):
+        self.kvm = system
+        self.fd = kvm_call("KVM_CREATE_VM", kvm.KVM_CREATE_VM, system.fd)
+        self.regions: list[GuestMemory] = []
+        self.vcpus = []
+        self.manual_protect = False
+        self.dirty_logging = False
+        # Intel VMX needs three pages for real-mode emulation; harmless elsewhere.
+        # Placed just below 4 GiB, where PCs keep a hole RAM never occupies.
+        try:
+            kvm.KVM_SET_TSS_ADDR(self.fd, 0xFFFBD000)
+        except OSError:
+            pass
+
+    @property
+    def memory(self) -> GuestMemory:
+        """The first (and, today, only) RAM region."""
+        return self.regions[0]
+
+    def add_memory(self, mem: GuestMemory) -> int:
+        """Register `mem` as a new memslot; returns the slot number."""
+        slot = len(self.regions)
+        self.regions.append(mem)
+        self._set_slot(slot, 0)
+        return slot
+
+    def _set_slot(self, slot: int, flags: int) -> None:
+        mem = self.regions[slot]
+        region = ffi.new("struct kvm_userspace_memory_region *", {
+            "slot": slot, "flags": flags, "guest_phys_addr": mem.gpa,
+            "memory_size": mem.size, "userspace_addr": mem.host_addr})
+        kvm_call("KVM_SET_USER_MEMORY_REGION", kvm.KVM_SET_USER_MEMORY_REGION, self.fd, region,
+                 context=f"slot {slot} at GPA {mem.gpa:#x}, {mem.size:#x} bytes")
+
+    def create_vcpu(self):
+        from .vcpu import Vcpu
+        vcpu = Vcpu(self, len(self.vcpus))
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    # ---- dirty logging ----------------------------------------------------
+
+    def start_dirty_log(self) -> None:
+        """Turn on dirty logging on every memslot.  Afterwards every page counts as dirty.
+
+        With KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_GET_DIRTY_LOG only fetches
+        and KVM_CLEAR_DIRTY_LOG re-protects a range: that lets migration clear
+        a chunk's log right before it reads the chunk (claim 2), and with
+        INITIALLY_SET KVM need not write-protect all of RAM up front.
+        """
+        caps = self.kvm.check("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+        want = lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | lib.KVM_DIRTY_LOG_INITIALLY_SET
+        if caps & want == want and not self.manual_protect:
+            cap = ffi.new("struct kvm_enable_cap *", {
+                "cap": lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, "args": [want, 0, 0, 0]})
+            kvm_call("KVM_ENABLE_CAP", kvm.KVM_ENABLE_CAP, self.fd, cap,
+                     context="KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+            self.manual_protect = True
+        for slot in range(len(self.regions)):
+            self._set_slot(slot, lib.KVM_MEM_LOG_DIRTY_PAGES)
+        self.dirty_logging = True
+
+    def stop_dirty_log(self) -> None:
+        for slot in range(len(self.regions)):
+            self._set_slot(slot, 0)
+        self.dirty_logging = False
+
+    def get_dirty_log(self, slot: int = 0) -> np.ndarray:
+        """Fetch slot's dirty bitmap as uint64 words (bit i = page i, LSB first).
+
+        Without manual protect this also clears the log and re-protects the
+        pages, atomically; with it, call :meth:`clear_dirty_log` per range.
+        """
+        mem = self.regions[slot]
+        words = np.zeros((mem.npages + 63) // 64, dtype=np.uint64)
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot})
+        log.dirty_bitmap = ffi.from_buffer(words)
+        kvm_call("KVM_GET_DIRTY_LOG", kvm.KVM_GET_DIRTY_LOG, self.fd, log, context=f"slot {slot}")
+        return words
+
+    def clear_dirty_log(self, slot: int, first_page: int, words: np.ndarray) -> None:
+        """Re-protect the pages whose bits are set in `words`, starting at `first_page`.
+
+        `first_page` must be a multiple of 64; `words` covers len(words)*64 pages
+        (the kernel accepts a shorter last range that ends at the slot's end).
+        """
+        mem = self.regions[slot]
+        num = min(len(words) * 64, mem.npages - first_page)
+        clear = ffi.new("struct kvm_clear_dirty_log *", {
+            "slot": slot, "first_page": first_page, "num_pages": num})
+        clear.dirty_bitmap = ffi.from_buffer(words)
+        kvm_call("KVM_CLEAR_DIRTY_LOG", kvm.KVM_CLEAR_DIRTY_LOG, self.fd, clear,
+                 context=f"slot {slot}, pages {first_page}+{num}")
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for mem in self.regions:
+            mem.close()
+        self.regions.clear()
+
+
+__all__ = ["Vm", "PAGE_SHIFT", "CLEAR_GRANULE"]
