@@ -63,6 +63,9 @@ def run_machine(machine, args) -> int:
         monitor.start()
     try:
         result = machine.run()
+        if result.reason == "migrated" and monitor:
+            # Let `kvmlite migrate` read the final stats before this process goes.
+            monitor.final_seen.wait(3.0)
     finally:
         if monitor:
             monitor.stop()

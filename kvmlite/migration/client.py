@@ -1,0 +1,134 @@
+"""`kvmlite migrate`: drive a source VM's monitor, show progress, print the stats."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+import time
+
+from ..errors import KvmliteError, MigrationError
+from ..units import human_bytes
+
+POLL_INTERVAL = 0.05
+FINAL = ("completed", "failed", "cancelled")
+
+
+class MonitorClient:
+    """A JSON-lines client for kvmlite's monitor socket."""
+
+    def __init__(self, path: str, timeout: float = 10.0):
+        path = path[5:] if path.startswith("unix:") else path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(path)
+        except OSError as e:
+            raise KvmliteError(f"cannot connect to monitor {path}: {e.strerror} "
+                               "(is the VM running with --monitor unix:PATH?)") from None
+        self.f = self.sock.makefile("rwb", buffering=0)
+        self.greeting = self._read()
+
+    def _read(self) -> dict:
+        line = self.f.readline()
+        if not line:
+            raise KvmliteError("the monitor closed the connection")
+        return json.loads(line)
+
+    def execute(self, command: str, **arguments):
+        req = {"execute": command}
+        if arguments:
+            req["arguments"] = arguments
+        self.f.write(json.dumps(req).encode() + b"\n")
+        resp = self._read()
+        if "error" in resp:
+            raise KvmliteError(f"{command}: {resp['error'].get('desc')}")
+        return resp.get("return")
+
+    def close(self) -> None:
+        self.f.close()
+        self.sock.close()
+
+
+def stats_rows(s: dict) -> list[tuple[str, str]]:
+    return [
+        ("status", s["status"] + (f" ({s['error']})" if s.get("error") else "")),
+        ("mode", ("live" if s["live"] else "stop-copy") + (", free page hint on" if s["hint"] else ", hint off")),
+        ("total time", f"{s['total_ms']:.1f} ms"),
+        ("setup time", f"{s['setup_ms']:.1f} ms"),
+        ("downtime", f"{s['downtime_ms']:.2f} ms"),
+        ("rounds", str(s["rounds"])),
+        ("pages total", str(s["pages_total"])),
+        ("pages skipped as free", str(s["pages_skipped_free"])),
+        ("pages zero", str(s["pages_zero"])),
+        ("pages sent (data)", str(s["pages_sent"])),
+        ("pages re-sent", str(s["pages_resent"])),
+        ("bytes on the wire", f"{s['bytes_wire']} ({human_bytes(s['bytes_wire'])})"),
+        ("throughput", f"{s['throughput_mbps']:.0f} MiB/s"),
+        ("dirty rate", f"{s['dirty_rate_pps']:.0f} pages/s"),
+    ]
+
+
+def print_stats(s: dict, file=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="kvmlite migration", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value", justify="right")
+    for k, v in stats_rows(s):
+        table.add_row(k, v)
+    Console(file=file or sys.stdout).print(table)
+
+
+def migrate_command(args) -> int:
+    from ..units import parse_size
+    client = MonitorClient(args.monitor)
+    try:
+        parse_size(args.bandwidth, "--bandwidth")
+        client.execute("migrate", uri=args.uri, hint=args.hint, live=not args.stop_copy,
+                       bandwidth=args.bandwidth, **{"downtime-ms": args.downtime_ms,
+                                                     "max-rounds": args.max_rounds})
+        s = _follow(client, show_progress=not args.json and sys.stderr.isatty())
+    finally:
+        client.close()
+    if args.json:
+        print(json.dumps(s, indent=2))
+    else:
+        print_stats(s)
+    return 0 if s["status"] == "completed" else 1
+
+
+def _follow(client: MonitorClient, show_progress: bool) -> dict:
+    if not show_progress:
+        while True:
+            s = client.execute("query-migrate")
+            if s["status"] in FINAL:
+                return s
+            time.sleep(POLL_INTERVAL)
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    with Progress(TextColumn("[bold]migrating"), BarColumn(), TextColumn("{task.description}"),
+                  TimeElapsedColumn(), transient=True) as progress:
+        task = progress.add_task("", total=1.0)
+        while True:
+            s = client.execute("query-migrate")
+            done = s["pages_transferred"] + s["pages_skipped_free"]
+            frac = min(done / max(s["pages_total"], 1), 1.0)
+            progress.update(task, completed=frac, description=(
+                f"round {s['rounds']}  sent {human_bytes(s['bytes_wire'])}  "
+                f"skipped {s['pages_skipped_free']} free pages  [{s['status']}]"))
+            if s["status"] in FINAL:
+                return s
+            time.sleep(POLL_INTERVAL)
+
+
+def migrate(monitor_path: str, uri: str, **kwargs) -> dict:
+    """Library entry point: migrate and return the final stats (raises on failure)."""
+    client = MonitorClient(monitor_path)
+    try:
+        client.execute("migrate", uri=uri, **kwargs)
+        s = _follow(client, show_progress=False)
+    finally:
+        client.close()
+    if s["status"] != "completed":
+        raise MigrationError(s.get("error") or s["status"])
+    return s

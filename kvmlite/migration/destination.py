@@ -1,0 +1,138 @@
+"""The destination side: `kvmlite run --incoming tcp:HOST:PORT`.
+
+Listens, reads one migration stream straight into pre-faulted guest memory,
+restores the vCPU and devices only once the END record has proved the stream
+complete and intact, replies "running", and runs the guest.  Any problem
+before that point ends the process with a clear error; a half-migrated guest
+never runs.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import time
+
+import numpy as np
+
+from ..errors import KvmliteError, StreamError
+from ..vstate.memory import PAGE_SHIFT
+from . import wire
+from .source import parse_tcp_uri
+from .state import restore_devices, validate_state
+
+RECV_TIMEOUT = 30.0
+
+
+def _log(msg: str) -> None:
+    print(f"kvmlite: {msg}", file=sys.stderr, flush=True)
+
+
+def listen(uri: str) -> socket.socket:
+    host, port = parse_tcp_uri(uri)
+    try:
+        srv = socket.create_server((host, port), reuse_port=False)
+    except OSError as e:
+        raise KvmliteError(f"cannot listen on {uri}: {e.strerror}") from None
+    return srv
+
+
+def run_incoming(args) -> int:
+    from ..commands import _memory, _trace, run_machine
+    from ..machine import Machine
+
+    machine = None
+    if args.memory:
+        # As QEMU's -m with -mem-prealloc: fault every page in before the
+        # stream starts, so receiving is not slowed by first-touch faults.
+        machine = Machine(_memory(args), prefault=True, trace=_trace() if args.trace else None)
+    srv = listen(args.incoming)
+    _log(f"waiting for a migration on {args.incoming}")
+    try:
+        conn, peer = srv.accept()
+    finally:
+        srv.close()
+    try:
+        conn.settimeout(RECV_TIMEOUT)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        t0 = time.perf_counter()
+        try:
+            machine, stats = receive(conn, machine, args)
+        except KvmliteError as e:
+            _reply_error(conn, str(e))
+            raise KvmliteError(f"incoming migration from {peer[0]}:{peer[1]} failed: {e}; "
+                               "the guest was not started") from None
+        conn.sendall(wire.encode_reply({"status": "running"}))
+        _log(f"migration received: {stats['pages']} pages with data, {stats['zero_pages']} zero, "
+             f"{stats['bytes']} bytes in {(time.perf_counter() - t0) * 1000:.0f} ms; guest resumed")
+    finally:
+        conn.close()
+    try:
+        return run_machine(machine, args)
+    finally:
+        machine.close()
+
+
+def _reply_error(conn, message: str) -> None:
+    try:
+        conn.settimeout(1.0)
+        conn.sendall(wire.encode_reply({"status": "error", "error": message}))
+    except OSError:
+        pass
+
+
+def receive(conn, machine, args):
+    """Read a whole stream into `machine` (created here if None); returns (machine, stats)."""
+    from ..commands import _trace
+    from ..machine import Machine
+
+    dec = wire.StreamDecoder(conn)
+    header = dec.read_preamble()
+    if len(header.ram) != 1 or header.ram[0][0] != 0:
+        raise StreamError(f"RAM layout {header.ram} is not supported (one region at GPA 0)")
+    ram_size = header.ram[0][1]
+    if header.vcpus != 1:
+        raise StreamError(f"the stream has {header.vcpus} vCPUs; kvmlite runs 1")
+    if machine is None:
+        from ..boot import MAX_RAM
+        if ram_size > MAX_RAM:
+            raise StreamError(f"the stream's RAM ({ram_size >> 20} MiB) exceeds {MAX_RAM >> 30} GiB")
+        machine = Machine(ram_size, prefault=True, trace=_trace() if args.trace else None)
+    elif machine.memory.size != ram_size:
+        raise StreamError(f"the source has {ram_size >> 20} MiB of RAM, this destination "
+                          f"{machine.memory.size >> 20} MiB (--memory must match)")
+    mem = machine.memory
+    # Pages never written here are still zero: a ZERO record only has work
+    # to do for pages that earlier rounds filled with data.
+    written = np.zeros(mem.npages, dtype=bool)
+
+    def target(gpa: int, nbytes: int):
+        return mem.slice(gpa, nbytes)
+
+    state = None
+    while True:
+        rec = dec.next_record(target)
+        match rec:
+            case wire.Pages(gpa, npages):
+                written[(gpa >> PAGE_SHIFT):(gpa >> PAGE_SHIFT) + npages] = True
+            case wire.Zero(gpa, npages):
+                first = gpa >> PAGE_SHIFT
+                was = written[first:first + npages]
+                if was.any():
+                    for s in np.flatnonzero(was).tolist():
+                        mem.zero((first + s) << PAGE_SHIFT, 1 << PAGE_SHIFT)
+                    was[:] = False
+            case wire.Round():
+                pass
+            case wire.State(st):
+                state = validate_state(st, header.vcpus, machine.devices())
+            case wire.End():
+                break
+    # The END record proved the stream complete and its structure intact.
+    restore_devices(state, machine.devices())
+    try:
+        machine.vcpu.restore_state(state["vcpus"][0])
+    except KvmliteError as e:
+        raise StreamError(f"KVM refused the migrated vCPU state: {e}") from None
+    return machine, {"pages": dec.pages, "zero_pages": dec.zero_pages, "bytes": dec.bytes_received,
+                     "rounds": dec.rounds}

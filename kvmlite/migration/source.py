@@ -1,0 +1,375 @@
+"""The source side of a migration: setup → iterate → complete (as QEMU's ram.c).
+
+Runs on its own thread in the source VMM while the vCPU keeps running.
+The heart of it is :meth:`Migration._send_dirty`, which for every chunk of RAM
+fetches-and-clears the dirty log first and only then reads the guest's free
+bitmap (claim 2 of US 9552233): a page the guest takes after that read is
+written after the clear, so it is dirty again and goes in the next round.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import zlib
+import time
+
+import numpy as np
+
+from .. import msr
+from ..errors import KvmliteError, MigrationError
+from ..vstate.memory import PAGE_SHIFT, PAGE_SIZE
+from . import wire
+from .stats import MigrationStats
+
+CHUNK_PAGES = 1 << 16            # 256 MiB of RAM per dirty-log clear and bitmap read
+MAX_IOV = 512                    # buffers per sendmsg (Linux allows 1024)
+MAX_BATCH_BYTES = 32 << 20
+CONNECT_TIMEOUT = 5.0
+IO_TIMEOUT = 30.0
+REPLY_TIMEOUT = 30.0
+STATE_VERSION = 1
+
+
+def parse_tcp_uri(uri: str) -> tuple[str, int]:
+    if not uri.startswith("tcp:"):
+        raise MigrationError(f"{uri!r}: only tcp:HOST:PORT is supported")
+    host, _, port = uri[4:].rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise MigrationError(f"{uri!r}: expected tcp:HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def runs_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start indices and lengths of the runs of True in a boolean array."""
+    if not mask.any():
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    edges = np.diff(mask.view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts = np.flatnonzero(edges == 1)
+    ends = np.flatnonzero(edges == -1)
+    return starts, ends - starts
+
+
+def bits_to_bool(words: np.ndarray, npages: int) -> np.ndarray:
+    return np.unpackbits(words.view(np.uint8), bitorder="little")[:npages].view(bool)
+
+
+class Migration:
+    """One outgoing migration of `machine` to `uri`."""
+
+    def __init__(self, machine, uri: str, *, hint: bool = True, live: bool = True,
+                 downtime_ms: float = 5.0, bandwidth: int = 0, max_rounds: int = 30):
+        self.machine = machine
+        self.uri = uri
+        self.host, self.port = parse_tcp_uri(uri)
+        self.downtime_limit = max(downtime_ms, 0.0) / 1000.0
+        self.bandwidth = max(int(bandwidth), 0)
+        self.max_rounds = max(int(max_rounds), 1)
+        self.stats = MigrationStats(hint=hint, live=live, pages_total=machine.memory.npages)
+        self.hint = hint
+        self.live = live
+        self._cancel = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.sock: socket.socket | None = None
+        self.done = threading.Event()
+        self._crc = 0
+        self._sent_once = np.zeros(machine.memory.npages, dtype=bool)
+
+    # ---- control ---------------------------------------------------------------
+
+    def start(self) -> None:
+        self.stats.status = "setup"
+        self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        sock = self.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+    # ---- the migration thread ---------------------------------------------------------
+
+    def _run(self) -> None:
+        machine = self.machine
+        t0 = time.perf_counter()
+        paused_here = False
+        try:
+            self._connect()
+            machine.vm.start_dirty_log()
+            # setup: every page starts dirty (QEMU's migration_bitmap_sync starts all-ones too)
+            npages = machine.memory.npages
+            dirty = np.full((npages + 63) // 64, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+            if npages % 64:
+                dirty[-1] = np.uint64((1 << (npages % 64)) - 1)
+            self._send(wire.encode_preamble({
+                "page_size": PAGE_SIZE, "ram": [[machine.memory.gpa, machine.memory.size]],
+                "vcpus": 1, "hint": self.hint, "live": self.live,
+                "source": "kvmlite"}), structural=True)
+            self.stats.setup_ms = (time.perf_counter() - t0) * 1000
+            self.stats.status = "active"
+
+            if not self.live:
+                machine.pause()
+                paused_here = True
+                pause_at = time.perf_counter()
+            else:
+                round_no = 0
+                while True:
+                    self._check_cancel()
+                    dirty |= self._fetch_dirty()
+                    pending = self._count_pending(dirty)
+                    self.stats.pages_remaining = pending
+                    bw = self._bandwidth_estimate(t0)
+                    if round_no > 0 and (pending * PAGE_SIZE <= bw * self.downtime_limit
+                                         or round_no >= self.max_rounds):
+                        break
+                    r0 = time.perf_counter()
+                    sent = self._send_dirty(dirty)
+                    round_no += 1
+                    self.stats.rounds = round_no
+                    self._send(wire.round_record(round_no), structural=True)
+                    dt = time.perf_counter() - r0
+                    if round_no > 1 and dt > 0:
+                        self.stats.dirty_rate_pps = sent / dt
+                self.stats.status = "completing"
+                machine.pause()
+                paused_here = True
+                pause_at = time.perf_counter()
+
+            # complete: the vCPU is parked; what is dirty now is final.
+            dirty |= self._fetch_dirty()
+            if machine.fph.registration is not None:
+                self.stats.active_at_pause = machine.memory.npages - machine.fph.count_free()
+            self._send_dirty(dirty)
+            self.stats.rounds += 1
+            self._send(wire.round_record(self.stats.rounds), structural=True)
+            state = self._collect_state()
+            self._send(wire.state_record(state), structural=True)
+            # END's crc covers every structural byte sent before it, and END's own head.
+            end = wire.end_record(self.stats.pages_sent, self.stats.pages_zero, self._crc)
+            self._sendall([end])
+            self.sock.settimeout(REPLY_TIMEOUT)
+            reply = wire.read_reply(self.sock)
+            if reply.get("status") != "running":
+                raise MigrationError(f"destination refused the VM: {reply.get('error', reply)}")
+            now = time.perf_counter()
+            self.stats.downtime_ms = (now - pause_at) * 1000
+            self.stats.total_ms = (now - t0) * 1000
+            self.stats.throughput_mbps = self.stats.bytes_wire / (1 << 20) / max(now - t0, 1e-9)
+            self.stats.status = "completed"
+            from ..machine import RunResult
+            machine.quit(RunResult("migrated", 0, exits=machine.exits))
+        except Exception as e:
+            self.stats.status = "cancelled" if self._cancel.is_set() else "failed"
+            self.stats.error = self._describe(e)
+            self.stats.total_ms = (time.perf_counter() - t0) * 1000
+            try:
+                if machine.vm.dirty_logging:
+                    machine.vm.stop_dirty_log()
+            except KvmliteError:
+                pass
+            if paused_here:
+                machine.resume()   # nothing is lost: the guest carries on here
+            machine.log(f"migration to {self.uri} {self.stats.status}: {self.stats.error}; "
+                        "the VM keeps running here")
+        finally:
+            if self.sock is not None:
+                self.sock.close()
+                self.sock = None
+            self.done.set()
+
+    def _describe(self, e: Exception) -> str:
+        if self._cancel.is_set():
+            return "cancelled by the user"
+        if isinstance(e, KvmliteError):
+            return str(e)
+        if isinstance(e, socket.timeout):
+            return "the destination stopped responding (timed out)"
+        if isinstance(e, (BrokenPipeError, ConnectionResetError)):
+            return "the destination closed the connection"
+        if isinstance(e, ConnectionRefusedError):
+            return f"nothing listens on {self.uri} (start: kvmlite run --incoming {self.uri})"
+        if isinstance(e, OSError):
+            return f"{e.strerror or e}"
+        return f"{type(e).__name__}: {e}"
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise MigrationError("cancelled")
+
+    def _connect(self) -> None:
+        sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.settimeout(IO_TIMEOUT)
+        self.sock = sock
+
+    # ---- dirty tracking ---------------------------------------------------------------
+
+    def _fetch_dirty(self) -> np.ndarray:
+        """Fetch (without clearing, under manual protect) the dirty log of slot 0."""
+        return self.machine.vm.get_dirty_log(0)
+
+    def _free_words(self, w0: int, w1: int) -> np.ndarray | None:
+        """Snapshot of the guest's free bits for RAM words [w0, w1), as uint64 words."""
+        fph = self.machine.fph
+        if not self.hint or fph.registration is None:
+            return None
+        reg = fph.registration
+        base_page = reg.base_gpa >> PAGE_SHIFT
+        guest_words = fph.bitmap_words()
+        if base_page % 64 == 0:
+            out = np.zeros(w1 - w0, dtype=np.uint64)
+            g0 = max(w0 - base_page // 64, 0)
+            g1 = min(w1 - base_page // 64, len(guest_words))
+            if g1 > g0:
+                out[g0 + base_page // 64 - w0:g1 + base_page // 64 - w0] = guest_words[g0:g1]
+            # bits past npages in the last guest word describe no page
+            tail = (base_page + reg.npages) - w0 * 64
+            if 0 <= tail < (w1 - w0) * 64:
+                bits = bits_to_bool(out, (w1 - w0) * 64).copy()
+                bits[tail:] = False
+                out = np.packbits(bits, bitorder="little").view(np.uint64)
+        else:
+            mask = fph.free_mask()
+            out = np.packbits(mask[w0 * 64:w1 * 64], bitorder="little")
+            out = np.pad(out, (0, (w1 - w0) * 8 - len(out))).view(np.uint64)
+        for page, count in fph.always_sent_pages():
+            for p in range(page, page + count):
+                if w0 * 64 <= p < w1 * 64:
+                    out[p // 64 - w0] &= ~np.uint64(1 << (p % 64))
+        return out
+
+    def _count_pending(self, dirty: np.ndarray) -> int:
+        free = self._free_words(0, len(dirty))
+        pending = dirty if free is None else dirty & ~free
+        return int(np.unpackbits(pending.view(np.uint8)).sum())
+
+    # ---- sending ----------------------------------------------------------------------
+
+    def _send_dirty(self, dirty: np.ndarray) -> int:
+        """Send every dirty, non-free page; clear their bits in `dirty`.  Returns pages sent."""
+        vm = self.machine.vm
+        mem = self.machine.memory
+        npages = mem.npages
+        words_per_chunk = CHUNK_PAGES // 64
+        total = 0
+        for w0 in range(0, len(dirty), words_per_chunk):
+            w1 = min(w0 + words_per_chunk, len(dirty))
+            chunk = dirty[w0:w1].copy()
+            if not chunk.any():
+                continue
+            self._check_cancel()
+            first = w0 * 64
+            # 1. fetch-and-clear: re-protect these pages, so later writes dirty them again
+            if vm.manual_protect:
+                vm.clear_dirty_log(0, first, chunk)
+            dirty[w0:w1] = 0
+            # 2. only now read the guest's free bits (claim 2)
+            free = self._free_words(w0, w1)
+            send = chunk if free is None else chunk & ~free
+            n = min((w1 - w0) * 64, npages - first)
+            dirty_bool = bits_to_bool(chunk, n)
+            send_bool = bits_to_bool(send, n)
+            self.stats.pages_skipped_free += int(np.count_nonzero(dirty_bool)) - int(np.count_nonzero(send_bool))
+            # 3. send them, reading page contents now
+            total += self._send_pages(first, send_bool)
+        return total
+
+    def _send_pages(self, first: int, send: np.ndarray) -> int:
+        mem = self.machine.memory
+        starts, lengths = runs_of(send)
+        if len(starts) == 0:
+            return 0
+        stats = self.stats
+        sent_once = self._sent_once
+        bufs: list = []
+        batch_bytes = 0
+        count = 0
+        for s, n in zip(starts.tolist(), lengths.tolist()):
+            page = first + s
+            zero = mem.zero_pages(page, n)
+            resent = int(np.count_nonzero(sent_once[page:page + n]))
+            sent_once[page:page + n] = True
+            stats.pages_resent += resent
+            zs, zl = runs_of(zero)
+            ds, dl = runs_of(~zero)
+            for zstart, zlen in zip(zs.tolist(), zl.tolist()):
+                rec = wire.zero_record(mem.gpa + ((page + zstart) << PAGE_SHIFT), zlen)
+                self._crc = _crc(rec, self._crc)
+                bufs.append(rec)
+                stats.pages_zero += zlen
+            for dstart, dlen in zip(ds.tolist(), dl.tolist()):
+                p = page + dstart
+                while dlen > 0:
+                    k = min(dlen, wire.MAX_RUN_PAGES)
+                    gpa = mem.gpa + (p << PAGE_SHIFT)
+                    hdr = wire.pages_header(gpa, k)
+                    self._crc = _crc(hdr, self._crc)
+                    bufs.append(hdr)
+                    bufs.append(mem.slice(gpa, k << PAGE_SHIFT))
+                    batch_bytes += k << PAGE_SHIFT
+                    stats.pages_sent += k
+                    p += k
+                    dlen -= k
+                    if len(bufs) >= MAX_IOV or batch_bytes >= MAX_BATCH_BYTES:
+                        self._sendall(bufs)
+                        bufs, batch_bytes = [], 0
+            count += n
+            if len(bufs) >= MAX_IOV:
+                self._sendall(bufs)
+                bufs, batch_bytes = [], 0
+        if bufs:
+            self._sendall(bufs)
+        return count
+
+    def _send(self, data: bytes, *, structural: bool) -> None:
+        if structural:
+            self._crc = _crc(data, self._crc)
+        self._sendall([data])
+
+    def _sendall(self, bufs: list) -> None:
+        """sendmsg until every buffer is on the wire (a socket with a timeout may send part)."""
+        sock = self.sock
+        total = sum(len(b) for b in bufs)
+        self.stats.bytes_wire += total
+        while bufs:
+            n = sock.sendmsg(bufs)
+            while bufs and n >= len(bufs[0]):
+                n -= len(bufs[0])
+                bufs = bufs[1:]
+            if bufs and n:
+                bufs[0] = memoryview(bufs[0])[n:]
+        if self.bandwidth:
+            elapsed = time.time() - self.stats.started_at
+            ahead = self.stats.bytes_wire / self.bandwidth - elapsed
+            if ahead > 0:
+                time.sleep(ahead)
+
+    def _bandwidth_estimate(self, t0: float) -> float:
+        elapsed = time.perf_counter() - t0
+        if self.stats.bytes_wire < (1 << 20) or elapsed <= 0:
+            return 1e9  # before any real data moved, assume loopback-class bandwidth
+        return self.stats.bytes_wire / elapsed
+
+    # ---- state ------------------------------------------------------------------------
+
+    def _collect_state(self) -> dict:
+        machine = self.machine
+        available = set(machine.kvm.msr_index_list())
+        msrs = [m for m in msr.MIGRATED if m in available]
+        return {
+            "version": STATE_VERSION,
+            "vcpus": [machine.vcpu.save_state(msrs)],
+            "devices": {name: dev.save_state() for name, dev in machine.devices().items()},
+        }
+
+
+_crc = zlib.crc32

@@ -1,0 +1,109 @@
+"""Strict validation of the STATE record before any of it reaches KVM.
+
+The stream is hostile input: a state map is accepted only if it has exactly
+the shape `Vcpu.save_state` and the devices' `save_state` produce, with every
+integer in range and every blob of the size this host's structs have.
+"""
+
+from __future__ import annotations
+
+from .. import msr
+from ..errors import StreamError
+from ..kvm import ffi
+from ..vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
+
+STATE_VERSION = 1
+U64 = 1 << 64
+BLOBS = {"fpu": "struct kvm_fpu", "xsave": "struct kvm_xsave", "events": "struct kvm_vcpu_events"}
+MAX_XCRS = 16
+
+
+def _fail(path: str, why: str):
+    raise StreamError(f"bad state at {path}: {why}")
+
+
+def _int(value, path: str, limit: int = U64) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < limit:
+        _fail(path, f"expected an integer in 0..{limit - 1}")
+    return value
+
+
+def _map(value, path: str, keys) -> dict:
+    if not isinstance(value, dict):
+        _fail(path, "expected a map")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        _fail(path, f"missing {', '.join(map(str, missing))}")
+    return value
+
+
+def _pairs(value, path: str, limit: int) -> list:
+    if not isinstance(value, list) or len(value) > limit:
+        _fail(path, f"expected a list of at most {limit} pairs")
+    for i, pair in enumerate(value):
+        if not isinstance(pair, list) or len(pair) != 2:
+            _fail(f"{path}[{i}]", "expected a pair")
+        _int(pair[0], f"{path}[{i}][0]", 1 << 32)
+        _int(pair[1], f"{path}[{i}][1]")
+    return value
+
+
+def validate_vcpu(v, path: str) -> dict:
+    _map(v, path, ("regs", "sregs", "msrs", "xcrs") + tuple(BLOBS))
+    regs = _map(v["regs"], f"{path}.regs", REG_NAMES)
+    for n in REG_NAMES:
+        _int(regs[n], f"{path}.regs.{n}")
+    sregs = _map(v["sregs"], f"{path}.sregs", CR_NAMES + SEG_NAMES + ("gdt", "idt", "interrupt_bitmap"))
+    for n in CR_NAMES:
+        _int(sregs[n], f"{path}.sregs.{n}")
+    for seg in SEG_NAMES:
+        s = _map(sregs[seg], f"{path}.sregs.{seg}", SEG_FIELDS)
+        for f in SEG_FIELDS:
+            limit = {"base": U64, "limit": 1 << 32, "selector": 1 << 16}.get(f, 1 << 8)
+            _int(s[f], f"{path}.sregs.{seg}.{f}", limit)
+    for t in ("gdt", "idt"):
+        d = _map(sregs[t], f"{path}.sregs.{t}", ("base", "limit"))
+        _int(d["base"], f"{path}.sregs.{t}.base")
+        _int(d["limit"], f"{path}.sregs.{t}.limit", 1 << 16)
+    bitmap = sregs["interrupt_bitmap"]
+    words = len(ffi.new("struct kvm_sregs *").interrupt_bitmap)
+    if not isinstance(bitmap, list) or len(bitmap) != words:
+        _fail(f"{path}.sregs.interrupt_bitmap", f"expected {words} words")
+    for i, w in enumerate(bitmap):
+        _int(w, f"{path}.sregs.interrupt_bitmap[{i}]")
+    for name, ctype in BLOBS.items():
+        size = ffi.sizeof(ctype)
+        if not isinstance(v[name], bytes) or len(v[name]) != size:
+            _fail(f"{path}.{name}", f"expected {size} bytes ({ctype} on this host)")
+    _pairs(v["xcrs"], f"{path}.xcrs", MAX_XCRS)
+    for i, (index, _) in enumerate(_pairs(v["msrs"], f"{path}.msrs", len(msr.MIGRATED))):
+        if index not in msr.MIGRATED:
+            _fail(f"{path}.msrs[{i}]", f"MSR {index:#x} is not one kvmlite migrates")
+    return v
+
+
+def validate_state(state, vcpus: int, devices: dict) -> dict:
+    """Check `state` against the header's vCPU count and this VMM's devices."""
+    _map(state, "state", ("version", "vcpus", "devices"))
+    if state["version"] != STATE_VERSION:
+        _fail("state.version", f"{state['version']!r} is not supported (this kvmlite reads {STATE_VERSION})")
+    if not isinstance(state["vcpus"], list) or len(state["vcpus"]) != vcpus:
+        _fail("state.vcpus", f"expected {vcpus} vCPU(s) as the header says")
+    for i, v in enumerate(state["vcpus"]):
+        validate_vcpu(v, f"state.vcpus[{i}]")
+    devs = _map(state["devices"], "state.devices", tuple(devices))
+    extra = set(devs) - set(devices)
+    if extra:
+        _fail("state.devices", f"unknown devices {sorted(map(str, extra))}")
+    return state
+
+
+def restore_devices(state: dict, devices: dict) -> None:
+    """Each device restores itself; any malformed field becomes a StreamError."""
+    for name, dev in devices.items():
+        try:
+            dev.restore_state(state["devices"][name])
+        except StreamError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            _fail(f"state.devices.{name}", str(e) or type(e).__name__)

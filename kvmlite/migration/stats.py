@@ -1,0 +1,38 @@
+"""Migration statistics, as `query-migrate` and `kvmlite migrate` report them."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class MigrationStats:
+    status: str = "none"          # none, setup, active, completing, completed, failed, cancelled
+    error: str | None = None
+    hint: bool = True
+    live: bool = True
+    rounds: int = 0
+    pages_total: int = 0          # pages of guest RAM
+    pages_sent: int = 0           # pages sent with their data (P records)
+    pages_zero: int = 0           # active pages found all-zero, sent as Z records
+    pages_skipped_free: int = 0   # dirty pages not sent because the guest's bitmap said free
+    pages_resent: int = 0         # pages sent (P or Z) more than once: dirtied again during rounds
+    pages_remaining: int = 0      # dirty pages still to send, as of the last sync
+    active_at_pause: int = -1     # pages the bitmap showed active when the vCPU was paused
+    bytes_wire: int = 0           # every byte written to the socket
+    setup_ms: float = 0.0
+    total_ms: float = 0.0
+    downtime_ms: float = 0.0
+    throughput_mbps: float = 0.0  # MiB/s of wire bytes over the whole migration
+    dirty_rate_pps: float = 0.0   # pages/s the guest dirtied, as of the last round
+    started_at: float = field(default_factory=time.time)
+
+    @property
+    def pages_transferred(self) -> int:
+        return self.pages_sent + self.pages_zero
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["pages_transferred"] = self.pages_transferred
+        return d
