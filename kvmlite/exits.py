@@ -6,56 +6,65 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .kvm import lib
 
+# The two port-I/O exits are NamedTuples: they happen thousands of times a
+# second and a tuple is the cheapest object Python builds.  The rest are rare.
 
-@dataclass(frozen=True, slots=True)
-class IoOut:
-    """The guest wrote `data` (count × size bytes) to `port`."""
+
+class IoOut(NamedTuple):
+    """The guest wrote `value` (`size` bytes) to `port`."""
+    port: int
+    size: int
+    value: int
+
+
+class IoOutString(NamedTuple):
+    """A string OUT (REP OUTS): `data` holds count × size bytes for `port`."""
     port: int
     size: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class IoIn:
+class IoIn(NamedTuple):
     """The guest reads `count` × `size` bytes from `port`; answer with Vcpu.complete_io_in."""
     port: int
     size: int
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MmioWrite:
     addr: int
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MmioRead:
     addr: int
     length: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Hlt:
     """HLT with nothing to wake the vCPU (no in-kernel interrupt controller)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Shutdown:
     """The vCPU shut down: a triple fault, or an exception KVM could not deliver."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FailEntry:
     """VM entry failed: the vCPU's state is invalid for the hardware."""
     hardware_entry_failure_reason: int
     cpu: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class InternalError:
     """KVM could not handle something itself, typically an instruction it cannot emulate."""
     suberror: int
@@ -66,17 +75,17 @@ class InternalError:
         return INTERNAL_ERROR_NAMES.get(self.suberror, str(self.suberror))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SystemEvent:
     type: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Interrupted:
     """KVM_RUN returned EINTR: a signal kicked the vCPU out (pause, migration, quit)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Unhandled:
     """An exit kvmlite has no arm for; `reason` is the KVM_EXIT_* number."""
     reason: int
@@ -100,5 +109,5 @@ def exit_name(reason: int) -> str:
     return EXIT_NAMES.get(reason, f"exit reason {reason}")
 
 
-Exit = (IoOut | IoIn | MmioWrite | MmioRead | Hlt | Shutdown | FailEntry | InternalError
+Exit = (IoOut | IoOutString | IoIn | MmioWrite | MmioRead | Hlt | Shutdown | FailEntry | InternalError
         | SystemEvent | Interrupted | Unhandled)

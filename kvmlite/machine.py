@@ -97,10 +97,12 @@ class Machine:
                 if trace:
                     trace(repr(exit_))
                 match exit_:
-                    case ex.IoOut(port, size, data):
-                        bus.write(port, size, data)
+                    case ex.IoOut(port, size, value):
+                        bus.write(port, size, value)
                     case ex.IoIn(port, size, count):
                         vcpu.complete_io_in(bus.read(port, size, count))
+                    case ex.IoOutString(port, size, data):
+                        bus.write_string(port, size, data)
                     case ex.Interrupted():
                         if (result := self._safe_point()) is not None:
                             return result

@@ -49,27 +49,29 @@ class IoBus:
     def devices(self) -> list[tuple[int, int, Device]]:
         return sorted(self._ranges, key=lambda r: r[0])
 
-    def write(self, port: int, size: int, data: bytes) -> None:
-        """An OUT of len(data) // size elements of `size` bytes (string I/O repeats)."""
+    def write(self, port: int, size: int, value: int) -> None:
+        """An OUT of one `size`-byte value."""
         hit = self._ports.get(port)
         if hit is None:
-            self.unclaimed += 1
-            if self.trace:
-                self.trace(f"unclaimed OUT port {port:#x} data {data.hex()}")
+            self._unclaimed(f"OUT port {port:#x} value {value:#x}")
             return
         device, base = hit
-        if len(data) == size:
-            device.io_write(port - base, size, int.from_bytes(data, "little"))
-            return
-        for i in range(0, len(data), size):
-            device.io_write(port - base, size, int.from_bytes(data[i:i + size], "little"))
+        device.io_write(port - base, size, value)
+
+    def write_string(self, port: int, size: int, data: bytes) -> None:
+        """A REP OUTS: len(data) // size values, each written in turn."""
+        for i in range(0, len(data) - size + 1, size):
+            self.write(port, size, int.from_bytes(data[i:i + size], "little"))
+
+    def _unclaimed(self, what: str) -> None:
+        self.unclaimed += 1
+        if self.trace:
+            self.trace(f"unclaimed {what}")
 
     def read(self, port: int, size: int, count: int = 1) -> bytes:
         hit = self._ports.get(port)
         if hit is None:
-            self.unclaimed += 1
-            if self.trace:
-                self.trace(f"unclaimed IN port {port:#x}")
+            self._unclaimed(f"IN port {port:#x}")
             return b"\xff" * (size * count)
         device, base = hit
         return b"".join(device.io_read(port - base, size).to_bytes(size, "little")

@@ -33,6 +33,11 @@ _EXIT_INTERNAL_ERROR = lib.KVM_EXIT_INTERNAL_ERROR
 _EXIT_SYSTEM_EVENT = lib.KVM_EXIT_SYSTEM_EVENT
 _EXIT_UNKNOWN = lib.KVM_EXIT_UNKNOWN
 _EXIT_INTR = lib.KVM_EXIT_INTR
+_run_packed = lib.kvmlite_run_packed
+# Layout of kvmlite_run_packed()'s result (see _kvm_build.py)
+_RUN_FAILED = 0xFF
+_IO_OUT = 1 << 8
+_IO_SIMPLE = 1 << 12
 
 
 class Vcpu:
@@ -46,7 +51,9 @@ class Vcpu:
         size = vm.kvm.vcpu_mmap_size
         self._runmap = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
                                  mmap.PROT_READ | mmap.PROT_WRITE)
-        self.run_struct = ffi.cast("struct kvm_run *", ffi.from_buffer(self._runmap))
+        self._runbuf = ffi.from_buffer(self._runmap)
+        self.run_struct = ffi.cast("struct kvm_run *", self._runbuf)
+        self._io = self.run_struct.io
         self._thread_id: int | None = None
         lib.kvmlite_install_kick_handler(KICK_SIGNAL)
 
@@ -54,20 +61,28 @@ class Vcpu:
 
     def run(self) -> ex.Exit:
         """KVM_RUN once and decode why it came back."""
-        r = lib.kvmlite_run(self.fd)
-        run = self.run_struct
-        if r < 0:
-            if r == -errno.EINTR or r == -errno.EAGAIN:
-                run.immediate_exit = 0
-                return ex.INTERRUPTED
-            raise KvmError("KVM_RUN", -r, f"vCPU {self.index}")
-        reason = run.exit_reason
+        r = _run_packed(self.fd, self.run_struct)
+        reason = r & 0xFF
         if reason == _EXIT_IO:
-            io = run.io
+            if r & _IO_SIMPLE:
+                if r & _IO_OUT:
+                    return ex.IoOut((r >> 16) & 0xFFFF, (r >> 9) & 7, r >> 32)
+                return ex.IoIn((r >> 16) & 0xFFFF, (r >> 9) & 7, 1)
+            io = self._io
             if io.direction == _EXIT_IO_OUT:
                 off = io.data_offset
-                return ex.IoOut(io.port, io.size, self._runmap[off:off + io.size * io.count])
+                return ex.IoOutString(io.port, io.size, self._runmap[off:off + io.size * io.count])
             return ex.IoIn(io.port, io.size, io.count)
+        if reason == _RUN_FAILED:
+            err = r >> 8
+            if err == errno.EINTR or err == errno.EAGAIN:
+                self.run_struct.immediate_exit = 0
+                return ex.INTERRUPTED
+            raise KvmError("KVM_RUN", err, f"vCPU {self.index}")
+        return self._decode_rare(reason)
+
+    def _decode_rare(self, reason: int) -> ex.Exit:
+        run = self.run_struct
         if reason == _EXIT_HLT:
             return ex.HLT
         if reason == _EXIT_MMIO:
@@ -237,7 +252,8 @@ class Vcpu:
         kvm_call("KVM_SET_VCPU_EVENTS", kvm.KVM_SET_VCPU_EVENTS, self.fd, events)
 
     def close(self) -> None:
-        self.run_struct = None
+        self.run_struct = self._io = None
+        ffi.release(self._runbuf)
         self._runmap.close()
         if self.fd >= 0:
             os.close(self.fd)

@@ -1,0 +1,1 @@
+"""Live migration: the wire format (wire.py) and the code that sends and receives VMs."""

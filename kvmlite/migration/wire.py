@@ -1,0 +1,501 @@
+"""The migration wire format, version 1 (docs/wire-format.md is the contract).
+
+Sending side: small pure functions that return the bytes of one piece of the
+stream.  Page payloads never pass through this module: the sender hands them to
+`socket.sendmsg` straight from guest memory, and chains a `Crc` over every other
+byte it sends.
+
+Receiving side: `StreamDecoder`, which treats the stream as hostile.  Every
+length, GPA and count is checked before it is used, and anything wrong --
+including truncation and a broken connection -- raises `StreamError`.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import msgpack
+
+from ..errors import StreamError
+
+MAGIC = b"KVMLMIG\x00"
+VERSION = 1
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+PAGE_MASK = PAGE_SIZE - 1
+
+# Record types: the first byte of every record after the preamble.
+REC_PAGES = 0x50  # 'P'
+REC_ZERO = 0x5A   # 'Z'
+REC_ROUND = 0x52  # 'R'
+REC_STATE = 0x53  # 'S'
+REC_END = 0x45    # 'E'
+RECORD_NAMES = {REC_PAGES: "PAGES", REC_ZERO: "ZERO", REC_ROUND: "ROUND",
+                REC_STATE: "STATE", REC_END: "END"}
+
+# Limits a destination enforces.
+MAX_HEADER_LEN = 64 * 1024
+MAX_RAM_ENTRIES = 16
+MAX_RAM_BYTES = 1 << 40          # 1 TiB in total
+GPA_LIMIT = 1 << 64              # every RAM entry ends at or below this
+MAX_VCPUS = 256
+MAX_RUN_PAGES = 262144           # 1 GiB per PAGES or ZERO record
+MAX_STATE_LEN = 16 << 20
+MAX_REPLY_LEN = 64 * 1024
+MAX_REPLY_ERROR = 4096           # encode_reply shortens longer messages
+
+_PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header_len: 16 bytes
+_RUN = struct.Struct("<BQI")         # type, gpa, npages: 13 bytes (PAGES, ZERO)
+_TYPE_U32 = struct.Struct("<BI")     # type, u32: 5 bytes (ROUND, STATE)
+_END_HEAD = struct.Struct("<BQQ")    # type, pages, zero_pages: the crc-covered 17 bytes
+_END = struct.Struct("<BQQI")        # ... + crc32: 21 bytes
+_U32 = struct.Struct("<I")
+
+PAGES_HEADER_SIZE = _RUN.size
+
+
+# --------------------------------------------------------------------------
+# Sending side
+
+class Crc:
+    """The running zlib.crc32 of the stream's structure (all but PAGES payloads).
+
+    `add` returns its argument, so a sender can write
+    `sock.sendall(crc.add(pages_header(gpa, n)))`.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: int = 0):
+        self.value = value
+
+    def add(self, data):
+        self.value = zlib.crc32(data, self.value)
+        return data
+
+
+def encode_preamble(info: dict) -> bytes:
+    """Magic, version, flags and the msgpack header map.  Raises ValueError on a bad map."""
+    try:
+        validate_info(info)
+    except StreamError as e:
+        raise ValueError(str(e)) from None
+    body = msgpack.packb(info, use_bin_type=True)
+    if len(body) > MAX_HEADER_LEN:
+        raise ValueError(f"stream header is {len(body)} bytes; the limit is {MAX_HEADER_LEN}")
+    return _PREAMBLE.pack(MAGIC, VERSION, 0, len(body)) + body
+
+
+def pages_header(gpa: int, npages: int) -> bytes:
+    """The 13 bytes that precede `npages` pages of raw data at `gpa`."""
+    if gpa & PAGE_MASK or not 1 <= npages <= MAX_RUN_PAGES:
+        raise ValueError(f"bad page run {gpa:#x} x {npages}")
+    return _RUN.pack(REC_PAGES, gpa, npages)
+
+
+def zero_record(gpa: int, npages: int) -> bytes:
+    """A ZERO record: `npages` pages at `gpa` are all zero."""
+    if gpa & PAGE_MASK or not 1 <= npages <= MAX_RUN_PAGES:
+        raise ValueError(f"bad zero run {gpa:#x} x {npages}")
+    return _RUN.pack(REC_ZERO, gpa, npages)
+
+
+def round_record(n: int) -> bytes:
+    """A ROUND record: pre-copy round `n` is complete."""
+    return _TYPE_U32.pack(REC_ROUND, n)
+
+
+def state_record(state: dict) -> bytes:
+    """A STATE record carrying the msgpack of `state` (bytes values stay bytes)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, not {type(state).__name__}")
+    body = msgpack.packb(state, use_bin_type=True)
+    if len(body) > MAX_STATE_LEN:
+        raise ValueError(f"state is {len(body)} bytes of msgpack; the limit is {MAX_STATE_LEN}")
+    return _TYPE_U32.pack(REC_STATE, len(body)) + body
+
+
+def end_record(pages: int, zero_pages: int, crc: int) -> bytes:
+    """The END record.  `crc` is the running crc of everything sent before it;
+    the record's own first 17 bytes are folded in here."""
+    head = _END_HEAD.pack(REC_END, pages, zero_pages)
+    return head + _U32.pack(zlib.crc32(head, crc))
+
+
+def encode_reply(reply: dict) -> bytes:
+    """The destination's answer after END: u32 length + msgpack map.
+
+    `{"status": "running"}` or `{"status": "error", "error": message}`; a longer
+    message than MAX_REPLY_ERROR characters is shortened so it always fits.
+    """
+    try:
+        _check_reply(reply)
+    except StreamError as e:
+        raise ValueError(str(e)) from None
+    if reply["status"] == "error" and len(reply["error"]) > MAX_REPLY_ERROR:
+        reply = {**reply, "error": reply["error"][:MAX_REPLY_ERROR - 3] + "..."}
+    body = msgpack.packb(reply, use_bin_type=True)
+    if len(body) > MAX_REPLY_LEN:
+        raise ValueError(f"reply is {len(body)} bytes; the limit is {MAX_REPLY_LEN}")
+    return _U32.pack(len(body)) + body
+
+
+# --------------------------------------------------------------------------
+# Receiving side
+
+@dataclass
+class Header:
+    """The validated stream header."""
+    version: int
+    page_size: int
+    ram: list[tuple[int, int]]   # (gpa, size), in the order the source sent them
+    vcpus: int
+    hint: bool
+    live: bool
+    source: str
+    info: dict = field(repr=False)  # the whole map, unknown keys included
+
+
+@dataclass(frozen=True, slots=True)
+class Pages:
+    """`npages` pages at `gpa`; their data is already in destination memory."""
+    gpa: int
+    npages: int
+
+
+@dataclass(frozen=True, slots=True)
+class Zero:
+    """`npages` pages at `gpa` are all zero (the destination must make them so)."""
+    gpa: int
+    npages: int
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """Pre-copy round `n` is complete."""
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """vCPU and device state (a msgpack map, checked to be a dict and nothing more)."""
+    state: dict
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The stream is complete and its counts and checksum matched."""
+    pages: int
+    zero_pages: int
+    crc: int
+
+
+Record = Union[Pages, Zero, Round, State, End]
+Target = Callable[[int, int], Any]  # (gpa, nbytes) -> writable buffer of nbytes
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+def _unpack_map(data, what: str) -> dict:
+    n = len(data)
+    try:
+        obj = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False,
+                              max_str_len=n, max_bin_len=n, max_array_len=n,
+                              max_map_len=n, max_ext_len=n)
+    except Exception as e:  # msgpack raises many types on garbage; all mean the same
+        raise StreamError(f"{what} is not valid msgpack ({type(e).__name__}: "
+                          f"{_show(str(e), 80)})") from e
+    if not isinstance(obj, dict):
+        raise StreamError(f"{what} is a msgpack {type(obj).__name__}, not a map")
+    return obj
+
+
+def validate_info(info: Any, version: int = VERSION) -> Header:
+    """Check a stream header map; return it as a Header or raise StreamError."""
+    if not isinstance(info, dict):
+        raise StreamError(f"stream header is a {type(info).__name__}, not a map")
+    ps = info.get("page_size")
+    if type(ps) is not int or ps != PAGE_SIZE:
+        raise StreamError(f"stream header: page_size is {_show(ps)}; kvmlite needs {PAGE_SIZE}")
+    ram = info.get("ram")
+    if not isinstance(ram, (list, tuple)) or not 1 <= len(ram) <= MAX_RAM_ENTRIES:
+        raise StreamError(f"stream header: ram must be a list of 1 to {MAX_RAM_ENTRIES} "
+                          f"[gpa, size] entries, not {_show(ram)}")
+    regions = []
+    for i, entry in enumerate(ram):
+        if (not isinstance(entry, (list, tuple)) or len(entry) != 2
+                or type(entry[0]) is not int or type(entry[1]) is not int):
+            raise StreamError(f"stream header: ram[{i}] is {_show(entry)}, not a [gpa, size] pair")
+        gpa, size = entry
+        if gpa < 0 or size <= 0 or (gpa | size) & PAGE_MASK or gpa + size > GPA_LIMIT:
+            raise StreamError(f"stream header: ram[{i}] = [{gpa:#x}, {size:#x}] is not a "
+                              f"non-empty page-aligned range")
+        regions.append((gpa, size))
+    total = sum(size for _, size in regions)
+    if total > MAX_RAM_BYTES:
+        raise StreamError(f"stream header: {total:#x} bytes of RAM is more than the "
+                          f"{MAX_RAM_BYTES >> 40} TiB limit")
+    prev_end = 0
+    for gpa, size in sorted(regions):
+        if gpa < prev_end:
+            raise StreamError(f"stream header: RAM regions overlap at {gpa:#x}")
+        prev_end = gpa + size
+    vcpus = info.get("vcpus")
+    if type(vcpus) is not int or not 1 <= vcpus <= MAX_VCPUS:
+        raise StreamError(f"stream header: vcpus is {_show(vcpus)}, not 1 to {MAX_VCPUS}")
+    hint, live, source = info.get("hint", False), info.get("live", False), info.get("source", "")
+    if type(hint) is not bool or type(live) is not bool:
+        raise StreamError(f"stream header: hint and live must be booleans, not "
+                          f"{_show(hint)} and {_show(live)}")
+    if not isinstance(source, str):
+        raise StreamError(f"stream header: source is {_show(source)}, not a string")
+    return Header(version, ps, regions, vcpus, hint, live, source, info)
+
+
+def _recv_some(sock, view, what: str, so_far: int) -> int:
+    """One recv_into into `view`; never returns 0.  `what` completes
+    "connection closed ..." (e.g. "in the middle of a STATE record")."""
+    try:
+        n = sock.recv_into(view, len(view))
+    except TimeoutError as e:
+        raise StreamError(f"stream timed out {what} after {so_far} bytes") from e
+    except OSError as e:
+        raise StreamError(f"connection lost after {so_far} bytes: "
+                          f"{e.strerror or type(e).__name__}") from e
+    if not n:
+        raise StreamError(f"stream truncated: connection closed {what} after {so_far} bytes")
+    return n
+
+
+def _recv_exactly(sock, view, what: str) -> None:
+    got = 0
+    while got < len(view):
+        got += _recv_some(sock, view[got:], what, got)
+
+
+def _check_reply(reply: Any) -> dict:
+    if not isinstance(reply, dict):
+        raise StreamError(f"migration reply is a {type(reply).__name__}, not a map")
+    status = reply.get("status")
+    if status == "running":
+        return reply
+    if status == "error":
+        if not isinstance(reply.get("error"), str):
+            raise StreamError("migration reply has status error but no error message")
+        return reply
+    raise StreamError(f"migration reply has unknown status {_show(status)}")
+
+
+def decode_reply(body) -> dict:
+    """Check the msgpack body of a reply (without its length prefix)."""
+    return _check_reply(_unpack_map(body, "migration reply"))
+
+
+def read_reply(sock) -> dict:
+    """Read the destination's reply from `sock`; raise StreamError if it is bad."""
+    head = bytearray(_U32.size)
+    _recv_exactly(sock, memoryview(head), "before the migration reply")
+    (n,) = _U32.unpack(head)
+    if not 1 <= n <= MAX_REPLY_LEN:
+        raise StreamError(f"migration reply length {n} is outside 1 to {MAX_REPLY_LEN}")
+    body = bytearray(n)
+    _recv_exactly(sock, memoryview(body), "in the middle of the migration reply")
+    return decode_reply(body)
+
+
+class StreamDecoder:
+    """Reads a migration stream from `sock` (anything with `recv_into(buffer, nbytes)`).
+
+    Call `read_preamble()` once, then `next_record(target)` until it returns
+    `End`.  Record headers go through an internal buffer; page data is copied
+    from that buffer only as far as it was read ahead, and the rest is received
+    straight into the memory `target` returns.  Timeouts are the socket's own.
+    """
+
+    def __init__(self, sock, *, bufsize: int = 256 * 1024):
+        if bufsize < 64:
+            raise ValueError("bufsize must be at least 64 bytes")
+        self._sock = sock
+        self._buf = bytearray(bufsize)
+        self._view = memoryview(self._buf)
+        self._pos = 0          # first unconsumed byte in _buf
+        self._end = 0          # end of the received bytes in _buf
+        self._crc = 0
+        self._ranges: list[tuple[int, int]] = []  # RAM as (start, end)
+        self.header: Header | None = None
+        self.offset = 0        # stream bytes consumed
+        self.bytes_received = 0
+        self.pages = 0
+        self.zero_pages = 0
+        self.rounds = 0
+        self.state_seen = False
+        self.ended = False
+
+    # -- buffer
+
+    def _recv(self, view, what: str) -> int:
+        n = _recv_some(self._sock, view, what, self.bytes_received)
+        self.bytes_received += n
+        return n
+
+    def _fill(self, n: int, what: str) -> None:
+        """Make at least `n` (<= bufsize) unconsumed bytes available in _buf."""
+        avail = self._end - self._pos
+        if avail >= n:
+            return
+        if self._pos + n > len(self._buf):
+            self._view[:avail] = self._view[self._pos:self._end]
+            self._pos, self._end = 0, avail
+        while self._end - self._pos < n:
+            self._end += self._recv(self._view[self._end:], what)
+
+    def _consume(self, n: int) -> None:
+        """Consume `n` buffered structural bytes, adding them to the crc."""
+        self._crc = zlib.crc32(self._view[self._pos:self._pos + n], self._crc)
+        self._pos += n
+        self.offset += n
+        if self._pos == self._end:
+            self._pos = self._end = 0
+
+    def _read_into(self, dest, what: str) -> None:
+        """Fill `dest` (a byte memoryview): buffered bytes first, then straight from the socket."""
+        n = len(dest)
+        got = min(self._end - self._pos, n)
+        if got:
+            dest[:got] = self._view[self._pos:self._pos + got]
+            self._pos += got
+            if self._pos == self._end:
+                self._pos = self._end = 0
+        while got < n:
+            got += self._recv(dest[got:], what)
+        self.offset += n
+
+    # -- stream
+
+    def read_preamble(self) -> Header:
+        """Read and check magic, version, flags and the header map."""
+        if self.header is not None:
+            raise RuntimeError("read_preamble called twice")
+        self._fill(len(MAGIC), "in the middle of the preamble")
+        magic = bytes(self._view[self._pos:self._pos + len(MAGIC)])
+        if magic != MAGIC:
+            raise StreamError(f"not a kvmlite migration stream (it starts with {magic!r})")
+        self._fill(_PREAMBLE.size, "in the middle of the preamble")
+        _, version, flags, hlen = _PREAMBLE.unpack_from(self._buf, self._pos)
+        if version != VERSION:
+            raise StreamError(f"stream version {version} is not supported "
+                              f"(this kvmlite reads version {VERSION})")
+        if flags:
+            raise StreamError(f"stream flags {flags:#06x} are not supported "
+                              f"(version {VERSION} defines none)")
+        if not 1 <= hlen <= MAX_HEADER_LEN:
+            raise StreamError(f"stream header length {hlen} is outside 1 to {MAX_HEADER_LEN}")
+        self._consume(_PREAMBLE.size)
+        body = bytearray(hlen)
+        self._read_into(memoryview(body), "in the middle of the stream header")
+        self._crc = zlib.crc32(body, self._crc)
+        header = validate_info(_unpack_map(body, "stream header"), version)
+        self._ranges = [(gpa, gpa + size) for gpa, size in header.ram]
+        self.header = header
+        return header
+
+    def _check_run(self, name: str, gpa: int, npages: int, at: int) -> int:
+        if not 1 <= npages <= MAX_RUN_PAGES:
+            raise StreamError(f"{name} record at byte {at}: {npages} pages is outside "
+                              f"1 to {MAX_RUN_PAGES}")
+        if gpa & PAGE_MASK:
+            raise StreamError(f"{name} record at byte {at}: GPA {gpa:#x} is not page-aligned")
+        nbytes = npages << PAGE_SHIFT
+        end = gpa + nbytes
+        for start, stop in self._ranges:
+            if start <= gpa and end <= stop:
+                return nbytes
+        raise StreamError(f"{name} record at byte {at}: {gpa:#x}..{end:#x} does not lie "
+                          f"inside one RAM region of the stream header")
+
+    def next_record(self, target: Target) -> Record:
+        """Read one record.  For PAGES, `target(gpa, nbytes)` is called (only after
+        the range was checked against the header's RAM) and must return a writable
+        buffer of exactly `nbytes`; the payload is received into it."""
+        if self.header is None:
+            raise RuntimeError("next_record called before read_preamble")
+        if self.ended:
+            raise RuntimeError("next_record called after the END record")
+        at = self.offset
+        self._fill(1, "before the END record")
+        rtype = self._buf[self._pos]
+        name = RECORD_NAMES.get(rtype)
+        if name is None:
+            raise StreamError(f"unknown record type {rtype:#04x} at byte {at}")
+        if self.state_seen and rtype != REC_END:
+            if rtype == REC_STATE:
+                raise StreamError(f"a second STATE record at byte {at}")
+            raise StreamError(f"a {name} record at byte {at} follows the STATE record; "
+                              f"only END may")
+        mid = f"in the middle of a {name} record"
+
+        if rtype == REC_PAGES or rtype == REC_ZERO:
+            self._fill(_RUN.size, mid)
+            _, gpa, npages = _RUN.unpack_from(self._buf, self._pos)
+            nbytes = self._check_run(name, gpa, npages, at)
+            self._consume(_RUN.size)
+            if rtype == REC_ZERO:
+                self.zero_pages += npages
+                return Zero(gpa, npages)
+            dest = memoryview(target(gpa, nbytes)).cast("B")
+            if dest.readonly or len(dest) != nbytes:
+                raise ValueError(f"target({gpa:#x}, {nbytes}) returned a "
+                                 f"{'read-only ' if dest.readonly else ''}buffer of "
+                                 f"{len(dest)} bytes")
+            self._read_into(dest, "in the middle of a PAGES payload")
+            self.pages += npages
+            return Pages(gpa, npages)
+
+        if rtype == REC_ROUND:
+            self._fill(_TYPE_U32.size, mid)
+            _, n = _TYPE_U32.unpack_from(self._buf, self._pos)
+            self._consume(_TYPE_U32.size)
+            self.rounds += 1
+            return Round(n)
+
+        if rtype == REC_STATE:
+            self._fill(_TYPE_U32.size, mid)
+            _, length = _TYPE_U32.unpack_from(self._buf, self._pos)
+            if not 1 <= length <= MAX_STATE_LEN:
+                raise StreamError(f"STATE record at byte {at}: length {length} is outside "
+                                  f"1 to {MAX_STATE_LEN}")
+            self._consume(_TYPE_U32.size)
+            body = bytearray(length)
+            self._read_into(memoryview(body), mid)
+            self._crc = zlib.crc32(body, self._crc)
+            state = _unpack_map(body, f"STATE record at byte {at}")
+            self.state_seen = True
+            return State(state)
+
+        # END
+        self._fill(_END.size, mid)
+        _, pages, zero_pages, crc = _END.unpack_from(self._buf, self._pos)
+        if not self.state_seen:
+            raise StreamError(f"END record at byte {at} without a STATE record "
+                              f"(the source sent no vCPU or device state)")
+        mine = zlib.crc32(self._view[self._pos:self._pos + _END_HEAD.size], self._crc)
+        self._pos += _END.size
+        self.offset += _END.size
+        if crc != mine:
+            raise StreamError(f"stream checksum mismatch: END says {crc:#010x}, the stream "
+                              f"checksums to {mine:#010x}")
+        if (pages, zero_pages) != (self.pages, self.zero_pages):
+            raise StreamError(f"END record counts {pages} pages and {zero_pages} zero pages, "
+                              f"but the stream carried {self.pages} and {self.zero_pages}")
+        extra = self._end - self._pos
+        if extra:
+            raise StreamError(f"{extra} unexpected bytes after the END record")
+        self._crc = mine
+        self.ended = True
+        return End(pages, zero_pages, crc)
