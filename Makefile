@@ -38,6 +38,7 @@ integration: setup guest
 	$(PY) -m pytest -q tests/integration
 
 bench: setup guest
+	$(MAKE) -C bench
 	$(PY) -m bench
 
 clean:

@@ -1,0 +1,148 @@
+"""Running kvmlite VMs as separate processes: for the demo, the benchmarks and
+the integration tests, which all migrate between two real processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from .migration.client import MonitorClient
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VmProcess:
+    """`python -m kvmlite run ...` in a child process, its output collected line by line."""
+
+    def __init__(self, args: list[str], *, monitor: bool = True, echo: str | None = None,
+                 env: dict | None = None):
+        self.monitor_path = None
+        if monitor:
+            fd, self.monitor_path = tempfile.mkstemp(prefix="kvmlite-mon-", suffix=".sock")
+            os.close(fd)
+            os.unlink(self.monitor_path)
+            args = args + ["--monitor", f"unix:{self.monitor_path}"]
+        self.args = [sys.executable, "-m", "kvmlite", "run"] + args
+        self.echo = echo
+        self.stdout_lines: list[str] = []
+        self.stderr_lines: list[str] = []
+        self._cond = threading.Condition()
+        self.started_at = time.perf_counter()
+        self.first_stdout_at: float | None = None
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     stdin=subprocess.DEVNULL, env=env)
+        self._readers = [threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout_lines),
+                                          daemon=True),
+                         threading.Thread(target=self._read, args=(self.proc.stderr, self.stderr_lines),
+                                          daemon=True)]
+        for t in self._readers:
+            t.start()
+
+    def _read(self, stream, lines: list[str]) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace").rstrip("\n")
+            with self._cond:
+                if lines is self.stdout_lines and self.first_stdout_at is None:
+                    self.first_stdout_at = time.perf_counter()
+                lines.append(line)
+                self._cond.notify_all()
+            if self.echo is not None:
+                print(f"{self.echo}{line}", flush=True)
+        with self._cond:
+            self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 30.0, stream: str = "stdout") -> re.Match:
+        """Wait for a line matching `pattern` on stdout (or stderr)."""
+        rx = re.compile(pattern)
+        lines = self.stdout_lines if stream == "stdout" else self.stderr_lines
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in lines[seen:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                seen = len(lines)
+                if self.proc.poll() is not None and all(not t.is_alive() for t in self._readers):
+                    raise RuntimeError(f"process exited ({self.proc.returncode}) before printing "
+                                       f"{pattern!r}:\n{self.output()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no line matching {pattern!r} within {timeout} s:\n{self.output()}")
+                self._cond.wait(min(left, 0.2))
+
+    def wait_monitor(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not os.path.exists(self.monitor_path):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"process exited before its monitor came up:\n{self.output()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError("monitor socket did not appear")
+            time.sleep(0.01)
+
+    def client(self) -> MonitorClient:
+        self.wait_monitor()
+        return MonitorClient(self.monitor_path)
+
+    def execute(self, command: str, **arguments):
+        c = self.client()
+        try:
+            return c.execute(command, **arguments)
+        finally:
+            c.close()
+
+    def wait(self, timeout: float = 60.0) -> int:
+        rc = self.proc.wait(timeout)
+        for t in self._readers:
+            t.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def output(self) -> str:
+        return "\n".join(["-- stdout --", *self.stdout_lines[-40:], "-- stderr --", *self.stderr_lines[-40:]])
+
+    def summary(self) -> dict | None:
+        """The guest's KVMLITE-SUMMARY line as a dict, if it printed one."""
+        for line in reversed(self.stdout_lines):
+            if line.startswith("KVMLITE-SUMMARY"):
+                return parse_summary(line)
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
+def parse_summary(line: str) -> dict:
+    out = {}
+    for tok in line.split()[1:]:
+        k, _, v = tok.partition("=")
+        out[k] = int(v) if v.lstrip("-").isdigit() else v
+    return out
+
+
+def start_destination(port: int, memory: str | None = None, *, echo: str | None = None,
+                      monitor: bool = True, extra=()) -> VmProcess:
+    args = ["--incoming", f"tcp:127.0.0.1:{port}", *extra]
+    if memory:
+        args += ["--memory", memory]
+    dst = VmProcess(args, monitor=monitor, echo=echo)
+    dst.wait_for(r"waiting for a migration", timeout=120, stream="stderr")
+    return dst
