@@ -117,8 +117,9 @@ class Migration:
             self.stats.status = "active"
 
             if not self.live:
-                machine.pause()
-                paused_here = True
+                if not machine.paused:        # a VM the user stopped stays stopped on failure
+                    machine.pause()
+                    paused_here = True
                 pause_at = time.perf_counter()
             else:
                 round_no = 0

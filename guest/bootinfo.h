@@ -1,0 +1,42 @@
+/*
+ * bootinfo.h - the boot-info block the VMM leaves at GPA 0x1000
+ * (docs/boot.md, "The boot-info block").  Version 1 is 0x50 bytes; later
+ * versions only append fields, so a guest checks size >= 0x50, not ==.
+ */
+#ifndef GUEST_BOOTINFO_H
+#define GUEST_BOOTINFO_H
+
+#include "lib.h"
+
+#define BOOT_INFO_MAGIC     0x4f464e49u     /* "INFO" */
+#define BOOT_INFO_VERSION   1
+#define BOOT_INFO_V1_SIZE   0x50
+#define BOOT_INFO_FLAG_FPH  (1u << 0)       /* the free-page-hint device exists */
+#define KVMLITE_RSI_MAGIC   0x4b564d4cu     /* "LMVK" in RSI at entry */
+#define MULTIBOOT_BOOT_MAGIC 0x2badb002u    /* entry.S passes it in RSI after a Multiboot boot */
+
+struct boot_info {
+    u32 magic;
+    u16 version;
+    u16 size;
+    u64 ram_size;
+    u64 cmdline_gpa;
+    u32 cmdline_len;
+    u32 flags;
+    u16 uart_port;
+    u16 debugcon_port;
+    u16 exit_port;
+    u16 fph_port;
+    u64 tsc_khz;
+    u64 image_start;
+    u64 image_end;
+    u64 reserved_end;
+    u64 pagetable_gpa;
+} __attribute__((packed));
+
+_Static_assert(sizeof(struct boot_info) == BOOT_INFO_V1_SIZE, "boot-info layout");
+
+/* Linker-script symbols (linker.ld): addresses, not variables. */
+extern char __image_start[], __image_end[], __bss_start[], __bss_end[];
+
+#endif

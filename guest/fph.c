@@ -1,0 +1,173 @@
+/*
+ * fph.c - free-page bitmap and page allocator (docs/abi.md).
+ *
+ * Memory layout the guest builds at boot (all GPAs, identity-mapped):
+ *
+ *   0 .. image end            boot area, image, bss, stacks      bits 0
+ *   image end (page aligned)  struct fph_header (64 bytes)        bits 0
+ *   header + 64               bitmap, ceil(npages/64) words       bits 0
+ *   heap start .. RAM end     pages the allocator hands out       bits 1 when free
+ *
+ * The correctness rule this file exists for (US patent 9552233, claim 1):
+ * a page's bit is cleared - the page is marked active - BEFORE any data is
+ * stored into it.  page_alloc() clears the bit and then issues a compiler
+ * barrier, so the compiler cannot sink the bit update below the caller's
+ * first store; the CPU keeps stores in program order (x86 TSO), so the VMM
+ * thread that reads RAM concurrently can never see data in a page whose bit
+ * still says "free".  Symmetrically, page_free() sets the bit only after a
+ * barrier that keeps the caller's last store above it.
+ */
+#include "fph.h"
+
+struct fph_state g_fph;
+
+static inline u16 fph_reg(unsigned off) { return (u16)(g_ports.fph + off); }
+
+static void header_sync(void)
+{
+    g_fph.hdr->free_pages = g_fph.free_count;
+}
+
+void fph_init(u64 ram_size, u64 image_end, int device_flag)
+{
+    struct fph_state *s = &g_fph;
+    u64 npages = ram_size >> PAGE_SHIFT;        /* a partial last page is not RAM we use */
+    u64 nwords = (npages + 63) / 64;
+    u64 hdr_gpa = PAGE_ALIGN_UP(image_end);
+    u64 bitmap_gpa = hdr_gpa + sizeof(struct fph_header);   /* 8-byte aligned, no overlap */
+    u64 heap_start = PAGE_ALIGN_UP(bitmap_gpa + nwords * 8);
+
+    s->hdr = (struct fph_header *)(uintptr_t)hdr_gpa;
+    s->bitmap = (u64 *)(uintptr_t)bitmap_gpa;
+    s->npages = npages;
+    s->nwords = nwords;
+    s->heap_start_pfn = heap_start >> PAGE_SHIFT;
+    s->cursor = s->heap_start_pfn / 64;
+
+    if (s->heap_start_pfn >= npages) {
+        print("guest: RAM (%lu bytes) too small for image + bitmap\n", (unsigned long)ram_size);
+        guest_exit(EXIT_BAD_CMDLINE);
+    }
+
+    /*
+     * Bits: 0 below the heap, 1 from the heap start to the last RAM page,
+     * 0 for the padding bits past npages (so they are never allocated).
+     * Fill whole words, then patch the two partial words at the edges.
+     */
+    u64 first = s->heap_start_pfn, end = npages;
+    u64 fw = first / 64, ew = end / 64;
+    for (u64 w = 0; w < nwords; w++)
+        s->bitmap[w] = (w < fw) ? 0 : ~0ULL;
+    s->bitmap[fw] &= ~0ULL << (first & 63);         /* clear bits below the heap start */
+    if (end & 63)
+        s->bitmap[ew] &= (1ULL << (end & 63)) - 1;  /* clear padding bits past RAM */
+    s->free_count = end - first;
+
+    struct fph_header *h = s->hdr;
+    h->magic = FPH_MAGIC;
+    h->version = FPH_VERSION;
+    h->header_size = sizeof(struct fph_header);
+    h->page_size = PAGE_SIZE;
+    h->flags = 0;
+    h->base_gpa = 0;
+    h->npages = npages;
+    h->bitmap_gpa = bitmap_gpa;
+    h->bitmap_size = nwords * 8;
+    h->free_pages = s->free_count;
+    h->reserved = 0;
+
+    /* Rule 1: header and bitmap are complete before the VMM is told where they are. */
+    barrier();
+    s->device_present = device_flag && inl(fph_reg(FPH_REG_ID)) == FPH_ID;
+    if (!s->device_present) {
+        print("guest: no free-page-hint device\n");
+        return;
+    }
+    outl(fph_reg(FPH_REG_REGION_LO), (u32)hdr_gpa);
+    outl(fph_reg(FPH_REG_REGION_HI), (u32)(hdr_gpa >> 32));
+    outl(fph_reg(FPH_REG_STATUS), FPH_CMD_REGISTER);
+    s->status = inl(fph_reg(FPH_REG_STATUS));
+    s->registered = s->status == 1;
+    if (s->registered)
+        print("guest: free-page bitmap registered: header 0x%lx, %lu pages, heap from pfn 0x%lx, %lu free\n",
+              (unsigned long)hdr_gpa, (unsigned long)npages, (unsigned long)first,
+              (unsigned long)s->free_count);
+    else
+        print("guest: free-page-hint device refused the region: status 0x%x\n", s->status);
+}
+
+u64 page_alloc(void)
+{
+    struct fph_state *s = &g_fph;
+    u64 w = s->cursor;
+    /* Next-fit: scan whole 64-bit words from the cursor, wrapping once. */
+    for (u64 n = 0; n < s->nwords; n++) {
+        u64 v = s->bitmap[w];
+        if (v) {
+            unsigned b = (unsigned)__builtin_ctzll(v);
+            s->bitmap[w] = v & ~(1ULL << b);    /* page is now active ... */
+            barrier();                          /* ... before the caller stores into it */
+            s->cursor = w;
+            s->free_count--;
+            header_sync();
+            return w * 64 + b;
+        }
+        if (++w == s->nwords)
+            w = 0;
+    }
+    return NO_PAGE;
+}
+
+u64 page_alloc_contig(u64 n)
+{
+    struct fph_state *s = &g_fph;
+    u64 run = 0;
+    if (n == 0)
+        return NO_PAGE;
+    /* First fit, bit by bit but skipping all-active words; only used at start-up. */
+    for (u64 pfn = s->heap_start_pfn; pfn < s->npages; pfn++) {
+        if ((pfn & 63) == 0 && s->bitmap[pfn >> 6] == 0) {
+            run = 0;
+            pfn += 63;
+            continue;
+        }
+        run = page_is_free(pfn) ? run + 1 : 0;
+        if (run == n) {
+            u64 start = pfn + 1 - n;
+            for (u64 p = start; p <= pfn; p++)
+                s->bitmap[p >> 6] &= ~(1ULL << (p & 63));
+            barrier();
+            s->free_count -= n;
+            header_sync();
+            return start;
+        }
+    }
+    return NO_PAGE;
+}
+
+int page_free(u64 pfn)
+{
+    struct fph_state *s = &g_fph;
+    if (pfn < s->heap_start_pfn || pfn >= s->npages || page_is_free(pfn))
+        return -1;                          /* not ours, or already free */
+    barrier();                              /* the caller's last store comes first ... */
+    s->bitmap[pfn >> 6] |= 1ULL << (pfn & 63);  /* ... then the page becomes free */
+    s->free_count++;
+    header_sync();
+    return 0;
+}
+
+u64 fph_count_free(void)
+{
+    u64 n = 0;
+    for (u64 w = 0; w < g_fph.nwords; w++)
+        n += popcount64(g_fph.bitmap[w]);
+    return n;
+}
+
+u32 fph_host_events(void)
+{
+    if (!g_fph.device_present)
+        return 0;
+    return inl(fph_reg(FPH_REG_HOST_EVENTS));
+}

@@ -1,0 +1,83 @@
+/*
+ * fph.h - the free-page bitmap (docs/abi.md) and the page allocator that
+ * keeps its state in that bitmap.
+ *
+ * One bit per 4 KiB page of all RAM: 1 = free, 0 = active.  The allocator
+ * has no other record of which pages are free, so what the VMM reads during
+ * migration is exactly the allocator's own state, never a stale copy.
+ */
+#ifndef GUEST_FPH_H
+#define GUEST_FPH_H
+
+#include "lib.h"
+
+#define FPH_MAGIC       0x48505246u     /* "FRPH" */
+#define FPH_VERSION     1
+#define FPH_ID          0x31485046u     /* "FPH1", read from the ID register */
+
+/* Device registers, offsets from the fph port base (4-byte accesses only). */
+#define FPH_REG_ID          0x00
+#define FPH_REG_REGION_LO   0x04
+#define FPH_REG_REGION_HI   0x08
+#define FPH_REG_STATUS      0x0c    /* read: STATUS, write: COMMAND */
+#define FPH_REG_HOST_EVENTS 0x10
+#define FPH_CMD_REGISTER    1
+#define FPH_CMD_UNREGISTER  2
+#define FPH_EVENT_FINISH    (1u << 0)
+
+struct fph_header {
+    u32 magic;
+    u16 version;
+    u16 header_size;
+    u32 page_size;
+    u32 flags;
+    u64 base_gpa;
+    u64 npages;
+    u64 bitmap_gpa;
+    u64 bitmap_size;
+    u64 free_pages;     /* informational; kept equal to the number of set bits */
+    u64 reserved;
+};
+_Static_assert(sizeof(struct fph_header) == 64, "fph header is 64 bytes");
+
+#define NO_PAGE (~0UL)
+
+/* State of the bitmap and allocator; read-only outside fph.c. */
+struct fph_state {
+    struct fph_header *hdr;
+    u64 *bitmap;
+    u64 npages;         /* RAM pages = bits that mean something */
+    u64 nwords;         /* 64-bit words in the bitmap */
+    u64 heap_start_pfn; /* first page the allocator may hand out */
+    u64 free_count;     /* running count of set bits */
+    u64 cursor;         /* next-fit: word index where the next search starts */
+    int device_present;
+    int registered;
+    u32 status;         /* last STATUS read from the device */
+};
+extern struct fph_state g_fph;
+
+/* Build header + bitmap after the image and register them if the device exists. */
+void fph_init(u64 ram_size, u64 image_end, int device_flag);
+
+/* One page: clears its bit (page becomes active) before returning it. */
+u64 page_alloc(void);
+/* n physically contiguous pages (first pfn), or NO_PAGE. */
+u64 page_alloc_contig(u64 n);
+/* Sets the page's bit after the caller's last store.  Returns -1 on double free. */
+int page_free(u64 pfn);
+
+static inline int page_is_free(u64 pfn)
+{
+    return (g_fph.bitmap[pfn >> 6] >> (pfn & 63)) & 1;
+}
+
+static inline void *pfn_to_ptr(u64 pfn) { return (void *)(uintptr_t)(pfn << PAGE_SHIFT); }
+
+/* Count the set bits in the whole bitmap (the honest number). */
+u64 fph_count_free(void);
+
+/* Read HOST_EVENTS (a VM exit); 0 if there is no device. */
+u32 fph_host_events(void);
+
+#endif

@@ -1,0 +1,110 @@
+/*
+ * lib.h - the guest's tiny freestanding runtime: integer types, port I/O,
+ * the TSC, compiler barriers, console output and string helpers.
+ *
+ * Everything here runs at CPL 3 except where the exception handler (ring 0)
+ * reuses the console functions.  Port I/O at CPL 3 is allowed because the
+ * TSS I/O permission bitmap set up in entry.S clears the bit of every port.
+ */
+#ifndef GUEST_LIB_H
+#define GUEST_LIB_H
+
+#include <stdarg.h>     /* freestanding header provided by the compiler */
+#include <stddef.h>
+#include <stdint.h>
+
+typedef uint8_t  u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+typedef int64_t  i64;
+
+#define PAGE_SIZE   4096UL
+#define PAGE_SHIFT  12
+#define PAGE_ALIGN_UP(x) (((x) + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+
+#define NORETURN __attribute__((noreturn))
+#define PRINTF_LIKE(f, a) __attribute__((format(printf, f, a)))
+
+/* Exit statuses written to the exit device (see docs/boot.md). */
+enum {
+    EXIT_OK = 0,          /* every self-check passed */
+    EXIT_CHECK_FAILED = 1,
+    EXIT_BAD_CMDLINE = 2, /* also: unusable boot-info block */
+    EXIT_EXCEPTION = 3,   /* the guest took an unexpected CPU exception */
+};
+
+/*
+ * A compiler barrier: the compiler may not move memory accesses across it.
+ * The CPU needs no fence for our purposes, because x86 (TSO) makes stores
+ * visible to other CPUs - here, the VMM thread reading guest RAM - in
+ * program order.  This is what orders "clear the page's free bit" before
+ * "store data into the page" (docs/abi.md, rule 2).
+ */
+static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+
+/* ---- port I/O: each access is a VM exit (~10 us), use sparingly ---- */
+static inline void outb(u16 port, u8 v)  { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
+static inline void outl(u16 port, u32 v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port)  { u8 v;  __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+static inline u32 inl(u16 port) { u32 v; __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port)); return v; }
+
+/* RDTSC is allowed at CPL 3 unless CR4.TSD is set, which nobody sets here. */
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return (u64)hi << 32 | lo;
+}
+
+static inline void cpu_relax(void) { __asm__ volatile("pause"); }
+
+/* ---- ports, filled in from the boot-info block by main.c ---- */
+struct ports {
+    u16 uart;       /* 16550 COM1 */
+    u16 debugcon;   /* Bochs/QEMU 0xe9 console */
+    u16 exit;       /* exit device: one byte ends the run */
+    u16 fph;        /* free-page-hint device base */
+};
+extern struct ports g_ports;
+
+/* ---- console (serial) ---- */
+void console_putc(char c);
+void console_write(const char *s, size_t n);
+void print(const char *fmt, ...) PRINTF_LIKE(1, 2);
+void vprint(const char *fmt, va_list ap);
+
+/* Write the status to the exit device; never returns. */
+NORETURN void guest_exit(int status);
+
+/* ---- memory and strings (gcc may emit calls to the first four) ---- */
+void *memset(void *d, int c, size_t n);
+void *memcpy(void *d, const void *s, size_t n);
+void *memmove(void *d, const void *s, size_t n);
+int memcmp(const void *a, const void *b, size_t n);
+size_t strlen(const char *s);
+int str_eq_n(const char *a, size_t alen, const char *b);   /* a[0..alen) == b */
+
+/* Parse an unsigned decimal or 0x-hex number from s[0..n); 0 on success. */
+int parse_u64(const char *s, size_t n, u64 *out);
+
+/* Count set bits (no POPCNT assumption, no libgcc). */
+static inline unsigned popcount64(u64 x)
+{
+    x = x - ((x >> 1) & 0x5555555555555555ULL);
+    x = (x & 0x3333333333333333ULL) + ((x >> 2) & 0x3333333333333333ULL);
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0FULL;
+    return (unsigned)((x * 0x0101010101010101ULL) >> 56);
+}
+
+/* xorshift64: a tiny deterministic PRNG; state must be nonzero. */
+static inline u64 xorshift64(u64 *s)
+{
+    u64 x = *s;
+    x ^= x << 13;
+    x ^= x >> 7;
+    x ^= x << 17;
+    return *s = x;
+}
+
+#endif

@@ -1,0 +1,246 @@
+/*
+ * main.c - the guest's ring-3 main: checks the boot-info block, parses the
+ * command line, sets up the free-page bitmap and runs one workload.
+ *
+ * entry.S gets here at CPL 3 with the boot-info pointer and the RSI value
+ * the VMM passed, after zeroing .bss.
+ */
+#include "fph.h"
+#include "workload.h"
+
+struct config g_cfg = {
+    .workload = WL_HELLO,
+    .workload_name = "hello",
+    .pages = 1000,
+    .rounds = 10,
+    .free_pct = 50,
+    .seed = 1,
+    .live_pct = 25,
+    .stale_pct = 50,
+    .dirty = 1000,
+    .seconds = 0,
+};
+struct stats g_stats;
+const struct boot_info *g_bi;
+#define DEFAULT_TSC_KHZ 2000000     /* 2 GHz, when the VMM does not know */
+u64 g_tsc_khz = DEFAULT_TSC_KHZ;    /* in .data: valid even for an early exception */
+
+u64 tsc_to_ms(u64 cycles) { return cycles / g_tsc_khz; }
+
+/*
+ * Measure the TSC against the 8254 PIT (1.193182 MHz), for Multiboot boots
+ * where nobody tells us its frequency.  Channel 2 in mode 0 counts down
+ * from the value loaded and raises its OUT line, readable as bit 5 of port
+ * 0x61, when it reaches 0; bit 0 of port 0x61 is that channel's gate.
+ * kvmlite has no PIT (an unclaimed port ends its run), so only Multiboot
+ * boots come here.
+ */
+static u64 pit_calibrate_tsc_khz(void)
+{
+    const unsigned ms = 10, count = 1193182 * ms / 1000;
+    outb(0x61, (u8)((inb(0x61) & ~0x02) | 0x01));  /* gate on, speaker off */
+    outb(0x43, 0xb0);                               /* channel 2, lo/hi byte, mode 0, binary */
+    outb(0x42, (u8)(count & 0xff));
+    outb(0x42, (u8)(count >> 8));                   /* counting starts here */
+    u64 t0 = rdtsc(), t1;
+    do {
+        t1 = rdtsc();
+        if (t1 - t0 > 50000000000ULL)               /* ~10 s even at 5 GHz: no PIT */
+            return 0;
+    } while (!(inb(0x61) & 0x20));
+    return (t1 - t0) / ms;
+}
+
+NORETURN static void bad_cmdline(const char *what, const char *tok, size_t n)
+{
+    print("guest: bad command line: %s '", what);
+    console_write(tok, n);
+    print("'\n");
+    print("guest: usage: workload=hello|churn|fill|fault|triple"
+          " [pages=N rounds=R free=PCT seed=S] [live=PCT stale=PCT dirty=PAGES_PER_SEC seconds=N]\n");
+    guest_exit(EXIT_BAD_CMDLINE);
+}
+
+static const struct {
+    const char *name;
+    enum workload wl;
+} workloads[] = {
+    { "hello", WL_HELLO }, { "churn", WL_CHURN }, { "fill", WL_FILL },
+    { "fault", WL_FAULT }, { "triple", WL_TRIPLE },
+};
+
+static const struct {
+    const char *name;
+    u64 *val;
+    u64 min, max;
+} num_keys[] = {
+    { "pages",   &g_cfg.pages,     1, 0xffffffffULL },
+    { "rounds",  &g_cfg.rounds,    0, 0xffffffffULL },
+    { "free",    &g_cfg.free_pct,  0, 100 },
+    { "seed",    &g_cfg.seed,      0, ~0ULL },
+    { "live",    &g_cfg.live_pct,  0, 100 },
+    { "stale",   &g_cfg.stale_pct, 0, 100 },
+    { "dirty",   &g_cfg.dirty,     0, 1000000000ULL },
+    { "seconds", &g_cfg.seconds,   0, 100000000ULL },
+};
+
+#define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
+
+/* Tokens "key=value" separated by spaces; every key is known or it is an error. */
+static void parse_cmdline(const char *s, size_t len)
+{
+    size_t i = 0;
+    while (i < len) {
+        while (i < len && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n'))
+            i++;
+        size_t start = i;
+        while (i < len && s[i] != ' ' && s[i] != '\t' && s[i] != '\n')
+            i++;
+        if (i == start)
+            break;
+        const char *tok = s + start;
+        size_t toklen = i - start, klen = 0;
+        while (klen < toklen && tok[klen] != '=')
+            klen++;
+        if (klen == toklen || klen == 0)
+            bad_cmdline("expected key=value, got", tok, toklen);
+        const char *val = tok + klen + 1;
+        size_t vlen = toklen - klen - 1;
+
+        if (str_eq_n(tok, klen, "workload")) {
+            size_t w;
+            for (w = 0; w < ARRAY_SIZE(workloads); w++)
+                if (str_eq_n(val, vlen, workloads[w].name))
+                    break;
+            if (w == ARRAY_SIZE(workloads))
+                bad_cmdline("unknown workload (hello, churn, fill, fault, triple)", tok, toklen);
+            g_cfg.workload = workloads[w].wl;
+            g_cfg.workload_name = workloads[w].name;
+            continue;
+        }
+        size_t k;
+        for (k = 0; k < ARRAY_SIZE(num_keys); k++)
+            if (str_eq_n(tok, klen, num_keys[k].name))
+                break;
+        if (k == ARRAY_SIZE(num_keys))
+            bad_cmdline("unknown key in", tok, toklen);
+        u64 v;
+        if (parse_u64(val, vlen, &v) != 0)
+            bad_cmdline("not a number (decimal or 0x-hex) in", tok, toklen);
+        if (v < num_keys[k].min || v > num_keys[k].max) {
+            print("guest: bad command line: %s must be %lu..%lu\n", num_keys[k].name,
+                  (unsigned long)num_keys[k].min, (unsigned long)num_keys[k].max);
+            guest_exit(EXIT_BAD_CMDLINE);
+        }
+        *num_keys[k].val = v;
+    }
+    if (g_cfg.live_pct + g_cfg.stale_pct > 100) {
+        print("guest: bad command line: live=%lu + stale=%lu exceeds 100%%\n",
+              (unsigned long)g_cfg.live_pct, (unsigned long)g_cfg.stale_pct);
+        guest_exit(EXIT_BAD_CMDLINE);
+    }
+}
+
+/* The summary line; also used by the exception handler with its own free count. */
+void print_summary(u64 free_pages, int ok)
+{
+    u64 elapsed = rdtsc() - g_stats.start_tsc;
+    u64 pps = 0;
+    /* Page-write throughput over the cycles spent writing pages: the native speed. */
+    if (g_stats.write_cycles)
+        pps = g_stats.pages_written * (g_tsc_khz * 1000) / g_stats.write_cycles;
+    print("KVMLITE-SUMMARY workload=%s live=%lu free=%lu verified=%lu errors=%lu"
+          " pages_written=%lu elapsed_ms=%lu pages_per_sec=%lu status=%s\n",
+          g_cfg.workload_name, (unsigned long)g_stats.live, (unsigned long)free_pages,
+          (unsigned long)g_stats.verified, (unsigned long)g_stats.errors,
+          (unsigned long)g_stats.pages_written, (unsigned long)tsc_to_ms(elapsed),
+          (unsigned long)pps, ok ? "ok" : "fail");
+}
+
+NORETURN void finish(void)
+{
+    /* Self-check: the running count must equal the bits actually set. */
+    u64 free_pages = fph_count_free();
+    if (free_pages != g_fph.free_count || g_fph.hdr->free_pages != free_pages) {
+        print("guest: ERROR bitmap has %lu free bits, allocator counted %lu, header says %lu\n",
+              (unsigned long)free_pages, (unsigned long)g_fph.free_count,
+              (unsigned long)g_fph.hdr->free_pages);
+        g_stats.errors++;
+    }
+    int ok = g_stats.errors == 0;
+    print_summary(free_pages, ok);
+    guest_exit(ok ? EXIT_OK : EXIT_CHECK_FAILED);
+}
+
+NORETURN void guest_main(const struct boot_info *bi, u64 rsi);
+
+NORETURN void guest_main(const struct boot_info *bi, u64 rsi)
+{
+    g_stats.start_tsc = rdtsc();
+    if (bi->magic != BOOT_INFO_MAGIC || bi->version < BOOT_INFO_VERSION
+        || bi->size < BOOT_INFO_V1_SIZE) {
+        print("guest: bad boot-info block at %p: magic 0x%x version %u size %u (rsi 0x%lx)\n",
+              (const void *)bi, bi->magic, bi->version, bi->size, (unsigned long)rsi);
+        guest_exit(EXIT_BAD_CMDLINE);
+    }
+    g_bi = bi;
+    if (bi->uart_port)
+        g_ports.uart = bi->uart_port;
+    if (bi->debugcon_port)
+        g_ports.debugcon = bi->debugcon_port;
+    if (bi->exit_port)
+        g_ports.exit = bi->exit_port;
+    if (bi->fph_port)
+        g_ports.fph = bi->fph_port;
+    g_tsc_khz = bi->tsc_khz;
+    if (!g_tsc_khz && rsi == MULTIBOOT_BOOT_MAGIC)
+        g_tsc_khz = pit_calibrate_tsc_khz();     /* PC hardware is there; not on kvmlite */
+    const char *tsc_source = "";
+    if (!bi->tsc_khz)
+        tsc_source = g_tsc_khz ? " (measured with the PIT)" : " (assumed)";
+    if (!g_tsc_khz)
+        g_tsc_khz = DEFAULT_TSC_KHZ;
+
+    const char *cmdline = (const char *)(uintptr_t)bi->cmdline_gpa;
+    size_t len = cmdline ? bi->cmdline_len : 0;
+    for (size_t i = 0; i < len; i++)
+        if (cmdline[i] == '\0') {       /* trust the NUL over a too-long length */
+            len = i;
+            break;
+        }
+    /* A Multiboot loader puts the kernel's file name first: skip it. */
+    if (rsi == MULTIBOOT_BOOT_MAGIC) {
+        size_t i = 0;
+        while (i < len && cmdline[i] == ' ')
+            i++;
+        size_t w = i;
+        while (w < len && cmdline[w] != ' ' && cmdline[w] != '=')
+            w++;
+        if (w > i && (w == len || cmdline[w] == ' ')) {
+            while (w < len && cmdline[w] == ' ')
+                w++;
+            cmdline += w;
+            len -= w;
+        }
+    }
+    print("guest: up in ring 3 (%s boot), RAM %lu MiB, TSC %lu kHz%s, command line \"",
+          rsi == KVMLITE_RSI_MAGIC ? "kvmlite" : rsi == MULTIBOOT_BOOT_MAGIC ? "multiboot" : "unknown",
+          (unsigned long)(bi->ram_size >> 20),
+          (unsigned long)g_tsc_khz, tsc_source);
+    console_write(cmdline, len);
+    print("\"\n");
+    parse_cmdline(cmdline, len);
+
+    fph_init(bi->ram_size, (u64)(uintptr_t)__image_end, bi->flags & BOOT_INFO_FLAG_FPH);
+    if (g_fph.device_present && !g_fph.registered)
+        g_stats.errors++;       /* the device refused our header: a bug in this guest */
+
+    switch (g_cfg.workload) {
+    case WL_HELLO:  run_hello();  break;
+    case WL_CHURN:  run_churn();  break;
+    case WL_FILL:   run_fill();   break;
+    case WL_FAULT:  run_fault();  break;
+    case WL_TRIPLE: run_triple(); break;
+    }
+    finish();
+}

@@ -1,0 +1,67 @@
+/*
+ * workload.h - configuration, statistics and the workloads' entry points.
+ */
+#ifndef GUEST_WORKLOAD_H
+#define GUEST_WORKLOAD_H
+
+#include "bootinfo.h"
+#include "lib.h"
+
+enum workload { WL_HELLO, WL_CHURN, WL_FILL, WL_FAULT, WL_TRIPLE };
+
+/* Command-line settings (main.c parses "key=value" tokens into these). */
+struct config {
+    enum workload workload;
+    const char *workload_name;
+    u64 pages;      /* churn: slots */
+    u64 rounds;     /* churn: rounds */
+    u64 free_pct;   /* churn: % of live slots freed per round */
+    u64 seed;       /* churn: PRNG seed */
+    u64 live_pct;   /* fill: % of RAM kept live */
+    u64 stale_pct;  /* fill: % of RAM written then freed */
+    u64 dirty;      /* fill: page re-writes per second */
+    u64 seconds;    /* fill: run time, 0 = until the host asks to stop */
+};
+
+/* What the summary line reports; also read by the (ring-0) exception handler. */
+struct stats {
+    u64 live;           /* pages holding workload data right now */
+    u64 verified;       /* pages checked word by word, in total */
+    u64 errors;         /* mismatching words + failed self-checks */
+    u64 pages_written;  /* whole-page pattern writes */
+    u64 write_cycles;   /* TSC cycles spent inside those writes */
+    u64 start_tsc;      /* when the workload began */
+};
+
+extern struct config g_cfg;
+extern struct stats g_stats;
+extern const struct boot_info *g_bi;
+extern u64 g_tsc_khz;               /* never 0 (defaults to 2 GHz) */
+extern volatile int g_triple_armed; /* read by the exception handler, see trap.c */
+
+/* One workload slot: a page and what was last written into it. */
+struct slot {
+    u32 pfn;        /* 0 = empty (pfn 0 is never handed out: it is below the heap) */
+    u32 gen;        /* generation of the last write */
+    u64 csum;       /* sum of the page's 512 words as written */
+};
+
+/* Fill a freshly allocated (or own) page with the pattern for (pfn, gen); returns its checksum. */
+u64 page_write(u64 pfn, u32 gen);
+/* Check a live page against its slot; returns the number of bad words (0 = good). */
+u64 page_verify(const char *who, const struct slot *s);
+/* A fresh generation number (never 0). */
+u32 next_gen(void);
+
+u64 tsc_to_ms(u64 cycles);
+
+/* Print the KVMLITE-SUMMARY line (self-checks the bitmap count) and exit. */
+NORETURN void finish(void);
+
+void run_hello(void);
+void run_churn(void);
+void run_fill(void);
+void run_fault(void);
+void run_triple(void);
+
+#endif

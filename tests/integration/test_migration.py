@@ -1,0 +1,204 @@
+"""Live migration between two real kvmlite processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kvmlite.migration import wire
+from kvmlite.procs import VmProcess, free_port, start_destination
+
+from .helpers import ROOT
+
+FINAL = ("completed", "failed", "cancelled")
+
+
+def migrate(src: VmProcess, port: int, timeout: float = 120, **args) -> dict:
+    """Start a migration through the source's monitor and wait for its outcome."""
+    c = src.client()
+    try:
+        c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", **args)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            s = c.execute("query-migrate")
+            if s["status"] in FINAL:
+                return s
+            time.sleep(0.02)
+    finally:
+        c.close()
+    raise TimeoutError("migration did not finish")
+
+
+def fill_vm(guest, memory="256M", live=20, stale=50, dirty=500) -> tuple[VmProcess, dict]:
+    src = VmProcess([str(guest), "--memory", memory, "--cmdline",
+                     f"workload=fill live={live} stale={stale} dirty={dirty}"])
+    m = src.wait_for(r"^fill: ready live=(\d+) stale=(\d+)", timeout=120)
+    return src, {"live": int(m.group(1)), "stale": int(m.group(2))}
+
+
+def finish_and_check(vm: VmProcess, min_verified: int) -> dict:
+    """Ask the fill workload to finish; it must verify its memory and exit 0."""
+    vm.execute("guest-finish")
+    assert vm.wait(120) == 0, vm.output()
+    s = vm.summary()
+    assert s["errors"] == 0 and s["status"] == "ok", s
+    assert s["verified"] >= min_verified, s
+    return s
+
+
+def test_stop_copy_sends_exactly_the_active_pages(guest_image):
+    """Stop-copy: pages transferred equal the active pages at pause; the guest passes on the destination."""
+    port = free_port()
+    dst = start_destination(port, "256M")
+    src, fill = fill_vm(guest_image)
+    with src, dst:
+        src.execute("stop")
+        at_pause = src.execute("query-free-pages")
+        out = subprocess.run([sys.executable, "-m", "kvmlite", "migrate", "--monitor", src.monitor_path,
+                              f"tcp:127.0.0.1:{port}", "--stop-copy", "--json"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert out.returncode == 0, out.stderr
+        s = json.loads(out.stdout)
+        assert s["status"] == "completed" and s["rounds"] == 1
+        assert s["pages_sent"] + s["pages_zero"] == at_pause["active"]
+        assert s["pages_skipped_free"] == at_pause["free"]
+        assert s["pages_resent"] == 0
+        # the wire carries the pages plus a few bytes of framing per run and the state
+        assert s["pages_sent"] * 4096 < s["bytes_wire"] < s["pages_sent"] * 4096 + (1 << 20)
+        assert src.wait(30) == 0, src.output()
+        finish_and_check(dst, fill["live"])
+
+
+def test_hint_off_sends_the_free_pages_too(guest_image):
+    """Hint off sends the stale free pages as well: the extra bytes match the free share."""
+    results = {}
+    for hint in (True, False):
+        port = free_port()
+        dst = start_destination(port, "256M")
+        src, fill = fill_vm(guest_image, live=20, stale=50)
+        with src, dst:
+            results[hint] = migrate(src, port, hint=hint, live=False)
+            assert results[hint]["status"] == "completed", results[hint]
+            assert src.wait(30) == 0
+            finish_and_check(dst, fill["live"])
+    on, off = results[True], results[False]
+    extra = off["bytes_wire"] - on["bytes_wire"]
+    stale_bytes = fill["stale"] * 4096
+    assert abs(extra - stale_bytes) < 0.02 * stale_bytes, (extra, stale_bytes)
+    assert off["pages_skipped_free"] == 0
+    assert on["pages_skipped_free"] >= fill["stale"]
+
+
+def test_live_ping_pong_under_churn_keeps_memory_intact(guest_image):
+    """Live migration A→B→A→B→A while the guest allocates and frees: no corrupted page."""
+    ports = [free_port(), free_port()]
+    vm = VmProcess([str(guest_image), "--memory", "256M", "--cmdline",
+                    "workload=churn pages=20000 rounds=100000 free=50"])
+    hops, procs = 4, [vm]
+    try:
+        for hop in range(hops):
+            n = len(vm.stdout_lines)
+            vm.wait_for(r"^churn: round \d+", timeout=60)      # it is running here
+            port = ports[hop % 2]
+            nxt = start_destination(port, "256M")
+            procs.append(nxt)
+            s = migrate(vm, port)
+            assert s["status"] == "completed", (s, vm.output(), nxt.output())
+            assert s["rounds"] >= 2 and s["pages_skipped_free"] > 0
+            assert vm.wait(30) == 0
+            assert not [l for l in vm.stdout_lines[n:] if "errors=" in l and "errors=0" not in l]
+            vm = nxt
+        vm.wait_for(r"^churn: round \d+", timeout=60)
+        vm.execute("quit")
+        vm.wait(30)
+        bad = [l for p in procs for l in p.stdout_lines if "errors=" in l and "errors=0" not in l]
+        assert not bad, bad
+        rounds = [l for p in procs[1:] for l in p.stdout_lines if l.startswith("churn: round")]
+        assert rounds, "the guest made no progress after migrating"
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_destination_killed_mid_stream_source_keeps_running(guest_image):
+    """If the destination dies mid-stream the migration fails and the guest carries on at the source."""
+    port = free_port()
+    dst = start_destination(port, "256M")
+    src, fill = fill_vm(guest_image, live=50, stale=10)
+    with src, dst:
+        c = src.client()
+        c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", bandwidth="16M")
+        time.sleep(1.0)
+        assert c.execute("query-migrate")["status"] == "active"
+        dst.kill()
+        deadline = time.monotonic() + 60
+        while (s := c.execute("query-migrate"))["status"] not in FINAL:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert s["status"] == "failed" and s["error"], s
+        assert c.execute("query-status")["status"] == "running"
+        c.close()
+        finish_and_check(src, fill["live"])
+    assert "keeps running here" in "\n".join(src.stderr_lines)
+
+
+def test_cancel_and_unreachable_destination_keep_the_vm(guest_image):
+    """A cancelled migration or one to nowhere leaves the VM running."""
+    src, fill = fill_vm(guest_image, live=50, stale=0)
+    with src:
+        s = migrate(src, free_port())      # nothing listens there
+        assert s["status"] == "failed" and "nothing listens" in s["error"]
+        port = free_port()
+        dst = start_destination(port, "256M")
+        with dst:
+            c = src.client()
+            c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", bandwidth="16M")
+            time.sleep(0.5)
+            c.execute("migrate-cancel")
+            while (s := c.execute("query-migrate"))["status"] not in FINAL:
+                time.sleep(0.05)
+            assert s["status"] == "cancelled"
+            assert c.execute("query-status")["status"] == "running"
+            c.close()
+            assert dst.wait(30) == 1
+            assert "the guest was not started" in "\n".join(dst.stderr_lines)
+        finish_and_check(src, fill["live"])
+
+
+def _send_to_destination(payload: bytes) -> VmProcess:
+    port = free_port()
+    dst = start_destination(port, "64M", monitor=False)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(10)
+        reply = s.recv(65536)
+    dst.reply = reply
+    return dst
+
+
+@pytest.mark.parametrize("payload,message", [
+    (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "not a kvmlite migration stream"),
+    (wire.encode_preamble({"page_size": 4096, "ram": [[0, 64 << 20]], "vcpus": 1})
+     + wire.pages_header(0x100000, 4) + b"\x90" * 5000, "truncated"),
+    (wire.encode_preamble({"page_size": 4096, "ram": [[0, 64 << 20]], "vcpus": 1})
+     + wire.pages_header(1 << 40, 1), "does not lie inside"),
+    (wire.encode_preamble({"page_size": 4096, "ram": [[0, 32 << 20]], "vcpus": 1}), "RAM"),
+])
+def test_hostile_or_truncated_streams_are_refused(payload, message):
+    """Garbage, truncation, out-of-RAM pages, mismatched RAM: the destination refuses and never runs a guest."""
+    dst = _send_to_destination(payload)
+    with dst:
+        assert dst.wait(30) == 1
+        err = "\n".join(dst.stderr_lines)
+        assert message in err and "the guest was not started" in err, err
+        assert "Traceback" not in err
+        assert not dst.stdout_lines
+        if dst.reply:
+            assert wire.decode_reply(dst.reply[4:])["status"] == "error"
