@@ -26,6 +26,7 @@ FCR_FIFO_ENABLE = 0x01
 MSR_CTS, MSR_DSR, MSR_DCD = 0x10, 0x20, 0x80
 
 PORT_COUNT = 8
+RX_MAX = 64         # loopback bytes kept unread; more are dropped (a FIFO overrun)
 
 
 class Uart16550(Device):
@@ -49,7 +50,8 @@ class Uart16550(Device):
             if dlab:
                 self.dll = value
             elif self.mcr & MCR_LOOP:
-                self.rx.append(value)
+                if len(self.rx) < RX_MAX:
+                    self.rx.append(value)
             else:
                 self.output.write_byte(value)
         elif offset == IER_DLM:
@@ -100,4 +102,4 @@ class Uart16550(Device):
     def restore_state(self, state: dict) -> None:
         for reg in ("ier", "fcr", "lcr", "mcr", "scr", "dll", "dlm"):
             setattr(self, reg, int(state[reg]) & 0xFF)
-        self.rx = bytearray(state["rx"][:64])
+        self.rx = bytearray(state["rx"][:RX_MAX])

@@ -32,9 +32,6 @@ class GuestMemory:
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             raise KvmliteError(f"cannot reserve {size >> 20} MiB of guest memory: {e.strerror}") from None
-        # Transparent huge pages make the first touch of guest RAM ~2 MiB at a
-        # time instead of 4 KiB; KVM still logs dirty pages at 4 KiB.
-        self._map.madvise(mmap.MADV_HUGEPAGE)
         self.view = memoryview(self._map)
         self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self._map)))
         self._ptr = ffi.cast("char *", self.host_addr)
