@@ -16,7 +16,6 @@ import time
 
 import numpy as np
 
-from .. import msr
 from ..errors import KvmliteError, MigrationError
 from ..vstate.memory import PAGE_SHIFT, PAGE_SIZE
 from . import wire
@@ -55,6 +54,24 @@ def bits_to_bool(words: np.ndarray, npages: int) -> np.ndarray:
     return np.unpackbits(words.view(np.uint8), bitorder="little")[:npages].view(bool)
 
 
+def page_runs(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of set bits in a bitmap of uint64 words: (first page, length) arrays.
+
+    Only the non-zero words are unpacked, so a sparse bitmap of a large guest
+    costs what its set bits cost, not what its size costs.
+    """
+    nz = np.flatnonzero(words)
+    if len(nz) == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(-1, 64).view(bool)
+    pages = (nz[:, None] * 64 + np.arange(64))[bits]
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = pages[np.concatenate(([0], breaks))]
+    ends = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1
+    return starts, ends - starts
+
+
 class Migration:
     """One outgoing migration of `machine` to `uri`."""
 
@@ -75,6 +92,7 @@ class Migration:
         self.done = threading.Event()
         self._crc = 0
         self._sent_once = np.zeros(machine.memory.npages, dtype=bool)
+        self._never_free_for = None     # the registration _hintable was built for
 
     # ---- control ---------------------------------------------------------------
 
@@ -117,10 +135,10 @@ class Migration:
             self.stats.status = "active"
 
             if not self.live:
+                pause_at = time.perf_counter()
                 if not machine.paused:        # a VM the user stopped stays stopped on failure
                     machine.pause()
                     paused_here = True
-                pause_at = time.perf_counter()
             else:
                 round_no = 0
                 while True:
@@ -141,27 +159,30 @@ class Migration:
                     if round_no > 1 and dt > 0:
                         self.stats.dirty_rate_pps = sent / dt
                 self.stats.status = "completing"
+                pause_at = time.perf_counter()
                 machine.pause()
                 paused_here = True
-                pause_at = time.perf_counter()
 
             # complete: the vCPU is parked; what is dirty now is final.
+            marks = [("pause", pause_at), ("sync", time.perf_counter())]   # downtime starts at the pause request
             dirty |= self._fetch_dirty()
-            if machine.fph.registration is not None:
-                self.stats.active_at_pause = machine.memory.npages - machine.fph.count_free()
+            marks.append(("pages", time.perf_counter()))
             self._send_dirty(dirty)
             self.stats.rounds += 1
             self._send(wire.round_record(self.stats.rounds), structural=True)
-            state = self._collect_state()
-            self._send(wire.state_record(state), structural=True)
+            marks.append(("state", time.perf_counter()))
+            self._send(wire.state_record(self._collect_state()), structural=True)
             # END's crc covers every structural byte sent before it, and END's own head.
-            end = wire.end_record(self.stats.pages_sent, self.stats.pages_zero, self._crc)
-            self._sendall([end])
+            self._sendall([wire.end_record(self.stats.pages_sent, self.stats.pages_zero, self._crc)])
+            marks.append(("reply", time.perf_counter()))
             self.sock.settimeout(REPLY_TIMEOUT)
             reply = wire.read_reply(self.sock)
             if reply.get("status") != "running":
                 raise MigrationError(f"destination refused the VM: {reply.get('error', reply)}")
             now = time.perf_counter()
+            marks.append(("end", now))
+            self.stats.downtime_parts_ms = {name: round((t1 - t0_) * 1000, 3)
+                                            for (name, t0_), (_, t1) in zip(marks, marks[1:])}
             self.stats.downtime_ms = (now - pause_at) * 1000
             self.stats.total_ms = (now - t0) * 1000
             self.stats.throughput_mbps = self.stats.bytes_wire / (1 << 20) / max(now - t0, 1e-9)
@@ -219,47 +240,55 @@ class Migration:
         return self.machine.vm.get_dirty_log(0)
 
     def _free_words(self, w0: int, w1: int) -> np.ndarray | None:
-        """Snapshot of the guest's free bits for RAM words [w0, w1), as uint64 words."""
+        """Snapshot of the guest's free bits for RAM words [w0, w1), as uint64 words.
+
+        Bits for pages the hint must not cover (outside the registered range,
+        the header's and bitmap's own pages) are cleared: those are always sent.
+        """
         fph = self.machine.fph
-        if not self.hint or fph.registration is None:
-            return None
         reg = fph.registration
+        if not self.hint or reg is None:
+            return None
+        if self._never_free_for is not reg:
+            self._prepare_hint(reg)
         base_page = reg.base_gpa >> PAGE_SHIFT
-        guest_words = fph.bitmap_words()
         if base_page % 64 == 0:
+            # The common case: guest bitmap words line up with RAM words; copy, don't convert.
             out = np.zeros(w1 - w0, dtype=np.uint64)
-            g0 = max(w0 - base_page // 64, 0)
-            g1 = min(w1 - base_page // 64, len(guest_words))
-            if g1 > g0:
-                out[g0 + base_page // 64 - w0:g1 + base_page // 64 - w0] = guest_words[g0:g1]
-            # bits past npages in the last guest word describe no page
-            tail = (base_page + reg.npages) - w0 * 64
-            if 0 <= tail < (w1 - w0) * 64:
-                bits = bits_to_bool(out, (w1 - w0) * 64).copy()
-                bits[tail:] = False
-                out = np.packbits(bits, bitorder="little").view(np.uint64)
+            gw0 = base_page // 64
+            lo, hi = max(w0, gw0), min(w1, gw0 + len(self._guest_words))
+            if hi > lo:
+                out[lo - w0:hi - w0] = self._guest_words[lo - gw0:hi - gw0]
         else:
-            mask = fph.free_mask()
-            out = np.packbits(mask[w0 * 64:w1 * 64], bitorder="little")
-            out = np.pad(out, (0, (w1 - w0) * 8 - len(out))).view(np.uint64)
-        for page, count in fph.always_sent_pages():
-            for p in range(page, page + count):
-                if w0 * 64 <= p < w1 * 64:
-                    out[p // 64 - w0] &= ~np.uint64(1 << (p % 64))
+            bits = np.zeros((w1 - w0) * 64, dtype=bool)
+            mask = fph.free_mask()[w0 * 64:w1 * 64]
+            bits[:len(mask)] = mask
+            out = np.packbits(bits, bitorder="little").view(np.uint64)
+        out &= self._hintable[w0:w1]
         return out
+
+    def _prepare_hint(self, reg) -> None:
+        """Per registration: a view of the guest's bitmap and the mask of hintable pages."""
+        npages = self.machine.memory.npages
+        hintable = np.zeros(((npages + 63) // 64) * 64, dtype=bool)
+        first = reg.base_gpa >> PAGE_SHIFT
+        hintable[first:first + reg.npages] = True
+        for page, count in self.machine.fph.always_sent_pages():
+            hintable[page:page + count] = False
+        self._hintable = np.packbits(hintable, bitorder="little").view(np.uint64)
+        self._guest_words = self.machine.fph.bitmap_words()
+        self._never_free_for = reg
 
     def _count_pending(self, dirty: np.ndarray) -> int:
         free = self._free_words(0, len(dirty))
         pending = dirty if free is None else dirty & ~free
-        return int(np.unpackbits(pending.view(np.uint8)).sum())
+        return int(np.bitwise_count(pending).sum())
 
     # ---- sending ----------------------------------------------------------------------
 
     def _send_dirty(self, dirty: np.ndarray) -> int:
         """Send every dirty, non-free page; clear their bits in `dirty`.  Returns pages sent."""
         vm = self.machine.vm
-        mem = self.machine.memory
-        npages = mem.npages
         words_per_chunk = CHUNK_PAGES // 64
         total = 0
         for w0 in range(0, len(dirty), words_per_chunk):
@@ -268,25 +297,22 @@ class Migration:
             if not chunk.any():
                 continue
             self._check_cancel()
-            first = w0 * 64
             # 1. fetch-and-clear: re-protect these pages, so later writes dirty them again
             if vm.manual_protect:
-                vm.clear_dirty_log(0, first, chunk)
+                vm.clear_dirty_log(0, w0 * 64, chunk)
             dirty[w0:w1] = 0
             # 2. only now read the guest's free bits (claim 2)
             free = self._free_words(w0, w1)
             send = chunk if free is None else chunk & ~free
-            n = min((w1 - w0) * 64, npages - first)
-            dirty_bool = bits_to_bool(chunk, n)
-            send_bool = bits_to_bool(send, n)
-            self.stats.pages_skipped_free += int(np.count_nonzero(dirty_bool)) - int(np.count_nonzero(send_bool))
+            if free is not None:
+                self.stats.pages_skipped_free += int(np.bitwise_count(chunk & free).sum())
             # 3. send them, reading page contents now
-            total += self._send_pages(first, send_bool)
+            total += self._send_pages(w0 * 64, page_runs(send))
         return total
 
-    def _send_pages(self, first: int, send: np.ndarray) -> int:
+    def _send_pages(self, first: int, runs: tuple[np.ndarray, np.ndarray]) -> int:
         mem = self.machine.memory
-        starts, lengths = runs_of(send)
+        starts, lengths = runs
         if len(starts) == 0:
             return 0
         stats = self.stats
@@ -297,17 +323,21 @@ class Migration:
         for s, n in zip(starts.tolist(), lengths.tolist()):
             page = first + s
             zero = mem.zero_pages(page, n)
-            resent = int(np.count_nonzero(sent_once[page:page + n]))
-            sent_once[page:page + n] = True
-            stats.pages_resent += resent
-            zs, zl = runs_of(zero)
-            ds, dl = runs_of(~zero)
-            for zstart, zlen in zip(zs.tolist(), zl.tolist()):
-                rec = wire.zero_record(mem.gpa + ((page + zstart) << PAGE_SHIFT), zlen)
-                self._crc = _crc(rec, self._crc)
-                bufs.append(rec)
-                stats.pages_zero += zlen
-            for dstart, dlen in zip(ds.tolist(), dl.tolist()):
+            was = sent_once[page:page + n]
+            stats.pages_resent += int(np.count_nonzero(was))
+            was[:] = True
+            if not zero.any():
+                data_runs = ((0, n),)
+            else:
+                zs, zl = runs_of(zero)
+                for zstart, zlen in zip(zs.tolist(), zl.tolist()):
+                    rec = wire.zero_record(mem.gpa + ((page + zstart) << PAGE_SHIFT), zlen)
+                    self._crc = _crc(rec, self._crc)
+                    bufs.append(rec)
+                    stats.pages_zero += zlen
+                ds, dl = runs_of(~zero)
+                data_runs = zip(ds.tolist(), dl.tolist())
+            for dstart, dlen in data_runs:
                 p = page + dstart
                 while dlen > 0:
                     k = min(dlen, wire.MAX_RUN_PAGES)
@@ -364,8 +394,7 @@ class Migration:
 
     def _collect_state(self) -> dict:
         machine = self.machine
-        available = set(machine.kvm.msr_index_list())
-        msrs = [m for m in msr.MIGRATED if m in available]
+        msrs = machine.kvm.migratable_msrs()
         return {
             "version": STATE_VERSION,
             "vcpus": [machine.vcpu.save_state(msrs)],

@@ -19,13 +19,14 @@ class MigrationStats:
     pages_skipped_free: int = 0   # dirty pages not sent because the guest's bitmap said free
     pages_resent: int = 0         # pages sent (P or Z) more than once: dirtied again during rounds
     pages_remaining: int = 0      # dirty pages still to send, as of the last sync
-    active_at_pause: int = -1     # pages the bitmap showed active when the vCPU was paused
     bytes_wire: int = 0           # every byte written to the socket
     setup_ms: float = 0.0
     total_ms: float = 0.0
     downtime_ms: float = 0.0
     throughput_mbps: float = 0.0  # MiB/s of wire bytes over the whole migration
     dirty_rate_pps: float = 0.0   # pages/s the guest dirtied, as of the last round
+    # where the downtime went: pause, final sync, final pages, state, destination's reply
+    downtime_parts_ms: dict = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 
     @property

@@ -54,6 +54,7 @@ class Kvm:
             os.close(self.fd)
             raise KvmUnavailable(f"{path} lacks {', '.join(missing)}")
         self._cpuid = None
+        self._msrs = None
 
     def check(self, cap: str | int) -> int:
         """KVM_CHECK_EXTENSION by name or number."""
@@ -90,6 +91,14 @@ class Kvm:
         msrs = ffi.new("struct kvm_msr_list *", {"nmsrs": n, "indices": n})
         kvm_call("KVM_GET_MSR_INDEX_LIST", kvm.KVM_GET_MSR_INDEX_LIST, self.fd, msrs)
         return [msrs.indices[i] for i in range(msrs.nmsrs)]
+
+    def migratable_msrs(self) -> list[int]:
+        """The MSRs kvmlite migrates (kvmlite.msr.MIGRATED) that this KVM can save."""
+        if self._msrs is None:
+            from ..msr import MIGRATED
+            available = set(self.msr_index_list())
+            self._msrs = [m for m in MIGRATED if m in available]
+        return self._msrs
 
     def close(self) -> None:
         if self.fd >= 0:
