@@ -33,7 +33,8 @@ class GuestMemory:
         except OSError as e:
             raise KvmliteError(f"cannot reserve {size >> 20} MiB of guest memory: {e.strerror}") from None
         self.view = memoryview(self._map)
-        self.host_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self._map)))
+        self._cbuf = ffi.from_buffer(self._map)
+        self.host_addr = int(ffi.cast("uintptr_t", self._cbuf))
         self._ptr = ffi.cast("char *", self.host_addr)
         if prefault:
             self.prefault()
@@ -97,5 +98,10 @@ class GuestMemory:
         return (vec & 1).view(bool)
 
     def close(self) -> None:
+        """Unmap now if nothing else holds a view of guest memory; else when the last view goes."""
+        ffi.release(self._cbuf)
         self.view.release()
-        self._map.close()
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # e.g. a finished migration's numpy view of the bitmap
