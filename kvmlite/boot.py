@@ -82,6 +82,9 @@ def build_page_tables(ram_size: int) -> bytes:
     """Identity map of [0, ram_size) with 2 MiB pages; every entry P|RW|U/S."""
     if ram_size > MAX_RAM:
         raise ConfigError(f"RAM above {MAX_RAM >> 30} GiB is not supported by the boot protocol")
+    if ram_size % MIB2:
+        # A 2 MiB page would map past the end of RAM (docs/boot.md: nothing beyond RAM is mapped).
+        raise ConfigError(f"RAM of {ram_size} bytes is not a multiple of 2 MiB")
     npds = (ram_size + GIB - 1) // GIB
     tables = np.zeros((2 + npds, 512), dtype=np.uint64)
     flags = PTE_P | PTE_RW | PTE_US

@@ -11,13 +11,14 @@ MAX_MEMORY_HELP = "64G"
 
 
 def _memory(args, default: str = "256M") -> int:
-    from .boot import MAX_RAM
+    from .boot import MAX_RAM, MIB2
     from .cli import MIN_MEMORY
     size = parse_size(args.memory or default)
-    if size % 4096:
-        raise ConfigError(f"--memory {args.memory}: must be a multiple of 4 KiB")
     if size < MIN_MEMORY:
         raise ConfigError(f"--memory {args.memory}: at least {MIN_MEMORY >> 20} MiB is needed")
+    if size % MIB2:
+        raise ConfigError(f"--memory {args.memory}: must be a multiple of 2 MiB "
+                          "(the boot page tables map RAM in 2 MiB pages)")
     if size > MAX_RAM:
         raise ConfigError(f"--memory {args.memory}: at most {MAX_RAM >> 30} GiB is supported")
     return size

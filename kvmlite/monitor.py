@@ -122,7 +122,7 @@ class Monitor:
                 raise CommandError("arguments must be an object")
             try:
                 result = fn(**args)
-            except TypeError as e:
+            except (TypeError, ValueError, OverflowError) as e:
                 raise CommandError(f"bad arguments for {name}: {e}") from None
             resp = {"return": result if result is not None else {}}
         except CommandError as e:

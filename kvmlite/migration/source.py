@@ -34,7 +34,7 @@ def parse_tcp_uri(uri: str) -> tuple[str, int]:
     if not uri.startswith("tcp:"):
         raise MigrationError(f"{uri!r}: only tcp:HOST:PORT is supported")
     host, _, port = uri[4:].rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise MigrationError(f"{uri!r}: expected tcp:HOST:PORT")
     return host.strip("[]"), int(port)
 

@@ -34,6 +34,9 @@ def _map(value, path: str, keys) -> dict:
     missing = [k for k in keys if k not in value]
     if missing:
         _fail(path, f"missing {', '.join(map(str, missing))}")
+    extra = [k for k in value if k not in keys]
+    if extra:
+        _fail(path, f"unknown {', '.join(sorted(map(str, extra)))}")
     return value
 
 
@@ -91,10 +94,7 @@ def validate_state(state, vcpus: int, devices: dict) -> dict:
         _fail("state.vcpus", f"expected {vcpus} vCPU(s) as the header says")
     for i, v in enumerate(state["vcpus"]):
         validate_vcpu(v, f"state.vcpus[{i}]")
-    devs = _map(state["devices"], "state.devices", tuple(devices))
-    extra = set(devs) - set(devices)
-    if extra:
-        _fail("state.devices", f"unknown devices {sorted(map(str, extra))}")
+    _map(state["devices"], "state.devices", tuple(devices))
     return state
 
 

@@ -142,7 +142,7 @@ def test_bad_memory_sizes_give_one_clear_line(tmp_path):
     (tmp_path / "g.bin").write_bytes(b"\xf4")
     _one_line_error(kvmlite("run", str(tmp_path / "g.bin"), "--memory", "lots"), "--memory")
     _one_line_error(kvmlite("run", str(tmp_path / "g.bin"), "--memory", "1M"), "at least")
-    _one_line_error(kvmlite("run", str(tmp_path / "g.bin"), "--memory", "100000"), "4 KiB")
+    _one_line_error(kvmlite("run", str(tmp_path / "g.bin"), "--memory", "100000"), "2 MiB")
     _one_line_error(kvmlite("run", str(tmp_path / "g.bin"), "--memory", "128G"), "at most")
 
 

@@ -1,0 +1,460 @@
+"""Migration helpers, the STATE record's validation, and the monitor's request handling.
+
+The state dicts are built by hand in the shapes Vcpu.save_state and the
+devices' save_state produce; the monitor runs against a fake machine.  No /dev/kvm.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmlite import msr
+from kvmlite.devices import DebugCon, ExitDevice, FreePageHint, Uart16550
+from kvmlite.errors import MigrationError, StreamError
+from kvmlite.kvm import ffi
+from kvmlite.migration.source import bits_to_bool, page_runs, parse_tcp_uri, runs_of
+from kvmlite.migration.state import restore_devices, validate_state
+from kvmlite.vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
+
+# ---- runs_of / bits_to_bool -----------------------------------------------------------------
+
+
+def naive_runs(mask):
+    runs, start = [], None
+    for i, v in enumerate(list(mask) + [False]):
+        if v and start is None:
+            start = i
+        elif not v and start is not None:
+            runs.append((start, i - start))
+            start = None
+    return runs
+
+
+@pytest.mark.parametrize("mask,runs", [
+    ([], []), ([False] * 5, []), ([True], [(0, 1)]), ([True] * 4, [(0, 4)]),
+    ([False, True, True, False, True], [(1, 2), (4, 1)]),
+    ([True, False, False, True, True], [(0, 1), (3, 2)]),
+])
+def test_runs_of_examples(mask, runs):
+    """runs_of gives (start, length) of each run of True, including runs at both ends."""
+    starts, lengths = runs_of(np.array(mask, dtype=bool))
+    assert list(zip(starts.tolist(), lengths.tolist())) == runs
+
+
+@given(st.lists(st.booleans(), max_size=300))
+@settings(max_examples=200, deadline=None)
+def test_runs_of_matches_naive_scan(mask):
+    """runs_of agrees with a plain Python scan on any boolean array."""
+    starts, lengths = runs_of(np.array(mask, dtype=bool))
+    assert list(zip(starts.tolist(), lengths.tolist())) == naive_runs(mask)
+
+
+@given(st.binary(min_size=0, max_size=64).map(lambda b: b + bytes(-len(b) % 8)), st.data())
+@settings(max_examples=100, deadline=None)
+def test_bits_to_bool_follows_abi_bit_order(raw, data):
+    """Bit i is bit i % 8 of byte i // 8 (docs/abi.md), cut to npages."""
+    npages = data.draw(st.integers(0, 8 * len(raw)))
+    got = bits_to_bool(np.frombuffer(raw, dtype="<u8"), npages)
+    assert got.dtype == bool
+    assert got.tolist() == [bool(raw[i // 8] >> (i % 8) & 1) for i in range(npages)]
+
+
+@given(st.lists(st.sampled_from([0, 1, 0xFFFFFFFFFFFFFFFF, 1 << 63, 0x8000000000000001])
+                | st.integers(0, (1 << 64) - 1), max_size=12))
+@settings(max_examples=200, deadline=None)
+def test_page_runs_matches_runs_of_unpacked_bitmap(words):
+    """page_runs on uint64 words gives the same (first page, length) runs as unpacking every bit,
+    including runs that cross word boundaries."""
+    w = np.array(words, dtype=np.uint64)
+    starts, lengths = page_runs(w)
+    expected = naive_runs(bits_to_bool(w, 64 * len(words)).tolist())
+    assert list(zip(starts.tolist(), lengths.tolist())) == expected
+
+
+# ---- parse_tcp_uri ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("uri,parsed", [
+    ("tcp:127.0.0.1:4444", ("127.0.0.1", 4444)),
+    ("tcp:localhost:1", ("localhost", 1)),
+    ("tcp:[::1]:65535", ("::1", 65535)),
+    ("tcp:dest.example:80", ("dest.example", 80)),
+])
+def test_parse_tcp_uri_good(uri, parsed):
+    """tcp:HOST:PORT (IPv6 in brackets) gives (host, port)."""
+    assert parse_tcp_uri(uri) == parsed
+
+
+@pytest.mark.parametrize("uri", [
+    "udp:h:1", "h:1", "tcp:", "tcp:host", "tcp::80", "tcp:host:", "tcp:host:0", "tcp:host:65536",
+    "tcp:host:-1", "tcp:host:http", "tcp:host:8 0", "tcp:host:²", "tcp:host:٣", "unix:/tmp/x",
+])
+def test_parse_tcp_uri_bad(uri):
+    """Anything but tcp:HOST:PORT with an ASCII port in 1..65535 raises MigrationError quoting the URI."""
+    with pytest.raises(MigrationError) as e:
+        parse_tcp_uri(uri)
+    assert repr(uri) in str(e.value)
+
+
+@given(st.text(max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_parse_tcp_uri_never_raises_anything_else(uri):
+    """On any string parse_tcp_uri returns a valid (host, port) or raises MigrationError."""
+    try:
+        host, port = parse_tcp_uri(uri)
+    except MigrationError:
+        return
+    assert host and 0 < port < 65536 and uri.startswith("tcp:")
+
+
+# ---- validate_state ---------------------------------------------------------------------------
+
+class FakeMemory:
+    size = 16 << 20
+    npages = size >> 12
+
+
+def make_devices() -> dict:
+    class Out:
+        def write_byte(self, b):
+            pass
+    return {"uart": Uart16550(Out()), "debugcon": DebugCon(Out()), "exit": ExitDevice(),
+            "fph": FreePageHint(FakeMemory())}
+
+
+def make_vcpu_state() -> dict:
+    """One vCPU as Vcpu.save_state would produce it right after boot."""
+    seg = {f: 0 for f in SEG_FIELDS}
+    sregs = {n: 0 for n in CR_NAMES}
+    sregs.update({s: dict(seg, selector=0x10 if s != "cs" else 0x08, limit=0xFFFFFFFF, present=1)
+                  for s in SEG_NAMES})
+    sregs["cr0"], sregs["cr3"], sregs["efer"] = 0x80050033, 0x10000, 0x501
+    sregs["gdt"] = {"base": 0x3000, "limit": 23}
+    sregs["idt"] = {"base": 0, "limit": 0}
+    sregs["interrupt_bitmap"] = [0, 0, 0, 0]
+    regs = {n: 0 for n in REG_NAMES}
+    regs.update(rip=0x100000, rsp=0x80000, rflags=2, rdi=0x1000, rsi=0x4B564D4C)
+    return {
+        "regs": regs, "sregs": sregs,
+        "fpu": bytes(ffi.sizeof("struct kvm_fpu")),
+        "xsave": bytes(ffi.sizeof("struct kvm_xsave")),
+        "events": bytes(ffi.sizeof("struct kvm_vcpu_events")),
+        "xcrs": [[0, 7]],
+        "msrs": [[index, 0] for index in msr.MIGRATED],
+    }
+
+
+def make_state() -> dict:
+    return {"version": 1, "vcpus": [make_vcpu_state()],
+            "devices": {name: dev.save_state() for name, dev in make_devices().items()}}
+
+
+def test_valid_state_accepted_and_restores_devices():
+    """A state in exactly the shape save_state produces passes validation and restores into fresh devices."""
+    state = make_state()
+    assert len(state["vcpus"][0]["regs"]) == 18 and len(state["vcpus"][0]["sregs"]["interrupt_bitmap"]) == 4
+    devices = make_devices()
+    assert validate_state(copy.deepcopy(state), 1, devices) == state
+    restore_devices(state, devices)
+
+
+def _set(path, value):
+    def mutate(s):
+        *parents, last = path
+        node = s
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return mutate
+
+
+def _del(path):
+    def mutate(s):
+        *parents, last = path
+        node = s
+        for p in parents:
+            node = node[p]
+        del node[last]
+    return mutate
+
+
+V = ("vcpus", 0)
+HOSTILE = [
+    ("version 2", _set(("version",), 2), "state.version"),
+    ("version string", _set(("version",), "1"), "state.version"),
+    ("missing devices", _del(("devices",)), "state"),
+    ("missing vcpus", _del(("vcpus",)), "state"),
+    ("vcpus not a list", _set(("vcpus",), {"0": {}}), "state.vcpus"),
+    ("two vcpus", lambda s: s["vcpus"].append(copy.deepcopy(s["vcpus"][0])), "state.vcpus"),
+    ("no vcpus", _set(("vcpus",), []), "state.vcpus"),
+    ("vcpu not a map", _set(V, [1, 2]), "state.vcpus[0]"),
+    ("missing regs.rip", _del(V + ("regs", "rip")), "state.vcpus[0].regs"),
+    ("negative register", _set(V + ("regs", "rax"), -1), "state.vcpus[0].regs.rax"),
+    ("register 2^64", _set(V + ("regs", "rax"), 1 << 64), "state.vcpus[0].regs.rax"),
+    ("register bool", _set(V + ("regs", "rip"), True), "state.vcpus[0].regs.rip"),
+    ("register float", _set(V + ("regs", "rsp"), 1.0), "state.vcpus[0].regs.rsp"),
+    ("register string", _set(V + ("regs", "rflags"), "2"), "state.vcpus[0].regs.rflags"),
+    ("unknown register", _set(V + ("regs", "xmm0"), 0), "state.vcpus[0].regs"),
+    ("missing cr3", _del(V + ("sregs", "cr3")), "state.vcpus[0].sregs"),
+    ("huge cr0", _set(V + ("sregs", "cr0"), 1 << 64), "state.vcpus[0].sregs.cr0"),
+    ("segment not a map", _set(V + ("sregs", "cs"), 8), "state.vcpus[0].sregs.cs"),
+    ("segment missing field", _del(V + ("sregs", "ss", "dpl")), "state.vcpus[0].sregs.ss"),
+    ("unknown segment field", _set(V + ("sregs", "cs", "dirty"), 1), "state.vcpus[0].sregs.cs"),
+    ("unknown vcpu key", _set(V + ("lapic",), b""), "state.vcpus[0]"),
+    ("selector 2^16", _set(V + ("sregs", "ds", "selector"), 1 << 16), "state.vcpus[0].sregs.ds.selector"),
+    ("segment limit 2^32", _set(V + ("sregs", "cs", "limit"), 1 << 32), "state.vcpus[0].sregs.cs.limit"),
+    ("segment type 256", _set(V + ("sregs", "tr", "type"), 256), "state.vcpus[0].sregs.tr.type"),
+    ("gdt limit 2^16", _set(V + ("sregs", "gdt", "limit"), 1 << 16), "state.vcpus[0].sregs.gdt.limit"),
+    ("idt missing base", _del(V + ("sregs", "idt", "base")), "state.vcpus[0].sregs.idt"),
+    ("interrupt bitmap 3 words", _set(V + ("sregs", "interrupt_bitmap"), [0, 0, 0]),
+     "state.vcpus[0].sregs.interrupt_bitmap"),
+    ("interrupt bitmap word negative", _set(V + ("sregs", "interrupt_bitmap"), [0, -1, 0, 0]),
+     "state.vcpus[0].sregs.interrupt_bitmap[1]"),
+    ("fpu one byte short", lambda s: s["vcpus"][0].update(fpu=s["vcpus"][0]["fpu"][:-1]),
+     "state.vcpus[0].fpu"),
+    ("xsave one byte long", lambda s: s["vcpus"][0].update(xsave=s["vcpus"][0]["xsave"] + b"\0"),
+     "state.vcpus[0].xsave"),
+    ("events empty", _set(V + ("events",), b""), "state.vcpus[0].events"),
+    ("events as str", lambda s: s["vcpus"][0].update(events="\0" * len(s["vcpus"][0]["events"])),
+     "state.vcpus[0].events"),
+    ("missing xsave", _del(V + ("xsave",)), "state.vcpus[0]"),
+    ("unknown MSR (EFER)", _set(V + ("msrs",), [[0xC0000080, 0]]), "state.vcpus[0].msrs[0]"),
+    ("MSR index 2^32", _set(V + ("msrs",), [[1 << 32, 0]]), "state.vcpus[0].msrs[0][0]"),
+    ("too many MSRs", lambda s: s["vcpus"][0]["msrs"].append([msr.IA32_TSC, 0]), "state.vcpus[0].msrs"),
+    ("MSR triple", _set(V + ("msrs",), [[msr.IA32_PAT, 0, 0]]), "state.vcpus[0].msrs[0]"),
+    ("msrs not a list", _set(V + ("msrs",), {msr.IA32_PAT: 0}), "state.vcpus[0].msrs"),
+    ("too many xcrs", _set(V + ("xcrs",), [[0, 7]] * 17), "state.vcpus[0].xcrs"),
+    ("xcr value negative", _set(V + ("xcrs",), [[0, -7]]), "state.vcpus[0].xcrs[0][1]"),
+    ("unknown device", _set(("devices", "virtio-net"), {}), "state.devices"),
+    ("missing device", _del(("devices", "fph")), "state.devices"),
+    ("devices not a map", _set(("devices",), []), "state.devices"),
+]
+
+
+@pytest.mark.parametrize("case,mutate,where", HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_state_refused(case, mutate, where):
+    """Each malformed state raises StreamError naming where in the state it is wrong."""
+    state = make_state()
+    mutate(state)
+    with pytest.raises(StreamError) as e:
+        validate_state(state, 1, make_devices())
+    assert f"bad state at {where}:" in str(e.value)
+
+
+@pytest.mark.parametrize("state", [None, [], "state", 1, b"\x00"])
+def test_non_map_state_refused(state):
+    """A STATE that is not a map raises StreamError."""
+    with pytest.raises(StreamError, match="expected a map"):
+        validate_state(state, 1, make_devices())
+
+
+def test_header_vcpu_count_must_match():
+    """A state with one vCPU is refused when the stream header announced two."""
+    with pytest.raises(StreamError, match="2 vCPU"):
+        validate_state(make_state(), 2, make_devices())
+
+
+@pytest.mark.parametrize("device,bad", [
+    ("uart", {"ier": 0}),
+    ("uart", dict(Uart16550(None).save_state(), rx=5)),
+    ("uart", dict(Uart16550(None).save_state(), lcr="x")),
+    ("fph", None),
+    ("fph", {"region_lo": 0, "region_hi": 0, "status": 1, "host_events": 0,
+             "registration": {"region_gpa": 0x1000, "base_gpa": 0, "npages": 1 << 40,
+                              "bitmap_gpa": 0x2000}}),
+    ("fph", {"region_lo": 0, "region_hi": 0, "status": 1, "host_events": 0,
+             "registration": {"region_gpa": 0x1000}}),
+])
+def test_restore_devices_turns_bad_device_state_into_stream_error(device, bad):
+    """A device state that restore_state cannot take (wrong type, missing field, FPH past RAM) is a StreamError."""
+    state = make_state()
+    state["devices"][device] = bad
+    with pytest.raises(StreamError, match=f"state.devices.{device}"):
+        restore_devices(state, make_devices())
+
+
+# ---- the monitor ----------------------------------------------------------------------------
+
+class FakeFph:
+    registration = None
+
+    def __init__(self):
+        self.stop_requested = False
+
+    def request_stop(self):
+        self.stop_requested = True
+
+
+class FakeMachine:
+    def __init__(self):
+        self.running = True
+        self.paused = False
+        self.exits = 0
+        self.memory = FakeMemory()
+        self.fph = FakeFph()
+        self.calls = []
+
+    def pause(self):
+        self.calls.append("pause")
+        self.paused = True
+
+    def resume(self):
+        self.calls.append("resume")
+        self.paused = False
+
+    def quit(self, result):
+        self.calls.append(("quit", result.reason, result.status))
+
+
+@pytest.fixture
+def machine():
+    return FakeMachine()
+
+
+@pytest.fixture
+def monitor(machine, tmp_path):
+    from kvmlite.monitor import Monitor
+    m = Monitor(machine, f"unix:{tmp_path}/mon.sock")
+    yield m
+    m.stop()
+
+
+def ask(monitor, obj) -> dict:
+    line = obj if isinstance(obj, bytes) else json.dumps(obj).encode() + b"\n"
+    resp = monitor.handle_line(line)
+    json.dumps(resp)        # always serialisable
+    return resp
+
+
+def test_monitor_binds_its_socket(monitor, tmp_path):
+    """The monitor listens on the UNIX socket path given (unix: prefix stripped) and removes it on stop()."""
+    import os
+    import stat
+    path = tmp_path / "mon.sock"
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+    monitor.stop()
+    assert not path.exists()
+
+
+def test_query_status_running(monitor, machine):
+    """query-status returns status 'running' with the exit count."""
+    machine.exits = 17
+    assert ask(monitor, {"execute": "query-status"}) == {
+        "return": {"status": "running", "running": True, "exits": 17}}
+
+
+def test_query_status_paused_and_shutdown(monitor, machine):
+    """query-status says 'paused' after stop and 'shutdown' once the guest ended."""
+    assert ask(monitor, {"execute": "stop"}) == {"return": {}}
+    assert machine.calls == ["pause"]
+    assert ask(monitor, {"execute": "query-status"})["return"]["status"] == "paused"
+    assert ask(monitor, {"execute": "cont"}) == {"return": {}}
+    machine.running = False
+    assert ask(monitor, {"execute": "query-status"})["return"]["status"] == "shutdown"
+    assert ask(monitor, {"execute": "stop"})["error"]["desc"] == "the guest is not running"
+
+
+def test_id_echoed(monitor):
+    """The request's id is echoed on success and on error."""
+    assert ask(monitor, {"execute": "query-status", "id": 42})["id"] == 42
+    assert ask(monitor, {"execute": "nope", "id": "abc"})["id"] == "abc"
+    assert "id" not in ask(monitor, {"execute": "query-status"})
+
+
+@pytest.mark.parametrize("line", [b"not json\n", b"{\"execute\": \n", b"\xff\xfe\n", b"[1, 2]\n",
+                                  b"\"query-status\"\n", b"null\n"])
+def test_bad_lines_get_error_object(monitor, line):
+    """A line that is not a JSON object gets {"error": {"class": "GenericError", ...}} back, no exception."""
+    resp = ask(monitor, line)
+    assert set(resp) == {"error"} and resp["error"]["class"] == "GenericError" and resp["error"]["desc"]
+
+
+def test_unknown_command(monitor):
+    """An unknown command gets class CommandNotFound and is named in the description."""
+    resp = ask(monitor, {"execute": "rm-rf"})
+    assert resp["error"]["class"] == "CommandNotFound" and "rm-rf" in resp["error"]["desc"]
+
+
+@pytest.mark.parametrize("req", [{}, {"exec": "query-status"}, {"execute": 5}, {"execute": None}])
+def test_missing_execute(monitor, req):
+    """A request without a string "execute" gets an error explaining the expected shape."""
+    resp = ask(monitor, req)
+    assert resp["error"]["class"] == "GenericError" and '"execute"' in resp["error"]["desc"]
+
+
+@pytest.mark.parametrize("req", [
+    {"execute": "query-status", "arguments": {"verbose": True}},
+    {"execute": "query-status", "arguments": [1]},
+    {"execute": "migrate", "arguments": {}},
+    {"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1", "downtime-ms": "fast"}},
+    {"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1", "max-rounds": "many"}},
+    {"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1", "max-rounds": 1e999}},
+    {"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1", "bandwidth": "lots"}},
+    {"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1", "speed": 1}},
+    {"execute": "migrate", "arguments": {"uri": "ftp://x"}},
+    {"execute": "migrate", "arguments": {"uri": "tcp:host:²"}},
+])
+def test_bad_arguments_get_error_object(monitor, req):
+    """Wrong, unknown or malformed arguments give an error response, never an exception or a started migration."""
+    resp = ask(monitor, req)
+    assert resp["error"]["class"] == "GenericError" and resp["error"]["desc"]
+    assert monitor.migration is None
+
+
+def test_long_line_refused(monitor):
+    """A request longer than MAX_LINE gets an error without being parsed."""
+    from kvmlite.monitor import MAX_LINE
+    resp = ask(monitor, b'{"execute": "query-status", "pad": "' + b"x" * MAX_LINE + b'"}\n')
+    assert "longer than" in resp["error"]["desc"]
+
+
+def test_other_commands(monitor, machine):
+    """query-commands, query-migrate, query-free-pages, guest-finish and quit answer as documented."""
+    cmds = ask(monitor, {"execute": "query-commands"})["return"]["commands"]
+    assert {"query-status", "stop", "cont", "migrate", "quit"} <= set(cmds)
+    assert ask(monitor, {"execute": "query-migrate"}) == {"return": {"status": "none"}}
+    assert ask(monitor, {"execute": "query-free-pages"}) == {
+        "return": {"pages_total": FakeMemory.npages, "registered": False}}
+    assert ask(monitor, {"execute": "guest-finish"}) == {"return": {}}
+    assert machine.fph.stop_requested
+    assert ask(monitor, {"execute": "quit"}) == {"return": {}}
+    assert machine.calls[-1] == ("quit", "quit", 0)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                    | st.text(max_size=8),
+                    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids,
+                                                                               max_size=3),
+                    max_leaves=8)
+SAFE_COMMANDS = st.sampled_from(["query-status", "query-migrate", "query-free-pages", "query-commands",
+                                 "cont", "stop", "guest-finish", "migrate-cancel", "bogus", ""])
+
+
+@pytest.fixture(scope="module")
+def shared_monitor(tmp_path_factory):
+    from kvmlite.monitor import Monitor
+    m = Monitor(FakeMachine(), str(tmp_path_factory.mktemp("mon") / "m.sock"))
+    yield m
+    m.stop()
+
+
+@given(line=st.one_of(
+    st.binary(max_size=64),
+    JSON.map(lambda v: json.dumps(v).encode()),
+    st.fixed_dictionaries({"execute": SAFE_COMMANDS}, optional={"arguments": JSON, "id": JSON})
+      .map(lambda v: json.dumps(v).encode()),
+))
+@settings(max_examples=300, deadline=None)
+def test_handle_line_never_raises(shared_monitor, line):
+    """Any line gets exactly one of {"return": ...} or {"error": {"class", "desc"}}, never an exception."""
+    shared_monitor.machine = FakeMachine()
+    resp = shared_monitor.handle_line(line)
+    assert ("return" in resp) != ("error" in resp)
+    if "error" in resp:
+        assert set(resp["error"]) == {"class", "desc"}
+    json.dumps(resp)

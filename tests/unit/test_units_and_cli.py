@@ -1,0 +1,187 @@
+"""Sizes and addresses on the command line, and `kvmlite run`'s errors before any VM exists.
+
+Every CLI test replaces kvmlite.machine.Machine with a tripwire and guards
+os.open, so a check that moved after the point where /dev/kvm is opened fails
+here instead of touching KVM.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kvmlite import cli
+from kvmlite.errors import ConfigError
+from kvmlite.units import human_bytes, parse_addr, parse_size
+
+
+@pytest.fixture(autouse=True)
+def no_dev_kvm(monkeypatch):
+    """Fail any test that tries to open /dev/kvm or build a Machine."""
+    real_open = os.open
+
+    def guarded(path, *args, **kwargs):
+        assert os.path.realpath(os.fsdecode(path)) != "/dev/kvm", "unit test opened /dev/kvm"
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", guarded)
+
+    import kvmlite.machine
+
+    class Tripwire:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("kvmlite would create a Machine (open /dev/kvm) here")
+    monkeypatch.setattr(kvmlite.machine, "Machine", Tripwire)
+
+
+# ---- parse_size / parse_addr ------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,value", [
+    ("256M", 256 << 20), ("1G", 1 << 30), ("1GiB", 1 << 30), ("1gib", 1 << 30), ("4096", 4096),
+    ("64K", 64 << 10), ("2T", 2 << 40), ("512MB", 512 << 20), (" 8M ", 8 << 20), ("0", 0),
+    ("3 G", 3 << 30), (4096, 4096),
+])
+def test_parse_size_accepts(text, value):
+    """Sizes with an optional K/M/G/T suffix (binary units, 'iB'/'B' optional, any case) parse to bytes."""
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["banana", "", "M", "-1M", "1.5G", "1X", "1 MiBs", "0x100", "1e9",
+                                  "1KM", "G1"])
+def test_parse_size_refuses_with_option_named(text):
+    """A malformed size raises ConfigError naming the option and the bad value."""
+    with pytest.raises(ConfigError) as e:
+        parse_size(text, "--memory")
+    assert str(e.value).startswith("--memory ") and repr(text) in str(e.value)
+    with pytest.raises(ConfigError, match="^--bandwidth "):
+        parse_size(text, "--bandwidth")
+
+
+@pytest.mark.parametrize("text,value", [("0x100000", 0x100000), ("1048576", 1 << 20), ("0o10", 8),
+                                        ("0", 0)])
+def test_parse_addr_accepts(text, value):
+    """Addresses in decimal or with a 0x/0o prefix parse to integers."""
+    assert parse_addr(text, "--load") == value
+
+
+@pytest.mark.parametrize("text", ["zz", "", "0x", "1M", "-0x10", "-1"])
+def test_parse_addr_refuses_with_option_named(text):
+    """Malformed or negative addresses raise ConfigError naming the option."""
+    with pytest.raises(ConfigError, match="^--entry "):
+        parse_addr(text, "--entry")
+
+
+def test_human_bytes():
+    """human_bytes prints bytes exactly and larger sizes in binary units with one decimal."""
+    assert human_bytes(512) == "512 B"
+    assert human_bytes(1536) == "1.5 KiB"
+    assert human_bytes(256 << 20) == "256.0 MiB"
+    assert human_bytes(3 << 40) == "3.0 TiB"
+
+
+# ---- kvmlite run: errors --------------------------------------------------------------------
+
+@pytest.fixture
+def image(tmp_path):
+    """A non-empty flat guest image (never run)."""
+    p = tmp_path / "guest.bin"
+    p.write_bytes(b"\xf4")          # HLT
+    return str(p)
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return status, captured.err
+
+
+def assert_one_line_error(err: str, *needles: str) -> None:
+    assert "Traceback" not in err
+    assert err.endswith("\n") and err.count("\n") == 1, f"expected one line, got {err!r}"
+    assert err.startswith("kvmlite: error: ")
+    for n in needles:
+        assert n in err, f"{n!r} not in {err!r}"
+
+
+def test_missing_image_is_one_line_error(capsys, tmp_path):
+    """`kvmlite run missing.bin` exits 1 with one 'kvmlite: error: ...: no such file' line, before /dev/kvm."""
+    missing = str(tmp_path / "nope" / "guest.bin")
+    status, err = run_cli(capsys, "run", missing)
+    assert status == 1
+    assert_one_line_error(err, missing, ": no such file")
+
+
+def test_image_is_directory(capsys, tmp_path):
+    """A directory given as the image is reported as such."""
+    status, err = run_cli(capsys, "run", str(tmp_path))
+    assert status == 1
+    assert_one_line_error(err, "is a directory")
+
+
+def test_empty_image(capsys, tmp_path):
+    """An empty image file is reported as empty."""
+    p = tmp_path / "empty.bin"
+    p.write_bytes(b"")
+    status, err = run_cli(capsys, "run", str(p))
+    assert status == 1
+    assert_one_line_error(err, "empty")
+
+
+@pytest.mark.parametrize("memory,needle", [
+    ("banana", "--memory 'banana': expected a size like 256M"),
+    ("1M", "at least 2 MiB"),
+    ("0", "at least 2 MiB"),
+    ("100G", "at most 64 GiB"),
+    ("4097K", "multiple of 2 MiB"),
+    ("3000000", "multiple of 2 MiB"),
+])
+def test_bad_memory_is_one_line_error(capsys, image, memory, needle):
+    """A bad --memory exits 1 with one clear line naming the option, before /dev/kvm is opened."""
+    status, err = run_cli(capsys, "run", "--memory", memory, image)
+    assert status == 1
+    assert_one_line_error(err, needle)
+
+
+def test_bad_memory_reported_even_when_image_is_missing(capsys, tmp_path):
+    """With both a bad --memory and a missing image, the run still fails cleanly with one line."""
+    status, err = run_cli(capsys, "run", "-m", "banana", str(tmp_path / "missing.bin"))
+    assert status == 1
+    assert_one_line_error(err)
+
+
+@pytest.mark.parametrize("opt", ["--load", "--entry"])
+def test_bad_address_is_one_line_error(capsys, image, opt):
+    """A malformed --load or --entry exits 1 with one line naming the option."""
+    status, err = run_cli(capsys, "run", opt, "nowhere", image)
+    assert status == 1
+    assert_one_line_error(err, f"{opt} 'nowhere'")
+
+
+def test_no_image_given(capsys):
+    """`kvmlite run` without an image or --incoming exits 1 and says what to give."""
+    status, err = run_cli(capsys, "run")
+    assert status == 1
+    assert_one_line_error(err, "no guest image given")
+
+
+def test_image_and_incoming_together(capsys, image):
+    """An image together with --incoming is refused."""
+    status, err = run_cli(capsys, "run", "--incoming", "tcp:127.0.0.1:1", image)
+    assert status == 1
+    assert_one_line_error(err, "either an image or --incoming")
+
+
+def test_valid_arguments_reach_the_machine(image):
+    """With a good image and --memory the next step is creating the Machine (the tripwire proves the order)."""
+    with pytest.raises(AssertionError, match="create a Machine"):
+        cli.main(["run", "--memory", "4M", image])
+
+
+def test_unknown_subcommand_is_usage_error(capsys):
+    """argparse errors exit with status 2 and a usage line, not a traceback."""
+    with pytest.raises(SystemExit) as e:
+        cli.main(["fly"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: kvmlite" in err and "Traceback" not in err
