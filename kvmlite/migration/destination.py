@@ -10,6 +10,7 @@ never runs.
 
 from __future__ import annotations
 
+import gc
 import socket
 import sys
 import time
@@ -19,7 +20,7 @@ import numpy as np
 from ..errors import KvmliteError, StreamError
 from ..vstate.memory import PAGE_SHIFT
 from . import wire
-from .source import parse_tcp_uri
+from .source import SOCKET_BUFFER, parse_tcp_uri
 from .state import restore_devices, validate_state
 
 RECV_TIMEOUT = 30.0
@@ -32,7 +33,13 @@ def _log(msg: str) -> None:
 def listen(uri: str) -> socket.socket:
     host, port = parse_tcp_uri(uri)
     try:
-        srv = socket.create_server((host, port), reuse_port=False)
+        srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # set before listen(): an accepted socket inherits it, and TCP picks
+        # its window scale at the handshake
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        srv.bind((host, port))
+        srv.listen(1)
     except OSError as e:
         raise KvmliteError(f"cannot listen on {uri}: {e.strerror}") from None
     return srv
@@ -57,6 +64,7 @@ def run_incoming(args) -> int:
         conn.settimeout(RECV_TIMEOUT)
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         t0 = time.perf_counter()
+        gc.disable()   # no collection pauses while the source waits for "running"
         try:
             machine, stats = receive(conn, machine, args)
         except KvmliteError as e:
@@ -64,6 +72,7 @@ def run_incoming(args) -> int:
             raise KvmliteError(f"incoming migration from {peer[0]}:{peer[1]} failed: {e}; "
                                "the guest was not started") from None
         conn.sendall(wire.encode_reply({"status": "running"}))
+        gc.enable()
         _log(f"migration received: {stats['pages']} pages with data, {stats['zero_pages']} zero, "
              f"{stats['bytes']} bytes in {(time.perf_counter() - t0) * 1000:.0f} ms; guest resumed")
     finally:
