@@ -57,7 +57,7 @@ NORETURN static void bad_cmdline(const char *what, const char *tok, size_t n)
     console_write(tok, n);
     print("'\n");
     print("guest: usage: workload=hello|churn|fill|fault|triple"
-          " [pages=N rounds=R free=PCT seed=S] [live=PCT stale=PCT dirty=PAGES_PER_SEC seconds=N]\n");
+          " [pages=N rounds=R free=PCT seed=S] [live=PCT|live_pages=N stale=PCT dirty=PAGES_PER_SEC seconds=N]\n");
     guest_exit(EXIT_BAD_CMDLINE);
 }
 
@@ -79,6 +79,7 @@ static const struct {
     { "free",    &g_cfg.free_pct,  0, 100 },
     { "seed",    &g_cfg.seed,      0, ~0ULL },
     { "live",    &g_cfg.live_pct,  0, 100 },
+    { "live_pages", &g_cfg.live_pages, 0, 0xffffffffULL },
     { "stale",   &g_cfg.stale_pct, 0, 100 },
     { "dirty",   &g_cfg.dirty,     0, 1000000000ULL },
     { "seconds", &g_cfg.seconds,   0, 100000000ULL },
@@ -134,7 +135,7 @@ static void parse_cmdline(const char *s, size_t len)
         }
         *num_keys[k].val = v;
     }
-    if (g_cfg.live_pct + g_cfg.stale_pct > 100) {
+    if (!g_cfg.live_pages && g_cfg.live_pct + g_cfg.stale_pct > 100) {
         print("guest: bad command line: live=%lu + stale=%lu exceeds 100%%\n",
               (unsigned long)g_cfg.live_pct, (unsigned long)g_cfg.stale_pct);
         guest_exit(EXIT_BAD_CMDLINE);

@@ -18,6 +18,7 @@ struct config {
     u64 free_pct;   /* churn: % of live slots freed per round */
     u64 seed;       /* churn: PRNG seed */
     u64 live_pct;   /* fill: % of RAM kept live */
+    u64 live_pages; /* fill: pages kept live; overrides live_pct when not 0 */
     u64 stale_pct;  /* fill: % of RAM written then freed */
     u64 dirty;      /* fill: page re-writes per second */
     u64 seconds;    /* fill: run time, 0 = until the host asks to stop */

@@ -116,6 +116,7 @@ void run_churn(void)
 
 /*
  * fill live=PCT stale=PCT dirty=PAGES_PER_SEC seconds=N
+ * (live_pages=N instead of live=PCT keeps N pages live, whatever the RAM size)
  *
  * Builds the state a migration test wants: live% of RAM holds data that
  * must arrive intact, stale% of RAM holds old data in pages marked free
@@ -127,7 +128,7 @@ void run_churn(void)
 void run_fill(void)
 {
     u64 ram_pages = g_fph.npages;
-    u64 nlive = ram_pages * g_cfg.live_pct / 100;
+    u64 nlive = g_cfg.live_pages ? g_cfg.live_pages : ram_pages * g_cfg.live_pct / 100;
     u64 nstale = ram_pages * g_cfg.stale_pct / 100;
     u64 live_tab_pages = pages_for_bytes(nlive * sizeof(struct slot));
     u64 stale_tab_pages = pages_for_bytes(nstale * sizeof(u32));

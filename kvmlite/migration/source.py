@@ -159,7 +159,9 @@ class Migration:
                     if round_no > 0 and (pending * PAGE_SIZE <= bw * self.downtime_limit
                                          or round_no >= self.max_rounds):
                         break
+                    r0 = time.perf_counter()
                     sent = self._send_dirty(dirty)
+                    self.stats.round_ms.append(round((time.perf_counter() - r0) * 1000, 3))
                     self.stats.round_pages.append(sent)
                     round_no += 1
                     self.stats.rounds = round_no

@@ -26,6 +26,7 @@ class MigrationStats:
     throughput_mbps: float = 0.0  # MiB/s of wire bytes over the whole migration
     dirty_rate_pps: float = 0.0   # pages/s the guest dirtied, as of the last round
     round_pages: list = field(default_factory=list)   # pages sent (data or zero) in each round
+    round_ms: list = field(default_factory=list)      # how long each round took
     # where the downtime went: pause, final sync, final pages, state, destination's reply
     downtime_parts_ms: dict = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
