@@ -241,7 +241,6 @@ int kvmlite_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int kvmlite_run(int vcpu_fd);
 uint64_t kvmlite_run_packed(int vcpu_fd, struct kvm_run *run);
 int kvmlite_install_kick_handler(int signo);
-int kvmlite_mincore(void *addr, size_t length, unsigned char *vec);
 int kvmlite_madvise(void *addr, size_t length, int advice);
 size_t kvmlite_zero_pages(const void *base, size_t npages, size_t page_size, unsigned char *is_zero);
 """
@@ -323,11 +322,6 @@ static int kvmlite_install_kick_handler(int signo)
 static int kvmlite_madvise(void *addr, size_t length, int advice)
 {
     return madvise(addr, length, advice) < 0 ? -errno : 0;
-}
-
-static int kvmlite_mincore(void *addr, size_t length, unsigned char *vec)
-{
-    return mincore(addr, length, vec) < 0 ? -errno : 0;
 }
 
 /* is_zero[i] = 1 when page i holds only zero bytes.  A page with data almost

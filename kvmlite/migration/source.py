@@ -35,6 +35,9 @@ STATE_VERSION = 1
 # 6.6 GB/s against 4.3 GB/s with the kernel's autotuned ones, and they bound
 # what is still in flight when the vCPU pauses, which the downtime must drain.
 SOCKET_BUFFER = 1 << 20
+# Chunks with at least this many pages to send first ask /proc/self/pagemap
+# which pages were never backed: those are zero and need not be read.
+PAGEMAP_MIN_PAGES = 4096
 
 
 def parse_tcp_uri(uri: str) -> tuple[str, int]:
@@ -349,10 +352,21 @@ class Migration:
             if free is not None:
                 self.stats.pages_skipped_free += int(np.bitwise_count(chunk & free).sum())
             # 3. send them, reading page contents now
-            total += self._send_pages(w0 * 64, page_runs(send))
+            runs = page_runs(send)
+            backed = None
+            if int(runs[1].sum()) >= PAGEMAP_MIN_PAGES:
+                n = min((w1 - w0) * 64, self.machine.memory.npages - w0 * 64)
+                backed = self.machine.memory.backed_pages(w0 * 64, n)
+            total += self._send_pages(w0 * 64, runs, backed)
         return total
 
-    def _send_pages(self, first: int, runs: tuple[np.ndarray, np.ndarray]) -> int:
+    def _send_pages(self, first: int, runs: tuple[np.ndarray, np.ndarray],
+                    backed: np.ndarray | None = None) -> int:
+        """Send page runs (relative to `first`): data as PAGES, all-zero pages as ZERO.
+
+        `backed`, if given, says per page (from `first`) whether the host ever
+        backed it: an unbacked page is zero without being read.
+        """
         mem = self.machine.memory
         starts, lengths = runs
         if len(starts) == 0:
@@ -364,7 +378,13 @@ class Migration:
         count = 0
         for s, n in zip(starts.tolist(), lengths.tolist()):
             page = first + s
-            zero = mem.zero_pages(page, n)
+            if backed is None:
+                zero = mem.zero_pages(page, n)
+            else:
+                zero = ~backed[s:s + n]          # never backed: zero, and left untouched
+                bs, bl = runs_of(~zero)
+                for bstart, blen in zip(bs.tolist(), bl.tolist()):
+                    zero[bstart:bstart + blen] = mem.zero_pages(page + bstart, blen)
             was = sent_once[page:page + n]
             stats.pages_resent += int(np.count_nonzero(was))
             was[:] = True
