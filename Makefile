@@ -41,6 +41,14 @@ bench: setup guest
 	$(MAKE) -C bench
 	$(PY) -m bench
 
+# kvmlite against QEMU on the same workloads, and migration cost against guest
+# size: tables on stdout, bench/out/qemu.{json,md,png}.  Needs qemu-system-x86_64
+# from the distribution's packages (the bench says how if it is missing and
+# installs nothing itself); matplotlib for the plot comes with .[bench].
+bench-qemu: setup guest
+	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install --quiet -e '.[test,bench]'
+	$(PY) -m bench.qemu
+
 clean:
 	$(MAKE) -C guest clean
 	rm -rf build *.egg-info kvmlite/_kvm.c kvmlite/*.so kvmlite/*.o bench/out

@@ -128,92 +128,25 @@ class Migration:
 
     def _run(self) -> None:
         machine = self.machine
-        t0 = time.perf_counter()
-        paused_here = False
+        self._t0 = time.perf_counter()
+        self._paused_here = False
         try:
-            self._connect()
-            machine.vm.start_dirty_log()
-            # setup: every page starts dirty (QEMU's migration_bitmap_sync starts all-ones too)
-            npages = machine.memory.npages
-            dirty = np.full((npages + 63) // 64, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
-            if npages % 64:
-                dirty[-1] = np.uint64((1 << (npages % 64)) - 1)
-            self._send(wire.encode_preamble({
-                "page_size": PAGE_SIZE, "ram": [[machine.memory.gpa, machine.memory.size]],
-                "vcpus": 1, "hint": self.hint, "live": self.live,
-                "source": "kvmlite"}), structural=True)
-            self.stats.setup_ms = (time.perf_counter() - t0) * 1000
-            self.stats.status = "active"
-
-            if not self.live:
-                gc.disable()
-                pause_at = time.perf_counter()
-                if not machine.paused:        # a VM the user stopped stays stopped on failure
-                    machine.pause()
-                    paused_here = True
-            else:
-                round_no = 0
-                while True:
-                    self._check_cancel()
-                    self._sync(dirty)
-                    pending = self._count_pending(dirty)
-                    self.stats.pages_remaining = pending
-                    bw = self._bandwidth_estimate(t0)
-                    if round_no > 0 and (pending * PAGE_SIZE <= bw * self.downtime_limit
-                                         or round_no >= self.max_rounds):
-                        break
-                    r0 = time.perf_counter()
-                    sent = self._send_dirty(dirty)
-                    self.stats.round_ms.append(round((time.perf_counter() - r0) * 1000, 3))
-                    self.stats.round_pages.append(sent)
-                    round_no += 1
-                    self.stats.rounds = round_no
-                    self._send(wire.round_record(round_no), structural=True)
-                self.stats.status = "completing"
-                self._drain()
-                gc.disable()   # a collection inside the downtime would add milliseconds
-                pause_at = time.perf_counter()
-                machine.pause()
-                paused_here = True
-
-            # complete: the vCPU is parked; what is dirty now is final.
-            marks = [("pause", pause_at), ("sync", time.perf_counter())]   # downtime starts at the pause request
-            self._sync(dirty)
-            marks.append(("pages", time.perf_counter()))
-            self.stats.round_pages.append(self._send_dirty(dirty))
-            self.stats.rounds += 1
-            self._send(wire.round_record(self.stats.rounds), structural=True)
-            marks.append(("state", time.perf_counter()))
-            state = self._collect_state()
-            marks.append(("send_state", time.perf_counter()))
-            self._send(wire.state_record(state), structural=True)
-            # END's crc covers every structural byte sent before it, and END's own head.
-            self._sendall([wire.end_record(self.stats.pages_sent, self.stats.pages_zero, self._crc)])
-            marks.append(("reply", time.perf_counter()))
-            self.sock.settimeout(REPLY_TIMEOUT)
-            reply = wire.read_reply(self.sock)
-            if reply.get("status") != "running":
-                raise MigrationError(f"destination refused the VM: {reply.get('error', reply)}")
-            now = time.perf_counter()
-            marks.append(("end", now))
-            self.stats.downtime_parts_ms = {name: round((t1 - t0_) * 1000, 3)
-                                            for (name, t0_), (_, t1) in zip(marks, marks[1:])}
-            self.stats.downtime_ms = (now - pause_at) * 1000
-            self.stats.total_ms = (now - t0) * 1000
-            self.stats.throughput_mbps = self.stats.bytes_wire / (1 << 20) / max(now - t0, 1e-9)
-            self.stats.status = "completed"
+            dirty = self._setup()
+            if self.live:
+                self._iterate(dirty)
+            self._complete(dirty)
             from ..machine import RunResult
             machine.quit(RunResult("migrated", 0, exits=machine.exits))
         except Exception as e:
             self.stats.status = "cancelled" if self._cancel.is_set() else "failed"
             self.stats.error = self._describe(e)
-            self.stats.total_ms = (time.perf_counter() - t0) * 1000
+            self.stats.total_ms = (time.perf_counter() - self._t0) * 1000
             try:
                 if machine.vm.dirty_logging:
                     machine.vm.stop_dirty_log()
             except KvmliteError:
                 pass
-            if paused_here:
+            if self._paused_here:
                 machine.resume()   # nothing is lost: the guest carries on here
             machine.log(f"migration to {self.uri} {self.stats.status}: {self.stats.error}; "
                         "the VM keeps running here")
@@ -223,6 +156,75 @@ class Migration:
                 self.sock.close()
                 self.sock = None
             self.done.set()
+
+    def _setup(self) -> np.ndarray:
+        """Connect, start dirty logging, send the preamble.  Returns the dirty
+        bitmap, all ones: every page starts dirty (as QEMU's first bitmap sync)."""
+        mem = self.machine.memory
+        self._connect()
+        self.machine.vm.start_dirty_log()
+        dirty = np.full((mem.npages + 63) // 64, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
+        if mem.npages % 64:
+            dirty[-1] = np.uint64((1 << (mem.npages % 64)) - 1)
+        self._send(wire.encode_preamble({
+            "page_size": PAGE_SIZE, "ram": [[mem.gpa, mem.size]], "vcpus": 1,
+            "hint": self.hint, "live": self.live, "source": "kvmlite"}), structural=True)
+        self.stats.setup_ms = (time.perf_counter() - self._t0) * 1000
+        self.stats.status = "active"
+        return dirty
+
+    def _iterate(self, dirty: np.ndarray) -> None:
+        """Pre-copy rounds while the guest runs, until what is left fits the downtime limit."""
+        while True:
+            self._check_cancel()
+            self._sync(dirty)
+            pending = self._count_pending(dirty)
+            self.stats.pages_remaining = pending
+            if self.stats.rounds > 0 and (
+                    pending * PAGE_SIZE <= self._bandwidth_estimate() * self.downtime_limit
+                    or self.stats.rounds >= self.max_rounds):
+                return
+            r0 = time.perf_counter()
+            sent = self._send_dirty(dirty)
+            self.stats.round_ms.append(round((time.perf_counter() - r0) * 1000, 3))
+            self.stats.round_pages.append(sent)
+            self.stats.rounds += 1
+            self._send(wire.round_record(self.stats.rounds), structural=True)
+
+    def _complete(self, dirty: np.ndarray) -> None:
+        """Pause the vCPU, send what is still dirty, the state and END; wait for "running"."""
+        machine = self.machine
+        self.stats.status = "completing"
+        if self.live:
+            self._drain()
+        gc.disable()   # a collection inside the downtime would add milliseconds
+        marks = [("pause", time.perf_counter())]        # the downtime starts at the pause request
+        if not machine.paused:        # a VM the user stopped stays stopped if this fails
+            machine.pause()
+            self._paused_here = True
+        marks.append(("sync", time.perf_counter()))
+        self._sync(dirty)             # the vCPU is parked: what is dirty now is final
+        marks.append(("pages", time.perf_counter()))
+        self.stats.round_pages.append(self._send_dirty(dirty))
+        self.stats.rounds += 1
+        self._send(wire.round_record(self.stats.rounds), structural=True)
+        marks.append(("state", time.perf_counter()))
+        self._send(wire.state_record(self._collect_state()), structural=True)
+        # END's crc covers every structural byte sent before it, and END's own head.
+        self._sendall([wire.end_record(self.stats.pages_sent, self.stats.pages_zero, self._crc)])
+        marks.append(("reply", time.perf_counter()))
+        self.sock.settimeout(REPLY_TIMEOUT)
+        reply = wire.read_reply(self.sock)
+        if reply.get("status") != "running":
+            raise MigrationError(f"destination refused the VM: {reply.get('error', reply)}")
+        now = time.perf_counter()
+        marks.append(("end", now))
+        self.stats.downtime_parts_ms = {name: round((b - a) * 1000, 3)
+                                        for (name, a), (_, b) in zip(marks, marks[1:])}
+        self.stats.downtime_ms = (now - marks[0][1]) * 1000
+        self.stats.total_ms = (now - self._t0) * 1000
+        self.stats.throughput_mbps = self.stats.bytes_wire / (1 << 20) / max(now - self._t0, 1e-9)
+        self.stats.status = "completed"
 
     def _describe(self, e: Exception) -> str:
         if self._cancel.is_set():
@@ -446,8 +448,8 @@ class Migration:
             if ahead > 0:
                 time.sleep(ahead)
 
-    def _bandwidth_estimate(self, t0: float) -> float:
-        elapsed = time.perf_counter() - t0
+    def _bandwidth_estimate(self) -> float:
+        elapsed = time.perf_counter() - self._t0
         if self.stats.bytes_wire < (1 << 20) or elapsed <= 0:
             return 1e9  # before any real data moved, assume loopback-class bandwidth
         return self.stats.bytes_wire / elapsed
