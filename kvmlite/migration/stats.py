@@ -16,7 +16,7 @@ class MigrationStats:
     pages_total: int = 0          # pages of guest RAM
     pages_sent: int = 0           # pages sent with their data (P records)
     pages_zero: int = 0           # active pages found all-zero, sent as Z records
-    pages_skipped_free: int = 0   # dirty pages not sent because the guest's bitmap said free
+    pages_skipped_free: int = 0   # pages examined and never sent: the guest's bitmap said free
     pages_resent: int = 0         # pages sent (P or Z) more than once: dirtied again during rounds
     pages_remaining: int = 0      # dirty pages still to send, as of the last sync
     bytes_wire: int = 0           # every byte written to the socket

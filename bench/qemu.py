@@ -1,0 +1,614 @@
+"""QEMU driven over QMP, for `make bench-qemu`: the same guest image and workloads as kvmlite.
+
+QEMU boots guest/guest.bin with `-kernel` (Multiboot v1); the guest finds no
+free-page-hint device there and runs without hints.  A migration here is two
+QEMU processes on this machine, the destination started with `-incoming defer`,
+both configured over QMP, the source told `migrate uri=tcp:127.0.0.1:PORT`.
+
+Nothing is installed from here: without `qemu-system-x86_64` the bench says
+how to get it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GUEST = ROOT / "guest" / "guest.bin"
+
+# kvm_pvm on the reference host aborts QEMU on plain `-cpu host` (it cannot set
+# IA32_ARCH_CAPABILITIES); without that one feature QEMU runs.
+CPU = "host,-arch-capabilities"
+EXIT_PORT = 0x501                    # isa-debug-exit: QEMU's status is (byte << 1) | 1
+UNLIMITED_BW = 100 << 30             # bytes/s: QEMU's default max-bandwidth (128 MiB/s) would throttle it
+
+HOW_TO_INSTALL = """\
+qemu-system-x86_64 was not found on PATH; the QEMU comparison needs it.
+Install it from the distribution's packages, then run `make bench-qemu` again:
+    Debian/Ubuntu:  sudo apt-get install qemu-system-x86
+    Fedora/RHEL:    sudo dnf install qemu-system-x86-core
+    Arch:           sudo pacman -S qemu-system-x86
+(this bench installs nothing by itself; `python -m bench.qemu --only scaling`
+runs the part without QEMU)"""
+
+
+def qemu_binary() -> str | None:
+    return shutil.which("qemu-system-x86_64")
+
+
+def qemu_version(binary: str) -> str:
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(r"version (\S+)", out)
+    return m.group(1) if m else out.strip().splitlines()[0] if out.strip() else "?"
+
+
+class QmpError(RuntimeError):
+    pass
+
+
+class Qmp:
+    """A QMP client: commands one at a time, events collected (with QEMU's timestamps) by a reader thread."""
+
+    def __init__(self, path: str, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"QMP socket {path} did not come up")
+                time.sleep(0.01)
+        self.f = self.sock.makefile("rb")
+        self.events: list[dict] = []
+        self._replies: list[dict] = []
+        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._closed = False
+        self.greeting = json.loads(self.f.readline())
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self.execute("qmp_capabilities")
+
+    def _read(self) -> None:
+        try:
+            for raw in iter(self.f.readline, b""):
+                msg = json.loads(raw)
+                with self._cond:
+                    if "event" in msg:
+                        ts = msg.get("timestamp", {})
+                        msg["t"] = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+                        self.events.append(msg)
+                    else:
+                        self._replies.append(msg)
+                    self._cond.notify_all()
+        except (OSError, ValueError):
+            pass
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def execute(self, command: str, timeout: float = 60.0, **arguments):
+        req = {"execute": command}
+        if arguments:
+            req["arguments"] = arguments
+        with self._lock:
+            self.sock.sendall(json.dumps(req).encode() + b"\n")
+            deadline = time.monotonic() + timeout
+            with self._cond:
+                while not self._replies:
+                    if self._closed:
+                        raise QmpError(f"{command}: QEMU closed the QMP connection")
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"{command}: no QMP reply within {timeout} s")
+                    self._cond.wait(left)
+                resp = self._replies.pop(0)
+        if "error" in resp:
+            raise QmpError(f"{command}: {resp['error'].get('desc')}")
+        return resp.get("return")
+
+    def event(self, name: str, timeout: float = 0.0, after: float = 0.0) -> dict | None:
+        """The first event `name` with a timestamp ≥ `after`, waiting up to `timeout` s for it."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for ev in self.events:
+                    if ev["event"] == name and ev["t"] >= after:
+                        return ev
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    return None
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+class QemuVm:
+    """One qemu-system-x86_64 process: serial on its stdout, QMP on a unix socket."""
+
+    def __init__(self, binary: str, memory_mib: int, cmdline: str, *, incoming: bool = False,
+                 prealloc: bool = False, extra=()):
+        fd, self.qmp_path = tempfile.mkstemp(prefix="kvmlite-qmp-", suffix=".sock")
+        os.close(fd)
+        os.unlink(self.qmp_path)
+        self.args = [binary, "-accel", "kvm", "-cpu", CPU, "-m", f"{memory_mib}M",
+                     "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                     "-kernel", str(GUEST), "-append", cmdline,
+                     "-device", f"isa-debug-exit,iobase={EXIT_PORT:#x},iosize=1",
+                     "-serial", "stdio", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        if prealloc:
+            self.args.append("-mem-prealloc")
+        if incoming:
+            self.args += ["-incoming", "defer"]
+        self.args += list(extra)
+        self.lines: list[str] = []
+        self.stderr: list[str] = []
+        self._cond = threading.Condition()
+        self.started_at = time.perf_counter()
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
+        self._readers = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True),
+                         threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True)]
+        for t in self._readers:
+            t.start()
+        self._qmp: Qmp | None = None
+
+    def _pump(self, stream, lines: list[str]) -> None:
+        for raw in iter(stream.readline, b""):
+            with self._cond:
+                lines.append(raw.decode(errors="replace").rstrip("\r\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def qmp(self) -> Qmp:
+        if self._qmp is None:
+            self._qmp = Qmp(self.qmp_path)
+        return self._qmp
+
+    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match:
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for line in self.lines[seen:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                seen = len(self.lines)
+                if self.proc.poll() is not None and not self._readers[0].is_alive():
+                    raise RuntimeError(f"QEMU exited ({self.proc.returncode}) before printing "
+                                       f"{pattern!r}:\n{self.output()}")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no serial line matching {pattern!r} within {timeout} s:\n{self.output()}")
+                self._cond.wait(min(left, 0.2))
+
+    def wait(self, timeout: float = 60.0) -> int:
+        """Wait for exit; returns the guest's exit byte (isa-debug-exit) or -1 if QEMU ended otherwise."""
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"QEMU did not exit within {timeout} s:\n{self.output()}") from None
+        for t in self._readers:
+            t.join(5)
+        rc = self.proc.returncode
+        return rc >> 1 if rc > 0 and rc & 1 else -1
+
+    def summary(self) -> dict | None:
+        from kvmlite.procs import parse_summary
+        for line in reversed(self.lines):
+            if "KVMLITE-SUMMARY" in line:
+                return parse_summary(line[line.index("KVMLITE-SUMMARY"):])
+        return None
+
+    def output(self) -> str:
+        return "\n".join(["-- serial --", *self.lines[-30:], "-- stderr --", *self.stderr[-30:]])
+
+    def kill(self) -> None:
+        if self._qmp is not None:
+            self._qmp.close()
+        if self.proc.poll() is None:
+            self.proc.kill()
+            try:
+                self.proc.wait(10)
+            except (subprocess.TimeoutExpired, ChildProcessError):
+                pass
+        try:
+            os.unlink(self.qmp_path)
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
+# ---- one migration ------------------------------------------------------------------
+
+DOWNTIME_MS = 5             # kvmlite's default downtime limit; "QEMU best" gets the same
+
+# The QEMU set-ups compared.  Every one has max-bandwidth raised.
+SETUPS = {
+    # QEMU's defaults: destination faults its RAM in as pages arrive, one stream,
+    # downtime-limit 300 ms.
+    "defaults": {"prealloc": False, "multifd": False, "downtime_ms": None},
+    # QEMU at its best here: destination RAM pre-allocated (-mem-prealloc),
+    # multifd with 2 channels, and kvmlite's downtime limit.
+    "best": {"prealloc": True, "multifd": True, "downtime_ms": DOWNTIME_MS},
+}
+
+
+class GuestEndedEarly(RuntimeError):
+    """The guest's `seconds=` ran out on the source before the migration finished."""
+
+
+def migrate_once(binary: str, memory_mib: int, cmdline: str, *, live: bool, setup: dict,
+                 ready_timeout: float = 120.0) -> dict:
+    """Boot the guest in QEMU, wait for `fill: ready`, migrate it to a second QEMU,
+    let the guest finish there and check its self-check.  Returns the figures.
+
+    Without the hint device nobody can tell the guest's fill workload to stop,
+    so `cmdline` carries `seconds=N`: long enough for the migration to finish
+    first, or GuestEndedEarly is raised.
+
+    Times are end to end, as kvmlite measures its own: total from the
+    `migrate` command (or `stop`, for stop-copy) to the destination's RESUME
+    event, downtime from the source's STOP event to that RESUME (QMP event
+    timestamps, one host clock).  QEMU's own figures end on the source side,
+    before the destination has loaded the last state; they are kept as
+    qemu_total_ms and qemu_downtime_ms."""
+    from kvmlite.procs import free_port
+    port = free_port()
+    # stop-copy: the source is paused before `migrate`; without the global state
+    # the destination starts the VM as soon as it has it (else it would stay paused).
+    extra = [] if live else ["-global", "migration.store-global-state=off"]
+    dst = QemuVm(binary, memory_mib, cmdline, incoming=True, prealloc=setup["prealloc"], extra=extra)
+    src = QemuVm(binary, memory_mib, cmdline, extra=extra)
+    from bench.scaling import PeakRss
+    dst_rss = PeakRss(dst.proc.pid)
+    try:
+        caps = [{"capability": "multifd", "state": bool(setup["multifd"])}]
+        params = {"max-bandwidth": UNLIMITED_BW}
+        if setup["multifd"]:
+            params["multifd-channels"] = 2
+        if setup["downtime_ms"] is not None:
+            params["downtime-limit"] = int(setup["downtime_ms"])
+        for vm in (dst, src):
+            vm.qmp.execute("migrate-set-capabilities", capabilities=caps)
+            vm.qmp.execute("migrate-set-parameters", **params)
+        dst.qmp.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        src.wait_for(r"fill: ready", timeout=ready_timeout)
+        t_start = time.time()
+        if not live:
+            src.qmp.execute("stop")
+        src.qmp.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                info = src.qmp.execute("query-migrate")
+            except QmpError:
+                time.sleep(0.1)
+                if src.summary():
+                    raise GuestEndedEarly(f"the guest finished on the source first: {src.summary()}")
+                raise
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"QEMU migration did not finish: {info}")
+            time.sleep(0.005)
+        if info["status"] != "completed":
+            if src.proc.poll() is not None or src.summary():
+                raise GuestEndedEarly(f"the guest finished on the source first: {src.summary()}")
+            raise RuntimeError(f"QEMU migration {info['status']}: {info.get('error-desc')}\n"
+                               f"{src.output()}\n{dst.output()}")
+        resumed = dst.qmp.event("RESUME", timeout=30, after=t_start - 1)
+        stopped = src.qmp.event("STOP", timeout=5, after=t_start - 1)
+        if resumed is None or stopped is None:
+            raise RuntimeError(f"no STOP/RESUME events (stop {stopped}, resume {resumed})")
+        # the source QEMU sits in postmigrate; the guest finishes on the destination
+        src.qmp.execute("quit")
+        status = dst.wait(300)
+        summ = dst.summary()
+        if status != 0 or not summ or summ.get("errors") != 0:
+            raise RuntimeError(f"guest failed after the QEMU migration (exit {status}): {summ}\n{dst.output()}")
+        ram = info["ram"]
+        return {
+            "total_ms": (resumed["t"] - t_start) * 1000,          # migrate command → destination running
+            "downtime_ms": (resumed["t"] - stopped["t"]) * 1000,  # source paused → destination running
+            "qemu_total_ms": info.get("total-time"),              # QEMU's own figures (source side)
+            "qemu_downtime_ms": info.get("downtime"),
+            "qemu_setup_ms": info.get("setup-time"),
+            "bytes_wire": ram["transferred"],
+            "pages_sent": ram["normal"],
+            "pages_zero": ram["duplicate"],
+            "dirty_sync_count": ram.get("dirty-sync-count"),
+            "multifd_bytes": ram.get("multifd-bytes"),
+            "guest_verified": summ["verified"],
+            "dst_maxrss_kib": dst_rss.stop(),
+        }
+    finally:
+        src.kill()
+        dst.kill()
+
+
+# ---- the comparison ----------------------------------------------------------------
+
+MEMORY_MIB = 1024
+DIRTY = 1000               # guest re-writes of live pages per second during pre-copy
+# (label, guest fill arguments, live?)
+CASES = [
+    ("25% live, rest never touched, live", "live=25 stale=0", True),
+    ("25% live + 50% stale, live", "live=25 stale=50", True),
+    ("25% live, rest never touched, stop-copy", "live=25 stale=0", False),
+    ("25% live + 50% stale, stop-copy", "live=25 stale=50", False),
+]
+MAIN_CASE = "25% live + 50% stale, live"      # the case hinting exists for; the targets apply here
+STALE_SWEEP = (0, 25, 50, 75)        # % of RAM freed with stale data, 25% live, live migration: for the plot
+CONFIGS = ("QEMU defaults", "QEMU best", "kvmlite hint off", "kvmlite hint on")
+RAW = ("raw sendall, bytes of hint on", "raw sendall, bytes of QEMU best")
+# `seconds=` for the guest in QEMU: it must outlast the migration; a retry triples it.
+QEMU_SECONDS = {"QEMU defaults": 7, "QEMU best": 2}
+METRICS = ("total_ms", "downtime_ms", "mib_wire", "pages_sent", "mib_s")
+
+
+def run_config(binary: str, config: str, fill: str, live: bool) -> dict:
+    from bench.scaling import kvmlite_migrate
+    if config.startswith("kvmlite"):
+        r = kvmlite_migrate(MEMORY_MIB, f"workload=fill {fill} dirty={DIRTY}", hint=config.endswith("on"),
+                            live=live, downtime_ms=DOWNTIME_MS, prealloc_dst=True)
+        return {k: r.get(k) for k in ("total_ms", "downtime_ms", "bytes_wire", "pages_sent", "pages_zero",
+                                      "pages_skipped_free", "rounds", "downtime_parts_ms", "guest_verified",
+                                      "src_maxrss_kib", "dst_maxrss_kib")}
+    setup = SETUPS["best" if config == "QEMU best" else "defaults"]
+    for attempt in range(3):
+        try:
+            return migrate_once(binary, MEMORY_MIB,
+                                f"workload=fill {fill} dirty={DIRTY} seconds={QEMU_SECONDS[config]}",
+                                live=live, setup=setup)
+        except GuestEndedEarly:
+            if attempt == 2:
+                raise
+            QEMU_SECONDS[config] *= 3
+
+
+def summarize(rs: list[dict]) -> dict:
+    from bench.scaling import median_range
+    return {"total_ms": median_range(r["total_ms"] for r in rs),
+            "downtime_ms": median_range(r["downtime_ms"] for r in rs),
+            "mib_wire": median_range(r["bytes_wire"] / (1 << 20) for r in rs),
+            "pages_sent": median_range(r["pages_sent"] for r in rs),
+            "mib_s": median_range(r["bytes_wire"] / (1 << 20) / (r["total_ms"] / 1000) for r in rs),
+            "n": len(rs)}
+
+
+def machine_info(binary: str | None) -> dict:
+    import platform
+    cpu = "?"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    kvm = next((m for m in ("kvm_pvm", "kvm_intel", "kvm_amd") if os.path.exists(f"/sys/module/{m}")), "kvm")
+    return {"host": os.uname().nodename, "cpu": cpu, "cpus": os.cpu_count(), "mem_gib": round(mem_gib, 1),
+            "kernel": os.uname().release, "kvm": kvm, "python": platform.python_version(),
+            "qemu": qemu_version(binary) if binary else None, "qemu_cpu": CPU,
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def compare(binary: str, reps: int, console) -> dict:
+    """Run every case and set-up `reps` times, interleaved; returns runs and medians."""
+    from bench.__main__ import loopback_sendall
+    from bench.scaling import median_range
+    jobs = [(case, fill, live) for case, fill, live in CASES]
+    jobs += [(f"stale={p}", f"live=25 stale={p}", True) for p in STALE_SWEEP if p not in (0, 50)]
+    runs = {case: {c: [] for c in CONFIGS} for case, _, _ in jobs}
+    total, done, t0 = reps * len(jobs) * len(CONFIGS), 0, time.monotonic()
+    for _ in range(reps):
+        for case, fill, live in jobs:
+            for config in CONFIGS:
+                r = run_config(binary, config, fill, live)
+                runs[case][config].append(r)
+                done += 1
+                console.print(f"  [{done:2d}/{total}] {case:40s} {config:16s} total {r['total_ms']:7.1f} ms  "
+                              f"downtime {r['downtime_ms']:6.2f} ms  {r['bytes_wire'] / (1 << 20):6.1f} MiB"
+                              f"   ({time.monotonic() - t0:.0f} s)", highlight=False)
+    summary = {}
+    for case, _, _ in CASES:
+        summary[case] = {c: summarize(runs[case][c]) for c in CONFIGS}
+        best, dflt = summary[case]["QEMU best"], summary[case]["QEMU defaults"]
+        for c in CONFIGS:
+            s = summary[case][c]
+            s["vs_best"] = {k: s[k][0] / best[k][0] for k in METRICS}
+            s["vs_defaults"] = {k: s[k][0] / dflt[k][0] for k in METRICS}
+        # the physical ceiling: a raw loopback sendall of the same bytes, same run
+        for name, config in zip(RAW, ("kvmlite hint on", "QEMU best")):
+            mib = summary[case][config]["mib_wire"][0]
+            ms = median_range(loopback_sendall(int(mib * (1 << 20))) * 1000 for _ in range(reps))
+            summary[case][name] = {"total_ms": ms, "mib_wire": (mib, mib, mib),
+                                   "mib_s": (mib / ms[0] * 1000, mib / ms[2] * 1000, mib / ms[1] * 1000)}
+    sweep = {}
+    for p in STALE_SWEEP:
+        case = {0: CASES[0][0], 50: CASES[1][0]}.get(p, f"stale={p}")
+        sweep[str(p)] = {c: summarize(runs[case][c]) for c in CONFIGS}
+    m = summary[MAIN_CASE]
+    on, off = m["kvmlite hint on"], m["kvmlite hint off"]
+    targets = [
+        ("hint on: total ≤ 0.5× QEMU best", on["vs_best"]["total_ms"], 0.5),
+        ("hint on: bytes ≤ 0.35× QEMU best", on["vs_best"]["mib_wire"], 0.35),
+        ("hint on: downtime ≤ 5 ms", on["downtime_ms"][0], 5.0),
+        ("hint on: downtime ≤ 1.0× QEMU best (same limit)", on["vs_best"]["downtime_ms"], 1.0),
+        ("hint off: total ≤ 1.0× QEMU best", off["vs_best"]["total_ms"], 1.0),
+    ]
+    return {"memory_mib": MEMORY_MIB, "dirty_pages_per_s": DIRTY, "downtime_limit_ms": DOWNTIME_MS,
+            "setups": SETUPS, "cases": [c for c, _, _ in CASES], "main_case": MAIN_CASE, "configs": list(CONFIGS),
+            "reps": reps, "runs": runs, "summary": summary, "stale_sweep": sweep,
+            "targets": [{"target": n, "value": v, "limit": lim, "met": v <= lim} for n, v, lim in targets]}
+
+
+def _r(v, d=None):
+    if d is None:
+        d = 1 if v[0] < 100 else 0
+    return f"{v[0]:.{d}f} ({v[1]:.{d}f}–{v[2]:.{d}f})"
+
+
+RAW_LABEL = {RAW[0]: "raw sendall, on's bytes", RAW[1]: "raw sendall, best's bytes"}
+HEAD = ("VMM", "total ms", "downtime ms", "MiB sent", "pages sent", "MiB/s",
+        "×total", "×down", "×bytes", "×pages", "×MiB/s", "×dflt")
+
+
+def case_rows(q: dict, case: str):
+    """Cells per row of one case: medians (min–max), then ratios to QEMU best and to QEMU defaults."""
+    s = q["summary"][case]
+    for c in q["configs"]:
+        x = s[c]
+        yield (c, _r(x["total_ms"], 0), _r(x["downtime_ms"]), f"{x['mib_wire'][0]:.0f}",
+               f"{x['pages_sent'][0]:,.0f}", f"{x['mib_s'][0]:,.0f}",
+               *(f"{x['vs_best'][k]:.2f}" for k in METRICS), f"{x['vs_defaults']['total_ms']:.2f}")
+    for name in RAW:
+        x = s[name]
+        yield (RAW_LABEL[name], _r(x["total_ms"], 0), "", f"{x['mib_wire'][0]:.0f}", "",
+               f"{x['mib_s'][0]:,.0f}", "", "", "", "", "", "")
+
+
+def print_qemu(q: dict, console) -> None:
+    from rich import box
+    from rich.table import Table
+    console.print(f"[bold]kvmlite against QEMU[/bold]: {q['memory_mib'] // 1024} GiB guest dirtying "
+                  f"{q['dirty_pages_per_s']} pages/s; medians of {q['reps']} runs (min–max); "
+                  "×… = ratio to QEMU best, ×dflt = total time's ratio to QEMU defaults")
+    for case in q["cases"]:
+        table = Table(title=case, box=box.SIMPLE_HEAD, title_justify="left", title_style="bold")
+        for col in HEAD:
+            table.add_column(col, justify="left" if col == "VMM" else "right", no_wrap=True)
+        for cells in case_rows(q, case):
+            table.add_row(*cells)
+        console.print(table)
+    console.print("QEMU best: destination -mem-prealloc, multifd (2 channels), downtime-limit "
+                  f"{q['downtime_limit_ms']:g} ms like kvmlite's; QEMU defaults: downtime-limit 300 ms, "
+                  "one stream, destination RAM faulted in as pages arrive; both with max-bandwidth raised.  "
+                  "kvmlite's destination has --memory (pre-faulted).  Times are end to end for both: "
+                  "total from the migrate command to the guest running on the destination, downtime from the "
+                  "source's pause to that (QEMU: STOP and RESUME event timestamps).  QEMU's own figures end on "
+                  "the source side, before the destination has loaded the last state; their medians:",
+                  highlight=False)
+    for case in q["cases"]:
+        parts = []
+        for c in ("QEMU defaults", "QEMU best"):
+            rs = q["runs"][case][c]
+            parts.append(f"{c.split()[1]} {statistics.median(r['qemu_total_ms'] for r in rs):.0f} ms total, "
+                         f"{statistics.median(r['qemu_downtime_ms'] for r in rs):.0f} ms downtime")
+        console.print(f"  {case}: " + "; ".join(parts), highlight=False)
+    console.print(f"\nTargets, {q['main_case']}, against QEMU at its best in the same run:", highlight=False)
+    for t in q["targets"]:
+        console.print(f"  {t['target']}: {t['value']:.2f} → {'met' if t['met'] else 'NOT met'}", highlight=False)
+    console.print()
+
+
+def markdown(results: dict) -> str:
+    """The tables as Markdown, for the README."""
+    m = results["machine"]
+    out = [f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['mem_gib']} GiB, Linux {m['kernel']} ({m['kvm']}), "
+           f"QEMU {m['qemu']} (`-accel kvm -cpu {m['qemu_cpu']}`), Python {m['python']}, {m['date']}.", ""]
+    q = results.get("qemu")
+    if q:
+        out += ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+        for case in q["cases"]:
+            out.append(f"| **{case}** |" + " |" * (len(HEAD) - 1))
+            out += ["| " + " | ".join(cells) + " |" for cells in case_rows(q, case)]
+        out += ["", "Targets (" + q["main_case"] + "): " +
+                "; ".join(f"{t['target']}: {t['value']:.2f} ({'met' if t['met'] else 'not met'})"
+                          for t in q["targets"]), ""]
+    s = results.get("scaling")
+    if s:
+        from bench.scaling import markdown_rows
+        out += markdown_rows(s)
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    import argparse
+    from rich.console import Console
+    ap = argparse.ArgumentParser(prog="python -m bench.qemu", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3, help="runs per figure (default 3; medians and min–max)")
+    ap.add_argument("--only", choices=("qemu", "scaling"), action="append", help="run only this part")
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args()
+    console = Console(width=max(Console().width, 160))
+    which = args.only or ["qemu", "scaling"]
+    binary = qemu_binary()
+    if "qemu" in which and binary is None:
+        console.print(HOW_TO_INSTALL, highlight=False)
+        return 2
+    if not GUEST.exists():
+        console.print(f"{GUEST} is missing: run `make guest` first", highlight=False)
+        return 2
+    info = machine_info(binary)
+    console.print(f"[bold]make bench-qemu[/bold] on {info['host']}: {info['cpu']}, {info['cpus']} CPUs, "
+                  f"{info['mem_gib']} GiB, Linux {info['kernel']} ({info['kvm']}), QEMU {info['qemu']}, "
+                  f"Python {info['python']}\n", highlight=False)
+    out_dir = ROOT / "bench" / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "qemu.json"
+    results = {"machine": info}
+    if json_path.exists():          # keep a part not re-run this time, for the plot
+        try:
+            old = json.loads(json_path.read_text())
+            results.update({k: old[k] for k in ("qemu", "scaling") if k in old and k not in which})
+        except ValueError:
+            pass
+    t = time.monotonic()
+    if "qemu" in which:
+        results["qemu"] = compare(binary, args.reps, console)
+        print_qemu(results["qemu"], console)
+    if "scaling" in which:
+        from bench.scaling import print_scaling, run as run_scaling
+        results["scaling"] = run_scaling(args.reps, console=console)
+        print_scaling(results["scaling"], console)
+    results["wall_s"] = round(time.monotonic() - t, 1)
+    results["loadavg_start_end"] = [info["loadavg"][0], round(os.getloadavg()[0], 2)]
+    json_path.write_text(json.dumps(results, indent=1, default=str))
+    (out_dir / "qemu.md").write_text(markdown(results))
+    console.print(f"results: {json_path}, tables as Markdown: {out_dir / 'qemu.md'}", highlight=False)
+    if not args.no_plot:
+        from bench.plot import plot
+        try:
+            console.print(f"plot: {plot(results, out_dir / 'qemu.png')}", highlight=False)
+        except ImportError as e:
+            console.print(f"no plot: {e} (pip install '.[bench]')", highlight=False)
+    console.print(f"wall time {results['wall_s']:.0f} s; 1-minute load average {results['loadavg_start_end'][0]:.2f} "
+                  f"at the start, {results['loadavg_start_end'][1]:.2f} at the end (the bench itself keeps about "
+                  "one CPU busy; more means other jobs ran alongside and added noise)", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
