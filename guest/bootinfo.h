@@ -2,6 +2,7 @@
  * bootinfo.h - the boot-info block the VMM leaves at GPA 0x1000
  * (docs/boot.md, "The boot-info block").  Version 1 is 0x50 bytes; later
  * versions only append fields, so a guest checks size >= 0x50, not ==.
+ * kvmlite appends idle_port (size 0x58); a smaller block means no idle device.
  */
 #ifndef GUEST_BOOTINFO_H
 #define GUEST_BOOTINFO_H
@@ -11,6 +12,7 @@
 #define BOOT_INFO_MAGIC     0x4f464e49u     /* "INFO" */
 #define BOOT_INFO_VERSION   1
 #define BOOT_INFO_V1_SIZE   0x50
+#define BOOT_INFO_IDLE_SIZE 0x58            /* the block with idle_port */
 #define BOOT_INFO_FLAG_FPH  (1u << 0)       /* the free-page-hint device exists */
 #define KVMLITE_RSI_MAGIC   0x4b564d4cu     /* "LMVK" in RSI at entry */
 #define MULTIBOOT_BOOT_MAGIC 0x2badb002u    /* entry.S passes it in RSI after a Multiboot boot */
@@ -32,9 +34,11 @@ struct boot_info {
     u64 image_end;
     u64 reserved_end;
     u64 pagetable_gpa;
+    u16 idle_port;      /* 0x50: the idle device, 0 if none (read only if size >= 0x58) */
+    u16 reserved[3];
 } __attribute__((packed));
 
-_Static_assert(sizeof(struct boot_info) == BOOT_INFO_V1_SIZE, "boot-info layout");
+_Static_assert(sizeof(struct boot_info) == BOOT_INFO_IDLE_SIZE, "boot-info layout");
 
 /* Linker-script symbols (linker.ld): addresses, not variables. */
 extern char __image_start[], __image_end[], __bss_start[], __bss_end[];

@@ -59,14 +59,21 @@ static inline u64 rdtsc(void)
 
 static inline void cpu_relax(void) { __asm__ volatile("pause"); }
 
+
 /* ---- ports, filled in from the boot-info block by main.c ---- */
 struct ports {
     u16 uart;       /* 16550 COM1 */
     u16 debugcon;   /* Bochs/QEMU 0xe9 console */
     u16 exit;       /* exit device: one byte ends the run */
     u16 fph;        /* free-page-hint device base */
+    u16 idle;       /* idle device, 0 if the VMM has none (then the guest spins) */
 };
 extern struct ports g_ports;
+
+/* Give the CPU back to the host for up to `us` microseconds (docs/boot.md,
+ * idle device): the guest has no timer interrupt to HLT for, so this is its
+ * HLT-with-a-deadline.  Without the device it returns at once. */
+static inline void idle_us(u32 us) { if (g_ports.idle) outl(g_ports.idle, us); }
 
 /* ---- console (serial) ---- */
 void console_putc(char c);

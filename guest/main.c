@@ -193,6 +193,8 @@ NORETURN void guest_main(const struct boot_info *bi, u64 rsi)
         g_ports.exit = bi->exit_port;
     if (bi->fph_port)
         g_ports.fph = bi->fph_port;
+    if (bi->size >= BOOT_INFO_IDLE_SIZE)
+        g_ports.idle = bi->idle_port;
     g_tsc_khz = bi->tsc_khz;
     if (!g_tsc_khz && rsi == MULTIBOOT_BOOT_MAGIC)
         g_tsc_khz = pit_calibrate_tsc_khz();     /* PC hardware is there; not on kvmlite */

@@ -229,7 +229,17 @@ void run_fill(void)
                   (unsigned long)((now - t0) / (1000 * g_tsc_khz)), (unsigned long)dirtied,
                   (unsigned long)g_stats.verified, (unsigned long)g_stats.errors);
         }
-        cpu_relax();
+        /* Nothing to do until the next page is due or the next poll: idle
+         * rather than spin, so a paced guest leaves the host's CPUs to the
+         * VMM (a live migration runs beside it). */
+        u64 next_page = t0 + (dirtied + 1) * 1000000 / (g_cfg.dirty ? g_cfg.dirty : 1)
+                        * g_tsc_khz / 1000;
+        u64 wake = next_poll < next_page ? next_poll : next_page;
+        u64 after = rdtsc();
+        if (g_ports.idle && nlive && wake > after + g_tsc_khz / 10)      /* > 100 us away */
+            idle_us((u32)((wake - after) * 1000 / g_tsc_khz));
+        else
+            cpu_relax();
     }
     u64 ms = tsc_to_ms(rdtsc() - t0);
     print("fill: stopping (%s) after %lu ms: dirtied %lu pages (%lu/s, target %lu/s), %lu polls\n",

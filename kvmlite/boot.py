@@ -25,8 +25,9 @@ KVMLITE_RSI_MAGIC = 0x4B564D4C
 BOOT_INFO_MAGIC = 0x4F464E49  # "INFO"
 BOOT_INFO_VERSION = 1
 # magic, version, size, ram_size, cmdline_gpa, cmdline_len, flags, uart, debugcon,
-# exit, fph ports, tsc_khz, image_start, image_end, reserved_end, pagetable_gpa
-BOOT_INFO = struct.Struct("<IHHQQIIHHHHQQQQQ")
+# exit, fph ports, tsc_khz, image_start, image_end, reserved_end, pagetable_gpa,
+# idle port, 3 reserved u16
+BOOT_INFO = struct.Struct("<IHHQQIIHHHHQQQQQHHHH")
 BOOT_INFO_FLAG_FPH = 1 << 0
 
 # ---- architectural bits (Intel SDM Vol. 3A, ch. 2 and 4) ----
@@ -99,11 +100,11 @@ def build_page_tables(ram_size: int) -> bytes:
 
 def boot_info_bytes(*, ram_size: int, cmdline_len: int, fph: bool, tsc_khz: int,
                     image_start: int, image_end: int, uart_port: int, debugcon_port: int,
-                    exit_port: int, fph_port: int) -> bytes:
+                    exit_port: int, fph_port: int, idle_port: int = 0) -> bytes:
     return BOOT_INFO.pack(BOOT_INFO_MAGIC, BOOT_INFO_VERSION, BOOT_INFO.size, ram_size,
                           CMDLINE_GPA, cmdline_len, BOOT_INFO_FLAG_FPH if fph else 0,
                           uart_port, debugcon_port, exit_port, fph_port, tsc_khz,
-                          image_start, image_end, RESERVED_END, PML4_GPA)
+                          image_start, image_end, RESERVED_END, PML4_GPA, idle_port, 0, 0, 0)
 
 
 def setup_long_mode(vcpu, entry: int) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from . import boot, exits as ex
 from .abi import DEFAULT_PORT as FPH_PORT, PORT_COUNT as FPH_PORT_COUNT
-from .devices import DebugCon, ExitDevice, FreePageHint, GuestExit, IoBus, Uart16550
+from .devices import DebugCon, ExitDevice, FreePageHint, GuestExit, IdleDevice, IoBus, Uart16550
 from .devices.output import SerialOutput
 from .devices.uart import PORT_COUNT as UART_PORT_COUNT
 from .errors import KvmliteError
@@ -17,6 +17,7 @@ from .vstate import GuestMemory, Kvm, Vm
 UART_PORT = 0x3F8
 DEBUGCON_PORT = 0xE9
 EXIT_PORT = 0x501
+IDLE_PORT = 0x504
 
 
 @dataclass
@@ -48,10 +49,12 @@ class Machine:
         self.debugcon = DebugCon(self.output)
         self.exit_device = ExitDevice()
         self.fph = FreePageHint(self.memory, log=self.log)
+        self.idle = IdleDevice(self._idle)
         self.bus.register(UART_PORT, UART_PORT_COUNT, self.uart)
         self.bus.register(DEBUGCON_PORT, 1, self.debugcon)
         self.bus.register(EXIT_PORT, 1, self.exit_device)
         self.bus.register(FPH_PORT, FPH_PORT_COUNT, self.fph)
+        self.bus.register(IDLE_PORT, 4, self.idle)
         self.trace = trace
         self.bus.trace = trace
         self.image = None
@@ -78,7 +81,7 @@ class Machine:
             ram_size=self.memory.size, cmdline_len=len(cmdline.encode()), fph=True,
             tsc_khz=self.vcpu.tsc_khz(), image_start=self.image.start, image_end=self.image.end,
             uart_port=UART_PORT, debugcon_port=DEBUGCON_PORT, exit_port=EXIT_PORT,
-            fph_port=FPH_PORT)
+            fph_port=FPH_PORT, idle_port=IDLE_PORT)
         boot.write_boot_area(self.memory, cmdline=cmdline, boot_info=info)
         boot.setup_long_mode(self.vcpu, self.image.entry)
 
@@ -122,6 +125,11 @@ class Machine:
             with self._lock:
                 self._paused = False
                 self._lock.notify_all()
+
+    def _idle(self, seconds: float) -> None:
+        """The guest idles: sleep on this (vCPU) thread, but wake for a pause or quit."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._pause_requested or self._quit is not None, seconds)
 
     def _safe_point(self) -> RunResult | None:
         """The vCPU is between exits: park while paused, return a result to quit."""

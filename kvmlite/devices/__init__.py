@@ -4,7 +4,7 @@
 from .bus import Device, IoBus
 from .uart import Uart16550
 from .debugcon import DebugCon
-from .exitdev import ExitDevice, GuestExit
+from .exitdev import ExitDevice, GuestExit, IdleDevice
 from .fph import FreePageHint
 
-__all__ = ["Device", "IoBus", "Uart16550", "DebugCon", "ExitDevice", "GuestExit", "FreePageHint"]
+__all__ = ["Device", "IoBus", "Uart16550", "DebugCon", "ExitDevice", "GuestExit", "IdleDevice", "FreePageHint"]

@@ -376,7 +376,10 @@ class Migration:
             # 3. send them, reading page contents now
             runs = page_runs(send)
             backed = None
-            if int(runs[1].sum()) >= PAGEMAP_MIN_PAGES:
+            # Without the hint, untouched RAM is sent too: ask pagemap which
+            # pages were never backed.  With it, sent pages are ones the guest
+            # uses, nearly all backed, and pagemap (~45 ns a page) would be waste.
+            if free is None and int(runs[1].sum()) >= PAGEMAP_MIN_PAGES:
                 n = min((w1 - w0) * 64, self.machine.memory.npages - w0 * 64)
                 backed = self.machine.memory.backed_pages(w0 * 64, n)
             total += self._send_pages(w0 * 64, runs, backed)

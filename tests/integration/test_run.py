@@ -159,3 +159,17 @@ def test_info_reports_kvm():
     assert r.returncode == 0
     assert "KVM API version 12" in r.stdout
     assert "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2" in r.stdout
+
+
+def test_idle_device_gives_the_cpu_back_for_a_bounded_time(tmp_path):
+    """Three 100 ms idles take at least 0.3 s; an absurd request is capped at 100 ms."""
+    import time
+    img = assemble(tmp_path, "idle", ".code64\n.globl _start\n_start:\n  mov $0x504, %dx\n"
+                   "  mov $100000, %eax\n  out %eax, %dx\n  out %eax, %dx\n  out %eax, %dx\n"
+                   "  mov $0xffffffff, %eax\n  out %eax, %dx\n  hlt\n")
+    t = time.perf_counter()
+    r = kvmlite("run", str(img), "--memory", "16M")
+    elapsed = time.perf_counter() - t
+    assert r.returncode == 0, r.stderr
+    assert elapsed >= 0.4                  # 3 × 100 ms, then the capped request: 100 ms more
+    assert elapsed < 30                    # not 4295 s

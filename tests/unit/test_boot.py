@@ -193,7 +193,7 @@ BOOT_INFO_TABLE = [
     (0x1C, "<I", "flags"), (0x20, "<H", "uart_port"), (0x22, "<H", "debugcon_port"),
     (0x24, "<H", "exit_port"), (0x26, "<H", "fph_port"), (0x28, "<Q", "tsc_khz"),
     (0x30, "<Q", "image_start"), (0x38, "<Q", "image_end"), (0x40, "<Q", "reserved_end"),
-    (0x48, "<Q", "pagetable_gpa"),
+    (0x48, "<Q", "pagetable_gpa"), (0x50, "<H", "idle_port"),
 ]
 
 
@@ -206,14 +206,15 @@ def test_boot_info_fields_at_documented_offsets(fph):
     """Each boot-info field reads back from the offset and width in docs/boot.md's table."""
     raw = boot.boot_info_bytes(ram_size=0x1234_5678_9000, cmdline_len=0x0ABC, fph=fph,
                                tsc_khz=2_999_999, image_start=0x100000, image_end=0x1A3000,
-                               uart_port=0x3F8, debugcon_port=0xE9, exit_port=0x501, fph_port=0x520)
-    assert len(raw) == 0x50
+                               uart_port=0x3F8, debugcon_port=0xE9, exit_port=0x501, fph_port=0x520,
+                               idle_port=0x504)
+    assert len(raw) == 0x58
     assert read_boot_info(raw) == {
-        "magic": 0x4F464E49, "version": 1, "size": 0x50, "ram_size": 0x1234_5678_9000,
+        "magic": 0x4F464E49, "version": 1, "size": 0x58, "ram_size": 0x1234_5678_9000,
         "cmdline_gpa": 0x2000, "cmdline_len": 0x0ABC, "flags": 1 if fph else 0,
         "uart_port": 0x3F8, "debugcon_port": 0xE9, "exit_port": 0x501, "fph_port": 0x520,
         "tsc_khz": 2_999_999, "image_start": 0x100000, "image_end": 0x1A3000,
-        "reserved_end": 0x80000, "pagetable_gpa": 0x10000,
+        "reserved_end": 0x80000, "pagetable_gpa": 0x10000, "idle_port": 0x504,
     }
     assert raw[:4] == b"INFO"
 
@@ -242,7 +243,7 @@ def test_write_boot_area_lays_out_guest_memory():
         boot.write_boot_area(mem, cmdline="quiet x=1", boot_info=info)
         assert mem.read(0x3000, 24) == boot.gdt_bytes()
         assert mem.read(0x2000, 10) == b"quiet x=1\0"
-        assert read_boot_info(mem.read(0x1000, 0x50))["ram_size"] == 256 * MIB
+        assert read_boot_info(mem.read(0x1000, 0x58))["ram_size"] == 256 * MIB
         assert mem.read(0x10000, 3 * 4096) == boot.build_page_tables(mem.size)
         assert mem.read(0, 0x1000) == bytes(0x1000), "the null page stays zero"
     finally:
