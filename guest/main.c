@@ -19,6 +19,7 @@ struct config g_cfg = {
     .stale_pct = 50,
     .dirty = 1000,
     .seconds = 0,
+    .idle = 1,
 };
 struct stats g_stats;
 const struct boot_info *g_bi;
@@ -57,7 +58,7 @@ NORETURN static void bad_cmdline(const char *what, const char *tok, size_t n)
     console_write(tok, n);
     print("'\n");
     print("guest: usage: workload=hello|churn|fill|fault|triple"
-          " [pages=N rounds=R free=PCT seed=S] [live=PCT|live_pages=N stale=PCT dirty=PAGES_PER_SEC seconds=N]\n");
+          " [pages=N rounds=R free=PCT seed=S] [live=PCT|live_pages=N stale=PCT dirty=PAGES_PER_SEC seconds=N idle=0|1]\n");
     guest_exit(EXIT_BAD_CMDLINE);
 }
 
@@ -83,6 +84,7 @@ static const struct {
     { "stale",   &g_cfg.stale_pct, 0, 100 },
     { "dirty",   &g_cfg.dirty,     0, 1000000000ULL },
     { "seconds", &g_cfg.seconds,   0, 100000000ULL },
+    { "idle",    &g_cfg.idle,      0, 1 },
 };
 
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))

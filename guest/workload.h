@@ -22,6 +22,7 @@ struct config {
     u64 stale_pct;  /* fill: % of RAM written then freed */
     u64 dirty;      /* fill: page re-writes per second */
     u64 seconds;    /* fill: run time, 0 = until the host asks to stop */
+    u64 idle;       /* fill: 1 = idle through the idle device between paced writes, 0 = spin */
 };
 
 /* What the summary line reports; also read by the (ring-0) exception handler. */

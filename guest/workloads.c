@@ -236,7 +236,7 @@ void run_fill(void)
                         * g_tsc_khz / 1000;
         u64 wake = next_poll < next_page ? next_poll : next_page;
         u64 after = rdtsc();
-        if (g_ports.idle && nlive && wake > after + g_tsc_khz / 10)      /* > 100 us away */
+        if (g_cfg.idle && g_ports.idle && nlive && wake > after + g_tsc_khz / 10)  /* > 100 us away */
             idle_us((u32)((wake - after) * 1000 / g_tsc_khz));
         else
             cpu_relax();
