@@ -32,8 +32,8 @@ def _log(msg: str) -> None:
 
 def listen(uri: str) -> socket.socket:
     host, port = parse_tcp_uri(uri)
+    srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     try:
-        srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # set before listen(): an accepted socket inherits it, and TCP picks
         # its window scale at the handshake
@@ -41,6 +41,7 @@ def listen(uri: str) -> socket.socket:
         srv.bind((host, port))
         srv.listen(1)
     except OSError as e:
+        srv.close()
         raise KvmliteError(f"cannot listen on {uri}: {e.strerror}") from None
     return srv
 
@@ -67,12 +68,18 @@ def run_incoming(args) -> int:
         gc.disable()   # no collection pauses while the source waits for "running"
         try:
             machine, stats = receive(conn, machine, args)
+            try:
+                conn.sendall(wire.encode_reply({"status": "running"}))
+            except OSError as e:
+                # The source may already have given up and resumed the guest
+                # itself: running it here too would make two of it.
+                raise StreamError(f"could not confirm to the source: {e.strerror or e}") from None
         except KvmliteError as e:
             _reply_error(conn, str(e))
             raise KvmliteError(f"incoming migration from {peer[0]}:{peer[1]} failed: {e}; "
                                "the guest was not started") from None
-        conn.sendall(wire.encode_reply({"status": "running"}))
-        gc.enable()
+        finally:
+            gc.enable()
         _log(f"migration received: {stats['pages']} pages with data, {stats['zero_pages']} zero, "
              f"{stats['bytes']} bytes in {(time.perf_counter() - t0) * 1000:.0f} ms; guest resumed")
     finally:
