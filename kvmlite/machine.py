@@ -153,7 +153,8 @@ class Machine:
         """Stop the vCPU at a safe point and wait until it is parked there."""
         with self._lock:
             self._pause_requested = True
-            self.vcpu.kick()
+            self._lock.notify_all()   # wakes a vCPU parked in the idle device
+            self.vcpu.kick()          # and takes one out of KVM_RUN
             if not self._lock.wait_for(lambda: self._paused or not self.running, timeout):
                 raise KvmliteError("the vCPU did not stop within %.1f s" % timeout)
 
