@@ -25,6 +25,7 @@ from . import wire
 from .stats import MigrationStats
 
 CHUNK_PAGES = 1 << 16            # 256 MiB of RAM per dirty-log clear and bitmap read
+assert CHUNK_PAGES <= wire.MAX_RUN_PAGES   # so a run inside a chunk fits one record
 MAX_IOV = 512                    # buffers per sendmsg (Linux allows 1024)
 MAX_BATCH_BYTES = 32 << 20
 CONNECT_TIMEOUT = 5.0
@@ -64,6 +65,24 @@ def bits_to_bool(words: np.ndarray, npages: int) -> np.ndarray:
     return np.unpackbits(words.view(np.uint8), bitorder="little")[:npages].view(bool)
 
 
+def expand_runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Every page of the runs, in order: ([3, 10], [2, 1]) -> [3, 4, 10]."""
+    total = int(lengths.sum())
+    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.repeat(starts, lengths) + (np.arange(total) - offsets)
+
+
+def list_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of consecutive numbers in a sorted page list: (starts, lengths)."""
+    if len(pages) == 0:
+        empty = np.empty(0, dtype=np.int64)
+        return empty, empty
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = pages[np.concatenate(([0], breaks))]
+    ends = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1
+    return starts.astype(np.int64), (ends - starts).astype(np.int64)
+
+
 def page_runs(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Runs of set bits in a bitmap of uint64 words: (first page, length) arrays.
 
@@ -75,11 +94,7 @@ def page_runs(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         empty = np.empty(0, dtype=np.int64)
         return empty, empty
     bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(-1, 64).view(bool)
-    pages = (nz[:, None] * 64 + np.arange(64))[bits]
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = pages[np.concatenate(([0], breaks))]
-    ends = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1
-    return starts, ends - starts
+    return list_runs((nz[:, None] * 64 + np.arange(64))[bits])
 
 
 class Migration:
@@ -392,65 +407,55 @@ class Migration:
         """Send page runs (relative to `first`): data as PAGES, all-zero pages as ZERO.
 
         `backed`, if given, says per page (from `first`) whether the host ever
-        backed it: an unbacked page is zero without being read.
+        backed it: an unbacked page is zero without being read.  Everything is
+        done for all runs at once with numpy: a guest that churns scatters its
+        pages into tens of thousands of runs, and Python per run would cost
+        more than the bytes.
         """
         mem = self.machine.memory
         starts, lengths = runs
         if len(starts) == 0:
             return 0
-        stats = self.stats
-        sent_once = self._sent_once
-        bufs: list = []
-        batch_bytes = 0
-        count = 0
-        for s, n in zip(starts.tolist(), lengths.tolist()):
-            page = first + s
-            if backed is None:
-                zero = mem.zero_pages(page, n)
-            else:
-                zero = ~backed[s:s + n]          # never backed: zero, and left untouched
-                bs, bl = runs_of(~zero)
-                for bstart, blen in zip(bs.tolist(), bl.tolist()):
-                    zero[bstart:bstart + blen] = mem.zero_pages(page + bstart, blen)
-            was = sent_once[page:page + n]
-            resent = int(np.count_nonzero(was))
-            stats.pages_resent += resent
-            self._distinct_sent += n - resent
-            was[:] = True
-            if not zero.any():
-                data_runs = ((0, n),)
-            else:
-                zs, zl = runs_of(zero)
-                for zstart, zlen in zip(zs.tolist(), zl.tolist()):
-                    rec = wire.zero_record(mem.gpa + ((page + zstart) << PAGE_SHIFT), zlen)
-                    self._crc = _crc(rec, self._crc)
-                    bufs.append(rec)
-                    stats.pages_zero += zlen
-                ds, dl = runs_of(~zero)
-                data_runs = zip(ds.tolist(), dl.tolist())
-            for dstart, dlen in data_runs:
-                p = page + dstart
-                while dlen > 0:
-                    k = min(dlen, wire.MAX_RUN_PAGES)
-                    gpa = mem.gpa + (p << PAGE_SHIFT)
-                    hdr = wire.pages_header(gpa, k)
-                    self._crc = _crc(hdr, self._crc)
-                    bufs.append(hdr)
-                    bufs.append(mem.slice(gpa, k << PAGE_SHIFT))
-                    batch_bytes += k << PAGE_SHIFT
-                    stats.pages_sent += k
-                    p += k
-                    dlen -= k
-                    if len(bufs) >= MAX_IOV or batch_bytes >= MAX_BATCH_BYTES:
-                        self._sendall(bufs)
-                        bufs, batch_bytes = [], 0
-            count += n
-            if len(bufs) >= MAX_IOV:
+        pages = expand_runs(starts, lengths)              # relative to `first`
+        if backed is None:
+            zero = mem.zero_page_list(first + pages)
+        else:
+            zero = ~backed[pages]                         # never backed: zero, left untouched
+            zero[~zero] = mem.zero_page_list(first + pages[~zero])
+        was = self._sent_once[first + pages]
+        resent = int(np.count_nonzero(was))
+        self._sent_once[first + pages] = True
+        self.stats.pages_resent += resent
+        self._distinct_sent += len(pages) - resent
+
+        # ZERO records: all of them in one buffer (each page is in one record per round)
+        zs, zl = list_runs(first + pages[zero])
+        if len(zs):
+            recs = wire.run_records(wire.REC_ZERO, mem.gpa + (zs << PAGE_SHIFT), zl)
+            self._crc = _crc(recs, self._crc)
+            self._sendall([recs])
+            self.stats.pages_zero += int(zl.sum())
+        # PAGES records: head, then the pages straight from guest memory
+        ds, dl = list_runs(first + pages[~zero])
+        if len(ds):
+            heads = memoryview(wire.run_records(wire.REC_PAGES, mem.gpa + (ds << PAGE_SHIFT), dl))
+            self._crc = _crc(heads, self._crc)            # payloads are not checksummed
+            size = wire.PAGES_HEADER_SIZE
+            view = mem.view
+            offsets = (ds << PAGE_SHIFT).tolist()
+            nbytes = (dl << PAGE_SHIFT).tolist()
+            bufs, batch = [], 0
+            for i, (off, n) in enumerate(zip(offsets, nbytes)):
+                bufs.append(heads[i * size:(i + 1) * size])
+                bufs.append(view[off:off + n])
+                batch += n
+                if len(bufs) >= MAX_IOV or batch >= MAX_BATCH_BYTES:
+                    self._sendall(bufs)
+                    bufs, batch = [], 0
+            if bufs:
                 self._sendall(bufs)
-                bufs, batch_bytes = [], 0
-        if bufs:
-            self._sendall(bufs)
-        return count
+            self.stats.pages_sent += int(dl.sum())
+        return len(pages)
 
     def _send(self, data: bytes, *, structural: bool) -> None:
         if structural:

@@ -40,6 +40,11 @@ class GuestMemory:
         if prefault:
             self.prefault()
 
+    @property
+    def pointer(self):
+        """A cffi `char *` to the first byte of guest RAM (for C helpers)."""
+        return self._ptr
+
     def prefault(self) -> None:
         """Populate every page now (as QEMU's -mem-prealloc), so later writes don't fault."""
         r = lib.kvmlite_madvise(self._ptr, self.size, lib.MADV_POPULATE_WRITE)
@@ -88,6 +93,17 @@ class GuestMemory:
         out = np.empty(npages, dtype=np.uint8)
         lib.kvmlite_zero_pages(self._ptr + (first_page << PAGE_SHIFT), npages, PAGE_SIZE,
                                ffi.from_buffer(out))
+        return out.view(bool)
+
+    def zero_page_list(self, pages: np.ndarray) -> np.ndarray:
+        """Boolean array: which of the given page numbers hold only zeros."""
+        pages = np.ascontiguousarray(pages, dtype=np.int64)
+        if len(pages) and (pages.min() < 0 or pages.max() >= self.npages):
+            raise GuestMemoryError(self.gpa + (int(pages.max()) << PAGE_SHIFT), PAGE_SIZE,
+                                   self.gpa + self.size)
+        out = np.empty(len(pages), dtype=np.uint8)
+        lib.kvmlite_zero_page_list(self._ptr, ffi.from_buffer("int64_t[]", pages), len(pages), PAGE_SIZE,
+                                   ffi.from_buffer(out))
         return out.view(bool)
 
     def backed_pages(self, first_page: int, npages: int) -> np.ndarray | None:
