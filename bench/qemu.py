@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from kvmlite.procs import ChildProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 GUEST = ROOT / "guest" / "guest.bin"
 
@@ -141,7 +143,7 @@ class Qmp:
         self.sock.close()
 
 
-class QemuVm:
+class QemuVm(ChildProcess):
     """One qemu-system-x86_64 process: serial on its stdout, QMP on a unix socket."""
 
     def __init__(self, binary: str, memory_mib: int, cmdline: str, *, incoming: bool = False,
@@ -149,35 +151,22 @@ class QemuVm:
         fd, self.qmp_path = tempfile.mkstemp(prefix="kvmlite-qmp-", suffix=".sock")
         os.close(fd)
         os.unlink(self.qmp_path)
-        self.args = [binary, "-accel", "kvm", "-cpu", CPU, "-m", f"{memory_mib}M",
-                     "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-                     "-kernel", str(GUEST), "-append", cmdline,
-                     "-device", f"isa-debug-exit,iobase={EXIT_PORT:#x},iosize=1",
-                     "-serial", "stdio", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
+        args = [binary, "-accel", "kvm", "-cpu", CPU, "-m", f"{memory_mib}M",
+                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-kernel", str(GUEST), "-append", cmdline,
+                "-device", f"isa-debug-exit,iobase={EXIT_PORT:#x},iosize=1",
+                "-serial", "stdio", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if prealloc:
-            self.args.append("-mem-prealloc")
+            args.append("-mem-prealloc")
         if incoming:
-            self.args += ["-incoming", "defer"]
-        self.args += list(extra)
-        self.lines: list[str] = []
-        self.stderr: list[str] = []
-        self._cond = threading.Condition()
-        self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE)
-        self._readers = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.lines), daemon=True),
-                         threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr), daemon=True)]
-        for t in self._readers:
-            t.start()
+            args += ["-incoming", "defer"]
         self._qmp: Qmp | None = None
+        super().__init__(args + list(extra))
 
-    def _pump(self, stream, lines: list[str]) -> None:
-        for raw in iter(stream.readline, b""):
-            with self._cond:
-                lines.append(raw.decode(errors="replace").rstrip("\r\n"))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
+    @property
+    def lines(self) -> list[str]:
+        """The guest's serial output."""
+        return self.stdout_lines
 
     @property
     def qmp(self) -> Qmp:
@@ -185,65 +174,22 @@ class QemuVm:
             self._qmp = Qmp(self.qmp_path)
         return self._qmp
 
-    def wait_for(self, pattern: str, timeout: float = 60.0) -> re.Match:
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._cond:
-            while True:
-                for line in self.lines[seen:]:
-                    m = rx.search(line)
-                    if m:
-                        return m
-                seen = len(self.lines)
-                if self.proc.poll() is not None and not self._readers[0].is_alive():
-                    raise RuntimeError(f"QEMU exited ({self.proc.returncode}) before printing "
-                                       f"{pattern!r}:\n{self.output()}")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no serial line matching {pattern!r} within {timeout} s:\n{self.output()}")
-                self._cond.wait(min(left, 0.2))
-
     def wait(self, timeout: float = 60.0) -> int:
         """Wait for exit; returns the guest's exit byte (isa-debug-exit) or -1 if QEMU ended otherwise."""
         try:
-            self.proc.wait(timeout)
+            rc = super().wait(timeout)
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"QEMU did not exit within {timeout} s:\n{self.output()}") from None
-        for t in self._readers:
-            t.join(5)
-        rc = self.proc.returncode
         return rc >> 1 if rc > 0 and rc & 1 else -1
-
-    def summary(self) -> dict | None:
-        from kvmlite.procs import parse_summary
-        for line in reversed(self.lines):
-            if "KVMLITE-SUMMARY" in line:
-                return parse_summary(line[line.index("KVMLITE-SUMMARY"):])
-        return None
-
-    def output(self) -> str:
-        return "\n".join(["-- serial --", *self.lines[-30:], "-- stderr --", *self.stderr[-30:]])
 
     def kill(self) -> None:
         if self._qmp is not None:
             self._qmp.close()
-        if self.proc.poll() is None:
-            self.proc.kill()
-            try:
-                self.proc.wait(10)
-            except (subprocess.TimeoutExpired, ChildProcessError):
-                pass
+        super().kill()
         try:
             os.unlink(self.qmp_path)
         except OSError:
             pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.kill()
 
 
 # ---- one migration ------------------------------------------------------------------

@@ -21,18 +21,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class VmProcess:
-    """`python -m kvmlite run ...` in a child process, its output collected line by line."""
+class ChildProcess:
+    """A child process whose stdout and stderr are collected line by line, so a
+    caller can wait for a line (`wait_for`) while the child keeps running."""
 
-    def __init__(self, args: list[str], *, monitor: bool = True, echo: str | None = None,
-                 env: dict | None = None):
-        self.monitor_path = None
-        if monitor:
-            fd, self.monitor_path = tempfile.mkstemp(prefix="kvmlite-mon-", suffix=".sock")
-            os.close(fd)
-            os.unlink(self.monitor_path)
-            args = args + ["--monitor", f"unix:{self.monitor_path}"]
-        self.args = [sys.executable, "-m", "kvmlite", "run"] + args
+    def __init__(self, args: list[str], *, echo: str | None = None, env: dict | None = None):
+        self.args = args
         self.echo = echo
         self.stdout_lines: list[str] = []
         self.stderr_lines: list[str] = []
@@ -50,7 +44,7 @@ class VmProcess:
 
     def _read(self, stream, lines: list[str]) -> None:
         for raw in iter(stream.readline, b""):
-            line = raw.decode(errors="replace").rstrip("\n")
+            line = raw.decode(errors="replace").rstrip("\r\n")
             with self._cond:
                 if lines is self.stdout_lines and self.first_stdout_at is None:
                     self.first_stdout_at = time.perf_counter()
@@ -82,6 +76,48 @@ class VmProcess:
                     raise TimeoutError(f"no line matching {pattern!r} within {timeout} s:\n{self.output()}")
                 self._cond.wait(min(left, 0.2))
 
+    def wait(self, timeout: float = 60.0) -> int:
+        """Wait for the process to exit and its output to be read; returns its status."""
+        rc = self.proc.wait(timeout)
+        for t in self._readers:
+            t.join(5)
+        return rc
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def output(self) -> str:
+        return "\n".join(["-- stdout --", *self.stdout_lines[-40:], "-- stderr --", *self.stderr_lines[-40:]])
+
+    def summary(self) -> dict | None:
+        """The guest's KVMLITE-SUMMARY line as a dict, if it printed one."""
+        for line in reversed(self.stdout_lines):
+            if "KVMLITE-SUMMARY" in line:
+                return parse_summary(line[line.index("KVMLITE-SUMMARY"):])
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.kill()
+
+
+class VmProcess(ChildProcess):
+    """`python -m kvmlite run ...` in a child process, with its monitor socket."""
+
+    def __init__(self, args: list[str], *, monitor: bool = True, echo: str | None = None,
+                 env: dict | None = None):
+        self.monitor_path = None
+        if monitor:
+            fd, self.monitor_path = tempfile.mkstemp(prefix="kvmlite-mon-", suffix=".sock")
+            os.close(fd)
+            os.unlink(self.monitor_path)
+            args = args + ["--monitor", f"unix:{self.monitor_path}"]
+        super().__init__([sys.executable, "-m", "kvmlite", "run"] + args, echo=echo, env=env)
+
     def wait_monitor(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while not os.path.exists(self.monitor_path):
@@ -102,32 +138,6 @@ class VmProcess:
         finally:
             c.close()
 
-    def wait(self, timeout: float = 60.0) -> int:
-        rc = self.proc.wait(timeout)
-        for t in self._readers:
-            t.join(5)
-        return rc
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def output(self) -> str:
-        return "\n".join(["-- stdout --", *self.stdout_lines[-40:], "-- stderr --", *self.stderr_lines[-40:]])
-
-    def summary(self) -> dict | None:
-        """The guest's KVMLITE-SUMMARY line as a dict, if it printed one."""
-        for line in reversed(self.stdout_lines):
-            if line.startswith("KVMLITE-SUMMARY"):
-                return parse_summary(line)
-        return None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.kill()
 
 
 def parse_summary(line: str) -> dict:
