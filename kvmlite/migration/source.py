@@ -198,6 +198,11 @@ class Migration:
             self._sync(dirty)
             pending = self._count_pending(dirty)
             self.stats.pages_remaining = pending
+            now = time.perf_counter()
+            if self._last_sync is not None:
+                # what the guest dirtied (and still uses) since the last round began
+                self.stats.dirty_rate_pps = pending / max(now - self._last_sync, 1e-9)
+            self._last_sync = now
             if self.stats.rounds > 0 and (
                     pending * PAGE_SIZE <= self._bandwidth_estimate() * self.downtime_limit
                     or self.stats.rounds >= self.max_rounds):
@@ -293,16 +298,9 @@ class Migration:
         """Fetch slot 0's dirty log into `dirty` (QEMU's migration_bitmap_sync).
 
         Under manual protect the fetch does not clear: _send_dirty clears each
-        chunk just before reading it.  Also measures the guest's dirty rate:
-        pages newly dirtied since the previous sync, per second.
+        chunk just before reading it.
         """
-        log = self.machine.vm.get_dirty_log(0)
-        now = time.perf_counter()
-        if self._last_sync is not None:
-            new = int(np.bitwise_count(log & ~dirty).sum())
-            self.stats.dirty_rate_pps = new / max(now - self._last_sync, 1e-9)
-        self._last_sync = now
-        dirty |= log
+        dirty |= self.machine.vm.get_dirty_log(0)
 
     def _free_words(self, w0: int, w1: int) -> np.ndarray | None:
         """Snapshot of the guest's free bits for RAM words [w0, w1), as uint64 words.
@@ -398,8 +396,8 @@ class Migration:
                 n = min((w1 - w0) * 64, self.machine.memory.npages - w0 * 64)
                 backed = self.machine.memory.backed_pages(w0 * 64, n)
             total += self._send_pages(w0 * 64, runs, backed)
+            self.stats.pages_skipped_free = self._examined - self._distinct_sent
         self._first_pass_done = True
-        self.stats.pages_skipped_free = self._examined - self._distinct_sent
         return total
 
     def _send_pages(self, first: int, runs: tuple[np.ndarray, np.ndarray],
