@@ -50,21 +50,6 @@ def parse_tcp_uri(uri: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def runs_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Start indices and lengths of the runs of True in a boolean array."""
-    if not mask.any():
-        empty = np.empty(0, dtype=np.int64)
-        return empty, empty
-    edges = np.diff(mask.view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts = np.flatnonzero(edges == 1)
-    ends = np.flatnonzero(edges == -1)
-    return starts, ends - starts
-
-
-def bits_to_bool(words: np.ndarray, npages: int) -> np.ndarray:
-    return np.unpackbits(words.view(np.uint8), bitorder="little")[:npages].view(bool)
-
-
 def expand_runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     """Every page of the runs, in order: ([3, 10], [2, 1]) -> [3, 4, 10]."""
     total = int(lengths.sum())

@@ -18,11 +18,11 @@ from kvmlite import msr
 from kvmlite.devices import DebugCon, ExitDevice, FreePageHint, Uart16550
 from kvmlite.errors import MigrationError, StreamError
 from kvmlite.kvm import ffi
-from kvmlite.migration.source import bits_to_bool, page_runs, parse_tcp_uri, runs_of
+from kvmlite.migration.source import expand_runs, list_runs, page_runs, parse_tcp_uri
 from kvmlite.migration.state import restore_devices, validate_state
 from kvmlite.vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
 
-# ---- runs_of / bits_to_bool -----------------------------------------------------------------
+# ---- page_runs / list_runs / expand_runs ------------------------------------------------------
 
 
 def naive_runs(mask):
@@ -36,45 +36,39 @@ def naive_runs(mask):
     return runs
 
 
-@pytest.mark.parametrize("mask,runs", [
-    ([], []), ([False] * 5, []), ([True], [(0, 1)]), ([True] * 4, [(0, 4)]),
-    ([False, True, True, False, True], [(1, 2), (4, 1)]),
-    ([True, False, False, True, True], [(0, 1), (3, 2)]),
+def unpack_abi_bits(words: np.ndarray) -> list[bool]:
+    """Bit i is bit i % 8 of byte i // 8 (docs/abi.md), written out plainly."""
+    raw = words.astype("<u8").tobytes()
+    return [bool(raw[i // 8] >> (i % 8) & 1) for i in range(8 * len(raw))]
+
+
+@pytest.mark.parametrize("pages,runs", [
+    ([], []), ([7], [(7, 1)]), ([0, 1, 2, 3], [(0, 4)]),
+    ([1, 2, 4], [(1, 2), (4, 1)]), ([0, 3, 4], [(0, 1), (3, 2)]),
 ])
-def test_runs_of_examples(mask, runs):
-    """runs_of gives (start, length) of each run of True, including runs at both ends."""
-    starts, lengths = runs_of(np.array(mask, dtype=bool))
+def test_list_runs_examples(pages, runs):
+    """list_runs gives (start, length) of each run of consecutive page numbers."""
+    starts, lengths = list_runs(np.array(pages, dtype=np.int64))
     assert list(zip(starts.tolist(), lengths.tolist())) == runs
 
 
-@given(st.lists(st.booleans(), max_size=300))
+@given(st.lists(st.integers(0, 1000), max_size=200).map(lambda xs: sorted(set(xs))))
 @settings(max_examples=200, deadline=None)
-def test_runs_of_matches_naive_scan(mask):
-    """runs_of agrees with a plain Python scan on any boolean array."""
-    starts, lengths = runs_of(np.array(mask, dtype=bool))
-    assert list(zip(starts.tolist(), lengths.tolist())) == naive_runs(mask)
-
-
-@given(st.binary(min_size=0, max_size=64).map(lambda b: b + bytes(-len(b) % 8)), st.data())
-@settings(max_examples=100, deadline=None)
-def test_bits_to_bool_follows_abi_bit_order(raw, data):
-    """Bit i is bit i % 8 of byte i // 8 (docs/abi.md), cut to npages."""
-    npages = data.draw(st.integers(0, 8 * len(raw)))
-    got = bits_to_bool(np.frombuffer(raw, dtype="<u8"), npages)
-    assert got.dtype == bool
-    assert got.tolist() == [bool(raw[i // 8] >> (i % 8) & 1) for i in range(npages)]
+def test_expand_runs_inverts_list_runs(pages):
+    """expand_runs(list_runs(pages)) gives the pages back."""
+    starts, lengths = list_runs(np.array(pages, dtype=np.int64))
+    assert expand_runs(starts, lengths).tolist() == pages
 
 
 @given(st.lists(st.sampled_from([0, 1, 0xFFFFFFFFFFFFFFFF, 1 << 63, 0x8000000000000001])
                 | st.integers(0, (1 << 64) - 1), max_size=12))
 @settings(max_examples=200, deadline=None)
-def test_page_runs_matches_runs_of_unpacked_bitmap(words):
-    """page_runs on uint64 words gives the same (first page, length) runs as unpacking every bit,
-    including runs that cross word boundaries."""
+def test_page_runs_matches_a_plain_scan_of_the_bits(words):
+    """page_runs on uint64 words gives the same (first page, length) runs as scanning every
+    bit in the ABI's bit order, including runs that cross word boundaries."""
     w = np.array(words, dtype=np.uint64)
     starts, lengths = page_runs(w)
-    expected = naive_runs(bits_to_bool(w, 64 * len(words)).tolist())
-    assert list(zip(starts.tolist(), lengths.tolist())) == expected
+    assert list(zip(starts.tolist(), lengths.tolist())) == naive_runs(unpack_abi_bits(w))
 
 
 # ---- parse_tcp_uri ------------------------------------------------------------------------
