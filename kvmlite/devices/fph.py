@@ -94,11 +94,23 @@ class FreePageHint(Device):
             out.append((first, last - first + 1))
         return out
 
+    def hintable_mask(self) -> np.ndarray | None:
+        """Per page of RAM, True where the bitmap may call the page free: inside
+        the registered range, and not the header's or the bitmap's own pages."""
+        reg = self.registration
+        if reg is None:
+            return None
+        mask = np.zeros(self.memory.npages, dtype=bool)
+        first = reg.base_gpa >> PAGE_SHIFT
+        mask[first:first + reg.npages] = True
+        for page, count in self.always_sent_pages():
+            mask[page:page + count] = False
+        return mask
+
     def free_mask(self) -> np.ndarray | None:
         """Per page of RAM, True where the hint says free (and the page may be skipped).
 
-        Pages outside the registered range, the header's and the bitmap's pages
-        are never free.  A snapshot: read it after the dirty log was cleared.
+        A snapshot: read it after the dirty log was cleared.
         """
         words = self.bitmap_words()
         if words is None:
@@ -108,9 +120,7 @@ class FreePageHint(Device):
         mask = np.zeros(self.memory.npages, dtype=bool)
         first = reg.base_gpa >> PAGE_SHIFT
         mask[first:first + reg.npages] = bits
-        for page, count in self.always_sent_pages():
-            mask[page:page + count] = False
-        return mask
+        return mask & self.hintable_mask()
 
     def count_free(self) -> int:
         mask = self.free_mask()

@@ -316,15 +316,12 @@ class Migration:
         return out
 
     def _prepare_hint(self, reg) -> None:
-        """Per registration: a view of the guest's bitmap and the mask of hintable pages."""
-        npages = self.machine.memory.npages
-        hintable = np.zeros(((npages + 63) // 64) * 64, dtype=bool)
-        first = reg.base_gpa >> PAGE_SHIFT
-        hintable[first:first + reg.npages] = True
-        for page, count in self.machine.fph.always_sent_pages():
-            hintable[page:page + count] = False
+        """Per registration: a view of the guest's bitmap and the hintable pages as words."""
+        fph = self.machine.fph
+        hintable = fph.hintable_mask()
+        hintable = np.pad(hintable, (0, -len(hintable) % 64))
         self._hintable = np.packbits(hintable, bitorder="little").view(np.uint64)
-        self._guest_words = self.machine.fph.bitmap_words()
+        self._guest_words = fph.bitmap_words()
         self._never_free_for = reg
 
     def _count_pending(self, dirty: np.ndarray) -> int:
