@@ -242,12 +242,25 @@ class Migration:
         if isinstance(e, socket.timeout):
             return "the destination stopped responding (timed out)"
         if isinstance(e, (BrokenPipeError, ConnectionResetError)):
-            return "the destination closed the connection"
+            why = self._refusal()
+            return f"destination refused the VM: {why}" if why else "the destination closed the connection"
         if isinstance(e, ConnectionRefusedError):
             return f"nothing listens on {self.uri} (start: kvmlite run --incoming {self.uri})"
         if isinstance(e, OSError):
             return f"{e.strerror or e}"
         return f"{type(e).__name__}: {e}"
+
+    def _refusal(self) -> str | None:
+        """The error a destination sent before it hung up (e.g. RAM size mismatch), if any."""
+        sock = self.sock
+        if sock is None:
+            return None
+        try:
+            sock.settimeout(0.5)
+            reply = wire.read_reply(sock)
+        except (OSError, KvmliteError):
+            return None
+        return reply.get("error") if reply.get("status") == "error" else None
 
     def _drain(self, timeout: float = 1.0) -> None:
         """Wait, with the guest still running, until the destination has taken in

@@ -201,3 +201,17 @@ def test_hostile_or_truncated_streams_are_refused(payload, message):
         assert not dst.stdout_lines
         if dst.reply:
             assert wire.decode_reply(dst.reply[4:])["status"] == "error"
+
+
+def test_destination_refusal_reaches_the_source(guest_image):
+    """A destination with the wrong RAM size refuses; the source reports why and keeps the guest."""
+    port = free_port()
+    dst = start_destination(port, "128M")
+    src, fill = fill_vm(guest_image, live=20, stale=0)
+    with src, dst:
+        s = migrate(src, port)
+        assert s["status"] == "failed"
+        assert "refused" in s["error"] and "--memory must match" in s["error"], s["error"]
+        assert dst.wait(30) == 1
+        assert "the guest was not started" in "\n".join(dst.stderr_lines)
+        finish_and_check(src, fill["live"])
