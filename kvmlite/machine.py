@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from dataclasses import dataclass
 
 from . import boot, exits as ex
@@ -65,6 +66,7 @@ class Machine:
         self._paused = False
         self._quit = None          # RunResult to return at the next safe point
         self.running = False
+        self._throttle = 0.0       # share of time the vCPU sits out (migration auto-converge)
 
     # ---- devices by name, for migration ------------------------------------
 
@@ -134,6 +136,11 @@ class Machine:
     def _safe_point(self) -> RunResult | None:
         """The vCPU is between exits: park while paused, return a result to quit."""
         with self._lock:
+            if self._throttle:
+                # Sit out a share of each THROTTLE_PERIOD (a pause or quit cuts it short).
+                t = self._throttle
+                self._lock.wait_for(lambda: self._pause_requested or self._quit is not None,
+                                    THROTTLE_PERIOD * t / (1 - t))
             while True:
                 if self._quit is not None:
                     return self._quit
@@ -167,6 +174,23 @@ class Machine:
     def paused(self) -> bool:
         return self._paused
 
+    def set_throttle(self, share: float) -> None:
+        """Make the vCPU sit out `share` (0 to 0.95) of its time, as QEMU's
+        auto-converge does, so a guest that dirties memory faster than a
+        migration can send it slows down enough for the migration to finish."""
+        share = min(max(share, 0.0), 0.95)
+        start = share and not self._throttle
+        self._throttle = share
+        if start:
+            threading.Thread(target=self._throttle_kicker, name="throttle", daemon=True).start()
+
+    def _throttle_kicker(self) -> None:
+        # A guest that computes without exits must be taken out of KVM_RUN to sit out.
+        while self._throttle and self.running:
+            time.sleep(THROTTLE_PERIOD)
+            if self._throttle:
+                self.vcpu.kick()
+
     def quit(self, result: RunResult) -> None:
         """End run() at the next safe point with `result` (e.g. after migrating away)."""
         with self._lock:
@@ -181,3 +205,4 @@ class Machine:
 
 
 CRASH_STATUS = 125
+THROTTLE_PERIOD = 0.01   # seconds: the vCPU runs, then sits out its share, every 10 ms

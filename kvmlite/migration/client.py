@@ -66,6 +66,7 @@ def stats_rows(s: dict) -> list[tuple[str, str]]:
         ("bytes on the wire", f"{s['bytes_wire']} ({human_bytes(s['bytes_wire'])})"),
         ("throughput", f"{s['throughput_mbps']:.0f} MiB/s"),
         ("dirty rate", f"{s['dirty_rate_pps']:.0f} pages/s"),
+        ("vCPU throttled", f"{s['throttle_pct']} %"),
     ]
 
 

@@ -215,3 +215,22 @@ def test_destination_refusal_reaches_the_source(guest_image):
         assert dst.wait(30) == 1
         assert "the guest was not started" in "\n".join(dst.stderr_lines)
         finish_and_check(src, fill["live"])
+
+
+def test_auto_converge_throttles_a_guest_that_outruns_the_link(guest_image):
+    """A guest dirtying faster than a 64 MiB/s link gets throttled, and still migrates intact."""
+    port = free_port()
+    dst = start_destination(port, "256M")
+    src = VmProcess([str(guest_image), "--memory", "256M", "--cmdline",
+                     "workload=churn pages=20000 rounds=100000 free=50"])
+    with src, dst:
+        src.wait_for(r"^churn: round 3/", timeout=60)
+        s = migrate(src, port, bandwidth="64M", **{"max-rounds": 6})
+        assert s["status"] == "completed", s
+        assert s["throttle_pct"] >= 20, s
+        assert src.wait(30) == 0
+        dst.wait_for(r"^churn: round \d+", timeout=60)      # carries on at the destination
+        dst.execute("quit")
+        dst.wait(30)
+        bad = [l for p in (src, dst) for l in p.stdout_lines if "errors=" in l and "errors=0" not in l]
+        assert not bad, bad
