@@ -103,7 +103,8 @@ class Migration:
         self._crc = 0
         self._sent_once = np.zeros(machine.memory.npages, dtype=bool)
         self._never_free_for = None     # the registration _hintable was built for
-        self._last_sync = None
+        self._first_sync = None          # when pre-copy's first sync ran
+        self._dirtied = 0                # pages found dirty again at later syncs
         self._not_converging = 0         # rounds in a row that did not shrink enough
         self._first_pass_done = False   # every page has been examined once
         self._examined = 0              # pages examined in the first pass so far
@@ -186,10 +187,12 @@ class Migration:
             pending = self._count_pending(dirty)
             self.stats.pages_remaining = pending
             now = time.perf_counter()
-            if self._last_sync is not None:
-                # what the guest dirtied (and still uses) since the last round began
-                self.stats.dirty_rate_pps = pending / max(now - self._last_sync, 1e-9)
-            self._last_sync = now
+            if self._first_sync is None:
+                self._first_sync = now
+            else:
+                # pages the guest dirtied (and still uses) while rounds ran, per second
+                self._dirtied += pending
+                self.stats.dirty_rate_pps = self._dirtied / max(now - self._first_sync, 1e-9)
             if self.stats.rounds > 0 and (
                     pending * PAGE_SIZE <= self._bandwidth_estimate() * self.downtime_limit
                     or self.stats.rounds >= self.max_rounds):
