@@ -17,7 +17,9 @@ internal error); 1 when kvmlite cannot run it (bad image, no /dev/kvm, ...)."""
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvmlite", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="kvmlite", description="A small KVM virtual machine monitor that live-migrates "
+        "a running guest, sending only the pages the guest is using (free page hinting).")
     p.add_argument("--version", action="version", version=f"kvmlite {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -26,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("image", nargs="?", help="flat binary or ELF64 guest image")
     run.add_argument("-m", "--memory", default=None,
                      help=f"guest RAM, e.g. 256M or 1G (default {DEFAULT_MEMORY})")
-    run.add_argument("--cmdline", default="", help="guest command line (see guest/README)")
+    run.add_argument("--cmdline", default="", help="guest command line (see guest/README.md)")
     run.add_argument("--load", metavar="ADDR", help="load address for flat images (default 0x100000)")
     run.add_argument("--entry", metavar="ADDR", help="entry point (default: load address / e_entry)")
     run.add_argument("--stats", action="store_true",
