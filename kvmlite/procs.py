@@ -31,8 +31,6 @@ class ChildProcess:
         self.stdout_lines: list[str] = []
         self.stderr_lines: list[str] = []
         self._cond = threading.Condition()
-        self.started_at = time.perf_counter()
-        self.first_stdout_at: float | None = None
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      stdin=subprocess.DEVNULL, env=env)
         self._readers = [threading.Thread(target=self._read, args=(self.proc.stdout, self.stdout_lines),
@@ -46,8 +44,6 @@ class ChildProcess:
         for raw in iter(stream.readline, b""):
             line = raw.decode(errors="replace").rstrip("\r\n")
             with self._cond:
-                if lines is self.stdout_lines and self.first_stdout_at is None:
-                    self.first_stdout_at = time.perf_counter()
                 lines.append(line)
                 self._cond.notify_all()
             if self.echo is not None:

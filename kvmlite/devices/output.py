@@ -12,13 +12,8 @@ class SerialOutput:
     def __init__(self, fd: int | None = None):
         self.fd = sys.stdout.fileno() if fd is None else fd
         self.buf = bytearray()
-        self.bytes_out = 0
-        self.first_byte_at = None  # perf_counter() of the first byte, for benchmarks
 
     def write_byte(self, b: int) -> None:
-        if self.first_byte_at is None:
-            import time
-            self.first_byte_at = time.perf_counter()
         self.buf.append(b)
         if b == 0x0A or len(self.buf) >= 4096:
             self.flush()
@@ -27,7 +22,6 @@ class SerialOutput:
         if self.buf:
             data = bytes(self.buf)
             self.buf.clear()
-            self.bytes_out += len(data)
             try:
                 while data:
                     n = os.write(self.fd, data)

@@ -84,9 +84,6 @@ class GuestMemory:
         off = self._offset(gpa, length)
         np.frombuffer(self._map, dtype=np.uint8, count=length, offset=off)[:] = 0
 
-    def as_array(self, dtype=np.uint8) -> np.ndarray:
-        return np.frombuffer(self._map, dtype=dtype)
-
     def zero_pages(self, first_page: int, npages: int) -> np.ndarray:
         """Boolean array: which of `npages` pages from `first_page` hold only zeros."""
         self._offset(self.gpa + (first_page << PAGE_SHIFT), npages << PAGE_SHIFT)
