@@ -102,6 +102,9 @@ class Migration:
         self.done = threading.Event()
         self._crc = 0
         self._sent_once = np.zeros(machine.memory.npages, dtype=bool)
+        # For pictures (`kvmlite pagemap`): the round that last sent each page (0: never).
+        self.sent_round = np.zeros(machine.memory.npages, dtype=np.uint8)
+        self.dirty_words: np.ndarray | None = None   # pages dirty and not yet sent, while it runs
         self._never_free_for = None     # the registration _hintable was built for
         self._first_sync = None          # when pre-copy's first sync ran
         self._dirtied = 0                # pages found dirty again at later syncs
@@ -172,6 +175,7 @@ class Migration:
         dirty = np.full((mem.npages + 63) // 64, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
         if mem.npages % 64:
             dirty[-1] = np.uint64((1 << (mem.npages % 64)) - 1)
+        self.dirty_words = dirty
         self._send(wire.encode_preamble({
             "page_size": PAGE_SIZE, "ram": [[mem.gpa, mem.size]], "vcpus": 1,
             "hint": self.hint, "live": self.live, "source": "kvmlite"}), structural=True)
@@ -437,6 +441,7 @@ class Migration:
         was = self._sent_once[first + pages]
         resent = int(np.count_nonzero(was))
         self._sent_once[first + pages] = True
+        self.sent_round[first + pages] = min(self.stats.rounds + 1, 255)
         self.stats.pages_resent += resent
         self._distinct_sent += len(pages) - resent
 
