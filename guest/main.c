@@ -152,10 +152,11 @@ void print_summary(u64 free_pages, int ok)
     /* Page-write throughput over the cycles spent writing pages: the native speed. */
     if (g_stats.write_cycles)
         pps = g_stats.pages_written * (g_tsc_khz * 1000) / g_stats.write_cycles;
-    print("KVMLITE-SUMMARY workload=%s live=%lu free=%lu verified=%lu errors=%lu"
+    print("KVMLITE-SUMMARY workload=%s live=%lu free=%lu verified=%lu errors=%lu corrupted=%lu"
           " pages_written=%lu elapsed_ms=%lu pages_per_sec=%lu status=%s\n",
           g_cfg.workload_name, (unsigned long)g_stats.live, (unsigned long)free_pages,
           (unsigned long)g_stats.verified, (unsigned long)g_stats.errors,
+          (unsigned long)g_stats.corrupted,
           (unsigned long)g_stats.pages_written, (unsigned long)tsc_to_ms(elapsed),
           (unsigned long)pps, ok ? "ok" : "fail");
 }

@@ -30,6 +30,7 @@ struct stats {
     u64 live;           /* pages holding workload data right now */
     u64 verified;       /* pages checked word by word, in total */
     u64 errors;         /* mismatching words + failed self-checks */
+    u64 corrupted;      /* churn: live pages found not holding what was written */
     u64 pages_written;  /* whole-page pattern writes */
     u64 write_cycles;   /* TSC cycles spent inside those writes */
     u64 start_tsc;      /* when the workload began */

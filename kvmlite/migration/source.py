@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from .. import faults
 from ..errors import KvmliteError, MigrationError
 from ..vstate.memory import PAGE_SHIFT, PAGE_SIZE
 from . import wire
@@ -208,6 +209,7 @@ class Migration:
             self.stats.round_pages.append(sent)
             self.stats.rounds += 1
             self._send(wire.round_record(self.stats.rounds), structural=True)
+            faults.point(f"src:round:{self.stats.rounds}")
 
     def _auto_converge(self, pending: int) -> None:
         """If the guest dirtied at least half of what the last round sent, twice
@@ -233,6 +235,7 @@ class Migration:
         if not machine.paused:        # a VM the user stopped stays stopped if this fails
             machine.pause()
             self._paused_here = True
+        faults.point("src:paused")
         marks.append(("sync", time.perf_counter()))
         self._sync(dirty)             # the vCPU is parked: what is dirty now is final
         marks.append(("pages", time.perf_counter()))
@@ -381,6 +384,8 @@ class Migration:
         A page the guest takes after 2 is written after 1, so it is dirty
         again and goes in the next round.
         """
+        if faults.broken_order:
+            return self._send_dirty_broken(dirty)
         vm = self.machine.vm
         words_per_chunk = CHUNK_PAGES // 64
         total = 0
@@ -416,6 +421,32 @@ class Migration:
             total += self._send_pages(w0 * 64, runs, backed)
             self.stats.pages_skipped_free = self._examined - self._distinct_sent
         self._first_pass_done = True
+        return total
+
+    def _send_dirty_broken(self, dirty: np.ndarray) -> int:
+        """The race claim 2 prevents, for tests and lab 4 only (KVMLITE_TEST_BROKEN_ORDER=1).
+
+        Reads the free bits first, for the whole round, and clears each
+        chunk's dirty log afterwards.  A page the guest allocates and fills
+        in between was free in the snapshot, so it is not sent, and its
+        dirty bit is then cleared, so no later round sends it either: the
+        destination gets a stale or zero page.
+        """
+        vm = self.machine.vm
+        words_per_chunk = CHUNK_PAGES // 64
+        free_all = self._free_words(0, len(dirty))      # 1. (wrongly) the free bits first
+        total = 0
+        for w0 in range(0, len(dirty), words_per_chunk):
+            w1 = min(w0 + words_per_chunk, len(dirty))
+            chunk = dirty[w0:w1].copy()
+            if not chunk.any():
+                continue
+            self._check_cancel()
+            dirty[w0:w1] = 0
+            if vm.manual_protect:
+                vm.clear_dirty_log(0, w0 * 64, chunk)    # 2. then clear the dirty log
+            send = chunk if free_all is None else chunk & ~free_all[w0:w1]
+            total += self._send_pages(w0 * 64, page_runs(send))
         return total
 
     def _send_pages(self, first: int, runs: tuple[np.ndarray, np.ndarray],
