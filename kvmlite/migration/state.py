@@ -11,6 +11,7 @@ from .. import msr
 from ..errors import StreamError
 from ..kvm import ffi
 from ..vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
+from .wire import _show
 
 STATE_VERSION = 1
 U64 = 1 << 64
@@ -89,7 +90,7 @@ def validate_state(state, vcpus: int, devices: dict) -> dict:
     """Check `state` against the header's vCPU count and this VMM's devices."""
     _map(state, "state", ("version", "vcpus", "devices"))
     if state["version"] != STATE_VERSION:
-        _fail("state.version", f"{state['version']!r} is not supported (this kvmlite reads {STATE_VERSION})")
+        _fail("state.version", f"{_show(state['version'])} is not supported (this kvmlite reads {STATE_VERSION})")
     if not isinstance(state["vcpus"], list) or len(state["vcpus"]) != vcpus:
         _fail("state.vcpus", f"expected {vcpus} vCPU(s) as the header says")
     for i, v in enumerate(state["vcpus"]):
@@ -105,5 +106,6 @@ def restore_devices(state: dict, devices: dict) -> None:
             dev.restore_state(state["devices"][name])
         except StreamError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError,
+                OverflowError) as e:  # OverflowError: int() of a msgpack float infinity
             _fail(f"state.devices.{name}", str(e) or type(e).__name__)

@@ -221,7 +221,10 @@ Target = Callable[[int, int], Any]  # (gpa, nbytes) -> writable buffer of nbytes
 
 
 def _show(value: Any, limit: int = 40) -> str:
-    r = repr(value)
+    try:
+        r = repr(value)
+    except RecursionError:  # msgpack nests ~1000 deep before it gives up; repr does not
+        r = f"a deeply nested {type(value).__name__}"
     return r if len(r) <= limit else r[:limit] + "..."
 
 
