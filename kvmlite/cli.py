@@ -35,8 +35,15 @@ def _parser() -> argparse.ArgumentParser:
                      help="print page counts from the guest's free-page bitmap at exit")
     run.add_argument("--trace", action="store_true", help="log every VM exit to stderr")
     run.add_argument("--monitor", metavar="unix:PATH", help="JSON-lines control socket")
-    run.add_argument("--incoming", metavar="tcp:HOST:PORT",
-                     help="wait for a migration stream instead of booting an image")
+    run.add_argument("--incoming", metavar="tcp:[HOST:]PORT|file:PATH",
+                     help="wait for a migration (listening on 127.0.0.1 unless HOST is given), "
+                     "or restore a snapshot file, instead of booting an image")
+    run.add_argument("--max-memory", metavar="SIZE",
+                     help="with --incoming: the largest RAM a stream may ask for "
+                     "(default: this host's physical memory)")
+    run.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help="migration in or out: give up after this long without progress (default 30)")
+    _security_options(run)
     run.add_argument("--prealloc", action="store_true",
                      help="pre-fault all guest RAM at start (default for --incoming with --memory)")
 
@@ -44,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 
     mig = sub.add_parser("migrate", help="live-migrate a running VM to a destination")
     mig.add_argument("--monitor", required=True, metavar="PATH", help="the source VM's monitor socket")
-    mig.add_argument("uri", metavar="tcp:HOST:PORT", help="destination (kvmlite run --incoming)")
+    mig.add_argument("uri", metavar="tcp:HOST:PORT|file:PATH",
+                     help="destination (kvmlite run --incoming), or a snapshot file to write")
     mig.add_argument("--no-free-page-hint", dest="hint", action="store_false",
                      help="send free pages too (baseline; zero pages are still detected)")
     mig.add_argument("--stop-copy", action="store_true", help="pause first, then copy in one pass")
@@ -52,7 +60,38 @@ def _parser() -> argparse.ArgumentParser:
     mig.add_argument("--bandwidth", default="0", help="bandwidth limit per second, e.g. 100M (0 = none)")
     mig.add_argument("--max-rounds", type=int, default=30, help="pre-copy rounds before forcing completion")
     mig.add_argument("--json", action="store_true", help="print the final stats as JSON")
+    mig.add_argument("--timeout", type=float, metavar="SECONDS",
+                     help="give up after this long without progress (default: the VM's, 30)")
+    mig.add_argument("--auth-key", metavar="FILE",
+                     help="shared key to prove to the destination (default: the VM's own --auth-key)")
+    mig.add_argument("--pagemap", metavar="FILE.png",
+                     help="when it ends, draw which round sent each page into this PNG")
+
+    pm = sub.add_parser("pagemap", help="draw guest memory as a grid, one cell per page")
+    pm.add_argument("source", nargs="?", metavar="file:STREAM",
+                    help="a migration stream saved to a file, instead of --monitor")
+    pm.add_argument("--monitor", metavar="PATH", help="a running VM's monitor socket")
+    pm.add_argument("--png", metavar="OUT.png", help="write a PNG instead of drawing on the terminal")
+    pm.add_argument("--width", type=int, metavar="N",
+                    help="cells per row (default 64 on the terminal, 256 in a PNG)")
+    pm.add_argument("--sent-rounds", action="store_true",
+                    help="colour pages by the migration round that sent them")
+
+    ins = sub.add_parser("inspect", help="registers, exit counts and page counts of a running VM")
+    ins.add_argument("--monitor", required=True, metavar="PATH", help="the VM's monitor socket")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of tables")
     return p
+
+
+def _security_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--auth-key", metavar="FILE",
+                   help="shared key (16+ bytes) both VMMs must hold: an incoming migration is "
+                   "accepted only from a peer that proves it has the key, and outgoing ones go "
+                   "only to such a peer")
+    p.add_argument("--tls-cert", metavar="FILE", help="this VMM's TLS certificate (PEM)")
+    p.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    p.add_argument("--tls-ca", metavar="FILE",
+                   help="CA certificate that signed the peer's (TLS is mutual: both sides check)")
 
 
 def main(argv=None) -> int:
@@ -67,6 +106,12 @@ def main(argv=None) -> int:
         if args.command == "migrate":
             from .commands import cmd_migrate
             return cmd_migrate(args)
+        if args.command == "pagemap":
+            from .commands import cmd_pagemap
+            return cmd_pagemap(args)
+        if args.command == "inspect":
+            from .commands import cmd_inspect
+            return cmd_inspect(args)
     except KvmliteError as e:
         print(f"kvmlite: error: {e}", file=sys.stderr)
         return 1

@@ -41,6 +41,9 @@ def cmd_run(args) -> int:
         return run_incoming(args)
     if not args.image:
         raise ConfigError("no guest image given (try: kvmlite run guest/guest.bin)")
+    from .migration.transport import Credentials
+    # a bad key or certificate fails now, not when the first migration starts
+    args.creds = Credentials.load(args.auth_key, args.tls_cert, args.tls_key, args.tls_ca)
     from .machine import Machine
     size = _memory(args)
     load = parse_addr(args.load, "--load") if args.load else None
@@ -59,14 +62,18 @@ def run_machine(machine, args) -> int:
     """Run until the guest ends; serve the monitor meanwhile; report crash and stats."""
     monitor = None
     if getattr(args, "monitor", None):
+        from .migration.transport import Credentials
         from .monitor import Monitor
         monitor = Monitor(machine, args.monitor)
+        # outgoing migrations prove themselves with this VMM's own credentials
+        monitor.creds = getattr(args, "creds", None) or Credentials()
+        monitor.timeout = getattr(args, "timeout", None) or 0
         monitor.start()
     try:
         result = machine.run()
         if result.reason == "migrated" and monitor:
             # Let `kvmlite migrate` read the final stats before this process goes.
-            monitor.final_seen.wait(3.0)
+            monitor.wait_released()
     finally:
         if monitor:
             monitor.stop()
@@ -119,3 +126,13 @@ def _kvm_modules() -> list[str]:
 def cmd_migrate(args) -> int:
     from .migration.client import migrate_command
     return migrate_command(args)
+
+
+def cmd_pagemap(args) -> int:
+    from .pagemap import pagemap_command
+    return pagemap_command(args)
+
+
+def cmd_inspect(args) -> int:
+    from .inspector import inspect_command
+    return inspect_command(args)

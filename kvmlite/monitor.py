@@ -7,6 +7,26 @@
 
 One JSON object per line each way.  A bad request gets an error object back;
 the connection stays open.
+
+Inspection (`kvmlite inspect`, `kvmlite pagemap`):
+
+* `query-vcpu`: registers (general, rip, rflags, cr0/cr2/cr3/cr4, efer, cs and
+  ss), read with the vCPU parked -- a running VM is paused for the read and
+  resumed; one the user stopped stays stopped; none are read while a
+  migration runs, whose own pause must not be undone -- and the exit counts by
+  kind (`IoOut`, `IoIn`, `Interrupted`, ...: the classes of kvmlite/exits.py).
+* `query-pagemap`: per-page arrays of guest memory.  Each array is an object
+  `{"dtype": "<u8" or "|u1", "shape": [n], "zlib_base64": "..."}`: the
+  array's numpy bytes, zlib-compressed, as base64.  Bitmaps are uint64 words,
+  page p in bit p % 64 of word p // 64: `free` (the guest's free bitmap,
+  pages outside its registered range clear), `backed` (pages the host has
+  backed: clear means never touched), `dirty` (pages a running migration has
+  still to send, as it last synced; null without one); `sent_round` is one
+  byte per page, the round that last sent it (0: never; the final pass is
+  the last round), null if no migration ran.  Missing facts are null.
+* `query-migrate` with `{"hold": true}` reads the stats without releasing a
+  finished source: it stays up (up to 30 s) until a plain `query-migrate`,
+  so a client can fetch `query-pagemap` first.
 """
 
 from __future__ import annotations
@@ -18,9 +38,12 @@ import threading
 
 from . import __version__
 from .errors import KvmliteError
+from .migration.transport import Credentials
 from .units import parse_size
 
 MAX_LINE = 64 * 1024
+FINAL_WAIT = 3.0    # s a migrated-away source waits for a client to read the final stats
+HOLD_WAIT = 30.0    # s more, once a client has asked it to hold
 
 
 class CommandError(Exception):
@@ -34,7 +57,13 @@ class Monitor:
         self.machine = machine
         self.path = address[5:] if address.startswith("unix:") else address
         self.migration = None
+        self.creds = Credentials()   # for outgoing migrations: run_machine sets the VMM's own
+        self.timeout = 0.0           # seconds without progress; 0 = the migration's default
         self.final_seen = threading.Event()   # a client has read a finished migration's stats
+        self.held = threading.Event()         # a client asked a finished source to wait for it
+        # stop, cont, migrate and query-vcpu's own pause take turns, so an
+        # inspection never resumes a VM that a command paused meanwhile
+        self._control = threading.Lock()
         self._stop = threading.Event()
         self._srv: socket.socket | None = None
         if os.path.exists(self.path):
@@ -54,6 +83,8 @@ class Monitor:
             "query-migrate": self.query_migrate,
             "migrate-cancel": self.migrate_cancel,
             "query-free-pages": self.query_free_pages,
+            "query-pagemap": self.query_pagemap,
+            "query-vcpu": self.query_vcpu,
             "guest-finish": self.guest_finish,
             "quit": self.quit,
             "query-commands": lambda: {"commands": sorted(self.commands)},
@@ -150,13 +181,15 @@ class Monitor:
 
     def stop_vm(self) -> dict:
         self._require_running()
-        self.machine.pause()
+        with self._control:
+            self.machine.pause()
         return {}
 
     def cont(self) -> dict:
-        if self.migration is not None and self.migration.stats.status in ("setup", "active", "completing"):
-            raise CommandError("a migration is in progress")
-        self.machine.resume()
+        with self._control:
+            if self.migration is not None and self.migration.stats.status in ("setup", "active", "completing"):
+                raise CommandError("a migration is in progress")
+            self.machine.resume()
         return {}
 
     def migrate(self, uri: str, hint: bool = True, live: bool = True, downtime_ms: float = 5.0,
@@ -166,26 +199,41 @@ class Monitor:
         if self.migration is not None and not self.migration.done.is_set():
             raise CommandError("a migration is already in progress")
         for k in kw:
-            if k not in ("downtime-ms", "max-rounds"):
+            if k not in ("downtime-ms", "max-rounds", "timeout", "auth-key"):
                 raise CommandError(f"unknown argument {k!r}")
         downtime_ms = float(kw.get("downtime-ms", downtime_ms))
         max_rounds = int(kw.get("max-rounds", max_rounds))
+        timeout = float(kw.get("timeout") or self.timeout)
         bw = parse_size(str(bandwidth), "bandwidth")
+        creds = self.creds
+        if kw.get("auth-key"):
+            from dataclasses import replace
+            from .migration.transport import read_key
+            creds = replace(creds, key=read_key(str(kw["auth-key"])))
         mig = Migration(self.machine, uri, hint=bool(hint), live=bool(live),
-                        downtime_ms=downtime_ms, bandwidth=bw, max_rounds=max_rounds)
-        self.final_seen.clear()
-        self.migration = mig
-        mig.start()
+                        downtime_ms=downtime_ms, bandwidth=bw, max_rounds=max_rounds,
+                        creds=creds, timeout=timeout)
+        with self._control:
+            self.final_seen.clear()
+            self.held.clear()
+            self.migration = mig
+            mig.start()
         return {}
 
-    def query_migrate(self) -> dict:
+    def query_migrate(self, hold: bool = False) -> dict:
         mig = self.migration
         if mig is None:
             return {"status": "none"}
         d = mig.stats.as_dict()
         if mig.done.is_set():
-            self.final_seen.set()
+            (self.held if hold else self.final_seen).set()
         return d
+
+    def wait_released(self) -> None:
+        """After migrating away: give `kvmlite migrate` time to read the final
+        stats, and more to a client that holds the source for more queries."""
+        if not self.final_seen.wait(FINAL_WAIT) and self.held.is_set():
+            self.final_seen.wait(HOLD_WAIT)
 
     def migrate_cancel(self) -> dict:
         if self.migration is not None:
@@ -200,6 +248,53 @@ class Monitor:
         free = m.fph.count_free()
         return {"pages_total": total, "registered": True, "free": free, "active": total - free}
 
+    def query_pagemap(self) -> dict:
+        from .pagemap import encode_array, mask_to_words
+        m = self.machine
+        mig = self.migration
+        free = m.fph.free_mask()
+        backed = m.memory.backed_pages(0, m.memory.npages)
+        dirty = None
+        if mig is not None and not mig.done.is_set() and mig.dirty_words is not None:
+            dirty = mig.dirty_words.copy()    # the migration thread keeps changing it
+        sent = mig.sent_round.copy() if mig is not None else None
+        return {
+            "page_size": 1 << 12, "pages": m.memory.npages,
+            "registered": free is not None,
+            "free": encode_array(mask_to_words(free)) if free is not None else None,
+            "backed": encode_array(mask_to_words(backed)) if backed is not None else None,
+            "dirty": encode_array(dirty) if dirty is not None else None,
+            "sent_round": encode_array(sent) if sent is not None else None,
+            "migration": None if mig is None else {
+                "status": mig.stats.status, "hint": mig.stats.hint, "rounds": mig.stats.rounds},
+        }
+
+    def query_vcpu(self) -> dict:
+        m = self.machine
+        regs, why_not = None, None
+        with self._control:
+            mig = self.migration
+            if not m.running:
+                why_not = "the guest is not running here"
+            elif mig is not None and not mig.done.is_set():
+                why_not = "a migration is in progress (its pause is not ours to undo)"
+            else:
+                we_pause = not m.paused      # a VM the user stopped stays stopped
+                try:
+                    if we_pause:
+                        m.pause()
+                    regs = _registers(m.vcpu)
+                finally:
+                    if we_pause:
+                        m.resume()
+        image = m.image
+        return {
+            "registers": regs, "registers_unread": why_not,
+            "exits": m.exits_by_kind(), "exits_total": m.exits,
+            "image": None if image is None else {"start": image.start, "end": image.end,
+                                                 "entry": image.entry},
+        }
+
     def guest_finish(self) -> dict:
         self.machine.fph.request_stop()
         return {}
@@ -212,3 +307,14 @@ class Monitor:
     def _require_running(self) -> None:
         if not self.machine.running:
             raise CommandError("the guest is not running")
+
+
+def _registers(vcpu) -> dict:
+    """General registers, control registers and EFER, and cs/ss, as plain numbers."""
+    out = vcpu.regs_dict()
+    s = vcpu.sregs_dict()
+    for name in ("cr0", "cr2", "cr3", "cr4", "efer"):
+        out[name] = s[name]
+    for seg in ("cs", "ss"):
+        out[seg] = {k: s[seg][k] for k in ("selector", "base", "limit", "dpl", "l", "db")}
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sys
 import time
@@ -86,23 +87,61 @@ def migrate_command(args) -> int:
     client = MonitorClient(args.monitor)
     try:
         parse_size(args.bandwidth, "--bandwidth")
+        if args.pagemap:
+            _check_writable(args.pagemap)
+        extra = {"downtime-ms": args.downtime_ms, "max-rounds": args.max_rounds}
+        if args.timeout:
+            extra["timeout"] = args.timeout
+        if args.auth_key:
+            # the source VMM reads the file: give it a path it can open
+            extra["auth-key"] = os.path.abspath(args.auth_key)
         client.execute("migrate", uri=args.uri, hint=args.hint, live=not args.stop_copy,
-                       bandwidth=args.bandwidth, **{"downtime-ms": args.downtime_ms,
-                                                     "max-rounds": args.max_rounds})
-        s = _follow(client, show_progress=not args.json and sys.stderr.isatty())
+                       bandwidth=args.bandwidth, **extra)
+        s = _follow(client, show_progress=not args.json and sys.stderr.isatty(),
+                    hold=bool(args.pagemap))
+        if args.pagemap:
+            # The source was held: it is still up to be asked for the picture,
+            # and goes only after the plain query-migrate that follows it.
+            png_error = _write_pagemap(client, args.pagemap)
+            s = client.execute("query-migrate")
     finally:
         client.close()
     if args.json:
         print(json.dumps(s, indent=2))
     else:
         print_stats(s)
+    if args.pagemap and png_error:
+        print(f"kvmlite: error: {png_error}", file=sys.stderr)
+        return 1
     return 0 if s["status"] == "completed" else 1
 
 
-def _follow(client: MonitorClient, show_progress: bool) -> dict:
+def _check_writable(path: str) -> None:
+    """A PNG that cannot be written should stop `migrate` before it starts, not after."""
+    import os
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise KvmliteError(f"--pagemap {path}: cannot write into {folder}")
+
+
+def _write_pagemap(client: MonitorClient, path: str) -> str | None:
+    """Fetch query-pagemap and write its sent-rounds PNG; an error message, or None."""
+    from ..pagemap import write_monitor_png
+    try:
+        g = write_monitor_png(client.execute("query-pagemap"), path)
+    except KvmliteError as e:
+        return str(e)
+    print(f"kvmlite: wrote {path}: {g.scale}", file=sys.stderr)
+    return None
+
+
+def _follow(client: MonitorClient, show_progress: bool, hold: bool = False) -> dict:
+    """Poll query-migrate until the migration ends.  `hold`: ask a finished
+    source to stay up for more queries (a plain query-migrate releases it)."""
+    query = {"hold": True} if hold else {}
     if not show_progress:
         while True:
-            s = client.execute("query-migrate")
+            s = client.execute("query-migrate", **query)
             if s["status"] in FINAL:
                 return s
             time.sleep(POLL_INTERVAL)
@@ -111,7 +150,7 @@ def _follow(client: MonitorClient, show_progress: bool) -> dict:
                   TimeElapsedColumn(), transient=True) as progress:
         task = progress.add_task("", total=1.0)
         while True:
-            s = client.execute("query-migrate")
+            s = client.execute("query-migrate", **query)
             done = s["pages_transferred"] + s["pages_skipped_free"]
             frac = min(done / max(s["pages_total"], 1), 1.0)
             progress.update(task, completed=frac, description=(

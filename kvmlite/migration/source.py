@@ -9,10 +9,8 @@ written after the clear, so it is dirty again and goes in the next round.
 
 from __future__ import annotations
 
-import fcntl
 import gc
 import socket
-import termios
 import threading
 import zlib
 import time
@@ -22,7 +20,7 @@ import numpy as np
 from .. import faults
 from ..errors import KvmliteError, MigrationError
 from ..vstate.memory import PAGE_SHIFT, PAGE_SIZE
-from . import wire
+from . import transport, wire
 from .stats import MigrationStats
 
 CHUNK_PAGES = 1 << 16            # 256 MiB of RAM per dirty-log clear and bitmap read
@@ -40,15 +38,6 @@ SOCKET_BUFFER = 1 << 20
 # Chunks with at least this many pages to send first ask /proc/self/pagemap
 # which pages were never backed: those are zero and need not be read.
 PAGEMAP_MIN_PAGES = 4096
-
-
-def parse_tcp_uri(uri: str) -> tuple[str, int]:
-    if not uri.startswith("tcp:"):
-        raise MigrationError(f"{uri!r}: only tcp:HOST:PORT is supported")
-    host, _, port = uri[4:].rpartition(":")
-    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise MigrationError(f"{uri!r}: expected tcp:HOST:PORT")
-    return host.strip("[]"), int(port)
 
 
 def expand_runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -87,10 +76,14 @@ class Migration:
     """One outgoing migration of `machine` to `uri`."""
 
     def __init__(self, machine, uri: str, *, hint: bool = True, live: bool = True,
-                 downtime_ms: float = 5.0, bandwidth: int = 0, max_rounds: int = 30):
+                 downtime_ms: float = 5.0, bandwidth: int = 0, max_rounds: int = 30,
+                 creds: transport.Credentials | None = None, timeout: float = IO_TIMEOUT):
         self.machine = machine
         self.uri = uri
-        self.host, self.port = parse_tcp_uri(uri)
+        self.target = transport.parse_uri(uri)
+        self.creds = creds or transport.Credentials()
+        # seconds without progress (nothing accepted by the peer) before giving up
+        self.timeout = timeout if timeout > 0 else IO_TIMEOUT
         self.downtime_limit = max(downtime_ms, 0.0) / 1000.0
         self.bandwidth = max(int(bandwidth), 0)
         self.max_rounds = max(int(max_rounds), 1)
@@ -99,7 +92,7 @@ class Migration:
         self.live = live
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
-        self.sock: socket.socket | None = None
+        self.sink = None        # where the stream goes: transport.SocketSink, TlsSink or FileSink
         self.done = threading.Event()
         self._crc = 0
         self._sent_once = np.zeros(machine.memory.npages, dtype=bool)
@@ -123,12 +116,9 @@ class Migration:
 
     def cancel(self) -> None:
         self._cancel.set()
-        sock = self.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        sink = self.sink
+        if sink is not None:
+            sink.abort()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
@@ -162,9 +152,9 @@ class Migration:
         finally:
             gc.enable()
             machine.set_throttle(0)      # back to full speed, here or (after failure) still here
-            if self.sock is not None:
-                self.sock.close()
-                self.sock = None
+            if self.sink is not None:
+                self.sink.close()
+                self.sink = None
             self.done.set()
 
     def _setup(self) -> np.ndarray:
@@ -247,10 +237,13 @@ class Migration:
         # END's crc covers every structural byte sent before it, and END's own head.
         self._sendall([wire.end_record(self.stats.pages_sent, self.stats.pages_zero, self._crc)])
         marks.append(("reply", time.perf_counter()))
-        self.sock.settimeout(REPLY_TIMEOUT)
-        reply = wire.read_reply(self.sock)
-        if reply.get("status") != "running":
-            raise MigrationError(f"destination refused the VM: {reply.get('error', reply)}")
+        if self.sink.expects_reply:
+            self.sink.settimeout(max(self.timeout, REPLY_TIMEOUT))
+            reply = wire.read_reply(self.sink)
+            if reply.get("status") != "running":
+                raise MigrationError(f"destination refused the VM: {reply.get('error', reply)}")
+        else:
+            self.sink.finish()        # a snapshot is complete once it is on disk
         now = time.perf_counter()
         marks.append(("end", now))
         self.stats.downtime_parts_ms = {name: round((b - a) * 1000, 3)
@@ -266,7 +259,7 @@ class Migration:
         if isinstance(e, KvmliteError):
             return str(e)
         if isinstance(e, socket.timeout):
-            return "the destination stopped responding (timed out)"
+            return f"the destination stopped responding ({self.timeout:g} s without progress)"
         if isinstance(e, (BrokenPipeError, ConnectionResetError)):
             why = self._refusal()
             return f"destination refused the VM: {why}" if why else "the destination closed the connection"
@@ -278,12 +271,12 @@ class Migration:
 
     def _refusal(self) -> str | None:
         """The error a destination sent before it hung up (e.g. RAM size mismatch), if any."""
-        sock = self.sock
-        if sock is None:
+        sink = self.sink
+        if sink is None or not sink.expects_reply:
             return None
         try:
-            sock.settimeout(0.5)
-            reply = wire.read_reply(sock)
+            sink.settimeout(0.5)
+            reply = wire.read_reply(sink)
         except (OSError, KvmliteError):
             return None
         return reply.get("error") if reply.get("status") == "error" else None
@@ -292,10 +285,8 @@ class Migration:
         """Wait, with the guest still running, until the destination has taken in
         what was sent: bytes still queued at pause time would count as downtime."""
         deadline = time.perf_counter() + timeout
-        out = bytearray(4)
         while time.perf_counter() < deadline:
-            fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, out)   # = SIOCOUTQ: unacked bytes
-            if int.from_bytes(out, "little") == 0:
+            if self.sink.unacked() == 0:
                 return
             time.sleep(0.0002)
 
@@ -304,17 +295,11 @@ class Migration:
             raise MigrationError("cancelled")
 
     def _connect(self) -> None:
-        sock = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(CONNECT_TIMEOUT)
-        try:
-            sock.connect((self.host, self.port))
-        except BaseException:
-            sock.close()
-            raise
-        sock.settimeout(IO_TIMEOUT)
-        self.sock = sock
+        if isinstance(self.target, transport.FileUri):
+            self.sink = transport.FileSink(self.target.path)
+            return
+        self.sink = transport.connect(self.target, self.creds, connect_timeout=CONNECT_TIMEOUT,
+                                      io_timeout=self.timeout, sndbuf=SOCKET_BUFFER)
 
     # ---- dirty tracking ---------------------------------------------------------------
 
@@ -512,16 +497,8 @@ class Migration:
 
     def _sendall(self, bufs: list) -> None:
         """sendmsg until every buffer is on the wire (a socket with a timeout may send part)."""
-        sock = self.sock
-        total = sum(len(b) for b in bufs)
-        self.stats.bytes_wire += total
-        while bufs:
-            n = sock.sendmsg(bufs)
-            while bufs and n >= len(bufs[0]):
-                n -= len(bufs[0])
-                bufs = bufs[1:]
-            if bufs and n:
-                bufs[0] = memoryview(bufs[0])[n:]
+        self.stats.bytes_wire += sum(len(b) for b in bufs)
+        self.sink.send(bufs)
         if self.bandwidth:
             elapsed = time.time() - self.stats.started_at
             ahead = self.stats.bytes_wire / self.bandwidth - elapsed

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from kvmlite.migration import wire
+from kvmlite.migration import transport, wire
 from kvmlite.procs import VmProcess, free_port, start_destination
 
 from .helpers import ROOT
@@ -182,6 +182,8 @@ def _send_to_destination(payload: bytes) -> VmProcess:
     port = free_port()
     dst = start_destination(port, "64M", monitor=False)
     with socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(10)
+        transport.client_handshake(s, transport.Credentials())   # a peer the destination accepts
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         s.settimeout(10)

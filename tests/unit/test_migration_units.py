@@ -18,7 +18,8 @@ from kvmlite import msr
 from kvmlite.devices import DebugCon, ExitDevice, FreePageHint, Uart16550
 from kvmlite.errors import MigrationError, StreamError
 from kvmlite.kvm import ffi
-from kvmlite.migration.source import expand_runs, list_runs, page_runs, parse_tcp_uri
+from kvmlite.migration.source import expand_runs, list_runs, page_runs
+from kvmlite.migration.transport import FileUri, TcpUri, parse_uri
 from kvmlite.migration.state import restore_devices, validate_state
 from kvmlite.vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
 
@@ -71,39 +72,47 @@ def test_page_runs_matches_a_plain_scan_of_the_bits(words):
     assert list(zip(starts.tolist(), lengths.tolist())) == naive_runs(unpack_abi_bits(w))
 
 
-# ---- parse_tcp_uri ------------------------------------------------------------------------
+# ---- parse_uri ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("uri,parsed", [
-    ("tcp:127.0.0.1:4444", ("127.0.0.1", 4444)),
-    ("tcp:localhost:1", ("localhost", 1)),
-    ("tcp:[::1]:65535", ("::1", 65535)),
-    ("tcp:dest.example:80", ("dest.example", 80)),
+    ("tcp:127.0.0.1:4444", TcpUri("127.0.0.1", 4444)),
+    ("tcp:localhost:1", TcpUri("localhost", 1)),
+    ("tcp:[::1]:65535", TcpUri("::1", 65535)),
+    ("tcp:dest.example:80", TcpUri("dest.example", 80)),
+    ("tcp:4444", TcpUri("127.0.0.1", 4444)),          # no host: loopback
+    ("tcp::80", TcpUri("127.0.0.1", 80)),
+    ("file:/tmp/vm.snap", FileUri("/tmp/vm.snap")),
+    ("file:rel/vm.snap", FileUri("rel/vm.snap")),
 ])
-def test_parse_tcp_uri_good(uri, parsed):
-    """tcp:HOST:PORT (IPv6 in brackets) gives (host, port)."""
-    assert parse_tcp_uri(uri) == parsed
+def test_parse_uri_good(uri, parsed):
+    """tcp:HOST:PORT (IPv6 in brackets), tcp:PORT on loopback, file:PATH."""
+    assert parse_uri(uri) == parsed
 
 
 @pytest.mark.parametrize("uri", [
-    "udp:h:1", "h:1", "tcp:", "tcp:host", "tcp::80", "tcp:host:", "tcp:host:0", "tcp:host:65536",
+    "udp:h:1", "h:1", "tcp:", "tcp:host", "tcp:host:", "tcp:host:0", "tcp:host:65536",
     "tcp:host:-1", "tcp:host:http", "tcp:host:8 0", "tcp:host:²", "tcp:host:٣", "unix:/tmp/x",
+    "file:",
 ])
-def test_parse_tcp_uri_bad(uri):
-    """Anything but tcp:HOST:PORT with an ASCII port in 1..65535 raises MigrationError quoting the URI."""
+def test_parse_uri_bad(uri):
+    """Anything else raises MigrationError quoting the URI."""
     with pytest.raises(MigrationError) as e:
-        parse_tcp_uri(uri)
+        parse_uri(uri)
     assert repr(uri) in str(e.value)
 
 
 @given(st.text(max_size=30))
 @settings(max_examples=200, deadline=None)
-def test_parse_tcp_uri_never_raises_anything_else(uri):
-    """On any string parse_tcp_uri returns a valid (host, port) or raises MigrationError."""
+def test_parse_uri_never_raises_anything_else(uri):
+    """On any string parse_uri returns a valid target or raises MigrationError."""
     try:
-        host, port = parse_tcp_uri(uri)
+        t = parse_uri(uri)
     except MigrationError:
         return
-    assert host and 0 < port < 65536 and uri.startswith("tcp:")
+    if isinstance(t, TcpUri):
+        assert t.host and 0 < t.port < 65536 and uri.startswith("tcp:")
+    else:
+        assert t.path and uri == "file:" + t.path
 
 
 # ---- validate_state ---------------------------------------------------------------------------
