@@ -49,6 +49,7 @@ static const unsigned long KVM_GET_VCPU_EVENTS;
 static const unsigned long KVM_SET_VCPU_EVENTS;
 static const unsigned long KVM_GET_TSC_KHZ;
 static const unsigned long KVM_TRANSLATE;
+static const unsigned long KVM_SET_GUEST_DEBUG;
 
 #define KVM_CAP_USER_MEMORY ...
 #define KVM_CAP_SET_TSS_ADDR ...
@@ -64,9 +65,17 @@ static const unsigned long KVM_TRANSLATE;
 #define KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 ...
 #define KVM_CAP_DIRTY_LOG_RING ...
 #define KVM_CAP_SYNC_MMU ...
+#define KVM_CAP_SET_GUEST_DEBUG ...
 #define KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE ...
 #define KVM_DIRTY_LOG_INITIALLY_SET ...
 #define KVM_MEM_LOG_DIRTY_PAGES ...
+
+#define KVM_GUESTDBG_ENABLE ...
+#define KVM_GUESTDBG_SINGLESTEP ...
+#define KVM_GUESTDBG_USE_SW_BP ...
+#define KVM_GUESTDBG_USE_HW_BP ...
+#define KVM_GUESTDBG_INJECT_DB ...
+#define KVM_GUESTDBG_INJECT_BP ...
 
 #define KVM_EXIT_UNKNOWN ...
 #define KVM_EXIT_EXCEPTION ...
@@ -217,6 +226,25 @@ struct kvm_translation {
     ...;
 };
 
+struct kvm_guest_debug_arch {
+    __u64 debugreg[8];
+    ...;
+};
+struct kvm_guest_debug {
+    __u32 control;
+    struct kvm_guest_debug_arch arch;
+    ...;
+};
+/* Declared whole, not partial: it sits in kvm_run's anonymous union, where
+   cffi cannot complete a partial struct; the compiler still checks it. */
+struct kvm_debug_exit_arch {
+    __u32 exception;
+    __u32 pad;
+    __u64 pc;
+    __u64 dr6;
+    __u64 dr7;
+};
+
 struct kvm_run {
     __u8 request_interrupt_window;
     __u8 immediate_exit;
@@ -226,6 +254,7 @@ struct kvm_run {
         struct { __u64 hardware_exit_reason; } hw;
         struct { __u64 hardware_entry_failure_reason; __u32 cpu; } fail_entry;
         struct { __u32 exception; __u32 error_code; } ex;
+        struct { struct kvm_debug_exit_arch arch; } debug;
         struct { __u8 direction; __u8 size; __u16 port; __u32 count; __u64 data_offset; } io;
         struct { __u64 phys_addr; __u8 data[8]; __u32 len; __u8 is_write; } mmio;
         struct { __u32 suberror; __u32 ndata; __u64 data[16]; } internal;

@@ -81,6 +81,18 @@ class SystemEvent:
 
 
 @dataclass(slots=True)
+class Debug:
+    """KVM_EXIT_DEBUG: a single-step or breakpoint armed with KVM_SET_GUEST_DEBUG.
+
+    `exception` is the vector (1 = #DB, 3 = #BP), `pc` the guest RIP; `dr6`
+    says which condition fired (bit 14, BS: single-step), `dr7` what was armed."""
+    exception: int
+    pc: int
+    dr6: int
+    dr7: int
+
+
+@dataclass(slots=True)
 class Interrupted:
     """KVM_RUN returned EINTR: a signal kicked the vCPU out (pause, migration, quit)."""
 
@@ -110,4 +122,4 @@ def exit_name(reason: int) -> str:
 
 
 Exit = (IoOut | IoOutString | IoIn | MmioWrite | MmioRead | Hlt | Shutdown | FailEntry | InternalError
-        | SystemEvent | Interrupted | Unhandled)
+        | SystemEvent | Debug | Interrupted | Unhandled)

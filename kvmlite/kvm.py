@@ -175,3 +175,8 @@ def KVM_GET_TSC_KHZ(vcpu_fd: int) -> int:
 def KVM_TRANSLATE(vcpu_fd: int, translation) -> int:
     """Walk the guest's page tables for one linear address."""
     return ioctl(vcpu_fd, lib.KVM_TRANSLATE, translation)
+
+
+def KVM_SET_GUEST_DEBUG(vcpu_fd: int, debug) -> int:
+    """Arm single-step and breakpoint exits (KVM_EXIT_DEBUG) for this vCPU."""
+    return ioctl(vcpu_fd, lib.KVM_SET_GUEST_DEBUG, debug)

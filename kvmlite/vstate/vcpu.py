@@ -31,6 +31,7 @@ _EXIT_SHUTDOWN = lib.KVM_EXIT_SHUTDOWN
 _EXIT_FAIL_ENTRY = lib.KVM_EXIT_FAIL_ENTRY
 _EXIT_INTERNAL_ERROR = lib.KVM_EXIT_INTERNAL_ERROR
 _EXIT_SYSTEM_EVENT = lib.KVM_EXIT_SYSTEM_EVENT
+_EXIT_DEBUG = lib.KVM_EXIT_DEBUG
 _EXIT_UNKNOWN = lib.KVM_EXIT_UNKNOWN
 _EXIT_INTR = lib.KVM_EXIT_INTR
 _run_packed = lib.kvmlite_run_packed
@@ -99,6 +100,9 @@ class Vcpu:
             return ex.InternalError(run.internal.suberror, tuple(run.internal.data[0:n]))
         if reason == _EXIT_SYSTEM_EVENT:
             return ex.SystemEvent(run.system_event.type)
+        if reason == _EXIT_DEBUG:
+            d = run.debug.arch
+            return ex.Debug(d.exception, d.pc, d.dr6, d.dr7)
         if reason == _EXIT_INTR:
             return ex.INTERRUPTED
         if reason == _EXIT_UNKNOWN:
@@ -173,6 +177,16 @@ class Vcpu:
             return kvm.KVM_GET_TSC_KHZ(self.fd)
         except OSError:
             return 0
+
+    def set_guest_debug(self, control: int, debugreg=(0,) * 8) -> None:
+        """KVM_SET_GUEST_DEBUG: `control` is KVM_GUESTDBG_* flags (0 turns debugging
+        off); `debugreg` DR0-DR7 for KVM_GUESTDBG_USE_HW_BP."""
+        dbg = ffi.new("struct kvm_guest_debug *")
+        dbg.control = control
+        for i, value in enumerate(debugreg):
+            dbg.arch.debugreg[i] = value
+        kvm_call("KVM_SET_GUEST_DEBUG", kvm.KVM_SET_GUEST_DEBUG, self.fd, dbg,
+                 context=f"vCPU {self.index}")
 
     def translate(self, linear: int) -> int | None:
         """Guest-virtual to guest-physical through the vCPU's page tables, or None."""

@@ -22,7 +22,8 @@ STRUCTS = {
                 "io.direction", "io.size", "io.port", "io.count", "io.data_offset", "mmio",
                 "mmio.phys_addr", "mmio.data", "mmio.len", "mmio.is_write", "fail_entry",
                 "internal.suberror", "internal.ndata", "internal.data",
-                "system_event.type", "hw.hardware_exit_reason"],
+                "system_event.type", "hw.hardware_exit_reason", "debug.arch.exception",
+                "debug.arch.pc", "debug.arch.dr6", "debug.arch.dr7"],
     "kvm_regs": ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r15", "rip",
                  "rflags"],
     "kvm_sregs": ["cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt", "gdt", "idt", "cr0", "cr2",
@@ -46,6 +47,9 @@ STRUCTS = {
     "kvm_msr_list": ["nmsrs", "indices"],
     "kvm_enable_cap": ["cap", "flags", "args"],
     "kvm_translation": ["linear_address", "physical_address", "valid", "writeable", "usermode"],
+    "kvm_guest_debug": ["control", "arch", "arch.debugreg"],
+    "kvm_guest_debug_arch": ["debugreg"],
+    "kvm_debug_exit_arch": ["exception", "pc", "dr6", "dr7"],
 }
 
 # Every integer constant the extension exports (ioctls, KVM_EXIT_*, caps, MADV_*).
@@ -155,6 +159,7 @@ def test_well_known_values(header):
     ("KVM_SET_CPUID2", lambda: _IOW(KVMIO, 0x90, "struct kvm_cpuid2")),
     ("KVM_GET_XSAVE", lambda: _IOR(KVMIO, 0xA4, "struct kvm_xsave")),
     ("KVM_CLEAR_DIRTY_LOG", lambda: _IOWR(KVMIO, 0xC0, "struct kvm_clear_dirty_log")),
+    ("KVM_SET_GUEST_DEBUG", lambda: _IOW(KVMIO, 0x9B, "struct kvm_guest_debug")),
 ])
 def test_ioctl_number_computed_from_struct_size(header, name, computed):
     """An ioctl number rebuilt from dir/size/type/nr and ffi.sizeof equals the header's."""
