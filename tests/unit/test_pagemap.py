@@ -1,0 +1,292 @@
+"""kvmlite.pagemap: the PNG encoder, the monitor's array encoding, the grid rules, stream files."""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from kvmlite import pagemap as pm
+from kvmlite.cli import main
+from kvmlite.errors import KvmliteError, StreamError
+from kvmlite.migration import wire
+
+
+# ---- PNG --------------------------------------------------------------------------
+
+
+def independent_decode(data: bytes):
+    """Decode a PNG with nothing but struct and zlib, checking every chunk's CRC."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, []
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        kind, body = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        (crc,) = struct.unpack(">I", data[pos + 8 + n:pos + 12 + n])
+        assert crc == zlib.crc32(kind + body), kind
+        chunks.append((kind, body))
+        pos += 12 + n
+    assert chunks[0][0] == b"IHDR" and chunks[-1] == (b"IEND", b"")
+    w, h, depth, ctype, comp, filt, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, ctype, comp, filt, interlace) == (8, 2, 0, 0, 0)
+    raw = zlib.decompress(b"".join(b for k, b in chunks if k == b"IDAT"))
+    stride = 1 + 3 * w
+    assert len(raw) == h * stride
+    rows = [raw[i * stride:(i + 1) * stride] for i in range(h)]
+    assert all(r[0] == 0 for r in rows)           # filter type 0 on every scanline
+    pixels = np.frombuffer(b"".join(r[1:] for r in rows), dtype=np.uint8).reshape(h, w, 3)
+    return pixels, [k for k, _ in chunks]
+
+
+def test_png_encoder_output_decodes_to_the_same_pixels():
+    """encode_png's bytes, decoded with zlib and struct alone, give back every pixel."""
+    rng = np.random.default_rng(7)
+    img = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
+    data = pm.encode_png(img, {"Title": "test"})
+    pixels, kinds = independent_decode(data)
+    assert np.array_equal(pixels, img)
+    assert kinds == [b"IHDR", b"tEXt", b"IDAT", b"IEND"]
+    back, text = pm.decode_png(data)
+    assert np.array_equal(back, img) and text == {"Title": "test"}
+
+
+def test_png_encoder_output_reads_in_pillow_too():
+    """A general PNG reader (Pillow, when installed) reads the same pixels."""
+    image = pytest.importorskip("PIL.Image")
+    img = np.zeros((4, 6, 3), dtype=np.uint8)
+    img[1, 2] = (255, 10, 20)
+    img[3, 5] = (1, 2, 3)
+    got = np.asarray(image.open(io.BytesIO(pm.encode_png(img))).convert("RGB"))
+    assert np.array_equal(got, img)
+
+
+def test_png_decoder_rejects_damage():
+    """A flipped byte in a chunk is reported as damage, not decoded."""
+    data = bytearray(pm.encode_png(np.full((2, 2, 3), 9, dtype=np.uint8)))
+    data[-20] ^= 0xFF                                   # inside IDAT
+    with pytest.raises(KvmliteError, match="damaged"):
+        pm.decode_png(bytes(data))
+    with pytest.raises(KvmliteError, match="not a PNG"):
+        pm.decode_png(b"GIF89a")
+
+
+def test_png_encoder_refuses_a_bad_shape():
+    """Only height x width x 3 images are encoded."""
+    with pytest.raises(ValueError):
+        pm.encode_png(np.zeros((3, 3), dtype=np.uint8))
+
+
+# ---- arrays on the monitor ------------------------------------------------------------
+
+
+def test_arrays_round_trip_through_json():
+    """encode_array / decode_array survive JSON, for words and bytes."""
+    words = np.array([0, 1 << 63, 12345], dtype="<u8")
+    rounds = np.arange(300, dtype=np.uint16).astype(np.uint8)
+    for a in (words, rounds):
+        back = pm.decode_array(json.loads(json.dumps(pm.encode_array(a))))
+        assert back.dtype == a.dtype and np.array_equal(back, a)
+
+
+def test_bad_arrays_are_one_line_errors():
+    """A wrong dtype, a short payload or garbage is a KvmliteError naming the array."""
+    good = pm.encode_array(np.arange(10, dtype=np.uint8))
+    for bad in ({**good, "dtype": "<f8"}, {**good, "shape": [11]}, {**good, "zlib_base64": "!!"},
+                {"dtype": "|u1"}, "nope"):
+        with pytest.raises(KvmliteError, match="bad sent_round"):
+            pm.decode_array(bad, "sent_round")
+
+
+def test_bitmap_words_put_page_p_in_bit_p_mod_64_of_word_p_div_64():
+    """mask_to_words follows the dirty log's layout, and words_to_mask undoes it."""
+    mask = np.zeros(130, dtype=bool)
+    mask[[0, 65, 129]] = True
+    words = pm.mask_to_words(mask)
+    assert words.tolist() == [1, 2, 2]
+    assert np.array_equal(pm.words_to_mask(words, 130), mask)
+
+
+# ---- the grid ----------------------------------------------------------------------------
+
+
+def vm_map(states, rounds=None):
+    return pm.PageMap("test", pm.VM_KINDS, np.array(states, dtype=np.uint8),
+                      None if rounds is None else np.array(rounds, dtype=np.uint8))
+
+
+def test_one_page_per_cell_shows_every_page():
+    """With room for every page, each cell is its page's state; cells past the end are empty."""
+    states = [pm.ACTIVE, pm.FREE, pm.UNTOUCHED, pm.DIRTY, pm.FREE]
+    g = pm.grid(vm_map(states), columns=3, max_rows=10)
+    assert g.pages_per_cell == 1
+    assert g.cells.tolist() == [[2, 1, 0], [3, 1, -1]]
+    assert g.page_counts == [1, 2, 1, 1]
+    assert g.rule == "one page per cell"
+
+
+def test_several_pages_per_cell_any_dirty_then_majority():
+    """A cell is dirty if any page is; else its most common state, a tie going to the more used one."""
+    s = pm
+    states = [s.FREE, s.FREE, s.FREE, s.ACTIVE,        # majority free
+              s.FREE, s.DIRTY, s.FREE, s.FREE,         # one dirty page: dirty
+              s.UNTOUCHED, s.UNTOUCHED, s.ACTIVE, s.ACTIVE,   # tie: active wins
+              s.UNTOUCHED]                             # a last, partial cell
+    g = pm.grid(vm_map(states), columns=2, max_rows=2)
+    assert g.pages_per_cell == 4
+    assert g.cells.tolist() == [[s.FREE, s.DIRTY], [s.ACTIVE, s.UNTOUCHED]]
+    assert "dirty' if any of its pages is" in g.rule and "4 pages" in g.scale
+
+
+def test_sent_rounds_view_shows_the_latest_round_and_greys_the_rest():
+    """Rounds view: sent pages by round (a cell takes its latest), unsent ones in grey state colours."""
+    states = [pm.ACTIVE, pm.ACTIVE, pm.FREE, pm.UNTOUCHED]
+    rounds = [1, 3, 0, 0]
+    g = pm.grid(vm_map(states, rounds), columns=4, max_rows=1, sent_rounds=True)
+    names = [k.name for k in g.kinds]
+    assert names[4:] == ["sent in round 1", "sent in round 2", "sent in round 3"]
+    assert [names[c] for c in g.cells[0]] == ["sent in round 1", "sent in round 3",
+                                             names[pm.FREE], names[pm.UNTOUCHED]]
+    assert all(k.rgb[0] == k.rgb[1] == k.rgb[2] for k in g.kinds[:4])
+    coarse = pm.grid(vm_map(states, rounds), columns=1, max_rows=1, sent_rounds=True)
+    assert names[coarse.cells[0, 0]] == "sent in round 3"
+    with pytest.raises(KvmliteError, match="no migration"):
+        pm.grid(vm_map(states), columns=4, max_rows=1, sent_rounds=True)
+
+
+def test_round_colours_are_distinct_and_never_grey():
+    """Up to 255 rounds, every round has its own colour, none of them a grey."""
+    colours = [pm.round_colour(r, 30) for r in range(1, 31)]
+    assert len(set(colours)) == 30
+    assert all(len(set(c)) > 1 for c in colours)
+
+
+def test_from_monitor_orders_the_states():
+    """Never-touched overrides free/active; a dirty free page is not dirty when the hint is on."""
+    n = 8
+    free = np.array([1, 1, 0, 0, 1, 0, 0, 0], dtype=bool)
+    backed = np.array([1, 0, 1, 0, 1, 1, 1, 1], dtype=bool)
+    dirty = np.array([0, 0, 0, 0, 1, 1, 0, 0], dtype=bool)
+    sent = np.array([0, 0, 2, 0, 1, 1, 0, 0], dtype=np.uint8)
+    resp = {"pages": n, "free": pm.encode_array(pm.mask_to_words(free)),
+            "backed": pm.encode_array(pm.mask_to_words(backed)),
+            "dirty": pm.encode_array(pm.mask_to_words(dirty)), "sent_round": pm.encode_array(sent),
+            "migration": {"status": "active", "hint": True, "rounds": 2}}
+    got = pm.from_monitor(json.loads(json.dumps(resp)))
+    assert got.states.tolist() == [pm.FREE, pm.UNTOUCHED, pm.ACTIVE, pm.UNTOUCHED,
+                                   pm.FREE, pm.DIRTY, pm.ACTIVE, pm.ACTIVE]
+    assert got.rounds.tolist() == sent.tolist()
+    resp["migration"]["hint"] = False
+    assert pm.from_monitor(resp).states[4] == pm.DIRTY
+
+
+def test_terminal_without_colour_draws_a_letter_per_cell():
+    """The no-colour terminal picture has exactly one letter per page at one page per cell."""
+    states = [pm.ACTIVE] * 5 + [pm.FREE] * 3 + [pm.UNTOUCHED] * 4
+    g = pm.grid(vm_map(states), columns=4, max_rows=8)
+    out = io.StringIO()
+    pm.render_terminal(g, Console(file=out, color_system=None, width=100))
+    lines = out.getvalue().splitlines()
+    assert lines[2:5] == ["####", "#---", "...."]
+    assert "12 pages" in lines[1]
+
+
+def test_png_cells_read_back_as_the_grid():
+    """The PNG's cells, found again through its layout text, have the grid's colours."""
+    rng = np.random.default_rng(3)
+    states = rng.integers(0, 4, size=1000).astype(np.uint8)
+    g = pm.grid(vm_map(states), columns=40, max_rows=40)
+    buf = io.BytesIO()
+    img, meta = pm.png_image(g, 3)
+    buf.write(pm.encode_png(img, {pm.PNG_META_KEY: json.dumps(meta)}))
+    pixels, text = pm.decode_png(buf.getvalue())
+    meta = json.loads(text[pm.PNG_META_KEY])
+    assert meta["pages_per_cell"] == 1 and meta["rows"] == 25
+    want = np.array([k.rgb for k in g.kinds])[g.cells]
+    x0, y0 = meta["grid_x"], meta["grid_y"]
+    got = pixels[y0 + 1:y0 + 75:3, x0 + 1:x0 + 120:3]
+    assert np.array_equal(got, want)
+
+
+def test_write_png_and_read_png_cells(tmp_path):
+    """write_png then read_png_cells gives one colour per cell and the page counts in the legend."""
+    states = [pm.ACTIVE] * 10 + [pm.FREE] * 6
+    g = pm.grid(vm_map(states), columns=4, max_rows=4)
+    path = tmp_path / "m.png"
+    pm.write_png(g, str(path))
+    meta, cells = pm.read_png_cells(str(path))
+    active = tuple(pm.VM_KINDS[pm.ACTIVE].rgb)
+    assert sum(tuple(c) == active for c in cells.reshape(-1, 3).tolist()) == 10
+    assert {e["name"]: e["pages"] for e in meta["legend"]}[pm.VM_KINDS[pm.FREE].name] == 6
+
+
+# ---- migration streams saved to a file -------------------------------------------------------
+
+
+def small_stream() -> bytes:
+    """8 pages of RAM: round 1 sends pages 0-1 as data and 4 as zero; round 2 sends
+    page 1 again and page 6 as zero; then state and END."""
+    crc = wire.Crc()
+    out = [crc.add(wire.encode_preamble({"page_size": 4096, "ram": [[0, 8 * 4096]], "vcpus": 1,
+                                         "hint": True, "live": True, "source": "test"}))]
+    out += [crc.add(wire.pages_header(0, 2)), b"\x11" * 8192]
+    out += [crc.add(wire.zero_record(4 * 4096, 1)), crc.add(wire.round_record(1))]
+    out += [crc.add(wire.pages_header(4096, 1)), b"\x22" * 4096]
+    out += [crc.add(wire.zero_record(6 * 4096, 1)), crc.add(wire.round_record(2))]
+    out += [crc.add(wire.state_record({"version": 1})), wire.end_record(3, 2, crc.value)]
+    return b"".join(out)
+
+
+def test_stream_file_gives_each_page_its_round_and_record_kind(tmp_path):
+    """Pages of a saved stream: the kind of the last record that carried them, and its round."""
+    path = tmp_path / "vm.mig"
+    path.write_bytes(small_stream())
+    got = pm.from_stream(str(path))
+    D, Z, N = pm.DATA, pm.ZERO, pm.NOT_SENT
+    assert got.states.tolist() == [D, D, N, N, Z, N, Z, N]
+    assert got.rounds.tolist() == [1, 2, 0, 0, 1, 0, 2, 0]
+    assert "2 rounds" in got.title
+
+
+def test_pagemap_command_on_a_stream_file(tmp_path, capsys):
+    """`kvmlite pagemap file:PATH` draws the stream; with --sent-rounds, by round."""
+    path = tmp_path / "vm.mig"
+    path.write_bytes(small_stream())
+    assert main(["pagemap", f"file:{path}"]) == 0
+    out = capsys.readouterr().out
+    assert "##..0.0." in out and "sent as a ZERO record" in out
+    assert main(["pagemap", f"file:{path}", "--sent-rounds"]) == 0
+    assert "12..1.2." in capsys.readouterr().out
+    png = tmp_path / "vm.png"
+    assert main(["pagemap", f"file:{path}", "--png", str(png)]) == 0
+    meta, cells = pm.read_png_cells(str(png))
+    assert meta["pages"] == 8 and cells.shape == (1, 8, 3)
+
+
+def test_truncated_stream_file_is_a_one_line_error(tmp_path, capsys):
+    """A stream cut short names the file and what is missing; no traceback."""
+    path = tmp_path / "cut.mig"
+    path.write_bytes(small_stream()[:-30])
+    with pytest.raises(StreamError, match="cut.mig"):
+        pm.from_stream(str(path))
+    assert main(["pagemap", f"file:{path}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("kvmlite: error:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pagemap"], "either --monitor"),
+    (["pagemap", "vm.mig"], "expected file:PATH"),
+    (["pagemap", "file:/nonexistent/vm.mig"], "No such file"),
+    (["pagemap", "--monitor", "/nonexistent.sock"], "cannot connect"),
+    (["inspect", "--monitor", "/nonexistent.sock"], "cannot connect"),
+])
+def test_bad_pagemap_and_inspect_input_is_one_line(argv, message, capsys):
+    """Bad sources and missing monitors give one clear line and status 1."""
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
