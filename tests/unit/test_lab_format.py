@@ -1,0 +1,130 @@
+"""The labs' console-block convention (docs/labs/README.md): parsing and matching."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("lab_check", ROOT / "docs" / "labs" / "check.py")
+check = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = check      # dataclasses look their module up there
+_spec.loader.exec_module(check)
+
+LABS = sorted((ROOT / "docs" / "labs").glob("lab*.md"))
+
+
+def test_literal_lines_must_match_exactly():
+    """Expected lines without wildcards match only the same lines, trailing spaces aside."""
+    assert check.match_lines(["a", "b"], ["a  ", "b"])
+    assert not check.match_lines(["a", "b"], ["a", "c"])
+    assert not check.match_lines(["a"], ["a", "b"])          # extra output is a mismatch
+    assert not check.match_lines(["a", "b"], ["a"])
+    assert not check.match_lines(["x.y"], ["xzy"])           # regex characters are literal
+
+
+def test_dots_line_matches_any_number_of_lines():
+    """A line `...` matches zero or more lines, anywhere."""
+    assert check.match_lines(["...", "end"], ["1", "2", "end"])
+    assert check.match_lines(["start", "...", "end"], ["start", "end"])
+    assert check.match_lines(["start", "..."], ["start", "x", "y"])
+    assert check.match_lines(["...", "b", "...", "d"], ["a", "b", "c", "d"])
+    assert not check.match_lines(["...", "b", "...", "d"], ["a", "c", "d"])
+    assert not check.match_lines(["start", "...", "end"], ["start", "end", "after"])
+
+
+def test_ellipsis_matches_any_text_within_a_line():
+    """`…` matches any text in one line, but not across lines."""
+    assert check.match_lines(["took … ms"], ["took 12.5 ms"])
+    assert check.match_lines(["took … ms"], ["took  ms"])
+    assert not check.match_lines(["took … ms"], ["took 12", "ms"])
+    assert not check.match_lines(["took … ms"], ["it took 1 ms"])   # the rest stays anchored
+
+
+def test_braces_hold_a_regular_expression():
+    """`{{REGEX}}` matches what REGEX matches; the text around it stays literal."""
+    assert check.match_lines(["free {{\\d+}} pages (x)"], ["free 3805 pages (x)"])
+    assert not check.match_lines(["free {{\\d+}} pages (x)"], ["free many pages (x)"])
+    assert check.match_lines(["{{[.#+]{4}}} ok"], ["#+.. ok"])
+    assert not check.match_lines(["{{[.#+]{4}}} ok"], ["#+. ok"])
+
+
+def test_console_blocks_are_split_into_commands_and_output():
+    """`$ ` starts a command, a trailing backslash continues it, other lines are its output."""
+    text = ("intro\n\n```console\n$ echo a \\\n> b\na b\n\n$ true\n```\n\n"
+            "```python\nprint('not run')\n```\n")
+    blocks = check.parse_lab(text)
+    assert len(blocks) == 1
+    first, second = blocks[0].steps
+    assert first.command == "echo a b" and first.expected == ["a b"] and first.line == 4
+    assert second.command == "true" and second.expected == [] and second.line == 8
+
+
+def test_a_block_without_a_command_or_left_open_is_refused():
+    """Output with no command before it, or an unclosed fence, is a format error."""
+    with pytest.raises(check.LabFormatError, match="line 2"):
+        check.parse_lab("```console\noutput\n```\n")
+    with pytest.raises(check.LabFormatError, match="never closed"):
+        check.parse_lab("```console\n$ true\n")
+
+
+def test_a_failure_report_names_the_lab_the_command_and_the_diff():
+    """The report says where the command is, what it was, and how the output differed."""
+    step = check.Step("echo hi", ["hello"], 7)
+    text = check.report("docs/labs/labX.md", check.Outcome(step, False, ["hi"], "output differs"))
+    assert text.startswith("docs/labs/labX.md:7: output differs")
+    assert "$ echo hi" in text and "-hello" in text and "+hi" in text
+
+
+def test_there_are_five_labs():
+    """The index promises five labs."""
+    assert [p.name.split("-")[0] for p in LABS] == ["lab1", "lab2", "lab3", "lab4", "lab5"]
+
+
+@pytest.mark.parametrize("lab", LABS, ids=lambda p: p.name)
+def test_each_lab_has_its_sections_and_commands(lab):
+    """Every lab has Goals, Background, Steps and Exercises (hints folded), and commands to check."""
+    text = lab.read_text()
+    heads = re.findall(r"^## (.+)$", text, re.M)
+    for section in ("Goals", "Background", "Steps", "Exercises"):
+        assert section in heads, f"{lab.name}: no '## {section}'"
+    assert "<details>" in text, f"{lab.name}: exercises need hints in <details>"
+    steps = [s for b in check.parse_lab(text) for s in b.steps]
+    assert steps, f"{lab.name}: no console commands"
+
+
+@pytest.mark.parametrize("lab", LABS, ids=lambda p: p.name)
+def test_links_to_code_resolve(lab):
+    """Every relative link points at a file that exists; a link named `name` or
+    `Class.name` points at a file that defines it."""
+    text = lab.read_text()
+    for label, target in re.findall(r"\[([^\]]+)\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path = (lab.parent / target).resolve()
+        assert path.exists(), f"{lab.name}: link to {target} which does not exist"
+        m = re.fullmatch(r"`(?:[\w./-]+:)?([A-Za-z_][\w.]*)(?:\(\))?`", label)
+        if m and path.suffix in (".py", ".c", ".S", ".h") and not m.group(1).endswith(path.suffix):
+            name = m.group(1).split(".")[-1]
+            body = path.read_text()
+            assert re.search(rf"(def|class)\s+{name}\b|\b{name}\s*\(|^{name}:", body, re.M), \
+                f"{lab.name}: {target} defines no {name}"
+
+
+def test_every_lab_file_is_run_by_a_lab():
+    """Code under docs/labs/code/ is run by some console block (a guest source by
+    a script that is), so none of it can rot unseen."""
+    code = ROOT / "docs" / "labs" / "code"
+    commands = "\n".join(s.command for lab in LABS for b in check.parse_lab(lab.read_text())
+                         for s in b.steps)
+    scripts = [f for f in code.glob("*.py") if f.name in commands]
+    for f in sorted(code.iterdir()):
+        if f.suffix == ".py":
+            assert f in scripts, f"docs/labs/code/{f.name} is not run by any lab"
+        elif f.suffix == ".S":
+            assert any(f.name in s.read_text() for s in scripts), \
+                f"docs/labs/code/{f.name} is not built by any script a lab runs"
