@@ -93,6 +93,7 @@ class Migration:
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
         self.sink = None        # where the stream goes: transport.SocketSink, TlsSink or FileSink
+        self._connecting: socket.socket | None = None
         self.done = threading.Event()
         self._crc = 0
         self._sent_once = np.zeros(machine.memory.npages, dtype=bool)
@@ -119,6 +120,11 @@ class Migration:
         sink = self.sink
         if sink is not None:
             sink.abort()
+        elif self._connecting is not None:     # still connecting or in the handshake
+            try:
+                self._connecting.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
@@ -299,7 +305,13 @@ class Migration:
             self.sink = transport.FileSink(self.target.path)
             return
         self.sink = transport.connect(self.target, self.creds, connect_timeout=CONNECT_TIMEOUT,
-                                      io_timeout=self.timeout, sndbuf=SOCKET_BUFFER)
+                                      io_timeout=self.timeout, sndbuf=SOCKET_BUFFER,
+                                      on_socket=self._set_connecting)
+
+    def _set_connecting(self, sock: socket.socket) -> None:
+        self._connecting = sock
+        if self._cancel.is_set():       # cancelled before the socket existed
+            self.cancel()
 
     # ---- dirty tracking ---------------------------------------------------------------
 

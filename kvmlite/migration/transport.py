@@ -402,9 +402,15 @@ class FileSource:
 
 
 def connect(uri: TcpUri, creds: Credentials, *, connect_timeout: float, io_timeout: float,
-            sndbuf: int):
-    """Connect to a destination, run TLS and the handshake; returns a sink."""
+            sndbuf: int, on_socket=None):
+    """Connect to a destination, run TLS and the handshake; returns a sink.
+
+    `on_socket(sock)` is called as soon as the socket exists, so that a
+    cancel can shut it down while connect or the handshake still waits.
+    """
     sock = socket.socket(socket.AF_INET6 if ":" in uri.host else socket.AF_INET)
+    if on_socket is not None:
+        on_socket(sock)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -1,0 +1,137 @@
+"""Migration that loses nothing: peers killed or stopped at every stage, and cancel at every stage."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from kvmlite.procs import VmProcess, free_port, start_destination
+
+from .test_migration import FINAL, finish_and_check
+
+MEMORY = "64M"
+# dirty=20000 pages/s: every pre-copy round finds pages to send, so each
+# named point inside a round is reached.
+FILL = "workload=fill live=30 stale=40 dirty=20000"
+# downtime 0: never converges early, so the source runs all four pre-copy rounds
+LIVE = {"downtime-ms": 0, "max-rounds": 4}
+
+
+def fill_vm(**env) -> tuple[VmProcess, int]:
+    vm = VmProcess([os.fspath(_guest()), "--memory", MEMORY, "--cmdline", FILL],
+                   env={**os.environ, **env} if env else None)
+    m = vm.wait_for(r"^fill: ready live=(\d+)", timeout=60)
+    return vm, int(m.group(1))
+
+
+def _guest():
+    from .helpers import ROOT
+    return ROOT / "guest" / "guest.bin"
+
+
+def run_migration(src: VmProcess, port: int, **args) -> dict:
+    c = src.client()
+    try:
+        c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", **args)
+        deadline = time.monotonic() + 120
+        while (s := c.execute("query-migrate"))["status"] not in FINAL:
+            assert time.monotonic() < deadline, s
+            time.sleep(0.01)
+        return s
+    finally:
+        c.close()
+
+
+# Ten points in the destination's life (kvmlite/faults.py), and how the migration runs.
+DEST_POINTS = [
+    ("dst:accepted", LIVE),          # TCP accepted, before the handshake
+    ("dst:handshake", LIVE),         # handshake done, before the stream header
+    ("dst:header", LIVE),            # header read, before any page
+    ("dst:round:0:pages", LIVE),     # mid-round 1
+    ("dst:round:1", LIVE),           # between rounds 1 and 2
+    ("dst:round:2:pages", LIVE),     # mid-round 3
+    ("dst:round:0:pages", {"live": False}),   # during complete: the stop-copy pass
+    ("dst:state", LIVE),             # device and vCPU state read, before END
+    ("dst:end", LIVE),               # END checked, before the state is restored
+    ("dst:restored", LIVE),          # state restored, before "running" is sent
+]
+
+
+@pytest.mark.parametrize("point,how", DEST_POINTS,
+                         ids=[f"{p}-{'live' if h.get('live', True) else 'stopcopy'}" for p, h in DEST_POINTS])
+def test_destination_killed_at_each_point_source_resumes(point, how):
+    """The destination is SIGKILLed at a point; the source resumes, and a second migration succeeds intact."""
+    src, live = fill_vm()
+    port = free_port()
+    dst = start_destination(port, env={"KVMLITE_TEST_FAULTS": f"{point}=kill"})
+    with src, dst:
+        s = run_migration(src, port, **how)
+        assert s["status"] == "failed" and s["error"], s
+        assert dst.wait(30) == -signal.SIGKILL, dst.output()
+        assert f"test fault at {point}" in "\n".join(dst.stderr_lines)
+        assert not dst.stdout_lines, "the half-migrated guest must not have run"
+        assert src.execute("query-status")["status"] == "running"
+        assert "keeps running here" in "\n".join(src.stderr_lines)
+        # ... and the VM can still leave: a second migration completes, memory intact
+        port2 = free_port()
+        dst2 = start_destination(port2)
+        with dst2:
+            s2 = run_migration(src, port2, **how)
+            assert s2["status"] == "completed", s2
+            assert src.wait(30) == 0
+            finish_and_check(dst2, live)
+
+
+@pytest.mark.parametrize("action,message", [("kill", "truncated"), ("stop", "timed out")])
+def test_source_killed_or_stopped_mid_stream_destination_never_runs_the_guest(action, message):
+    """A source killed (or hung) after round 1: the destination exits with a clear error, guest not started."""
+    src, _ = fill_vm(KVMLITE_TEST_FAULTS=f"src:round:1={action}")
+    port = free_port()
+    dst = start_destination(port, extra=["--timeout", "2"])
+    with src, dst:
+        src.execute("migrate", uri=f"tcp:127.0.0.1:{port}", **LIVE)
+        assert dst.wait(60) == 1
+        err = "\n".join(dst.stderr_lines)
+        assert message in err and "the guest was not started" in err, err
+        assert "Traceback" not in err
+        assert not dst.stdout_lines
+        if action == "stop":
+            assert src.proc.poll() is None       # still there, stopped
+            src.proc.send_signal(signal.SIGKILL)
+
+
+@pytest.mark.parametrize("stage,dst_faults,src_faults,args", [
+    ("setup", "dst:accepted=sleep:3", None, {}),             # waiting for the destination's HELLO
+    ("active", None, None, {"bandwidth": "8M"}),             # mid pre-copy
+    ("completing", None, "src:paused=sleep:2", {}),          # the vCPU is paused for the last pass
+])
+def test_cancel_at_each_stage_resumes_the_guest(stage, dst_faults, src_faults, args):
+    """migrate-cancel in setup, in pre-copy and with the vCPU paused for completion: the guest runs on at the source."""
+    env = {"KVMLITE_TEST_FAULTS": src_faults} if src_faults else {}
+    src, live = fill_vm(**env)
+    port = free_port()
+    dst = start_destination(port, env={"KVMLITE_TEST_FAULTS": dst_faults} if dst_faults else None)
+    with src, dst:
+        c = src.client()
+        c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", **args)
+        deadline = time.monotonic() + 30
+        while c.execute("query-migrate")["status"] != stage:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        c.execute("migrate-cancel")
+        while (s := c.execute("query-migrate"))["status"] not in FINAL:
+            time.sleep(0.01)
+        assert s["status"] == "cancelled", s
+        assert c.execute("query-status")["status"] == "running"
+        c.close()
+        if stage == "setup":
+            # no VM state was sent: the destination refuses the dead peer and waits on
+            dst.wait_for("refused a connection", stream="stderr")
+            assert dst.proc.poll() is None
+        else:
+            assert dst.wait(30) == 1
+            assert "the guest was not started" in "\n".join(dst.stderr_lines)
+        finish_and_check(src, live)
