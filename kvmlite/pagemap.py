@@ -99,15 +99,17 @@ class Kind:
     rgb: tuple[int, int, int]
     glyph: str
     any_page: bool = False   # a cell shows this if any of its pages has it
+    hide_if_none: bool = False   # left out of the legend when no page has it
 
 
 # Live VM states, in order of importance: a tie in a cell goes to the later one.
 UNTOUCHED, FREE, ACTIVE, DIRTY = range(4)
 VM_KINDS = (
-    Kind("never touched (the host never backed it)", (44, 46, 60), "."),
+    Kind("never touched: not in use, and the host never backed it", (44, 46, 60), "."),
     Kind("free (guest's bitmap), stale data", (120, 124, 140), "-"),
     Kind("active (in use, or outside the bitmap)", (64, 178, 96), "#"),
-    Kind("dirty, still to be sent by the migration", (222, 56, 48), "D", any_page=True),
+    Kind("dirty, still to be sent by the migration", (222, 56, 48), "D", any_page=True,
+         hide_if_none=True),
 )
 # Pages of a migration stream.
 NOT_SENT, ZERO, DATA = range(3)
@@ -140,12 +142,14 @@ def _grey(rgb) -> tuple[int, int, int]:
 @dataclass
 class PageMap:
     """One state per page (an index into `kinds`), and optionally the round
-    that last sent each page (0: never; 1-based; the final pass is the last)."""
+    that last sent each page (0: never; 1-based) and the number of the final
+    pass (the vCPU paused), once it has run: it may have sent no page."""
     title: str
     kinds: tuple[Kind, ...]
     states: np.ndarray            # uint8 per page
     rounds: np.ndarray | None = None
-    final_round_note: str = ""    # e.g. "final pass, vCPU paused"
+    final_round: int = 0
+    summary: str = ""             # a line of counts under the title
 
     @property
     def npages(self) -> int:
@@ -157,10 +161,12 @@ class PageMap:
             return list(self.kinds), self.states.astype(np.int16)
         if self.rounds is None:
             raise ConfigError("no sent rounds to show: no migration has run from this VM")
-        kinds = [Kind(f"not sent: {k.name}", _grey(k.rgb), k.glyph) for k in self.kinds]
-        last = int(self.rounds.max()) if len(self.rounds) else 0
+        kinds = [Kind(f"not sent: {k.name}", _grey(k.rgb), k.glyph, hide_if_none=k.hide_if_none)
+                 for k in self.kinds]
+        # rounds past 255 share the last number (sent_round is one byte a page)
+        last = min(max(int(self.rounds.max()) if len(self.rounds) else 0, self.final_round), 255)
         for r in range(1, last + 1):
-            note = f" ({self.final_round_note})" if r == last and self.final_round_note else ""
+            note = " (final pass, vCPU paused)" if r == self.final_round else ""
             glyph = ROUND_GLYPHS[r - 1] if r <= len(ROUND_GLYPHS) else "+"
             kinds.append(Kind(f"sent in round {r}{note}", round_colour(r, last), glyph, any_page=True))
         keys = np.where(self.rounds > 0, len(self.kinds) - 1 + self.rounds.astype(np.int16),
@@ -178,6 +184,7 @@ class Grid:
     npages: int
     page_counts: list[int]      # pages of each kind (not cells)
     rule: str
+    summary: str = ""
 
     @property
     def scale(self) -> str:
@@ -224,7 +231,8 @@ def grid(pm: PageMap, columns: int, max_rows: int, sent_rounds: bool = False) ->
         first = ("a cell shows " + ("the latest round that sent any of its pages" if sent_rounds
                                     else f"'{anys[0]}' if any of its pages is") + "; else ") if anys else "a cell shows "
         rule = first + "the state most of its pages have"
-    return Grid(pm.title, kinds, cells.reshape(rows, columns), per, pm.npages, page_counts, rule)
+    return Grid(pm.title, kinds, cells.reshape(rows, columns), per, pm.npages, page_counts, rule,
+                pm.summary)
 
 
 # ---- sources -------------------------------------------------------------------------
@@ -244,7 +252,8 @@ def from_monitor(resp: dict) -> PageMap:
         states[free] = FREE
     if arrays["backed"] is not None:
         backed = words_to_mask(decode_array(arrays["backed"], "backed bitmap"), npages)
-        states[~backed] = UNTOUCHED
+        # a page the guest uses but never wrote stays active: the bitmap has the last word
+        states[~backed & (free if free is not None else True)] = UNTOUCHED
     mig = resp.get("migration") or {}
     if arrays["dirty"] is not None:
         dirty = words_to_mask(decode_array(arrays["dirty"], "dirty bitmap"), npages)
@@ -257,12 +266,17 @@ def from_monitor(resp: dict) -> PageMap:
         if len(rounds) != npages:
             raise KvmliteError(f"query-pagemap: sent_round has {len(rounds)} entries for {npages} pages")
     title = "guest memory"
-    note = ""
+    summary = ""
+    if free is not None:
+        nfree = int(np.count_nonzero(free))
+        summary = (f"the guest's bitmap: {nfree} pages free (never touched or stale), "
+                   f"{npages - nfree} active")
+    final = 0
     if mig:
         title += f", migration {mig.get('status')} after {mig.get('rounds', 0)} rounds"
         if mig.get("status") == "completed":
-            note = "final pass, vCPU paused"
-    return PageMap(title, VM_KINDS, states, rounds, note)
+            final = int(mig.get("rounds", 0))
+    return PageMap(title, VM_KINDS, states, rounds, final, summary)
 
 
 class _FileSource:
@@ -328,7 +342,7 @@ def from_stream(path: str) -> PageMap:
             raise StreamError(f"{path}: {e}") from None
     mode = ("live" if header.live else "stop-copy") + (", hint on" if header.hint else ", hint off")
     return PageMap(f"migration stream {path} ({mode}, {dec.rounds} rounds)", STREAM_KINDS,
-                   states, rounds, "final pass, vCPU paused")
+                   states, rounds, dec.rounds)
 
 
 # ---- terminal ------------------------------------------------------------------------
@@ -346,6 +360,8 @@ def render_terminal(g: Grid, console) -> None:
     from rich.table import Table
     from rich.text import Text
     console.print(Text(f"kvmlite pagemap: {g.title}", style="bold"))
+    if g.summary:
+        console.print(g.summary, highlight=False)
     console.print(f"{g.scale}; {g.rule}", highlight=False)
     rows, cols = g.cells.shape
     colour = console.color_system is not None
@@ -370,7 +386,7 @@ def render_terminal(g: Grid, console) -> None:
     table.add_column("MiB", justify="right")
     table.add_column("what")
     for k, n in zip(g.kinds, g.page_counts):
-        if n == 0 and k.any_page:
+        if n == 0 and k.hide_if_none:
             continue
         swatch = Text(UPPER_HALF * 2, style=_style(k.rgb, k.rgb)) if colour else Text(k.glyph)
         table.add_row(swatch, str(n), f"{n * PAGE_SIZE / (1 << 20):.1f}", k.name)
@@ -479,8 +495,8 @@ def png_image(g: Grid, cell_px: int) -> tuple[np.ndarray, dict]:
     """The picture as pixels, and the layout a reader needs to find the cells again."""
     margin = 8
     rows, cols = g.cells.shape
-    header = [f"kvmlite pagemap: {g.title}", g.scale, g.rule]
-    legend = [(k, n) for k, n in zip(g.kinds, g.page_counts) if n or not k.any_page]
+    header = [f"kvmlite pagemap: {g.title}"] + ([g.summary] if g.summary else []) + [g.scale, g.rule]
+    legend = [(k, n) for k, n in zip(g.kinds, g.page_counts) if n or not k.hide_if_none]
     legend_lines = [f"{n} pages ({n * PAGE_SIZE / (1 << 20):.1f} MiB): {k.name}" for k, n in legend]
     text_w = max(len(s) for s in header) * CHAR_W
     legend_w = LINE_H + CHAR_W + max(len(s) for s in legend_lines) * CHAR_W

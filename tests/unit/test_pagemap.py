@@ -166,7 +166,7 @@ def test_round_colours_are_distinct_and_never_grey():
 
 
 def test_from_monitor_orders_the_states():
-    """Never-touched overrides free/active; a dirty free page is not dirty when the hint is on."""
+    """Never touched = unbacked and not in use; a dirty free page is not dirty when the hint is on."""
     n = 8
     free = np.array([1, 1, 0, 0, 1, 0, 0, 0], dtype=bool)
     backed = np.array([1, 0, 1, 0, 1, 1, 1, 1], dtype=bool)
@@ -177,11 +177,14 @@ def test_from_monitor_orders_the_states():
             "dirty": pm.encode_array(pm.mask_to_words(dirty)), "sent_round": pm.encode_array(sent),
             "migration": {"status": "active", "hint": True, "rounds": 2}}
     got = pm.from_monitor(json.loads(json.dumps(resp)))
-    assert got.states.tolist() == [pm.FREE, pm.UNTOUCHED, pm.ACTIVE, pm.UNTOUCHED,
+    assert got.states.tolist() == [pm.FREE, pm.UNTOUCHED, pm.ACTIVE, pm.ACTIVE,
                                    pm.FREE, pm.DIRTY, pm.ACTIVE, pm.ACTIVE]
     assert got.rounds.tolist() == sent.tolist()
+    assert "3 pages free" in got.summary and "5 active" in got.summary
     resp["migration"]["hint"] = False
     assert pm.from_monitor(resp).states[4] == pm.DIRTY
+    no_bitmap = pm.from_monitor({"pages": n, "backed": resp["backed"]})
+    assert no_bitmap.states.tolist() == [pm.ACTIVE, pm.UNTOUCHED, pm.ACTIVE, pm.UNTOUCHED] + [pm.ACTIVE] * 4
 
 
 def test_terminal_without_colour_draws_a_letter_per_cell():
@@ -290,3 +293,16 @@ def test_bad_pagemap_and_inspect_input_is_one_line(argv, message, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_terminal_in_colour_draws_two_cell_rows_per_line():
+    """In colour, each line is two rows of cells: upper half block in the top cell's colour on the bottom's."""
+    states = [pm.UNTOUCHED] * 4 + [pm.ACTIVE] * 4 + [pm.DIRTY]
+    g = pm.grid(vm_map(states), columns=4, max_rows=8)
+    out = io.StringIO()
+    pm.render_terminal(g, Console(file=out, color_system="truecolor", width=100))
+    lines = out.getvalue().splitlines()
+    untouched, active, dirty = (pm.VM_KINDS[k].rgb for k in (pm.UNTOUCHED, pm.ACTIVE, pm.DIRTY))
+    top_on_bottom = "\x1b[38;2;{};{};{};48;2;{};{};{}m".format(*untouched, *active)
+    assert lines[2].count(top_on_bottom) == 4 and lines[2].count(pm.UPPER_HALF) == 4
+    assert "\x1b[38;2;{};{};{}m".format(*dirty) in lines[3] and lines[3].count(pm.UPPER_HALF) == 1
