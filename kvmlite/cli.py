@@ -1,4 +1,4 @@
-"""The command line: `kvmlite run`, `kvmlite info`, `kvmlite migrate`."""
+"""The command line: `kvmlite run`, `info`, `migrate`, `pagemap`, `inspect`."""
 
 from __future__ import annotations
 
