@@ -306,3 +306,115 @@ def test_terminal_in_colour_draws_two_cell_rows_per_line():
     top_on_bottom = "\x1b[38;2;{};{};{};48;2;{};{};{}m".format(*untouched, *active)
     assert lines[2].count(top_on_bottom) == 4 and lines[2].count(pm.UPPER_HALF) == 4
     assert "\x1b[38;2;{};{};{}m".format(*dirty) in lines[3] and lines[3].count(pm.UPPER_HALF) == 1
+
+
+# ---- the monitor's side: query-vcpu's pause policy, query-pagemap's arrays ---------------------
+
+
+class FakeVcpu:
+    def regs_dict(self):
+        return {n: 0 for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9",
+                               "r10", "r11", "r12", "r13", "r14", "r15", "rflags")} | {"rip": 0x101000}
+
+    def sregs_dict(self):
+        seg = {"selector": 0x23, "base": 0, "limit": 0xFFFFFFFF, "dpl": 3, "l": 1, "db": 0}
+        return {"cr0": 1, "cr2": 0, "cr3": 0x10000, "cr4": 0x20, "efer": 0x500, "cs": seg, "ss": seg}
+
+
+class FakeMachine:
+    def __init__(self, paused=False):
+        self.running, self.paused, self.calls = True, paused, []
+        self.vcpu, self.image, self.exits = FakeVcpu(), None, 5
+
+    def pause(self):
+        self.calls.append("pause")
+        self.paused = True
+
+    def resume(self):
+        self.calls.append("resume")
+        self.paused = False
+
+    def exits_by_kind(self):
+        return {"IoOut": 4, "IoIn": 1}
+
+
+@pytest.fixture
+def monitor_for(tmp_path):
+    from kvmlite.monitor import Monitor
+    made = []
+
+    def make(machine):
+        made.append(Monitor(machine, f"unix:{tmp_path}/m{len(made)}.sock"))
+        return made[-1]
+    yield make
+    for m in made:
+        m.stop()
+
+
+def test_query_vcpu_pauses_a_running_vm_and_resumes_it(monitor_for):
+    """A running VM is paused for the read and resumed; the reply has rip, cs and the exits."""
+    m = FakeMachine()
+    r = monitor_for(m).handle_line(b'{"execute": "query-vcpu"}\n')["return"]
+    assert m.calls == ["pause", "resume"] and not m.paused
+    assert r["registers"]["rip"] == 0x101000 and r["registers"]["cs"]["dpl"] == 3
+    assert r["exits"] == {"IoOut": 4, "IoIn": 1} and r["exits_total"] == 5
+
+
+def test_query_vcpu_leaves_a_stopped_vm_stopped(monitor_for):
+    """A VM already paused is read as it is: no pause, no resume."""
+    m = FakeMachine(paused=True)
+    r = monitor_for(m).handle_line(b'{"execute": "query-vcpu"}\n')["return"]
+    assert m.calls == [] and m.paused and r["registers"]["rip"] == 0x101000
+
+
+def test_query_vcpu_does_not_touch_a_migrating_vm(monitor_for):
+    """While a migration runs, registers are not read: its pause is not ours to undo."""
+    import threading
+    m = FakeMachine()
+    mon = monitor_for(m)
+    mon.migration = type("Mig", (), {"done": threading.Event()})()
+    r = mon.handle_line(b'{"execute": "query-vcpu"}\n')["return"]
+    assert m.calls == [] and r["registers"] is None and "migration" in r["registers_unread"]
+
+
+def test_query_pagemap_arrays_decode_to_the_machine_bitmaps(monitor_for):
+    """query-pagemap's free, backed, dirty and sent_round arrays decode to what the machine holds."""
+    import threading
+    from types import SimpleNamespace
+    n = 100
+    free = np.zeros(n, dtype=bool)
+    free[10:60] = True
+    backed = np.ones(n, dtype=bool)
+    backed[40:] = False
+    m = FakeMachine()
+    m.fph = SimpleNamespace(free_mask=lambda: free)
+    m.memory = SimpleNamespace(npages=n, backed_pages=lambda first, count: backed[first:first + count])
+    mon = monitor_for(m)
+    sent = np.zeros(n, dtype=np.uint8)
+    sent[:5] = 1
+    dirty = pm.mask_to_words(np.arange(n) == 70)
+    mon.migration = SimpleNamespace(done=threading.Event(), dirty_words=dirty, sent_round=sent,
+                                    stats=SimpleNamespace(status="active", hint=True, rounds=1))
+    r = json.loads(json.dumps(mon.handle_line(b'{"execute": "query-pagemap"}\n')["return"]))
+    assert np.array_equal(pm.words_to_mask(pm.decode_array(r["free"]), n), free)
+    assert np.array_equal(pm.words_to_mask(pm.decode_array(r["backed"]), n), backed)
+    assert np.flatnonzero(pm.words_to_mask(pm.decode_array(r["dirty"]), n)).tolist() == [70]
+    got = pm.from_monitor(r)
+    assert got.rounds[:6].tolist() == [1] * 5 + [0]
+    assert got.states[70] == pm.DIRTY and got.states[50] == pm.UNTOUCHED and got.states[20] == pm.FREE
+    mon.migration.done.set()
+    assert mon.handle_line(b'{"execute": "query-pagemap"}\n')["return"]["dirty"] is None
+
+
+def test_query_migrate_hold_keeps_a_finished_source(monitor_for):
+    """query-migrate with hold does not release a finished source; a plain one does."""
+    import threading
+    from types import SimpleNamespace
+    mon = monitor_for(FakeMachine())
+    done = threading.Event()
+    done.set()
+    mon.migration = SimpleNamespace(done=done, stats=SimpleNamespace(as_dict=lambda: {"status": "completed"}))
+    mon.handle_line(b'{"execute": "query-migrate", "arguments": {"hold": true}}\n')
+    assert mon.held.is_set() and not mon.final_seen.is_set()
+    mon.handle_line(b'{"execute": "query-migrate"}\n')
+    assert mon.final_seen.is_set()
