@@ -212,12 +212,15 @@ def server_handshake(sock, creds: Credentials) -> None:
         raise StreamError(f"{what}: not a kvmlite source speaking handshake version {HANDSHAKE_VERSION}")
     if creds.key is None:
         return
-    nonce_s = _field(reply, "nonce", bytes, what, NONCE_SIZE)
     proof = reply.get("mac")
-    if not isinstance(proof, bytes) or not hmac.compare_digest(
-            proof, _mac(creds.key, _SOURCE_PROOF, nonce_d, nonce_s)):
-        why = ("the source has no key (start it with --auth-key)" if proof is None
-               else "the source's key does not match")
+    if proof is None:
+        why = "the source has no key (start it with --auth-key)"
+    else:
+        nonce_s = _field(reply, "nonce", bytes, what, NONCE_SIZE)
+        good = isinstance(proof, bytes) and hmac.compare_digest(
+            proof, _mac(creds.key, _SOURCE_PROOF, nonce_d, nonce_s))
+        why = None if good else "the source's key does not match"
+    if why:
         _send_quietly(sock, encode_frame({"status": "error", "error": f"authentication failed: {why}"}))
         raise StreamError(f"authentication failed: {why}")
     sock.sendall(encode_frame({"status": "ok", "mac": _mac(creds.key, _DEST_PROOF, nonce_s, nonce_d)}))

@@ -1,0 +1,170 @@
+"""Who may send a VM (shared key, mutual TLS), and snapshots to a file."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kvmlite.migration import transport
+from kvmlite.procs import VmProcess, free_port, start_destination
+
+from .helpers import kvmlite
+from .test_migration import finish_and_check
+from .test_reliability import fill_vm, run_migration
+
+
+def write_key(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return (write_key(tmp_path / "good.key", "correct horse battery staple 1234\n"),
+            write_key(tmp_path / "other.key", "a different key, equally long...\n"))
+
+
+def _vm_with_key(key: Path | None) -> tuple[VmProcess, int]:
+    from .test_reliability import FILL, MEMORY, _guest
+    args = [os.fspath(_guest()), "--memory", MEMORY, "--cmdline", FILL]
+    if key:
+        args += ["--auth-key", str(key)]
+    vm = VmProcess(args)
+    m = vm.wait_for(r"^fill: ready live=(\d+)", timeout=60)
+    return vm, int(m.group(1))
+
+
+def test_shared_key_admits_only_the_keyed_source(keys):
+    """With --auth-key: wrong key and no key are refused on both sides, the destination waits on, the right key migrates."""
+    good, other = keys
+    port = free_port()
+    dst = start_destination(port, extra=["--auth-key", str(good)])
+    assert "key required" in "\n".join(dst.stderr_lines)
+    wrong, _ = _vm_with_key(other)
+    nokey, _ = _vm_with_key(None)
+    right, live = _vm_with_key(good)
+    with dst, wrong, nokey, right:
+        s = run_migration(wrong, port)
+        assert s["status"] == "failed" and "authentication failed" in s["error"], s
+        dst.wait_for("refused a connection .*the source's key does not match", stream="stderr")
+        s = run_migration(nokey, port)
+        assert s["status"] == "failed" and "requires authentication" in s["error"], s
+        dst.wait_for("refused a connection .*the source has no key", stream="stderr")
+        for vm in (wrong, nokey):
+            assert vm.execute("query-status")["status"] == "running"
+        # a stranger that speaks no handshake at all is refused too
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(b"GET / HTTP/1.1\r\n\r\n" * 100)
+        dst.wait_for("refused a connection .*(frame length|not a msgpack)", stream="stderr")
+        assert dst.proc.poll() is None and not dst.stdout_lines    # no VM state was read
+        s = run_migration(right, port)
+        assert s["status"] == "completed", s
+        assert right.wait(30) == 0
+        finish_and_check(dst, live)
+
+
+def test_keyed_source_refuses_an_unauthenticated_destination(keys):
+    """A source holding a key does not hand its VM to a destination that asks for none."""
+    port = free_port()
+    dst = start_destination(port)
+    src, live = _vm_with_key(keys[0])
+    with src, dst:
+        s = run_migration(src, port)
+        assert s["status"] == "failed" and "does not authenticate" in s["error"], s
+        assert src.execute("query-status")["status"] == "running"
+        finish_and_check(src, live)
+
+
+def test_short_key_file_is_a_clear_error(tmp_path):
+    """A key shorter than 16 bytes is refused at start-up with one line."""
+    r = kvmlite("run", "--incoming", "tcp:127.0.0.1:1", "--auth-key",
+                str(write_key(tmp_path / "k", "short")))
+    assert r.returncode == 1 and "a key must be 16 to" in r.stderr and "Traceback" not in r.stderr
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_pki(d: Path, name: str) -> dict:
+    """A CA and two certificates it signed for 127.0.0.1 (one per VMM), with openssl."""
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+             "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", f"/CN={name} CA", cwd=d)
+    out = {"ca": d / "ca.pem"}
+    for who in ("src", "dst"):
+        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                 "-keyout", f"{who}.key", "-out", f"{who}.csr", "-subj", f"/CN={who}", cwd=d)
+        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{who}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
+        out[who] = (d / f"{who}.pem", d / f"{who}.key")
+    return out
+
+
+def tls_args(pki: dict, who: str) -> list[str]:
+    cert, key = pki[who]
+    return ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(pki["ca"])]
+
+
+def test_mutual_tls_migrates_and_refuses_a_foreign_certificate(tmp_path):
+    """Over TLS with certificates checked both ways the VM arrives intact; a certificate from another CA is refused."""
+    pki, rogue = make_pki(tmp_path / "pki", "kvmlite"), make_pki(tmp_path / "rogue", "rogue")
+    from .test_reliability import FILL, MEMORY, _guest
+    port = free_port()
+    dst = start_destination(port, extra=tls_args(pki, "dst"))
+    bad = VmProcess([os.fspath(_guest()), "--memory", MEMORY, "--cmdline", FILL, *tls_args(rogue, "src")])
+    src = VmProcess([os.fspath(_guest()), "--memory", MEMORY, "--cmdline", FILL, *tls_args(pki, "src")])
+    with dst, bad, src:
+        bad.wait_for(r"^fill: ready", timeout=60)
+        s = run_migration(bad, port)
+        assert s["status"] == "failed" and "TLS" in s["error"], s
+        dst.wait_for("refused a connection .*TLS handshake failed", stream="stderr")
+        assert bad.execute("query-status")["status"] == "running"
+        live = int(src.wait_for(r"^fill: ready live=(\d+)", timeout=60).group(1))
+        s = run_migration(src, port)
+        assert s["status"] == "completed", s
+        finish_and_check(dst, live)
+
+
+def test_snapshot_to_file_and_restore(tmp_path):
+    """migrate file:PATH saves the active pages only; run --incoming file:PATH restores and the guest carries on."""
+    snap = tmp_path / "vm.snap"
+    src, live = fill_vm()
+    with src:
+        src.execute("stop")
+        active = src.execute("query-free-pages")["active"]
+        s = src.execute("migrate", uri=f"file:{snap}", live=False)
+        c = src.client()
+        while (s := c.execute("query-migrate"))["status"] not in ("completed", "failed", "cancelled"):
+            pass
+        c.close()
+        assert s["status"] == "completed", s
+        assert src.wait(30) == 0
+    assert s["pages_sent"] + s["pages_zero"] == active
+    assert snap.stat().st_size == s["bytes_wire"]
+    assert s["pages_sent"] * 4096 < snap.stat().st_size < s["pages_sent"] * 4096 + (1 << 20)
+    assert not (tmp_path / "vm.snap.part").exists()
+    dst = VmProcess(["--incoming", f"file:{snap}"])
+    with dst:
+        dst.wait_for("guest resumed", stream="stderr")
+        finish_and_check(dst, live)
+
+
+def test_truncated_snapshot_is_refused(tmp_path):
+    """A snapshot cut short is refused with a clear error and the guest is not started."""
+    snap = tmp_path / "vm.snap"
+    src, _ = fill_vm()
+    with src:
+        src.execute("migrate", uri=f"file:{snap}", live=False)
+        assert src.wait(60) == 0
+    data = snap.read_bytes()
+    (tmp_path / "cut.snap").write_bytes(data[:len(data) // 2])
+    r = kvmlite("run", "--incoming", f"file:{tmp_path / 'cut.snap'}")
+    assert r.returncode == 1
+    assert "truncated" in r.stderr and "the guest was not started" in r.stderr
+    assert "Traceback" not in r.stderr and "KVMLITE-SUMMARY" not in r.stdout
