@@ -228,9 +228,13 @@ def grid(pm: PageMap, columns: int, max_rows: int, sent_rounds: bool = False) ->
         rule = "one page per cell"
     else:
         anys = [k.name.split(",")[0] for k in kinds if k.any_page]
-        first = ("a cell shows " + ("the latest round that sent any of its pages" if sent_rounds
-                                    else f"'{anys[0]}' if any of its pages is") + "; else ") if anys else "a cell shows "
-        rule = first + "the state most of its pages have"
+        if sent_rounds:
+            lead = "a cell shows the latest round that sent any of its pages; else "
+        elif anys:
+            lead = f"a cell shows '{anys[0]}' if any of its pages is; else "
+        else:
+            lead = "a cell shows "
+        rule = lead + "the state most of its pages have"
     return Grid(pm.title, kinds, cells.reshape(rows, columns), per, pm.npages, page_counts, rule,
                 pm.summary)
 
