@@ -244,3 +244,16 @@ def test_auto_converge_throttles_a_guest_that_outruns_the_link(guest_image):
         dst.wait(30)
         bad = [l for p in (src, dst) for l in error_lines(p.stdout_lines)]
         assert not bad, bad
+
+
+def test_destination_caps_the_ram_a_stream_may_ask_for():
+    """A stream asking for more RAM than --max-memory is refused before any RAM is set up."""
+    port = free_port()
+    dst = start_destination(port, monitor=False, extra=["--max-memory", "32M"])
+    with dst, socket.create_connection(("127.0.0.1", port)) as s:
+        s.settimeout(10)
+        transport.client_handshake(s, transport.Credentials())
+        s.sendall(wire.encode_preamble({"page_size": 4096, "ram": [[0, 1 << 30]], "vcpus": 1}))
+        assert dst.wait(30) == 1
+        err = "\n".join(dst.stderr_lines)
+        assert "exceeds this destination's limit of 32 MiB" in err and "not started" in err, err
