@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all setup guest demo run test unit integration bench bench-qemu soak clean
+.PHONY: all setup guest demo run test unit integration fuzz bench bench-qemu soak clean
 
 all: setup guest
 
@@ -36,6 +36,13 @@ unit: setup
 
 integration: setup guest
 	$(PY) -m pytest -q tests/integration
+
+# Coverage-guided fuzzing of the destination's receive path (tests/fuzz/README.md):
+# FUZZ_RUNS mutated streams from tests/fuzz/corpus; crashing inputs and the
+# fuzzer's log go to bench/out/fuzz/.  `make test` runs a bounded 100,000.
+FUZZ_RUNS ?= 1000000
+fuzz: setup
+	$(PY) -m tests.fuzz.run --runs $(FUZZ_RUNS) --corpus tests/fuzz/corpus --artifacts bench/out/fuzz
 
 bench: setup guest
 	$(MAKE) -C bench
