@@ -10,6 +10,9 @@ from .bus import Device
 
 ALL_ONES32 = 0xFFFFFFFF
 
+# "The registration in force now": the default of the host-side readers below.
+CURRENT = object()
+
 
 class FreePageHint(Device):
     name = "free-page-hint"
@@ -23,6 +26,7 @@ class FreePageHint(Device):
         self.host_events = 0
         self.registration: abi.Registration | None = None
         self.refusal: str | None = None
+        self._last_logged: str | None = None
 
     # ---- guest side ----------------------------------------------------------
 
@@ -66,25 +70,34 @@ class FreePageHint(Device):
             self.registration = None
             self.status = abi.STATUS_ERROR | e.reason
             self.refusal = f"free-page-hint registration at GPA {gpa:#x} refused: {e}"
-            if self.log:
+            # A guest repeating the same bad REGISTER in a loop is logged once.
+            if self.log and self.refusal != self._last_logged:
                 self.log(self.refusal)
+            self._last_logged = self.refusal
 
     # ---- host side -------------------------------------------------------------
+    #
+    # The vCPU thread may register, re-register or unregister at any moment,
+    # also while a migration thread is in the middle of reading.  A reader that
+    # looked at `registration` and then calls these passes what it saw as
+    # `reg`, so that every answer describes the same registration.
 
     def request_stop(self) -> None:
         self.host_events |= abi.HOST_EVENT_STOP
 
-    def bitmap_words(self) -> np.ndarray | None:
+    def bitmap_words(self, reg=CURRENT) -> np.ndarray | None:
         """The guest's bitmap as uint64 words, a live view of guest memory (not a copy)."""
-        reg = self.registration
+        if reg is CURRENT:
+            reg = self.registration
         if reg is None:
             return None
         nwords = reg.bitmap_size // 8
         return np.frombuffer(self.memory.slice(reg.bitmap_gpa, nwords * 8), dtype="<u8")
 
-    def always_sent_pages(self) -> list[tuple[int, int]]:
+    def always_sent_pages(self, reg=CURRENT) -> list[tuple[int, int]]:
         """(first page, count) ranges sent whatever the bitmap says: header and bitmap."""
-        reg = self.registration
+        if reg is CURRENT:
+            reg = self.registration
         if reg is None:
             return []
         out = []
@@ -94,33 +107,35 @@ class FreePageHint(Device):
             out.append((first, last - first + 1))
         return out
 
-    def hintable_mask(self) -> np.ndarray | None:
+    def hintable_mask(self, reg=CURRENT) -> np.ndarray | None:
         """Per page of RAM, True where the bitmap may call the page free: inside
         the registered range, and not the header's or the bitmap's own pages."""
-        reg = self.registration
+        if reg is CURRENT:
+            reg = self.registration
         if reg is None:
             return None
         mask = np.zeros(self.memory.npages, dtype=bool)
         first = reg.base_gpa >> PAGE_SHIFT
         mask[first:first + reg.npages] = True
-        for page, count in self.always_sent_pages():
+        for page, count in self.always_sent_pages(reg):
             mask[page:page + count] = False
         return mask
 
-    def free_mask(self) -> np.ndarray | None:
+    def free_mask(self, reg=CURRENT) -> np.ndarray | None:
         """Per page of RAM, True where the hint says free (and the page may be skipped).
 
         A snapshot: read it after the dirty log was cleared.
         """
-        words = self.bitmap_words()
+        if reg is CURRENT:
+            reg = self.registration
+        words = self.bitmap_words(reg)
         if words is None:
             return None
-        reg = self.registration
         bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:reg.npages].view(bool)
         mask = np.zeros(self.memory.npages, dtype=bool)
         first = reg.base_gpa >> PAGE_SHIFT
         mask[first:first + reg.npages] = bits
-        return mask & self.hintable_mask()
+        return mask & self.hintable_mask(reg)
 
     def count_free(self) -> int:
         mask = self.free_mask()

@@ -345,7 +345,7 @@ class Migration:
                 out[lo - w0:hi - w0] = self._guest_words[lo - gw0:hi - gw0]
         else:
             bits = np.zeros((w1 - w0) * 64, dtype=bool)
-            mask = fph.free_mask()[w0 * 64:w1 * 64]
+            mask = fph.free_mask(reg)[w0 * 64:w1 * 64]
             bits[:len(mask)] = mask
             out = np.packbits(bits, bitorder="little").view(np.uint64)
         out &= self._hintable[w0:w1]
@@ -354,10 +354,11 @@ class Migration:
     def _prepare_hint(self, reg) -> None:
         """Per registration: a view of the guest's bitmap and the hintable pages as words."""
         fph = self.machine.fph
-        hintable = fph.hintable_mask()
+        # `reg`, not the registration now: the vCPU thread may have re-registered since
+        hintable = fph.hintable_mask(reg)
         hintable = np.pad(hintable, (0, -len(hintable) % 64))
         self._hintable = np.packbits(hintable, bitorder="little").view(np.uint64)
-        self._guest_words = fph.bitmap_words()
+        self._guest_words = fph.bitmap_words(reg)
         self._never_free_for = reg
 
     def _count_pending(self, dirty: np.ndarray) -> int:

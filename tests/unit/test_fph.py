@@ -243,6 +243,32 @@ def test_refusal_reasons(guest, mem, case, gpa, fields, reason):
     assert abi.REASONS[reason] in guest.log[0]
 
 
+def test_same_refusal_repeated_is_logged_once(guest, mem):
+    """A guest repeating one bad REGISTER in a loop cannot flood the VMM's log; a different one is logged."""
+    mem.write(HDR, header_bytes())
+    for _ in range(100):
+        assert guest.register(HDR + 4) == 0x80000001
+        assert guest.register(HDR) == 1
+    assert len(guest.log) == 1
+    assert guest.register(HDR + 8) == 0x80000002     # no magic there
+    assert len(guest.log) == 2
+
+
+def test_readers_answer_for_the_registration_they_are_given(guest, mem):
+    """A migration that read `registration` gets answers for that one even if the guest unregistered since."""
+    mem.write(HDR, header_bytes())
+    guest.set_free([9])
+    assert guest.register(HDR) == 1
+    reg = guest.dev.registration
+    guest.outl(0x0C, 2)                       # the vCPU thread unregisters meanwhile
+    assert guest.dev.free_mask() is None
+    free = guest.dev.free_mask(reg)
+    assert np.flatnonzero(free).tolist() == [9]
+    assert guest.dev.hintable_mask(reg).sum() == NPAGES - 2   # all but the header's and bitmap's pages
+    assert len(guest.dev.bitmap_words(reg)) == NPAGES // 64
+    assert guest.dev.always_sent_pages(reg) == [(HDR // PAGE, 1), (BITMAP // PAGE, 1)]
+
+
 def test_refusal_drops_earlier_registration(guest, mem):
     """A refused REGISTER after a good one leaves nothing registered (STATUS shows the refusal)."""
     mem.write(HDR, header_bytes())
