@@ -35,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="print page counts from the guest's free-page bitmap at exit")
     run.add_argument("--trace", action="store_true", help="log every VM exit to stderr")
     run.add_argument("--monitor", metavar="unix:PATH", help="JSON-lines control socket")
+    run.add_argument("--gdb", metavar="tcp:HOST:PORT",
+                     help="wait for gdb (target remote HOST:PORT) before the guest's first instruction")
     run.add_argument("--incoming", metavar="tcp:[HOST:]PORT|file:PATH",
                      help="wait for a migration (listening on 127.0.0.1 unless HOST is given), "
                      "or restore a snapshot file, instead of booting an image")

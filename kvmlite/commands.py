@@ -37,6 +37,8 @@ def cmd_run(args) -> int:
     if args.incoming:
         if args.image:
             raise ConfigError("give either an image or --incoming, not both")
+        if getattr(args, "gdb", None):
+            raise ConfigError("--gdb debugs a guest booted here, not one arriving with --incoming")
         from .migration.destination import run_incoming
         return run_incoming(args)
     if not args.image:
@@ -50,10 +52,23 @@ def cmd_run(args) -> int:
     entry = parse_addr(args.entry, "--entry") if args.entry else None
     from .loader import read_image
     read_image(args.image)   # a missing image fails before /dev/kvm is opened
+    gdb = getattr(args, "gdb", None)
+    if gdb:
+        from .gdbstub import parse_endpoint
+        parse_endpoint(gdb)  # and so does a bad --gdb
     machine = Machine(size, prefault=args.prealloc, trace=_trace() if args.trace else None)
     try:
         machine.boot(args.image, args.cmdline, load, entry)
-        return run_machine(machine, args)
+        if not gdb:
+            return run_machine(machine, args)
+        from .gdbstub import GdbStub
+        stub = GdbStub.wait_for_gdb(machine, gdb)
+        status = None
+        try:
+            status = run_machine(machine, args)
+            return status
+        finally:
+            stub.guest_ended(1 if status is None else status)
     finally:
         machine.close()
 

@@ -71,6 +71,7 @@ class Machine:
         self._quit = None          # RunResult to return at the next safe point
         self.running = False
         self._throttle = 0.0       # share of time the vCPU sits out (migration auto-converge)
+        self.debugger = None       # a GdbStub while `kvmlite run --gdb` is attached
 
     # ---- devices by name, for migration ------------------------------------
 
@@ -123,6 +124,12 @@ class Machine:
                         vcpu.complete_mmio_read(b"\xff" * length)
                     case ex.MmioWrite():
                         pass  # no MMIO devices: writes to unbacked addresses vanish
+                    case ex.Debug() | ex.InternalError() if self.debugger is not None:
+                        # gdb's breakpoints and steps; the stub says if the exit was its own
+                        if not self.debugger.vcpu_exit(exit_):
+                            return RunResult("crash", CRASH_STATUS, crash=exit_, exits=self.exits)
+                        if (result := self._safe_point()) is not None:
+                            return result
                     case _:
                         return RunResult("crash", CRASH_STATUS, crash=exit_, exits=self.exits)
         except GuestExit as e:
@@ -170,6 +177,12 @@ class Machine:
             self.vcpu.kick()          # and takes one out of KVM_RUN
             if not self._lock.wait_for(lambda: self._paused or not self.running, timeout):
                 raise KvmliteError("the vCPU did not stop within %.1f s" % timeout)
+
+    def request_pause(self) -> None:
+        """Park the vCPU at its next safe point without waiting for it: for code
+        running on the vCPU thread itself (the gdb stub stopping at a breakpoint)."""
+        with self._lock:
+            self._pause_requested = True
 
     def resume(self) -> None:
         with self._lock:

@@ -1,0 +1,102 @@
+"""`kvmlite run --gdb`: the real gdb debugging the guest through the stub."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from kvmlite.gdbstub import PacketReader, encode_packet
+from kvmlite.procs import ChildProcess, free_port
+
+from .helpers import ROOT
+
+GDB = shutil.which("gdb")
+ELF = ROOT / "guest" / "guest.elf"
+BOOT_INFO_MAGIC = 0x4F464E49        # "INFO", docs/boot.md: what the VMM writes at 0x1000
+
+
+def start_vm(port: int, cmdline: str) -> ChildProcess:
+    vm = ChildProcess([sys.executable, "-m", "kvmlite", "run", str(ELF), "--gdb",
+                       f"tcp:127.0.0.1:{port}", "--cmdline", cmdline])
+    vm.wait_for(rf"kvmlite: waiting for gdb on tcp:127\.0\.0\.1:{port}", stream="stderr")
+    return vm
+
+
+def run_gdb(port: int, *commands: str) -> str:
+    args = [GDB, "-batch", "-nx", str(ELF), "-ex", f"target remote :{port}"]
+    for c in commands:
+        args += ["-ex", c]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return done.stdout + done.stderr
+
+
+@pytest.mark.skipif(GDB is None, reason="needs gdb")
+def test_gdb_breaks_steps_reads_and_the_guest_finishes():
+    """gdb stops at guest_main in main.c, steps, reads boot info and a command-line value, then the guest ends normally."""
+    port = free_port()
+    with start_vm(port, "workload=hello pages=4321") as vm:
+        out = run_gdb(port, "break guest_main", "continue", "next", "frame",
+                      "print/x bi->magic", "info registers rip",
+                      "break run_hello", "continue", "print g_cfg.pages", "print g_cfg.workload_name",
+                      "continue")
+        status = vm.wait(60)
+    assert re.search(r"Breakpoint 1, guest_main \(bi=0x1000,", out), out
+    assert re.search(r"#0  guest_main \(.*\) at \S*main\.c:\d+", out), out     # `next` moved into main.c
+    assert f"= {BOOT_INFO_MAGIC:#x}" in out, out
+    assert re.search(r"rip\s+0x[0-9a-f]+\s+0x[0-9a-f]+ <guest_main\+\d+>", out), out
+    assert re.search(r"Breakpoint 2, run_hello \(\)", out), out
+    assert re.search(r"\$\d+ = 4321\n", out), out
+    assert re.search(r'\$\d+ = 0x[0-9a-f]+ "hello"', out), out
+    assert "exited normally" in out, out
+    assert status == 0, vm.output()
+    assert "Hello from the kvmlite guest!" in vm.stdout_lines, vm.output()
+    assert vm.summary()["status"] == "ok"
+
+
+@pytest.mark.skipif(GDB is None, reason="needs gdb")
+def test_gdb_stepi_moves_one_instruction_at_cpl3():
+    """stepi at guest_main (CPL 3) lands on the next instruction gdb disassembled there."""
+    port = free_port()
+    with start_vm(port, "workload=hello") as vm:
+        out = run_gdb(port, "break guest_main", "continue", "x/2i $pc", "stepi", "print/x $pc",
+                      "print/x $cs & 3", "continue")
+        status = vm.wait(60)
+    listing = re.findall(r"^\s*(?:=> )?(0x[0-9a-f]+) <guest_main(?:\+\d+)?>:", out, re.MULTILINE)
+    assert len(listing) == 2, out
+    values = re.findall(r"^\$\d+ = (0x[0-9a-f]+)$", out, re.MULTILINE)
+    assert values == [listing[1], "0x3"], out
+    assert status == 0, vm.output()
+
+
+def test_ctrl_c_interrupts_a_running_guest():
+    """The 0x03 byte stops a running guest with SIGINT; registers are then readable and 'k' ends kvmlite."""
+    port = free_port()
+    with start_vm(port, "workload=fill live_pages=16 stale=0 seconds=60") as vm:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            reader = PacketReader()
+
+            def exchange(payload: bytes | None, raw: bytes = b"") -> bytes:
+                s.sendall(raw or encode_packet(payload))
+                while True:
+                    for event in reader.feed(s.recv(65536)):
+                        if event[0] == "packet":
+                            s.sendall(b"+")
+                            return event[1]
+
+            assert exchange(b"?") == b"S05"
+            s.sendall(encode_packet(b"c"))
+            vm.wait_for(r"fill: ready")
+            assert exchange(None, raw=b"\x03") == b"S02"
+            regs = bytes.fromhex(exchange(b"g").decode())
+            rip = int.from_bytes(regs[16 * 8:17 * 8], "little")
+            cs = int.from_bytes(regs[17 * 8 + 4:17 * 8 + 8], "little")     # after eflags
+            assert rip > 0x100000 and cs & 3 == 3
+            assert exchange(b"m1000,4") == BOOT_INFO_MAGIC.to_bytes(4, "little").hex().encode()
+            assert exchange(b"mffffffffff000000,4").startswith(b"E")
+            s.sendall(encode_packet(b"k"))
+        assert vm.wait(30) == 0, vm.output()
