@@ -8,6 +8,7 @@ Tables:
   4. Migration of a 1 GiB guest, 25 % live + 50 % freed with stale data, live,
      slow dirtying: free page hint on, hint off, and a raw loopback sendall of
      the same bytes.
+  5. What a shared key and mutual TLS cost on the same migration.
 Results also go to bench/out/results.json.  No figure here is asserted by a test.
 """
 
@@ -140,11 +141,12 @@ def bench_guest(reps: int) -> dict:
 
 # ---- 4. migration ---------------------------------------------------------------------
 
-def migrate_once(memory: str, cmdline: str, *, hint: bool, live: bool, downtime_ms: float = 5.0) -> dict:
+def migrate_once(memory: str, cmdline: str, *, hint: bool, live: bool, downtime_ms: float = 5.0,
+                  src_args=(), dst_args=()) -> dict:
     from kvmlite.procs import VmProcess, free_port, start_destination
     port = free_port()
-    dst = start_destination(port, memory)
-    src = VmProcess([str(GUEST), "--memory", memory, "--cmdline", cmdline])
+    dst = start_destination(port, memory, extra=list(dst_args))
+    src = VmProcess([str(GUEST), "--memory", memory, "--cmdline", cmdline, *src_args])
     try:
         src.wait_for(r"^fill: ready", timeout=300)
         c = src.client()
@@ -261,20 +263,55 @@ def bench_migration(reps: int, memory: str = "1G", dirty: int = 1000) -> dict:
     return result
 
 
+def bench_security(reps: int, memory: str = "1G", dirty: int = 1000) -> dict:
+    """What a shared key and TLS cost: the same hint-on live migration, plain, keyed, over TLS."""
+    from kvmlite.pki import make_pki, tls_args
+    cmdline = f"workload=fill live=25 stale=50 dirty={dirty}"
+    key = OUT / "bench.key"
+    key.write_text(os.urandom(32).hex() + "\n")
+    pki = make_pki(OUT / "pki")
+    cases = {
+        "plain TCP": ((), ()),
+        "shared key (--auth-key)": (("--auth-key", str(key)),) * 2,
+        "mutual TLS (--tls-*)": (tuple(tls_args(pki, "src")), tuple(tls_args(pki, "dst"))),
+    }
+    runs = {c: [] for c in cases}
+    for _ in range(reps):
+        for case, (src_args, dst_args) in cases.items():
+            runs[case].append(migrate_once(memory, cmdline, hint=True, live=True,
+                                           src_args=src_args, dst_args=dst_args))
+    table = Table(title=f"Security cost: live migration, {memory} guest, 25% live + 50% freed, hint on")
+    for col in ("case", "total ms", "downtime ms", "MiB on wire", "MiB/s", "total vs plain"):
+        table.add_column(col, justify="right")
+    plain = statistics.median(r["total_ms"] for r in runs["plain TCP"])
+    for case, rs in runs.items():
+        tot = median_range([r["total_ms"] for r in rs])
+        down = median_range([r["downtime_ms"] for r in rs])
+        mib = statistics.median(r["bytes_wire"] for r in rs) / (1 << 20)
+        thr = statistics.median(r["bytes_wire"] / (r["total_ms"] / 1000) / (1 << 20) for r in rs)
+        table.add_row(case, f"{tot[0]:.0f} ({tot[1]:.0f}–{tot[2]:.0f})",
+                      f"{down[0]:.2f} ({down[1]:.2f}–{down[2]:.2f})", f"{mib:.1f}", f"{thr:,.0f}",
+                      f"{tot[0] / plain:.2f}×")
+    console.print(table)
+    console.print()
+    return runs
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", choices=("exits", "startup", "guest", "migration"), action="append")
+    ap.add_argument("--only", choices=("exits", "startup", "guest", "migration", "security"),
+                    action="append")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    which = args.only or ["exits", "startup", "guest", "migration"]
+    which = args.only or ["exits", "startup", "guest", "migration", "security"]
     console.print(f"[bold]kvmlite bench[/bold] on {os.uname().nodename}, {os.cpu_count()} CPUs, "
                   f"kernel {os.uname().release}\n")
     results = {}
     for name in which:
         fn = {"exits": bench_exits, "startup": lambda r: bench_startup(max(r, 5)),
-              "guest": bench_guest, "migration": bench_migration}[name]
+              "guest": bench_guest, "migration": bench_migration, "security": bench_security}[name]
         results[name] = fn(args.reps)
     (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
     console.print(f"results written to {OUT / 'results.json'}")

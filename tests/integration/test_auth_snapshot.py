@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
 
-from kvmlite.migration import transport
+from kvmlite.pki import make_pki, tls_args
 from kvmlite.procs import VmProcess, free_port, start_destination
 
 from .helpers import kvmlite
@@ -86,34 +85,9 @@ def test_short_key_file_is_a_clear_error(tmp_path):
     assert r.returncode == 1 and "a key must be 16 to" in r.stderr and "Traceback" not in r.stderr
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def make_pki(d: Path, name: str) -> dict:
-    """A CA and two certificates it signed for 127.0.0.1 (one per VMM), with openssl."""
-    d.mkdir()
-    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-             "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", f"/CN={name} CA", cwd=d)
-    out = {"ca": d / "ca.pem"}
-    for who in ("src", "dst"):
-        _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                 "-keyout", f"{who}.key", "-out", f"{who}.csr", "-subj", f"/CN={who}", cwd=d)
-        (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        _openssl("x509", "-req", "-in", f"{who}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-                 "-CAcreateserial", "-out", f"{who}.pem", "-days", "2", "-extfile", "san.ext", cwd=d)
-        out[who] = (d / f"{who}.pem", d / f"{who}.key")
-    return out
-
-
-def tls_args(pki: dict, who: str) -> list[str]:
-    cert, key = pki[who]
-    return ["--tls-cert", str(cert), "--tls-key", str(key), "--tls-ca", str(pki["ca"])]
-
-
 def test_mutual_tls_migrates_and_refuses_a_foreign_certificate(tmp_path):
     """Over TLS with certificates checked both ways the VM arrives intact; a certificate from another CA is refused."""
-    pki, rogue = make_pki(tmp_path / "pki", "kvmlite"), make_pki(tmp_path / "rogue", "rogue")
+    pki, rogue = make_pki(tmp_path / "pki"), make_pki(tmp_path / "rogue", name="rogue")
     from .test_reliability import FILL, MEMORY, _guest
     port = free_port()
     dst = start_destination(port, extra=tls_args(pki, "dst"))
