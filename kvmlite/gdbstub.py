@@ -232,7 +232,7 @@ class GdbStub:
                 print(f"kvmlite: waiting for gdb on tcp:{host}:{port}", file=sys.stderr, flush=True)
                 conn, _ = server.accept()
         except OSError as e:
-            raise KvmliteError(f"--gdb {endpoint}: {e.strerror or e}") from None
+            raise KvmliteError(f"--gdb {endpoint}: {os.strerror(e.errno) if e.errno else e}") from None
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stub = cls(machine, conn)
         machine.debugger = stub
