@@ -171,3 +171,22 @@ u32 fph_host_events(void)
         return 0;
     return inl(fph_reg(FPH_REG_HOST_EVENTS));
 }
+
+u32 fph_register(u64 hdr_gpa)
+{
+    outl(fph_reg(FPH_REG_REGION_LO), (u32)hdr_gpa);
+    outl(fph_reg(FPH_REG_REGION_HI), (u32)(hdr_gpa >> 32));
+    outl(fph_reg(FPH_REG_STATUS), FPH_CMD_REGISTER);
+    return fph_read_status();
+}
+
+u32 fph_unregister(void)
+{
+    outl(fph_reg(FPH_REG_STATUS), FPH_CMD_UNREGISTER);
+    return fph_read_status();
+}
+
+u32 fph_read_status(void)
+{
+    return inl(fph_reg(FPH_REG_STATUS));
+}

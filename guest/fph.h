@@ -25,6 +25,19 @@
 #define FPH_CMD_UNREGISTER  2
 #define FPH_EVENT_FINISH    (1u << 0)
 
+/* STATUS values, and the reasons a REGISTER is refused (docs/abi.md). */
+#define FPH_STATUS_NONE         0u
+#define FPH_STATUS_REGISTERED   1u
+#define FPH_STATUS_ERROR        0x80000000u
+enum fph_reason {
+    FPH_E_PLACEMENT = 1,    /* header misaligned or not inside RAM */
+    FPH_E_MAGIC,
+    FPH_E_VERSION,
+    FPH_E_FORMAT,           /* header_size, page_size or flags */
+    FPH_E_RANGE,            /* base_gpa, npages: the covered pages leave RAM */
+    FPH_E_BITMAP,           /* bitmap misplaced, wrong size, or over the header */
+};
+
 struct fph_header {
     u32 magic;
     u16 version;
@@ -79,5 +92,11 @@ u64 fph_count_free(void);
 
 /* Read HOST_EVENTS (a VM exit); 0 if there is no device. */
 u32 fph_host_events(void);
+
+/* The device's commands, unchecked, for the hostile workload: each returns
+ * the STATUS read right after the command. */
+u32 fph_register(u64 hdr_gpa);
+u32 fph_unregister(void);
+u32 fph_read_status(void);
 
 #endif

@@ -57,8 +57,9 @@ NORETURN static void bad_cmdline(const char *what, const char *tok, size_t n)
     print("guest: bad command line: %s '", what);
     console_write(tok, n);
     print("'\n");
-    print("guest: usage: workload=hello|churn|fill|fault|triple"
-          " [pages=N rounds=R free=PCT seed=S] [live=PCT|live_pages=N stale=PCT dirty=PAGES_PER_SEC seconds=N idle=0|1]\n");
+    print("guest: usage: workload=hello|churn|fill|fault|triple|hostile"
+          " [pages=N rounds=R free=PCT seed=S] [live=PCT|live_pages=N stale=PCT dirty=PAGES_PER_SEC seconds=N idle=0|1]"
+          " [mode=outside|overlap|huge|flip|allfree]\n");
     guest_exit(EXIT_BAD_CMDLINE);
 }
 
@@ -67,7 +68,15 @@ static const struct {
     enum workload wl;
 } workloads[] = {
     { "hello", WL_HELLO }, { "churn", WL_CHURN }, { "fill", WL_FILL },
-    { "fault", WL_FAULT }, { "triple", WL_TRIPLE },
+    { "fault", WL_FAULT }, { "triple", WL_TRIPLE }, { "hostile", WL_HOSTILE },
+};
+
+static const struct {
+    const char *name;
+    enum hostile_mode mode;
+} hostile_modes[] = {
+    { "outside", HOSTILE_OUTSIDE }, { "overlap", HOSTILE_OVERLAP }, { "huge", HOSTILE_HUGE },
+    { "flip", HOSTILE_FLIP }, { "allfree", HOSTILE_ALLFREE },
 };
 
 static const struct {
@@ -116,9 +125,19 @@ static void parse_cmdline(const char *s, size_t len)
                 if (str_eq_n(val, vlen, workloads[w].name))
                     break;
             if (w == ARRAY_SIZE(workloads))
-                bad_cmdline("unknown workload (hello, churn, fill, fault, triple)", tok, toklen);
+                bad_cmdline("unknown workload (hello, churn, fill, fault, triple, hostile)", tok, toklen);
             g_cfg.workload = workloads[w].wl;
             g_cfg.workload_name = workloads[w].name;
+            continue;
+        }
+        if (str_eq_n(tok, klen, "mode")) {
+            size_t m;
+            for (m = 0; m < ARRAY_SIZE(hostile_modes); m++)
+                if (str_eq_n(val, vlen, hostile_modes[m].name))
+                    break;
+            if (m == ARRAY_SIZE(hostile_modes))
+                bad_cmdline("unknown hostile mode (outside, overlap, huge, flip, allfree)", tok, toklen);
+            g_cfg.hostile_mode = hostile_modes[m].mode;
             continue;
         }
         size_t k;
@@ -247,6 +266,7 @@ NORETURN void guest_main(const struct boot_info *bi, u64 rsi)
     case WL_FILL:   run_fill();   break;
     case WL_FAULT:  run_fault();  break;
     case WL_TRIPLE: run_triple(); break;
+    case WL_HOSTILE: run_hostile(); break;
     }
     finish();
 }

@@ -7,7 +7,8 @@
 #include "bootinfo.h"
 #include "lib.h"
 
-enum workload { WL_HELLO, WL_CHURN, WL_FILL, WL_FAULT, WL_TRIPLE };
+enum workload { WL_HELLO, WL_CHURN, WL_FILL, WL_FAULT, WL_TRIPLE, WL_HOSTILE };
+enum hostile_mode { HOSTILE_OUTSIDE, HOSTILE_OVERLAP, HOSTILE_HUGE, HOSTILE_FLIP, HOSTILE_ALLFREE };
 
 /* Command-line settings (main.c parses "key=value" tokens into these). */
 struct config {
@@ -23,6 +24,7 @@ struct config {
     u64 dirty;      /* fill: page re-writes per second */
     u64 seconds;    /* fill: run time, 0 = until the host asks to stop */
     u64 idle;       /* fill: 1 = idle through the idle device between paced writes, 0 = spin */
+    enum hostile_mode hostile_mode;     /* hostile: what to misuse (hostile.c) */
 };
 
 /* What the summary line reports; also read by the (ring-0) exception handler. */
@@ -66,5 +68,6 @@ void run_churn(void);
 void run_fill(void);
 void run_fault(void);
 void run_triple(void);
+void run_hostile(void);
 
 #endif
