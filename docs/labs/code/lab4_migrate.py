@@ -4,7 +4,7 @@
     python docs/labs/code/lab4_migrate.py                 # live pre-copy
 
 It runs the same three commands you would type in three terminals (printed
-with a `$`), waits for the right moments, and prints the figures that
+with the terminal's number), waits for the right moments, and prints the figures that
 `kvmlite migrate --json` reports.  The guest runs workload=fill: live% of RAM
 holds data it keeps re-writing, stale% was written and freed (the bitmap says
 free), the rest was never touched.  At the end the guest checks every live
@@ -35,10 +35,10 @@ def main() -> int:
     port = free_port()
     uri = f"tcp:127.0.0.1:{port}"
     cmdline = f"workload=fill live={args.live} stale={args.stale} dirty={args.dirty}"
-    print(f"$ python -m kvmlite run --incoming {uri} --memory {args.memory}")
+    print(f"terminal 1: python -m kvmlite run --incoming {uri} --memory {args.memory}")
     dst = start_destination(port, args.memory)
     src = VmProcess(["guest/guest.bin", "--memory", args.memory, "--cmdline", cmdline])
-    print(f'$ python -m kvmlite run guest/guest.bin --memory {args.memory} --cmdline "{cmdline}" '
+    print(f'terminal 2: python -m kvmlite run guest/guest.bin --memory {args.memory} --cmdline "{cmdline}" '
           f"--monitor unix:{src.monitor_path}")
     with src, dst:
         ready = src.wait_for(r"^fill: ready.*", timeout=60)
@@ -49,7 +49,7 @@ def main() -> int:
 
         migrate = ["python", "-m", "kvmlite", "migrate", "--monitor", src.monitor_path, uri, "--json"]
         migrate += ["--stop-copy"] * args.stop_copy + ["--no-free-page-hint"] * args.no_free_page_hint
-        print("$ " + " ".join(migrate))
+        print("terminal 3: " + " ".join(migrate))
         out = subprocess.run([sys.executable, *migrate[1:]], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         if out.returncode != 0:
