@@ -393,7 +393,6 @@ class Migration:
             if not chunk.any():
                 continue
             self._check_cancel()
-            dirty[w0:w1] = 0
             if not self._first_pass_done:
                 self._examined += int(np.bitwise_count(chunk).sum())
             look = chunk
@@ -417,6 +416,8 @@ class Migration:
                 n = min((w1 - w0) * 64, self.machine.memory.npages - w0 * 64)
                 backed = self.machine.memory.backed_pages(w0 * 64, n)
             total += self._send_pages(w0 * 64, runs, backed)
+            # cleared only now, so that `kvmlite pagemap` shows a chunk's pages dirty until sent
+            dirty[w0:w1] = 0
             self.stats.pages_skipped_free = self._examined - self._distinct_sent
         self._first_pass_done = True
         return total
@@ -440,11 +441,11 @@ class Migration:
             if not chunk.any():
                 continue
             self._check_cancel()
-            dirty[w0:w1] = 0
             if vm.manual_protect:
                 vm.clear_dirty_log(0, w0 * 64, chunk)    # 2. then clear the dirty log
             send = chunk if free_all is None else chunk & ~free_all[w0:w1]
             total += self._send_pages(w0 * 64, page_runs(send))
+            dirty[w0:w1] = 0
         return total
 
     def _send_pages(self, first: int, runs: tuple[np.ndarray, np.ndarray],
