@@ -271,6 +271,18 @@ def _send_quietly(sock, data: bytes) -> None:
 
 # ---- sending: one interface over a plain socket, a TLS socket and a file ----------------
 
+def _after(bufs: list, n: int) -> list:
+    """What is left of `bufs` once the first `n` bytes went out (a partial sendmsg/writev)."""
+    i = 0
+    while i < len(bufs) and n >= len(bufs[i]):
+        n -= len(bufs[i])
+        i += 1
+    rest = bufs[i:]
+    if rest and n:
+        rest[0] = memoryview(rest[0])[n:]
+    return rest
+
+
 class SocketSink:
     """Plain TCP: `sendmsg` straight from guest memory, no copies."""
     kind = "tcp"
@@ -280,14 +292,8 @@ class SocketSink:
         self.sock = sock
 
     def send(self, bufs: list) -> None:
-        sock = self.sock
         while bufs:
-            n = sock.sendmsg(bufs)
-            while bufs and n >= len(bufs[0]):
-                n -= len(bufs[0])
-                bufs = bufs[1:]
-            if bufs and n:
-                bufs[0] = memoryview(bufs[0])[n:]
+            bufs = _after(bufs, self.sock.sendmsg(bufs))
 
     def unacked(self) -> int:
         """Bytes sent but not yet acknowledged by the peer (SIOCOUTQ)."""
@@ -355,12 +361,7 @@ class FileSink:
 
     def send(self, bufs: list) -> None:
         while bufs:
-            n = os.writev(self.fd, bufs[:1024])    # IOV_MAX is 1024 on Linux
-            while bufs and n >= len(bufs[0]):
-                n -= len(bufs[0])
-                bufs = bufs[1:]
-            if bufs and n:
-                bufs[0] = memoryview(bufs[0])[n:]
+            bufs = _after(bufs, os.writev(self.fd, bufs[:1024]))    # IOV_MAX is 1024 on Linux
 
     def unacked(self) -> int:
         return 0

@@ -10,7 +10,6 @@ what guest memory must then hold.
 
 from __future__ import annotations
 
-import copy
 import math
 import struct
 import subprocess

@@ -13,7 +13,8 @@ from kvmlite.procs import VmProcess, free_port, start_destination
 
 from .helpers import kvmlite
 from .test_migration import finish_and_check
-from .test_reliability import fill_vm, run_migration
+from .test_migration import migrate
+from .test_reliability import fill_vm
 
 
 def write_key(path: Path, text: str) -> Path:
@@ -47,10 +48,10 @@ def test_shared_key_admits_only_the_keyed_source(keys):
     nokey, _ = _vm_with_key(None)
     right, live = _vm_with_key(good)
     with dst, wrong, nokey, right:
-        s = run_migration(wrong, port)
+        s = migrate(wrong, port)
         assert s["status"] == "failed" and "authentication failed" in s["error"], s
         dst.wait_for("refused a connection .*the source's key does not match", stream="stderr")
-        s = run_migration(nokey, port)
+        s = migrate(nokey, port)
         assert s["status"] == "failed" and "requires authentication" in s["error"], s
         dst.wait_for("refused a connection .*the source has no key", stream="stderr")
         for vm in (wrong, nokey):
@@ -60,7 +61,7 @@ def test_shared_key_admits_only_the_keyed_source(keys):
             s.sendall(b"GET / HTTP/1.1\r\n\r\n" * 100)
         dst.wait_for("refused a connection .*(frame length|not a msgpack)", stream="stderr")
         assert dst.proc.poll() is None and not dst.stdout_lines    # no VM state was read
-        s = run_migration(right, port)
+        s = migrate(right, port)
         assert s["status"] == "completed", s
         assert right.wait(30) == 0
         finish_and_check(dst, live)
@@ -72,7 +73,7 @@ def test_keyed_source_refuses_an_unauthenticated_destination(keys):
     dst = start_destination(port)
     src, live = _vm_with_key(keys[0])
     with src, dst:
-        s = run_migration(src, port)
+        s = migrate(src, port)
         assert s["status"] == "failed" and "does not authenticate" in s["error"], s
         assert src.execute("query-status")["status"] == "running"
         finish_and_check(src, live)
@@ -95,12 +96,12 @@ def test_mutual_tls_migrates_and_refuses_a_foreign_certificate(tmp_path):
     src = VmProcess([os.fspath(_guest()), "--memory", MEMORY, "--cmdline", FILL, *tls_args(pki, "src")])
     with dst, bad, src:
         bad.wait_for(r"^fill: ready", timeout=60)
-        s = run_migration(bad, port)
+        s = migrate(bad, port)
         assert s["status"] == "failed" and "TLS" in s["error"], s
         dst.wait_for("refused a connection .*TLS handshake failed", stream="stderr")
         assert bad.execute("query-status")["status"] == "running"
         live = int(src.wait_for(r"^fill: ready live=(\d+)", timeout=60).group(1))
-        s = run_migration(src, port)
+        s = migrate(src, port)
         assert s["status"] == "completed", s
         finish_and_check(dst, live)
 

@@ -10,6 +10,7 @@ import pytest
 from kvmlite.procs import VmProcess, free_port, start_destination
 
 from .helpers import kvmlite, summary
+from .test_migration import migrate
 
 REFUSED = 0x80000000
 REGISTERED = 1
@@ -48,7 +49,6 @@ EXPECTED = {
     },
 }
 ATTEMPT = re.compile(r"^hostile: (\S+) header=0x[0-9a-f]+ status=0x([0-9a-f]+) reason=(\d+)$")
-FINAL = ("completed", "failed", "cancelled")
 
 
 def attempts(stdout: str) -> dict[str, int]:
@@ -69,21 +69,6 @@ def test_bad_registrations_get_the_documented_status(guest_image, mode):
     logged = [l for l in r.stderr.splitlines() if "free-page-hint registration at GPA" in l]
     refusals = sum(1 for v in EXPECTED[mode].values() if v & REFUSED)
     assert logged and len(set(logged)) == len(logged) <= refusals, r.stderr
-
-
-def migrate(src: VmProcess, port: int, timeout: float = 120) -> dict:
-    c = src.client()
-    try:
-        c.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s = c.execute("query-migrate")
-            if s["status"] in FINAL:
-                return s
-            time.sleep(0.02)
-    finally:
-        c.close()
-    raise TimeoutError("migration did not finish")
 
 
 def hostile_vm(guest, mode: str, pages: int) -> VmProcess:

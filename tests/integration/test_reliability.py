@@ -10,7 +10,7 @@ import pytest
 
 from kvmlite.procs import VmProcess, free_port, start_destination
 
-from .test_migration import FINAL, finish_and_check
+from .test_migration import FINAL, finish_and_check, migrate
 
 MEMORY = "64M"
 # dirty=20000 pages/s: every pre-copy round finds pages to send, so each
@@ -30,19 +30,6 @@ def fill_vm(**env) -> tuple[VmProcess, int]:
 def _guest():
     from .helpers import ROOT
     return ROOT / "guest" / "guest.bin"
-
-
-def run_migration(src: VmProcess, port: int, **args) -> dict:
-    c = src.client()
-    try:
-        c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", **args)
-        deadline = time.monotonic() + 120
-        while (s := c.execute("query-migrate"))["status"] not in FINAL:
-            assert time.monotonic() < deadline, s
-            time.sleep(0.01)
-        return s
-    finally:
-        c.close()
 
 
 # Ten points in the destination's life (kvmlite/faults.py), and how the migration runs.
@@ -68,7 +55,7 @@ def test_destination_killed_at_each_point_source_resumes(point, how):
     port = free_port()
     dst = start_destination(port, env={"KVMLITE_TEST_FAULTS": f"{point}=kill"})
     with src, dst:
-        s = run_migration(src, port, **how)
+        s = migrate(src, port, **how)
         assert s["status"] == "failed" and s["error"], s
         assert dst.wait(30) == -signal.SIGKILL, dst.output()
         assert f"test fault at {point}" in "\n".join(dst.stderr_lines)
@@ -79,7 +66,7 @@ def test_destination_killed_at_each_point_source_resumes(point, how):
         port2 = free_port()
         dst2 = start_destination(port2)
         with dst2:
-            s2 = run_migration(src, port2, **how)
+            s2 = migrate(src, port2, **how)
             assert s2["status"] == "completed", s2
             assert src.wait(30) == 0
             finish_and_check(dst2, live)
