@@ -43,9 +43,11 @@ def cmd_run(args) -> int:
         return run_incoming(args)
     if not args.image:
         raise ConfigError("no guest image given (try: kvmlite run guest/guest.bin)")
-    from .migration.transport import Credentials
-    # a bad key or certificate fails now, not when the first migration starts
-    args.creds = Credentials.load(args.auth_key, args.tls_cert, args.tls_key, args.tls_ca)
+    if args.auth_key or args.tls_cert or args.tls_key or args.tls_ca:
+        # a bad key or certificate fails now, not when the first migration starts
+        # (imported only here: ssl and friends cost ~40 ms of start-up)
+        from .migration.transport import Credentials
+        args.creds = Credentials.load(args.auth_key, args.tls_cert, args.tls_key, args.tls_ca)
     from .machine import Machine
     size = _memory(args)
     load = parse_addr(args.load, "--load") if args.load else None
@@ -77,11 +79,10 @@ def run_machine(machine, args) -> int:
     """Run until the guest ends; serve the monitor meanwhile; report crash and stats."""
     monitor = None
     if getattr(args, "monitor", None):
-        from .migration.transport import Credentials
         from .monitor import Monitor
         monitor = Monitor(machine, args.monitor)
         # outgoing migrations prove themselves with this VMM's own credentials
-        monitor.creds = getattr(args, "creds", None) or Credentials()
+        monitor.creds = getattr(args, "creds", None)
         monitor.timeout = getattr(args, "timeout", None) or 0
         monitor.start()
     try:

@@ -38,7 +38,6 @@ import threading
 
 from . import __version__
 from .errors import KvmliteError
-from .migration.transport import Credentials
 from .units import parse_size
 
 MAX_LINE = 64 * 1024
@@ -57,7 +56,7 @@ class Monitor:
         self.machine = machine
         self.path = address[5:] if address.startswith("unix:") else address
         self.migration = None
-        self.creds = Credentials()   # for outgoing migrations: run_machine sets the VMM's own
+        self.creds = None            # transport.Credentials for outgoing migrations (run_machine sets them)
         self.timeout = 0.0           # seconds without progress; 0 = the migration's default
         self.final_seen = threading.Event()   # a client has read a finished migration's stats
         self.held = threading.Event()         # a client asked a finished source to wait for it
@@ -205,7 +204,8 @@ class Monitor:
         max_rounds = int(kw.get("max-rounds", max_rounds))
         timeout = float(kw.get("timeout") or self.timeout)
         bw = parse_size(str(bandwidth), "bandwidth")
-        creds = self.creds
+        from .migration.transport import Credentials
+        creds = self.creds or Credentials()
         if kw.get("auth-key"):
             from dataclasses import replace
             from .migration.transport import read_key
