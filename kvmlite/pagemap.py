@@ -283,16 +283,6 @@ def from_monitor(resp: dict) -> PageMap:
     return PageMap(title, VM_KINDS, states, rounds, final, summary)
 
 
-class _FileSource:
-    """A file read through the `recv_into` a StreamDecoder wants from a socket."""
-
-    def __init__(self, f):
-        self.f = f
-
-    def recv_into(self, buffer, nbytes: int) -> int:
-        return self.f.readinto(memoryview(buffer).cast("B")[:nbytes])
-
-
 class _Scratch:
     """Where page payloads land: the picture needs where they go, not their bytes.
     One anonymous mapping, its pages handed back to the kernel before each reuse,
@@ -313,12 +303,10 @@ def from_stream(path: str) -> PageMap:
     """A PageMap of a migration stream saved to a file: for each page, the kind
     of the last record that carried it and the round it came in."""
     from .migration import wire
+    from .migration.transport import FileSource
+    f = FileSource(path)        # the reader `run --incoming file:PATH` uses
     try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise KvmliteError(f"{path}: {e.strerror}") from None
-    with f:
-        dec = wire.StreamDecoder(_FileSource(f))
+        dec = wire.StreamDecoder(f)
         try:
             header = dec.read_preamble()
             # Pages are numbered through the header's RAM regions in order.
@@ -344,6 +332,8 @@ def from_stream(path: str) -> PageMap:
                     break
         except StreamError as e:
             raise StreamError(f"{path}: {e}") from None
+    finally:
+        f.close()
     mode = ("live" if header.live else "stop-copy") + (", hint on" if header.hint else ", hint off")
     return PageMap(f"migration stream {path} ({mode}, {dec.rounds} rounds)", STREAM_KINDS,
                    states, rounds, dec.rounds)
