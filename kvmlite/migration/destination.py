@@ -28,6 +28,9 @@ from .source import SOCKET_BUFFER
 from .state import restore_devices, validate_state
 
 RECV_TIMEOUT = 30.0      # seconds without a byte from the source before giving up
+# Connections are served one at a time, so a peer that connects and says
+# nothing holds the port: it gets this long (at most) to finish the handshake.
+HANDSHAKE_TIMEOUT = 5.0
 
 
 def _log(msg: str) -> None:
@@ -116,11 +119,12 @@ def _accept(target: transport.TcpUri, creds: transport.Credentials, timeout: flo
             peer = f"{addr[0]}:{addr[1]}"
             faults.point("dst:accepted")
             try:
-                conn.settimeout(timeout)
+                conn.settimeout(min(timeout, HANDSHAKE_TIMEOUT))
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 if creds.tls:
                     conn = transport.accept_tls(conn, creds)
                 transport.server_handshake(conn, creds)
+                conn.settimeout(timeout)
             except KvmliteError as e:
                 conn.close()
                 _log(f"refused a connection from {peer}: {e}; still waiting")

@@ -143,3 +143,17 @@ def test_truncated_snapshot_is_refused(tmp_path):
     assert r.returncode == 1
     assert "truncated" in r.stderr and "the guest was not started" in r.stderr
     assert "Traceback" not in r.stderr and "KVMLITE-SUMMARY" not in r.stdout
+
+
+def test_a_silent_peer_does_not_hold_the_port():
+    """A peer that connects and says nothing is dropped after the handshake timeout; the real source then migrates."""
+    port = free_port()
+    dst = start_destination(port)
+    src, live = fill_vm()
+    with dst, src, socket.create_connection(("127.0.0.1", port)) as silent:
+        s = migrate(src, port)          # queued behind the silent peer until it is dropped
+        assert s["status"] == "completed", s
+        assert "refused a connection" in "\n".join(dst.stderr_lines)
+        assert "timed out" in "\n".join(dst.stderr_lines)
+        assert silent.recv(1 << 16)     # it got the HELLO, then nothing more
+        finish_and_check(dst, live)
