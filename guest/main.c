@@ -196,6 +196,8 @@ NORETURN void finish(void)
 }
 
 NORETURN void guest_main(const struct boot_info *bi, u64 rsi);
+/* `main` for debuggers: `break main` in gdb stops where the C code starts. */
+extern __typeof__(guest_main) main __attribute__((alias("guest_main"), noreturn));
 
 NORETURN void guest_main(const struct boot_info *bi, u64 rsi)
 {

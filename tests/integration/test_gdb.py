@@ -37,10 +37,10 @@ def run_gdb(port: int, *commands: str) -> str:
 
 @pytest.mark.skipif(GDB is None, reason="needs gdb")
 def test_gdb_breaks_steps_reads_and_the_guest_finishes():
-    """gdb stops at guest_main in main.c, steps, reads boot info and a command-line value, then the guest ends normally."""
+    """`break main` stops at the guest's C entry (guest_main), steps, reads boot info and a command-line value, then the guest ends normally."""
     port = free_port()
     with start_vm(port, "workload=hello pages=4321") as vm:
-        out = run_gdb(port, "break guest_main", "continue", "next", "frame",
+        out = run_gdb(port, "break main", "continue", "next", "frame",
                       "print/x bi->magic", "info registers rip",
                       "break run_hello", "continue", "print g_cfg.pages", "print g_cfg.workload_name",
                       "continue")

@@ -14,7 +14,7 @@ port = free_port()
 vm = ChildProcess([sys.executable, "-m", "kvmlite", "run", "guest/guest.elf", "--memory", "16M",
                    "--gdb", f"tcp:127.0.0.1:{port}", "--cmdline", "workload=hello"])
 vm.wait_for("waiting for gdb", stream="stderr")
-commands = ["break guest_main", "continue", "print/x bi->magic", "print bi->ram_size >> 20",
+commands = ["break main", "continue", "print/x bi->magic", "print bi->ram_size >> 20",
             "print/x $cs", "continue"]
 gdb = subprocess.run(["gdb", "-batch", "-nx", "guest/guest.elf", "-ex", f"target remote :{port}",
                       *(arg for c in commands for arg in ("-ex", c))],
