@@ -40,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--incoming", metavar="tcp:[HOST:]PORT|file:PATH",
                      help="wait for a migration (listening on 127.0.0.1 unless HOST is given), "
                      "or restore a snapshot file, instead of booting an image")
+    run.add_argument("--insecure", action="store_true",
+                     help="with --incoming on an address other than loopback: accept peers "
+                     "without --auth-key or TLS")
     run.add_argument("--max-memory", metavar="SIZE",
                      help="with --incoming: the largest RAM a stream may ask for "
                      "(default: this host's physical memory)")

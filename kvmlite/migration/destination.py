@@ -64,6 +64,13 @@ def run_incoming(args) -> int:
     timeout = getattr(args, "timeout", None) or RECV_TIMEOUT
     if isinstance(target, transport.FileUri) and (creds.key or creds.tls):
         raise ConfigError("--auth-key and --tls-* are for tcp: peers, not snapshot files")
+    if isinstance(target, transport.TcpUri) and not (creds.key or creds.tls) \
+            and not transport.is_loopback(target.host):
+        if not getattr(args, "insecure", False):
+            raise ConfigError(f"listening on {target.host} lets anyone who can reach it send this VMM "
+                              "a VM: give --auth-key (and --tls-* on untrusted networks), "
+                              "or --insecure to accept any peer")
+        _log(f"warning: --insecure: any peer that reaches {target} may send this VMM a VM")
     machine = None
     if args.memory:
         # As QEMU's -m with -mem-prealloc: fault every page in before the
@@ -107,9 +114,6 @@ def run_incoming(args) -> int:
 
 def _accept(target: transport.TcpUri, creds: transport.Credentials, timeout: float):
     """Wait for a source that completes the handshake; refuse (and keep waiting past) any other."""
-    if not transport.is_loopback(target.host) and not (creds.key or creds.tls):
-        _log(f"warning: listening on {target.host} with no --auth-key or --tls-*: anyone who can "
-             "reach the port can send this VMM a VM")
     srv = listen(target)
     _log(f"waiting for a migration on {target}"
          + (" (TLS)" if creds.tls else "") + (" (key required)" if creds.key else ""))

@@ -157,3 +157,13 @@ def test_a_silent_peer_does_not_hold_the_port():
         assert "timed out" in "\n".join(dst.stderr_lines)
         assert silent.recv(1 << 16)     # it got the HELLO, then nothing more
         finish_and_check(dst, live)
+
+
+def test_listening_beyond_loopback_needs_a_key_or_insecure():
+    """--incoming on a non-loopback address without a key or TLS is refused unless --insecure says so."""
+    r = kvmlite("run", "--incoming", f"tcp:0.0.0.0:{free_port()}", timeout=30)
+    assert r.returncode == 1 and "--auth-key" in r.stderr and "--insecure" in r.stderr, r.stderr
+    port = free_port()
+    dst = start_destination(port, host="0.0.0.0", extra=["--insecure"])
+    with dst:
+        assert "warning: --insecure" in "\n".join(dst.stderr_lines)
