@@ -140,6 +140,11 @@ class Migration:
             if self.live:
                 self._iterate(dirty)
             self._complete(dirty)
+            where = (f"saved in {self.target.path}" if isinstance(self.target, transport.FileUri)
+                     else f"running at {self.target}")
+            machine.log(f"migration completed in {self.stats.total_ms:.0f} ms "
+                        f"(downtime {self.stats.downtime_ms:.2f} ms): the VM is {where}; "
+                        "this VMM stops")
             from ..machine import RunResult
             machine.quit(RunResult("migrated", 0, exits=machine.exits))
         except Exception as e:
