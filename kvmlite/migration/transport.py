@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import socket
 import ssl
@@ -77,11 +78,11 @@ def parse_uri(uri: str) -> TcpUri | FileUri:
 
 
 def is_loopback(host: str) -> bool:
+    """Whether every address `host` resolves to is a loopback one."""
     try:
         infos = socket.getaddrinfo(host, None)
     except OSError:
         return False
-    import ipaddress
     return all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
