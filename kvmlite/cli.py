@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="give up after this long without progress (default: the VM's, 30)")
     mig.add_argument("--auth-key", metavar="FILE",
                      help="shared key to prove to the destination (default: the VM's own --auth-key)")
+    mig.add_argument("--keep-running", action="store_true",
+                     help="with file:PATH: save a snapshot and let the VM carry on here")
     mig.add_argument("--pagemap", metavar="FILE.png",
                      help="when it ends, draw which round sent each page into this PNG")
 

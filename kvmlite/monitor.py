@@ -168,7 +168,7 @@ class Monitor:
     def query_status(self) -> dict:
         m = self.machine
         mig = self.migration
-        if mig is not None and mig.stats.status == "completed":
+        if mig is not None and mig.stats.status == "completed" and not mig.keep_running:
             status = "postmigrate"
         elif not m.running:
             status = "shutdown"
@@ -198,7 +198,7 @@ class Monitor:
         if self.migration is not None and not self.migration.done.is_set():
             raise CommandError("a migration is already in progress")
         for k in kw:
-            if k not in ("downtime-ms", "max-rounds", "timeout", "auth-key"):
+            if k not in ("downtime-ms", "max-rounds", "timeout", "auth-key", "keep-running"):
                 raise CommandError(f"unknown argument {k!r}")
         downtime_ms = float(kw.get("downtime-ms", downtime_ms))
         max_rounds = int(kw.get("max-rounds", max_rounds))
@@ -212,7 +212,7 @@ class Monitor:
             creds = replace(creds, key=read_key(str(kw["auth-key"])))
         mig = Migration(self.machine, uri, hint=bool(hint), live=bool(live),
                         downtime_ms=downtime_ms, bandwidth=bw, max_rounds=max_rounds,
-                        creds=creds, timeout=timeout)
+                        creds=creds, timeout=timeout, keep_running=bool(kw.get("keep-running")))
         with self._control:
             self.final_seen.clear()
             self.held.clear()

@@ -95,6 +95,8 @@ def migrate_command(args) -> int:
         if args.auth_key:
             # the source VMM reads the file: give it a path it can open
             extra["auth-key"] = os.path.abspath(args.auth_key)
+        if args.keep_running:
+            extra["keep-running"] = True
         client.execute("migrate", uri=args.uri, hint=args.hint, live=not args.stop_copy,
                        bandwidth=args.bandwidth, **extra)
         s = _follow(client, show_progress=not args.json and sys.stderr.isatty(),

@@ -77,10 +77,15 @@ class Migration:
 
     def __init__(self, machine, uri: str, *, hint: bool = True, live: bool = True,
                  downtime_ms: float = 5.0, bandwidth: int = 0, max_rounds: int = 30,
-                 creds: transport.Credentials | None = None, timeout: float = IO_TIMEOUT):
+                 creds: transport.Credentials | None = None, timeout: float = IO_TIMEOUT,
+                 keep_running: bool = False):
         self.machine = machine
         self.uri = uri
         self.target = transport.parse_uri(uri)
+        if keep_running and not isinstance(self.target, transport.FileUri):
+            raise MigrationError("keep-running is for snapshots (file:PATH): after a migration "
+                                 "the VM runs at the destination, not in two places")
+        self.keep_running = keep_running
         self.creds = creds or transport.Credentials()
         # seconds without progress (nothing accepted by the peer) before giving up
         self.timeout = timeout if timeout > 0 else IO_TIMEOUT
@@ -142,11 +147,18 @@ class Migration:
             self._complete(dirty)
             where = (f"saved in {self.target.path}" if isinstance(self.target, transport.FileUri)
                      else f"running at {self.target}")
-            machine.log(f"migration completed in {self.stats.total_ms:.0f} ms "
-                        f"(downtime {self.stats.downtime_ms:.2f} ms): the VM is {where}; "
-                        "this VMM stops")
-            from ..machine import RunResult
-            machine.quit(RunResult("migrated", 0, exits=machine.exits))
+            done = (f"migration completed in {self.stats.total_ms:.0f} ms "
+                    f"(downtime {self.stats.downtime_ms:.2f} ms): the VM is {where}")
+            if self.keep_running:
+                # A snapshot taken, the VM goes on here from the state it saved.
+                machine.vm.stop_dirty_log()
+                if self._paused_here:
+                    machine.resume()
+                machine.log(f"{done}, and keeps running here")
+            else:
+                machine.log(f"{done}; this VMM stops")
+                from ..machine import RunResult
+                machine.quit(RunResult("migrated", 0, exits=machine.exits))
         except Exception as e:
             self.stats.status = "cancelled" if self._cancel.is_set() else "failed"
             self.stats.error = self._describe(e)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmlite.errors import KvmliteError
 from kvmlite.pki import make_pki, tls_args
 from kvmlite.procs import VmProcess, free_port, start_destination
 
@@ -167,3 +168,26 @@ def test_listening_beyond_loopback_needs_a_key_or_insecure():
     dst = start_destination(port, host="0.0.0.0", extra=["--insecure"])
     with dst:
         assert "warning: --insecure" in "\n".join(dst.stderr_lines)
+
+
+def test_snapshot_keep_running_leaves_two_good_copies(tmp_path):
+    """migrate --keep-running file:PATH saves a snapshot and the VM carries on; both the VM and the restored snapshot verify."""
+    import subprocess
+    import sys
+    from .helpers import ROOT
+    snap = tmp_path / "vm.snap"
+    src, live = fill_vm()
+    with src:
+        r = subprocess.run([sys.executable, "-m", "kvmlite", "migrate", "--monitor", src.monitor_path,
+                            f"file:{snap}", "--keep-running", "--json"],
+                           capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert src.execute("query-status")["status"] == "running"
+        assert "keeps running here" in "\n".join(src.stderr_lines)
+        with pytest.raises(KvmliteError, match="keep-running is for snapshots"):
+            src.execute("migrate", uri="tcp:127.0.0.1:1", **{"keep-running": True})
+        finish_and_check(src, live)
+    dst = VmProcess(["--incoming", f"file:{snap}"])
+    with dst:
+        dst.wait_for("guest resumed", stream="stderr")
+        finish_and_check(dst, live)
