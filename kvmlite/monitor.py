@@ -8,6 +8,13 @@
 One JSON object per line each way.  A bad request gets an error object back;
 the connection stays open.
 
+Migration: `migrate` takes `uri` (`tcp:HOST:PORT`, `tcp:PORT`, `file:PATH`)
+and optionally `hint`, `live`, `bandwidth` ("100M"), `downtime-ms`,
+`max-rounds`, `timeout` (seconds without progress), `auth-key` (a key file
+the VMM reads, instead of its own `--auth-key`) and, with `file:`,
+`keep-running`.  It returns at once; `query-migrate` follows it and
+`migrate-cancel` stops it (the VM keeps running here).
+
 Inspection (`kvmlite inspect`, `kvmlite pagemap`):
 
 * `query-vcpu`: registers (general, rip, rflags, cr0/cr2/cr3/cr4, efer, cs and
