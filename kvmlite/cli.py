@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="what /dev/kvm offers here")
 
-    mig = sub.add_parser("migrate", help="live-migrate a running VM to a destination")
+    mig = sub.add_parser("migrate", help="live-migrate a running VM to a destination, or save it to a file")
     mig.add_argument("--monitor", required=True, metavar="PATH", help="the source VM's monitor socket")
     mig.add_argument("uri", metavar="tcp:HOST:PORT|file:PATH",
                      help="destination (kvmlite run --incoming), or a snapshot file to write")
