@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,12 @@ def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str 
             # the next destination is waiting by the time this one is needed
             nxt = start_destination(free_port(), None)
             for p in old:
-                p.wait(30)
+                try:
+                    if p.wait(30) != 0:
+                        errors.append(f"migration {i}: the source exited {p.proc.returncode}")
+                except subprocess.TimeoutExpired:
+                    errors.append(f"migration {i}: the source did not exit after migrating")
+                    p.kill()
             old.clear()
             if log and (i % 50 == 0 or i == migrations):
                 log(f"soak: {i}/{migrations} migrations, {failed} failed, "
@@ -131,7 +137,7 @@ def main(argv=None) -> int:
         Console().print(t)
         print(f"corrupted pages: {r['corrupted_pages']}")
     ok = r["corrupted_pages"] == 0 and r["guest_errors"] == 0 and r["failed"] == 0 \
-        and r["guest_exit_status"] == 0
+        and r["guest_exit_status"] == 0 and not r["failures"]
     return 0 if ok else 1
 
 
