@@ -101,8 +101,8 @@ class Migration:
         self._connecting: socket.socket | None = None
         self.done = threading.Event()
         self._crc = 0
-        self._sent_once = np.zeros(machine.memory.npages, dtype=bool)
-        # For pictures (`kvmlite pagemap`): the round that last sent each page (0: never).
+        # The round that last sent each page (0: never): counts re-sends, and
+        # `kvmlite pagemap` draws it.
         self.sent_round = np.zeros(machine.memory.npages, dtype=np.uint8)
         self.dirty_words: np.ndarray | None = None   # pages dirty and not yet sent, while it runs
         self._never_free_for = None     # the registration _hintable was built for
@@ -402,14 +402,8 @@ class Migration:
         if faults.broken_order:
             return self._send_dirty_broken(dirty)
         vm = self.machine.vm
-        words_per_chunk = CHUNK_PAGES // 64
         total = 0
-        for w0 in range(0, len(dirty), words_per_chunk):
-            w1 = min(w0 + words_per_chunk, len(dirty))
-            chunk = dirty[w0:w1].copy()
-            if not chunk.any():
-                continue
-            self._check_cancel()
+        for w0, w1, chunk in self._dirty_chunks(dirty):
             if not self._first_pass_done:
                 self._examined += int(np.bitwise_count(chunk).sum())
             look = chunk
@@ -439,6 +433,16 @@ class Migration:
         self._first_pass_done = True
         return total
 
+    def _dirty_chunks(self, dirty: np.ndarray):
+        """(w0, w1, a copy of dirty[w0:w1]) for each 256 MiB chunk with dirty pages."""
+        step = CHUNK_PAGES // 64
+        for w0 in range(0, len(dirty), step):
+            w1 = min(w0 + step, len(dirty))
+            chunk = dirty[w0:w1].copy()
+            if chunk.any():
+                self._check_cancel()
+                yield w0, w1, chunk
+
     def _send_dirty_broken(self, dirty: np.ndarray) -> int:
         """The race claim 2 prevents, for tests and lab 4 only (KVMLITE_TEST_BROKEN_ORDER=1).
 
@@ -449,15 +453,9 @@ class Migration:
         destination gets a stale or zero page.
         """
         vm = self.machine.vm
-        words_per_chunk = CHUNK_PAGES // 64
         free_all = self._free_words(0, len(dirty))      # 1. (wrongly) the free bits first
         total = 0
-        for w0 in range(0, len(dirty), words_per_chunk):
-            w1 = min(w0 + words_per_chunk, len(dirty))
-            chunk = dirty[w0:w1].copy()
-            if not chunk.any():
-                continue
-            self._check_cancel()
+        for w0, w1, chunk in self._dirty_chunks(dirty):
             if vm.manual_protect:
                 vm.clear_dirty_log(0, w0 * 64, chunk)    # 2. then clear the dirty log
             send = chunk if free_all is None else chunk & ~free_all[w0:w1]
@@ -480,27 +478,26 @@ class Migration:
         if len(starts) == 0:
             return 0
         pages = expand_runs(starts, lengths)              # relative to `first`
+        absolute = first + pages
         if backed is None:
-            zero = mem.zero_page_list(first + pages)
+            zero = mem.zero_page_list(absolute)
         else:
             zero = ~backed[pages]                         # never backed: zero, left untouched
-            zero[~zero] = mem.zero_page_list(first + pages[~zero])
-        was = self._sent_once[first + pages]
-        resent = int(np.count_nonzero(was))
-        self._sent_once[first + pages] = True
-        self.sent_round[first + pages] = min(self.stats.rounds + 1, 255)
+            zero[~zero] = mem.zero_page_list(absolute[~zero])
+        resent = int(np.count_nonzero(self.sent_round[absolute]))
+        self.sent_round[absolute] = min(self.stats.rounds + 1, 255)
         self.stats.pages_resent += resent
         self._distinct_sent += len(pages) - resent
 
         # ZERO records: all of them in one buffer (each page is in one record per round)
-        zs, zl = list_runs(first + pages[zero])
+        zs, zl = list_runs(absolute[zero])
         if len(zs):
             recs = wire.run_records(wire.REC_ZERO, mem.gpa + (zs << PAGE_SHIFT), zl)
             self._crc = _crc(recs, self._crc)
             self._sendall([recs])
             self.stats.pages_zero += int(zl.sum())
         # PAGES records: head, then the pages straight from guest memory
-        ds, dl = list_runs(first + pages[~zero])
+        ds, dl = list_runs(absolute[~zero])
         if len(ds):
             heads = memoryview(wire.run_records(wire.REC_PAGES, mem.gpa + (ds << PAGE_SHIFT), dl))
             self._crc = _crc(heads, self._crc)            # payloads are not checksummed
