@@ -44,6 +44,7 @@ import socket
 import threading
 
 from . import __version__
+from .control.arraycodec import encode_array, mask_to_words
 from .errors import KvmliteError
 from .units import parse_size
 
@@ -256,7 +257,6 @@ class Monitor:
         return {"pages_total": total, "registered": True, "free": free, "active": total - free}
 
     def query_pagemap(self) -> dict:
-        from .pagemap import encode_array, mask_to_words
         m = self.machine
         mig = self.migration
         free = m.fph.free_mask()

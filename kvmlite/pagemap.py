@@ -21,7 +21,6 @@ the header says how many, and the legend states the rule a cell follows.
 
 from __future__ import annotations
 
-import base64
 import json
 import math
 import mmap
@@ -31,62 +30,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .control.arraycodec import decode_array, words_to_mask
 from .errors import ConfigError, KvmliteError, StreamError
 from .units import human_bytes
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
-
-
-# ---- arrays on the monitor (query-pagemap) -------------------------------------
-
-# Arrays travel as {"dtype", "shape", "zlib_base64"}: the numpy bytes of the
-# array, zlib-compressed, base64 text.  Bitmaps are uint64 words, page p in
-# bit p % 64 of word p // 64 (the layout of KVM's dirty log and of the guest's
-# free bitmap); a 16 GiB guest's bitmap is 512 KiB before compression.
-ARRAY_DTYPES = ("<u8", "|u1")
-MAX_ARRAY_BYTES = 1 << 30
-
-
-def encode_array(a: np.ndarray) -> dict:
-    a = np.ascontiguousarray(a)
-    if a.dtype.str not in ARRAY_DTYPES:
-        raise ValueError(f"cannot encode a {a.dtype.str} array (only {', '.join(ARRAY_DTYPES)})")
-    return {"dtype": a.dtype.str, "shape": list(a.shape),
-            "zlib_base64": base64.b64encode(zlib.compress(a.tobytes(), 1)).decode()}
-
-
-def decode_array(obj, what: str = "array") -> np.ndarray:
-    """The inverse of encode_array; anything malformed raises KvmliteError."""
-    try:
-        dtype, shape, data = obj["dtype"], obj["shape"], obj["zlib_base64"]
-        if dtype not in ARRAY_DTYPES or not isinstance(shape, list) or len(shape) != 1 \
-                or type(shape[0]) is not int or shape[0] < 0:
-            raise ValueError(f"dtype {dtype!r}, shape {shape!r}")
-        nbytes = shape[0] * np.dtype(dtype).itemsize
-        if nbytes > MAX_ARRAY_BYTES:
-            raise ValueError(f"{nbytes} bytes is more than the {MAX_ARRAY_BYTES >> 20} MiB limit")
-        d = zlib.decompressobj()
-        raw = d.decompress(base64.b64decode(data, validate=True), nbytes + 1)
-        if len(raw) != nbytes or not d.eof:
-            raise ValueError(f"{len(raw)} bytes where the shape says {nbytes}")
-    except (KeyError, TypeError, ValueError, zlib.error) as e:
-        raise KvmliteError(f"query-pagemap: bad {what}: {e}") from None
-    return np.frombuffer(raw, dtype=dtype)
-
-
-def mask_to_words(mask: np.ndarray) -> np.ndarray:
-    """A bool per page -> uint64 bitmap words."""
-    mask = np.pad(np.asarray(mask, dtype=bool), (0, -len(mask) % 64))
-    return np.packbits(mask, bitorder="little").view("<u8")
-
-
-def words_to_mask(words: np.ndarray, npages: int) -> np.ndarray:
-    """uint64 bitmap words -> a bool per page (the first `npages`)."""
-    bits = np.unpackbits(np.ascontiguousarray(words, dtype="<u8").view(np.uint8), bitorder="little")
-    if len(bits) < npages:
-        raise KvmliteError(f"query-pagemap: a bitmap of {len(bits)} bits for {npages} pages")
-    return bits[:npages].view(bool)
 
 
 # ---- what a picture shows ----------------------------------------------------------
@@ -551,7 +500,7 @@ PNG_COLUMNS = 256
 
 
 def fetch(monitor_path: str) -> PageMap:
-    from .migration.client import MonitorClient
+    from .control.client import MonitorClient
     client = MonitorClient(monitor_path)
     try:
         return from_monitor(client.execute("query-pagemap"))

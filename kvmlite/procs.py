@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 
-from .migration.client import MonitorClient
+from .control.client import MonitorClient
 
 
 def free_port() -> int:

@@ -1,4 +1,4 @@
-"""kvmlite.pagemap: the PNG encoder, the monitor's array encoding, the grid rules, stream files."""
+"""kvmlite.pagemap: the PNG encoder, the grid rules, stream files."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from rich.console import Console
 
 from kvmlite import pagemap as pm
+from kvmlite.control.arraycodec import decode_array, encode_array, mask_to_words, words_to_mask
 from kvmlite.cli import main
 from kvmlite.errors import KvmliteError, StreamError
 from kvmlite.migration import wire
@@ -81,36 +82,6 @@ def test_png_encoder_refuses_a_bad_shape():
         pm.encode_png(np.zeros((3, 3), dtype=np.uint8))
 
 
-# ---- arrays on the monitor ------------------------------------------------------------
-
-
-def test_arrays_round_trip_through_json():
-    """encode_array / decode_array survive JSON, for words and bytes."""
-    words = np.array([0, 1 << 63, 12345], dtype="<u8")
-    rounds = np.arange(300, dtype=np.uint16).astype(np.uint8)
-    for a in (words, rounds):
-        back = pm.decode_array(json.loads(json.dumps(pm.encode_array(a))))
-        assert back.dtype == a.dtype and np.array_equal(back, a)
-
-
-def test_bad_arrays_are_one_line_errors():
-    """A wrong dtype, a short payload or garbage is a KvmliteError naming the array."""
-    good = pm.encode_array(np.arange(10, dtype=np.uint8))
-    for bad in ({**good, "dtype": "<f8"}, {**good, "shape": [11]}, {**good, "zlib_base64": "!!"},
-                {"dtype": "|u1"}, "nope"):
-        with pytest.raises(KvmliteError, match="bad sent_round"):
-            pm.decode_array(bad, "sent_round")
-
-
-def test_bitmap_words_put_page_p_in_bit_p_mod_64_of_word_p_div_64():
-    """mask_to_words follows the dirty log's layout, and words_to_mask undoes it."""
-    mask = np.zeros(130, dtype=bool)
-    mask[[0, 65, 129]] = True
-    words = pm.mask_to_words(mask)
-    assert words.tolist() == [1, 2, 2]
-    assert np.array_equal(pm.words_to_mask(words, 130), mask)
-
-
 # ---- the grid ----------------------------------------------------------------------------
 
 
@@ -172,9 +143,9 @@ def test_from_monitor_orders_the_states():
     backed = np.array([1, 0, 1, 0, 1, 1, 1, 1], dtype=bool)
     dirty = np.array([0, 0, 0, 0, 1, 1, 0, 0], dtype=bool)
     sent = np.array([0, 0, 2, 0, 1, 1, 0, 0], dtype=np.uint8)
-    resp = {"pages": n, "free": pm.encode_array(pm.mask_to_words(free)),
-            "backed": pm.encode_array(pm.mask_to_words(backed)),
-            "dirty": pm.encode_array(pm.mask_to_words(dirty)), "sent_round": pm.encode_array(sent),
+    resp = {"pages": n, "free": encode_array(mask_to_words(free)),
+            "backed": encode_array(mask_to_words(backed)),
+            "dirty": encode_array(mask_to_words(dirty)), "sent_round": encode_array(sent),
             "migration": {"status": "active", "hint": True, "rounds": 2}}
     got = pm.from_monitor(json.loads(json.dumps(resp)))
     assert got.states.tolist() == [pm.FREE, pm.UNTOUCHED, pm.ACTIVE, pm.ACTIVE,
@@ -392,13 +363,13 @@ def test_query_pagemap_arrays_decode_to_the_machine_bitmaps(monitor_for):
     mon = monitor_for(m)
     sent = np.zeros(n, dtype=np.uint8)
     sent[:5] = 1
-    dirty = pm.mask_to_words(np.arange(n) == 70)
+    dirty = mask_to_words(np.arange(n) == 70)
     mon.migration = SimpleNamespace(done=threading.Event(), dirty_words=dirty, sent_round=sent,
                                     stats=SimpleNamespace(status="active", hint=True, rounds=1))
     r = json.loads(json.dumps(mon.handle_line(b'{"execute": "query-pagemap"}\n')["return"]))
-    assert np.array_equal(pm.words_to_mask(pm.decode_array(r["free"]), n), free)
-    assert np.array_equal(pm.words_to_mask(pm.decode_array(r["backed"]), n), backed)
-    assert np.flatnonzero(pm.words_to_mask(pm.decode_array(r["dirty"]), n)).tolist() == [70]
+    assert np.array_equal(words_to_mask(decode_array(r["free"]), n), free)
+    assert np.array_equal(words_to_mask(decode_array(r["backed"]), n), backed)
+    assert np.flatnonzero(words_to_mask(decode_array(r["dirty"]), n)).tolist() == [70]
     got = pm.from_monitor(r)
     assert got.rounds[:6].tolist() == [1] * 5 + [0]
     assert got.states[70] == pm.DIRTY and got.states[50] == pm.UNTOUCHED and got.states[20] == pm.FREE
