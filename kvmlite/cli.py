@@ -114,11 +114,12 @@ def main(argv=None) -> int:
             from .commands import cmd_migrate
             return cmd_migrate(args)
         if args.command == "pagemap":
-            from .commands import cmd_pagemap
-            return cmd_pagemap(args)
+            from .tools.pagemap import pagemap_command
+            return pagemap_command(source=args.source, monitor=args.monitor, png=args.png,
+                                   width=args.width, sent_rounds=args.sent_rounds)
         if args.command == "inspect":
-            from .commands import cmd_inspect
-            return cmd_inspect(args)
+            from .tools.inspect import inspect_command
+            return inspect_command(monitor=args.monitor, as_json=args.json)
     except KvmliteError as e:
         print(f"kvmlite: error: {e}", file=sys.stderr)
         return 1

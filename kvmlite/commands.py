@@ -142,13 +142,3 @@ def _kvm_modules() -> list[str]:
 def cmd_migrate(args) -> int:
     from .migration.client import migrate_command
     return migrate_command(args)
-
-
-def cmd_pagemap(args) -> int:
-    from .pagemap import pagemap_command
-    return pagemap_command(args)
-
-
-def cmd_inspect(args) -> int:
-    from .inspector import inspect_command
-    return inspect_command(args)

@@ -92,7 +92,7 @@ def _check_writable(path: str) -> None:
 
 def _write_pagemap(client: MonitorClient, path: str) -> str | None:
     """Fetch query-pagemap and write its sent-rounds PNG; an error message, or None."""
-    from ..pagemap import write_monitor_png
+    from ..tools.pagemap import write_monitor_png
     try:
         g = write_monitor_png(client.execute("query-pagemap"), path)
     except KvmliteError as e:

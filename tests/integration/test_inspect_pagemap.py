@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from kvmlite import pagemap as pm
+from kvmlite.pagemap.model import ACTIVE, DATA, FREE, STREAM_KINDS, UNTOUCHED, VM_KINDS, ZERO
+from kvmlite.pagemap.png import read_png_cells
 from kvmlite.procs import VmProcess, free_port, start_destination
 
 from .helpers import kvmlite
@@ -22,7 +23,7 @@ def fill_vm(guest) -> VmProcess:
 
 def cell_counts(png: str) -> tuple[dict, dict[str, int]]:
     """A pagemap PNG's layout, and how many of its cells have each legend colour."""
-    meta, cells = pm.read_png_cells(png)
+    meta, cells = read_png_cells(png)
     colours = [tuple(c) for c in cells.reshape(-1, 3).tolist()]
     return meta, {e["name"]: colours.count(tuple(e["rgb"])) for e in meta["legend"]}
 
@@ -72,9 +73,9 @@ def test_pagemap_free_cells_equal_query_free_pages(guest_image, tmp_path):
         assert out.returncode == 0, out.stderr
         meta, counts = cell_counts(str(png))
         assert meta["pages_per_cell"] == 1 and meta["pages"] == PAGES
-        names = [k.name for k in pm.VM_KINDS]
-        assert counts[names[pm.UNTOUCHED]] + counts[names[pm.FREE]] == free["free"]
-        assert counts[names[pm.ACTIVE]] == free["active"]
+        names = [k.name for k in VM_KINDS]
+        assert counts[names[UNTOUCHED]] + counts[names[FREE]] == free["free"]
+        assert counts[names[ACTIVE]] == free["active"]
         text = kvmlite("pagemap", "--monitor", vm.monitor_path)
         assert text.returncode == 0, text.stderr
         assert f"{free['free']} pages free" in text.stdout
@@ -114,7 +115,7 @@ def test_pagemap_of_a_saved_stream_counts_its_pages(guest_image, tmp_path):
     shown = kvmlite("pagemap", f"file:{stream}", "--png", str(png))
     assert shown.returncode == 0, shown.stderr
     meta, counts = cell_counts(str(png))
-    names = [k.name for k in pm.STREAM_KINDS]
-    assert counts[names[pm.DATA]] == s["pages_sent"] and counts[names[pm.ZERO]] == s["pages_zero"]
+    names = [k.name for k in STREAM_KINDS]
+    assert counts[names[DATA]] == s["pages_sent"] and counts[names[ZERO]] == s["pages_zero"]
     rounds = kvmlite("pagemap", f"file:{stream}", "--sent-rounds")
     assert rounds.returncode == 0 and "sent in round 1" in rounds.stdout

@@ -1,4 +1,4 @@
-"""kvmlite.pagemap: the PNG encoder, the grid rules, stream files."""
+"""kvmlite.pagemap and kvmlite pagemap: the PNG encoder, the grid rules, stream files, the terminal."""
 
 from __future__ import annotations
 
@@ -11,9 +11,15 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from kvmlite import pagemap as pm
-from kvmlite.control.arraycodec import decode_array, encode_array, mask_to_words, words_to_mask
 from kvmlite.cli import main
+from kvmlite.control.arraycodec import decode_array, encode_array, mask_to_words, words_to_mask
+from kvmlite.pagemap.grid import grid
+from kvmlite.pagemap.model import (ACTIVE, DATA, DIRTY, FREE, NOT_SENT, UNTOUCHED, VM_KINDS, ZERO,
+                                   PageMap, from_monitor, round_colour)
+from kvmlite.pagemap.png import (PNG_META_KEY, decode_png, encode_png, png_image, read_png_cells,
+                                 write_png)
+from kvmlite.pagemap.stream import from_stream
+from kvmlite.pagemap.terminal import UPPER_HALF, render_terminal
 from kvmlite.errors import KvmliteError, StreamError
 from kvmlite.migration import wire
 
@@ -48,11 +54,11 @@ def test_png_encoder_output_decodes_to_the_same_pixels():
     """encode_png's bytes, decoded with zlib and struct alone, give back every pixel."""
     rng = np.random.default_rng(7)
     img = rng.integers(0, 256, size=(37, 53, 3), dtype=np.uint8)
-    data = pm.encode_png(img, {"Title": "test"})
+    data = encode_png(img, {"Title": "test"})
     pixels, kinds = independent_decode(data)
     assert np.array_equal(pixels, img)
     assert kinds == [b"IHDR", b"tEXt", b"IDAT", b"IEND"]
-    back, text = pm.decode_png(data)
+    back, text = decode_png(data)
     assert np.array_equal(back, img) and text == {"Title": "test"}
 
 
@@ -62,38 +68,38 @@ def test_png_encoder_output_reads_in_pillow_too():
     img = np.zeros((4, 6, 3), dtype=np.uint8)
     img[1, 2] = (255, 10, 20)
     img[3, 5] = (1, 2, 3)
-    got = np.asarray(image.open(io.BytesIO(pm.encode_png(img))).convert("RGB"))
+    got = np.asarray(image.open(io.BytesIO(encode_png(img))).convert("RGB"))
     assert np.array_equal(got, img)
 
 
 def test_png_decoder_rejects_damage():
     """A flipped byte in a chunk is reported as damage, not decoded."""
-    data = bytearray(pm.encode_png(np.full((2, 2, 3), 9, dtype=np.uint8)))
+    data = bytearray(encode_png(np.full((2, 2, 3), 9, dtype=np.uint8)))
     data[-20] ^= 0xFF                                   # inside IDAT
     with pytest.raises(KvmliteError, match="damaged"):
-        pm.decode_png(bytes(data))
+        decode_png(bytes(data))
     with pytest.raises(KvmliteError, match="not a PNG"):
-        pm.decode_png(b"GIF89a")
+        decode_png(b"GIF89a")
 
 
 def test_png_encoder_refuses_a_bad_shape():
     """Only height x width x 3 images are encoded."""
     with pytest.raises(ValueError):
-        pm.encode_png(np.zeros((3, 3), dtype=np.uint8))
+        encode_png(np.zeros((3, 3), dtype=np.uint8))
 
 
 # ---- the grid ----------------------------------------------------------------------------
 
 
 def vm_map(states, rounds=None):
-    return pm.PageMap("test", pm.VM_KINDS, np.array(states, dtype=np.uint8),
+    return PageMap("test", VM_KINDS, np.array(states, dtype=np.uint8),
                       None if rounds is None else np.array(rounds, dtype=np.uint8))
 
 
 def test_one_page_per_cell_shows_every_page():
     """With room for every page, each cell is its page's state; cells past the end are empty."""
-    states = [pm.ACTIVE, pm.FREE, pm.UNTOUCHED, pm.DIRTY, pm.FREE]
-    g = pm.grid(vm_map(states), columns=3, max_rows=10)
+    states = [ACTIVE, FREE, UNTOUCHED, DIRTY, FREE]
+    g = grid(vm_map(states), columns=3, max_rows=10)
     assert g.pages_per_cell == 1
     assert g.cells.tolist() == [[2, 1, 0], [3, 1, -1]]
     assert g.page_counts == [1, 2, 1, 1]
@@ -102,36 +108,35 @@ def test_one_page_per_cell_shows_every_page():
 
 def test_several_pages_per_cell_any_dirty_then_majority():
     """A cell is dirty if any page is; else its most common state, a tie going to the more used one."""
-    s = pm
-    states = [s.FREE, s.FREE, s.FREE, s.ACTIVE,        # majority free
-              s.FREE, s.DIRTY, s.FREE, s.FREE,         # one dirty page: dirty
-              s.UNTOUCHED, s.UNTOUCHED, s.ACTIVE, s.ACTIVE,   # tie: active wins
-              s.UNTOUCHED]                             # a last, partial cell
-    g = pm.grid(vm_map(states), columns=2, max_rows=2)
+    states = [FREE, FREE, FREE, ACTIVE,                # majority free
+              FREE, DIRTY, FREE, FREE,                 # one dirty page: dirty
+              UNTOUCHED, UNTOUCHED, ACTIVE, ACTIVE,    # tie: active wins
+              UNTOUCHED]                               # a last, partial cell
+    g = grid(vm_map(states), columns=2, max_rows=2)
     assert g.pages_per_cell == 4
-    assert g.cells.tolist() == [[s.FREE, s.DIRTY], [s.ACTIVE, s.UNTOUCHED]]
+    assert g.cells.tolist() == [[FREE, DIRTY], [ACTIVE, UNTOUCHED]]
     assert "dirty' if any of its pages is" in g.rule and "4 pages" in g.scale
 
 
 def test_sent_rounds_view_shows_the_latest_round_and_greys_the_rest():
     """Rounds view: sent pages by round (a cell takes its latest), unsent ones in grey state colours."""
-    states = [pm.ACTIVE, pm.ACTIVE, pm.FREE, pm.UNTOUCHED]
+    states = [ACTIVE, ACTIVE, FREE, UNTOUCHED]
     rounds = [1, 3, 0, 0]
-    g = pm.grid(vm_map(states, rounds), columns=4, max_rows=1, sent_rounds=True)
+    g = grid(vm_map(states, rounds), columns=4, max_rows=1, sent_rounds=True)
     names = [k.name for k in g.kinds]
     assert names[4:] == ["sent in round 1", "sent in round 2", "sent in round 3"]
     assert [names[c] for c in g.cells[0]] == ["sent in round 1", "sent in round 3",
-                                             names[pm.FREE], names[pm.UNTOUCHED]]
+                                             names[FREE], names[UNTOUCHED]]
     assert all(k.rgb[0] == k.rgb[1] == k.rgb[2] for k in g.kinds[:4])
-    coarse = pm.grid(vm_map(states, rounds), columns=1, max_rows=1, sent_rounds=True)
+    coarse = grid(vm_map(states, rounds), columns=1, max_rows=1, sent_rounds=True)
     assert names[coarse.cells[0, 0]] == "sent in round 3"
     with pytest.raises(KvmliteError, match="no migration"):
-        pm.grid(vm_map(states), columns=4, max_rows=1, sent_rounds=True)
+        grid(vm_map(states), columns=4, max_rows=1, sent_rounds=True)
 
 
 def test_round_colours_are_distinct_and_never_grey():
     """Up to 255 rounds, every round has its own colour, none of them a grey."""
-    colours = [pm.round_colour(r, 30) for r in range(1, 31)]
+    colours = [round_colour(r, 30) for r in range(1, 31)]
     assert len(set(colours)) == 30
     assert all(len(set(c)) > 1 for c in colours)
 
@@ -147,23 +152,23 @@ def test_from_monitor_orders_the_states():
             "backed": encode_array(mask_to_words(backed)),
             "dirty": encode_array(mask_to_words(dirty)), "sent_round": encode_array(sent),
             "migration": {"status": "active", "hint": True, "rounds": 2}}
-    got = pm.from_monitor(json.loads(json.dumps(resp)))
-    assert got.states.tolist() == [pm.FREE, pm.UNTOUCHED, pm.ACTIVE, pm.ACTIVE,
-                                   pm.FREE, pm.DIRTY, pm.ACTIVE, pm.ACTIVE]
+    got = from_monitor(json.loads(json.dumps(resp)))
+    assert got.states.tolist() == [FREE, UNTOUCHED, ACTIVE, ACTIVE,
+                                   FREE, DIRTY, ACTIVE, ACTIVE]
     assert got.rounds.tolist() == sent.tolist()
     assert "3 pages free" in got.summary and "5 active" in got.summary
     resp["migration"]["hint"] = False
-    assert pm.from_monitor(resp).states[4] == pm.DIRTY
-    no_bitmap = pm.from_monitor({"pages": n, "backed": resp["backed"]})
-    assert no_bitmap.states.tolist() == [pm.ACTIVE, pm.UNTOUCHED, pm.ACTIVE, pm.UNTOUCHED] + [pm.ACTIVE] * 4
+    assert from_monitor(resp).states[4] == DIRTY
+    no_bitmap = from_monitor({"pages": n, "backed": resp["backed"]})
+    assert no_bitmap.states.tolist() == [ACTIVE, UNTOUCHED, ACTIVE, UNTOUCHED] + [ACTIVE] * 4
 
 
 def test_terminal_without_colour_draws_a_letter_per_cell():
     """The no-colour terminal picture has exactly one letter per page at one page per cell."""
-    states = [pm.ACTIVE] * 5 + [pm.FREE] * 3 + [pm.UNTOUCHED] * 4
-    g = pm.grid(vm_map(states), columns=4, max_rows=8)
+    states = [ACTIVE] * 5 + [FREE] * 3 + [UNTOUCHED] * 4
+    g = grid(vm_map(states), columns=4, max_rows=8)
     out = io.StringIO()
-    pm.render_terminal(g, Console(file=out, color_system=None, width=100))
+    render_terminal(g, Console(file=out, color_system=None, width=100))
     lines = out.getvalue().splitlines()
     assert lines[2:5] == ["####", "#---", "...."]
     assert "12 pages" in lines[1]
@@ -173,12 +178,12 @@ def test_png_cells_read_back_as_the_grid():
     """The PNG's cells, found again through its layout text, have the grid's colours."""
     rng = np.random.default_rng(3)
     states = rng.integers(0, 4, size=1000).astype(np.uint8)
-    g = pm.grid(vm_map(states), columns=40, max_rows=40)
+    g = grid(vm_map(states), columns=40, max_rows=40)
     buf = io.BytesIO()
-    img, meta = pm.png_image(g, 3)
-    buf.write(pm.encode_png(img, {pm.PNG_META_KEY: json.dumps(meta)}))
-    pixels, text = pm.decode_png(buf.getvalue())
-    meta = json.loads(text[pm.PNG_META_KEY])
+    img, meta = png_image(g, 3)
+    buf.write(encode_png(img, {PNG_META_KEY: json.dumps(meta)}))
+    pixels, text = decode_png(buf.getvalue())
+    meta = json.loads(text[PNG_META_KEY])
     assert meta["pages_per_cell"] == 1 and meta["rows"] == 25
     want = np.array([k.rgb for k in g.kinds])[g.cells]
     x0, y0 = meta["grid_x"], meta["grid_y"]
@@ -188,14 +193,14 @@ def test_png_cells_read_back_as_the_grid():
 
 def test_write_png_and_read_png_cells(tmp_path):
     """write_png then read_png_cells gives one colour per cell and the page counts in the legend."""
-    states = [pm.ACTIVE] * 10 + [pm.FREE] * 6
-    g = pm.grid(vm_map(states), columns=4, max_rows=4)
+    states = [ACTIVE] * 10 + [FREE] * 6
+    g = grid(vm_map(states), columns=4, max_rows=4)
     path = tmp_path / "m.png"
-    pm.write_png(g, str(path))
-    meta, cells = pm.read_png_cells(str(path))
-    active = tuple(pm.VM_KINDS[pm.ACTIVE].rgb)
+    write_png(g, str(path))
+    meta, cells = read_png_cells(str(path))
+    active = tuple(VM_KINDS[ACTIVE].rgb)
     assert sum(tuple(c) == active for c in cells.reshape(-1, 3).tolist()) == 10
-    assert {e["name"]: e["pages"] for e in meta["legend"]}[pm.VM_KINDS[pm.FREE].name] == 6
+    assert {e["name"]: e["pages"] for e in meta["legend"]}[VM_KINDS[FREE].name] == 6
 
 
 # ---- migration streams saved to a file -------------------------------------------------------
@@ -219,8 +224,8 @@ def test_stream_file_gives_each_page_its_round_and_record_kind(tmp_path):
     """Pages of a saved stream: the kind of the last record that carried them, and its round."""
     path = tmp_path / "vm.mig"
     path.write_bytes(small_stream())
-    got = pm.from_stream(str(path))
-    D, Z, N = pm.DATA, pm.ZERO, pm.NOT_SENT
+    got = from_stream(str(path))
+    D, Z, N = DATA, ZERO, NOT_SENT
     assert got.states.tolist() == [D, D, N, N, Z, N, Z, N]
     assert got.rounds.tolist() == [1, 2, 0, 0, 1, 0, 2, 0]
     assert "2 rounds" in got.title
@@ -237,7 +242,7 @@ def test_pagemap_command_on_a_stream_file(tmp_path, capsys):
     assert "12..1.2." in capsys.readouterr().out
     png = tmp_path / "vm.png"
     assert main(["pagemap", f"file:{path}", "--png", str(png)]) == 0
-    meta, cells = pm.read_png_cells(str(png))
+    meta, cells = read_png_cells(str(png))
     assert meta["pages"] == 8 and cells.shape == (1, 8, 3)
 
 
@@ -246,7 +251,7 @@ def test_truncated_stream_file_is_a_one_line_error(tmp_path, capsys):
     path = tmp_path / "cut.mig"
     path.write_bytes(small_stream()[:-30])
     with pytest.raises(StreamError, match="cut.mig"):
-        pm.from_stream(str(path))
+        from_stream(str(path))
     assert main(["pagemap", f"file:{path}"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("kvmlite: error:") and len(err.strip().splitlines()) == 1
@@ -268,15 +273,15 @@ def test_bad_pagemap_and_inspect_input_is_one_line(argv, message, capsys):
 
 def test_terminal_in_colour_draws_two_cell_rows_per_line():
     """In colour, each line is two rows of cells: upper half block in the top cell's colour on the bottom's."""
-    states = [pm.UNTOUCHED] * 4 + [pm.ACTIVE] * 4 + [pm.DIRTY]
-    g = pm.grid(vm_map(states), columns=4, max_rows=8)
+    states = [UNTOUCHED] * 4 + [ACTIVE] * 4 + [DIRTY]
+    g = grid(vm_map(states), columns=4, max_rows=8)
     out = io.StringIO()
-    pm.render_terminal(g, Console(file=out, color_system="truecolor", width=100))
+    render_terminal(g, Console(file=out, color_system="truecolor", width=100))
     lines = out.getvalue().splitlines()
-    untouched, active, dirty = (pm.VM_KINDS[k].rgb for k in (pm.UNTOUCHED, pm.ACTIVE, pm.DIRTY))
+    untouched, active, dirty = (VM_KINDS[k].rgb for k in (UNTOUCHED, ACTIVE, DIRTY))
     top_on_bottom = "\x1b[38;2;{};{};{};48;2;{};{};{}m".format(*untouched, *active)
-    assert lines[2].count(top_on_bottom) == 4 and lines[2].count(pm.UPPER_HALF) == 4
-    assert "\x1b[38;2;{};{};{}m".format(*dirty) in lines[3] and lines[3].count(pm.UPPER_HALF) == 1
+    assert lines[2].count(top_on_bottom) == 4 and lines[2].count(UPPER_HALF) == 4
+    assert "\x1b[38;2;{};{};{}m".format(*dirty) in lines[3] and lines[3].count(UPPER_HALF) == 1
 
 
 # ---- the monitor's side: query-vcpu's pause policy, query-pagemap's arrays ---------------------
@@ -370,9 +375,9 @@ def test_query_pagemap_arrays_decode_to_the_machine_bitmaps(monitor_for):
     assert np.array_equal(words_to_mask(decode_array(r["free"]), n), free)
     assert np.array_equal(words_to_mask(decode_array(r["backed"]), n), backed)
     assert np.flatnonzero(words_to_mask(decode_array(r["dirty"]), n)).tolist() == [70]
-    got = pm.from_monitor(r)
+    got = from_monitor(r)
     assert got.rounds[:6].tolist() == [1] * 5 + [0]
-    assert got.states[70] == pm.DIRTY and got.states[50] == pm.UNTOUCHED and got.states[20] == pm.FREE
+    assert got.states[70] == DIRTY and got.states[50] == UNTOUCHED and got.states[20] == FREE
     mon.migration.done.set()
     assert mon.handle_line(b'{"execute": "query-pagemap"}\n')["return"]["dirty"] is None
 
@@ -389,3 +394,29 @@ def test_query_migrate_hold_keeps_a_finished_source(monitor_for):
     assert mon.held.is_set() and not mon.final_seen.is_set()
     mon.handle_line(b'{"execute": "query-migrate"}\n')
     assert mon.final_seen.is_set()
+
+
+def test_the_tools_take_keyword_arguments_not_a_command_line(monitor_for, capsys):
+    """inspect_command and pagemap_command called from Python against a live monitor: no argparse."""
+    from types import SimpleNamespace
+
+    from kvmlite.tools.inspect import inspect_command
+    from kvmlite.tools.pagemap import pagemap_command
+    n = 100
+    free = np.zeros(n, dtype=bool)
+    free[10:60] = True
+    backed = np.arange(n) < 40
+    m = FakeMachine()
+    m.fph = SimpleNamespace(registration=object(), count_free=lambda: int(free.sum()),
+                            free_mask=lambda: free)
+    m.memory = SimpleNamespace(npages=n, backed_pages=lambda first, count: backed[first:first + count])
+    mon = monitor_for(m)
+    mon.start()
+    assert inspect_command(monitor=mon.path, as_json=True) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["registers"]["rip"] == 0x101000 and info["pages"]["free"] == 50
+    assert m.calls == ["pause", "resume"]
+    assert pagemap_command(monitor=mon.path, width=10) == 0
+    out = capsys.readouterr().out        # no colour on a captured stdout: a letter a page
+    rows = [line for line in out.splitlines() if line and set(line) <= set("#-.D")]
+    assert rows == ["#" * 10] + ["-" * 10] * 3 + ["." * 10] * 2 + ["#" * 10] * 4

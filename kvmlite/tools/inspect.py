@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from .units import human_bytes
+from ..control.client import MonitorClient
+from ..units import human_bytes
 
 PAGE_SIZE = 4096
 GENERAL = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
@@ -76,14 +77,15 @@ def render(info: dict, console) -> None:
     console.print(Columns(tables + [exits, pages]))
 
 
-def inspect_command(args) -> int:
-    from .migration.client import MonitorClient
-    client = MonitorClient(args.monitor)
+def inspect_command(*, monitor: str, as_json: bool = False) -> int:
+    """Print what `gather` reads from the VM whose monitor socket is `monitor`:
+    tables, or JSON with `as_json`."""
+    client = MonitorClient(monitor)
     try:
         info = gather(client)
     finally:
         client.close()
-    if args.json:
+    if as_json:
         print(json.dumps(info, indent=2))
         return 0
     from rich.console import Console
