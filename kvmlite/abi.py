@@ -13,7 +13,7 @@ from dataclasses import dataclass
 HEADER_MAGIC = 0x48505246        # "FRPH"
 HEADER_VERSION = 1
 HEADER_MIN_SIZE = 64
-PAGE_SIZE = 4096
+from .bitmap import PAGE_SIZE  # the ABI's page size is the host's: one bit per 4 KiB page
 DEVICE_ID = 0x31485046           # "FPH1"
 DEFAULT_PORT = 0x520
 PORT_COUNT = 0x20

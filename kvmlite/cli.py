@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
 from .errors import KvmliteError
 
-MIN_MEMORY = 2 << 20
 DEFAULT_MEMORY = "256M"
 
 EPILOG_RUN = """exit status: the guest's status byte (exit device, port 0x501); 0 when the
@@ -21,11 +21,14 @@ def _parser() -> argparse.ArgumentParser:
         prog="kvmlite", description="A small KVM virtual machine monitor that live-migrates "
         "a running guest, sending only the pages the guest is using (free page hinting).")
     p.add_argument("--version", action="version", version=f"kvmlite {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more of the VMM's own messages")
+    p.add_argument("-q", "--quiet", action="store_true", help="only the VMM's warnings and errors")
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="boot a guest image (or wait for an incoming migration)",
                          epilog=EPILOG_RUN)
     run.add_argument("image", nargs="?", help="flat binary or ELF64 guest image")
+    run.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (default 1)")
     run.add_argument("-m", "--memory", default=None,
                      help=f"guest RAM, e.g. 256M or 1G (default {DEFAULT_MEMORY})")
     run.add_argument("--cmdline", default="", help="guest command line (see guest/README.md)")
@@ -56,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
     mig = sub.add_parser("migrate", help="live-migrate a running VM to a destination, or save it to a file")
     mig.add_argument("--monitor", required=True, metavar="PATH", help="the source VM's monitor socket")
-    mig.add_argument("uri", metavar="tcp:HOST:PORT|file:PATH",
+    mig.add_argument("uri", nargs="?", metavar="tcp:HOST:PORT|file:PATH",
                      help="destination (kvmlite run --incoming), or a snapshot file to write")
     mig.add_argument("--no-free-page-hint", dest="hint", action="store_false",
                      help="send free pages too (baseline; zero pages are still detected)")
@@ -73,6 +76,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="with file:PATH: save a snapshot and let the VM carry on here")
     mig.add_argument("--pagemap", metavar="FILE.png",
                      help="when it ends, draw which round sent each page into this PNG")
+    mig.add_argument("--resolve", choices=("source", "destination"),
+                     help="settle a migration left unresolved (the destination's answer to COMMIT "
+                     "was lost): where the VM runs now; 'source' resumes it here")
 
     pm = sub.add_parser("pagemap", help="draw guest memory as a grid, one cell per page")
     pm.add_argument("source", nargs="?", metavar="file:STREAM",
@@ -101,18 +107,54 @@ def _security_options(p: argparse.ArgumentParser) -> None:
                    help="CA certificate that signed the peer's (TLS is mutual: both sides check)")
 
 
-def main(argv=None) -> int:
+def run_config(args) -> "RunConfig":
+    """`kvmlite run`'s arguments as a validated RunConfig (ConfigError on a bad one)."""
+    from .config import BootConfig, Credentials, IncomingConfig, MachineConfig, RunConfig
+    from .units import parse_addr, parse_size
+    memory = parse_size(args.memory) if args.memory else None
+    if memory is None and not args.incoming:
+        memory = parse_size(DEFAULT_MEMORY)
+    machine = MachineConfig(memory=memory, vcpus=args.smp, prefault=args.prealloc, trace=args.trace)
+    creds = Credentials.load(args.auth_key, args.tls_cert, args.tls_key, args.tls_ca)
+    timeout = args.timeout if args.timeout is not None else 30.0
+    boot = incoming = None
+    if args.incoming:
+        if args.image:
+            from .errors import ConfigError
+            raise ConfigError("give either an image or --incoming, not both")
+        incoming = IncomingConfig(
+            args.incoming, timeout=timeout, insecure=args.insecure,
+            max_memory=parse_size(args.max_memory, "--max-memory") if args.max_memory else None)
+    elif args.image:
+        boot = BootConfig(args.image, args.cmdline,
+                          parse_addr(args.load, "--load") if args.load else None,
+                          parse_addr(args.entry, "--entry") if args.entry else None)
+    return RunConfig(machine=machine, boot=boot, incoming=incoming, monitor=args.monitor,
+                     gdb=args.gdb, stats=args.stats, creds=creds, timeout=timeout)
+
+
+def main(argv=None, *, hooks=None, migration_class=None) -> int:
+    """The command line.  `hooks` and `migration_class` are injected by the test
+    harness (tests/harness.py); users never pass them."""
     args = _parser().parse_args(argv)
+    from . import log
+    log.setup(-1 if args.quiet else args.verbose)
     try:
         if args.command == "run":
-            from .commands import cmd_run
-            return cmd_run(args)
+            from . import runner
+            from .hooks import NO_HOOKS
+            return runner.run(run_config(args), hooks=hooks or NO_HOOKS,
+                              migration_class=migration_class)
         if args.command == "info":
-            from .commands import cmd_info
-            return cmd_info(args)
+            from .tools.info import info_command
+            return info_command()
         if args.command == "migrate":
-            from .commands import cmd_migrate
-            return cmd_migrate(args)
+            from .tools.migrate import migrate_command
+            return migrate_command(
+                monitor=args.monitor, uri=args.uri, hint=args.hint, stop_copy=args.stop_copy,
+                downtime_ms=args.downtime_ms, bandwidth=args.bandwidth, max_rounds=args.max_rounds,
+                as_json=args.json, timeout=args.timeout, auth_key=args.auth_key,
+                keep_running=args.keep_running, pagemap=args.pagemap, resolve=args.resolve)
         if args.command == "pagemap":
             from .tools.pagemap import pagemap_command
             return pagemap_command(source=args.source, monitor=args.monitor, png=args.png,
@@ -126,4 +168,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("kvmlite: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # stdout went away (`kvmlite migrate ... | head`): not worth a traceback
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
     return 2

@@ -45,10 +45,13 @@ def disassemble(code: bytes, address: int, bits: int, count: int = 6) -> list[st
     return lines
 
 
-def crash_report(machine, exit_: ex.Exit) -> str:
-    """A multi-line report: exit, registers, control registers, code at RIP."""
-    vcpu = machine.vcpu
-    out = [f"guest crashed: {describe_exit(exit_)}"]
+def crash_report(machine, exit_: ex.Exit, index: int = 0) -> str:
+    """A multi-line report: the vCPU and its exit, registers, control registers,
+    code at RIP, and where the other vCPUs were.  Registers are read on each
+    vCPU's own thread."""
+    vcpu = machine.vcpu_proxy(index)
+    who = f" on vCPU {index}" if machine.nvcpus > 1 else ""
+    out = [f"guest crashed{who}: {describe_exit(exit_)}"]
     try:
         regs = vcpu.regs_dict()
         sregs = vcpu.sregs_dict()
@@ -81,4 +84,11 @@ def crash_report(machine, exit_: ex.Exit) -> str:
         out.extend("  " + line for line in disassemble(code, rip, bits))
     else:
         out.append("  code at RIP: not in guest RAM")
+    for other in range(machine.nvcpus):
+        if other != index:
+            try:
+                rip = machine.call(other, lambda v: v.get_regs().rip, timeout=1.0)
+                out.append(f"  vCPU {other}: RIP {rip:#018x}")
+            except Exception as e:
+                out.append(f"  vCPU {other}: registers unavailable ({e})")
     return "\n".join(out)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from .migration.client import migrate, print_stats
+from .tools.migrate import migrate, print_stats
 from .procs import VmProcess, free_port, start_destination
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -202,11 +202,12 @@ class _Fault(Exception):
 class GdbStub:
     """Serves one gdb connection on its own thread.  The vCPU thread hands it
     debug exits through `vcpu_exit()`; every stop parks the vCPU with
-    Machine.pause(), so registers and memory are only touched while it is parked."""
+    Machine.pause_all(), so registers and memory are only touched while it is
+    parked, and its registers through the vCPU's own thread (vcpu_proxy)."""
 
     def __init__(self, machine, conn: socket.socket):
         self.machine = machine
-        self.vcpu = machine.vcpu
+        self.vcpu = machine.vcpu_proxy(0)
         self.memory = machine.memory
         self.conn = conn
         self.reader = PacketReader()
@@ -236,7 +237,7 @@ class GdbStub:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stub = cls(machine, conn)
         machine.debugger = stub
-        machine.pause()     # not running yet: its first KVM_RUN returns at once and parks
+        machine.pause_all()     # not started yet: it stays parked before its first instruction
         stub._thread.start()
         return stub
 
@@ -408,7 +409,7 @@ class GdbStub:
         return None
 
     def _report_stop(self, default: int) -> None:
-        self.machine.pause()
+        self.machine.pause_all()
         sig = self._stop_signal or default
         self._running = self._stepping = False
         self._stop_signal = None
@@ -421,18 +422,18 @@ class GdbStub:
         self._stop_signal = None
         self._arm(step)
         self._running = True
-        self.machine.resume()
+        self.machine.resume_all()
 
     def _detach(self) -> None:
         """Take every INT3 out and let the guest run on without gdb."""
-        self.machine.pause()        # the vCPU is only touched while it is parked
+        self.machine.pause_all()        # the vCPU is only touched while it is parked
         self.machine.debugger = None
         for gpa, original in self.breakpoints.values():
             self.memory.write(gpa, original)
         self.breakpoints.clear()
         self._disarm()
         self.vcpu.set_guest_debug(0)
-        self.machine.resume()
+        self.machine.resume_all()
 
     # -- commands ---------------------------------------------------------------------------
 
@@ -490,7 +491,7 @@ class GdbStub:
             if cmd == b"k":
                 from .machine import RunResult
                 self.machine.debugger = None
-                self.machine.quit(RunResult("quit", 0, exits=self.machine.exits))
+                self.machine.quit(RunResult("quit", 0))
                 return "done"
             if cmd == b"D":
                 self._send(b"OK")

@@ -1,25 +1,36 @@
-"""A whole virtual machine: KVM VM + RAM + one vCPU + devices, and its run loop."""
+"""A whole virtual machine: KVM VM + RAM + vCPUs + devices, and the run loop.
+
+Every vCPU has one thread, its `VcpuThread`, that issues all of its ioctls
+(KVM's API document asks for this).  Other threads never touch a vCPU; they
+ask its thread with `call()` and wait for the answer, as Firecracker's vCPU
+events do.  docs/architecture.md draws the model.
+"""
 
 from __future__ import annotations
 
 import collections
-import sys
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from . import boot, exits as ex
 from .abi import DEFAULT_PORT as FPH_PORT, PORT_COUNT as FPH_PORT_COUNT
+from .config import BootConfig, MachineConfig
 from .devices import DebugCon, ExitDevice, FreePageHint, GuestExit, IdleDevice, IoBus, Uart16550
 from .devices.output import SerialOutput
 from .devices.uart import PORT_COUNT as UART_PORT_COUNT
-from .errors import KvmliteError
+from .errors import ConfigError, KvmliteError
+from .log import trace_log
 from .vstate import GuestMemory, Kvm, Vm
 
 UART_PORT = 0x3F8
 DEBUGCON_PORT = 0xE9
 EXIT_PORT = 0x501
 IDLE_PORT = 0x504
+CRASH_STATUS = 125
+THROTTLE_PERIOD = 0.01   # seconds: a throttled vCPU runs, then sits out its share, every 10 ms
+READY_TIMEOUT = 10.0
 
 
 @dataclass
@@ -28,86 +39,300 @@ class RunResult:
     reason: str             # "exit", "hlt", "crash", "migrated", "quit"
     status: int
     crash: ex.Exit | None = None
+    vcpu: int = 0           # the vCPU that ended it (for a crash report)
     exits: int = 0
 
 
-class Machine:
-    """Builds the VM and runs its vCPU.  Other threads (monitor, migration)
-    control it with pause() / resume() / quit(), which kick the vCPU out of
-    KVM_RUN and park it at a safe point between exits."""
+class VcpuThread:
+    """One vCPU and the thread that owns it: the only thread that issues its ioctls.
 
-    def __init__(self, memory_size: int, *, prefault: bool = False, output: SerialOutput | None = None,
-                 trace=None, log=None):
+    The thread starts parked.  Parked or running, it serves requests, functions
+    of the vCPU put on its queue by `call()`: a running vCPU is kicked out of
+    KVM_RUN to serve them.
+    """
+
+    def __init__(self, machine: "Machine", index: int):
+        self.machine = machine
+        self.index = index
+        self.vcpu = None
+        self.exits = 0
+        # Exits by kind, for `kvmlite inspect`: one dict update per exit costs
+        # ~35 ns here, against ~28 µs for the exit itself.
+        self.exit_counts: dict[type, int] = collections.defaultdict(int)
+        self.parked = True
+        self._requests: collections.deque[tuple] = collections.deque()
+        self._ready: Future = Future()
+        self._ident: int | None = None
+        self._last_sat_out = 0.0
+        self.thread = threading.Thread(target=self._main, name=f"vcpu{index}", daemon=True)
+
+    # ---- asked from any thread ------------------------------------------------------
+
+    def call(self, fn, timeout: float | None = None):
+        """Run `fn(vcpu)` on this vCPU's thread; return its result or raise its exception."""
+        if threading.get_ident() == self._ident:
+            return fn(self.vcpu)
+        m = self.machine
+        fut: Future = Future()
+        with m._cond:
+            if not self.thread.is_alive():
+                raise KvmliteError(f"vCPU {self.index} is gone")
+            self._requests.append((fn, fut))
+            m._cond.notify_all()      # a parked vCPU waits on the condition
+            running = not self.parked
+        if running:
+            self.vcpu.kick()          # out of KVM_RUN, or out of the next one
+        return fut.result(timeout)
+
+    def on_thread(self) -> bool:
+        return threading.get_ident() == self._ident
+
+    # ---- the thread -----------------------------------------------------------------
+
+    def _main(self) -> None:
+        m = self.machine
+        self._ident = threading.get_ident()
+        try:
+            # KVM_CREATE_VCPU is a VM ioctl, issued here anyway so that the
+            # vCPU's whole life, from its first ioctl to its last, is this thread's.
+            self.vcpu = m.vm.create_vcpu(self.index)
+            self.vcpu.set_cpuid(m.kvm.supported_cpuid())
+            self.vcpu.bind_thread()
+        except BaseException as e:
+            self._ready.set_exception(e)
+            return
+        self._ready.set_result(None)
+        try:
+            while self._wait_to_run():
+                result = m._run_vcpu(self)
+                if result is not None:
+                    result.vcpu = self.index
+                    m._end(result)
+            self._serve_until_closed()
+        finally:
+            self.vcpu.close()
+
+    def _serve(self) -> bool:
+        """Serve one queued request, if there is one (called without the lock)."""
+        m = self.machine
+        with m._cond:
+            if not self._requests:
+                return False
+            fn, fut = self._requests.popleft()
+        if fut.set_running_or_notify_cancel():
+            try:
+                fut.set_result(fn(self.vcpu))
+            except BaseException as e:
+                fut.set_exception(e)
+        return True
+
+    def _wait_to_run(self) -> bool:
+        """Between exits: serve requests, sit out a throttle share, park while the
+        machine is paused or not started.  False once the VM is over."""
+        m = self.machine
+        while True:
+            if self._serve():
+                continue
+            with m._cond:
+                if self._requests:
+                    continue
+                if m._result is not None or m._closing:
+                    self.parked = True
+                    m._cond.notify_all()
+                    return False
+                if m._throttle and not m._pause_requested:
+                    now = time.monotonic()
+                    if now - self._last_sat_out >= THROTTLE_PERIOD:
+                        self._last_sat_out = now
+                        t = m._throttle
+                        m._cond.wait(THROTTLE_PERIOD * t / (1 - t))
+                        continue
+                if m._started and not m._pause_requested:
+                    if self.parked:
+                        self.parked = False
+                        m._cond.notify_all()
+                    return True
+                if not self.parked:
+                    self.parked = True
+                    m.output.flush()
+                    m._cond.notify_all()
+                m._cond.wait()
+
+    def _serve_until_closed(self) -> None:
+        """The VM is over: answer requests (a crash report reads registers) until close."""
+        m = self.machine
+        while True:
+            if self._serve():
+                continue
+            with m._cond:
+                if m._closing and not self._requests:
+                    return
+                if not self._requests:
+                    m._cond.wait()
+
+
+class OnVcpuThread:
+    """A stand-in for a Vcpu whose methods run on the vCPU's own thread.
+
+    `machine.vcpu_proxy(i).get_regs()` is `machine.call(i, lambda v: v.get_regs())`,
+    so the crash report and the gdb stub read and write registers the way
+    KVM asks, without knowing there is a thread in between.
+    """
+
+    def __init__(self, vt: VcpuThread):
+        self._vt = vt
+
+    @property
+    def index(self) -> int:
+        return self._vt.index
+
+    def __getattr__(self, name: str):
+        def forward(*args, **kwargs):
+            return self._vt.call(lambda vcpu: getattr(vcpu, name)(*args, **kwargs))
+        return forward
+
+
+class Machine:
+    """Builds the VM and runs its vCPUs, one thread each.
+
+    Other threads (monitor, migration, gdb) control it with pause_all(),
+    resume_all(), quit() and call(): the vCPUs stop only at safe points,
+    between exits.  Use it as a context manager, or call close().
+    """
+
+    def __init__(self, config: MachineConfig, *, output: SerialOutput | None = None):
+        if config.memory is None:
+            raise ConfigError("the machine needs a memory size")
+        self.config = config
         self.kvm = Kvm()
         self.vm = Vm(self.kvm)
-        self.memory = GuestMemory(memory_size, prefault=prefault)
-        self.vm.add_memory(self.memory)
-        self.vcpu = self.vm.create_vcpu()
-        self.vcpu.set_cpuid(self.kvm.supported_cpuid())
-        self.output = output or SerialOutput()
-        self.log = log or (lambda msg: print(f"kvmlite: {msg}", file=sys.stderr, flush=True))
-        self.bus = IoBus()
-        self.uart = Uart16550(self.output)
-        self.debugcon = DebugCon(self.output)
-        self.exit_device = ExitDevice()
-        self.fph = FreePageHint(self.memory, log=self.log)
-        self.idle = IdleDevice(self._idle)
-        self.bus.register(UART_PORT, UART_PORT_COUNT, self.uart)
-        self.bus.register(DEBUGCON_PORT, 1, self.debugcon)
-        self.bus.register(EXIT_PORT, 1, self.exit_device)
-        self.bus.register(FPH_PORT, FPH_PORT_COUNT, self.fph)
-        self.bus.register(IDLE_PORT, 4, self.idle)
-        self.trace = trace
-        self.bus.trace = trace
-        self.image = None
-        self.exits = 0
-        # Exits by kind (exit class), for `kvmlite inspect`: one dict update per
-        # exit costs ~35 ns here, against ~28 µs for the exit itself.
-        self.exit_counts: dict[type, int] = collections.defaultdict(int)
-        # pause/resume protocol between the vCPU thread and controllers
-        self._lock = threading.Condition()
+        self._cond = threading.Condition()
+        self._started = False
         self._pause_requested = False
-        self._paused = False
-        self._quit = None          # RunResult to return at the next safe point
-        self.running = False
-        self._throttle = 0.0       # share of time the vCPU sits out (migration auto-converge)
-        self.debugger = None       # a GdbStub while `kvmlite run --gdb` is attached
+        self._result: RunResult | None = None
+        self._closing = False
+        self._throttle = 0.0           # share of time vCPUs sit out (migration auto-converge)
+        self._closed = False
+        self.vcpu_threads: list[VcpuThread] = []
+        try:
+            self.memory = GuestMemory(config.memory, prefault=config.prefault)
+            self.vm.add_memory(self.memory)
+            self.output = output or SerialOutput()
+            self._trace = _tracer(config.vcpus > 1) if config.trace else None
+            self.bus = IoBus()
+            self.bus.trace = self._trace
+            self.uart = Uart16550(self.output)
+            self.debugcon = DebugCon(self.output)
+            self.exit_device = ExitDevice()
+            self.fph = FreePageHint(self.memory)
+            self.idle = IdleDevice(self._idle)
+            self.bus.register(UART_PORT, UART_PORT_COUNT, self.uart)
+            self.bus.register(DEBUGCON_PORT, 1, self.debugcon)
+            self.bus.register(EXIT_PORT, 1, self.exit_device)
+            self.bus.register(FPH_PORT, FPH_PORT_COUNT, self.fph)
+            self.bus.register(IDLE_PORT, 4, self.idle)
+            self.image = None
+            self.debugger = None       # a GdbStub while `kvmlite run --gdb` is attached
+            for i in range(config.vcpus):
+                vt = VcpuThread(self, i)
+                self.vcpu_threads.append(vt)
+                vt.thread.start()
+            for vt in self.vcpu_threads:
+                vt._ready.result(READY_TIMEOUT)
+        except BaseException:
+            self.close()
+            raise
 
-    # ---- devices by name, for migration ------------------------------------
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- what other modules ask for -----------------------------------------------
 
     def devices(self) -> dict:
+        """Devices by name, whose state travels with a migration."""
         return {"uart": self.uart, "debugcon": self.debugcon, "exit": self.exit_device,
                 "fph": self.fph}
 
-    # ---- booting -------------------------------------------------------------
+    @property
+    def free_pages(self):
+        """The FreePageSource a migration asks which pages are free."""
+        return self.fph
 
-    def boot(self, image_path: str, cmdline: str = "", load_addr=None, entry=None) -> None:
+    @property
+    def nvcpus(self) -> int:
+        return len(self.vcpu_threads)
+
+    def call(self, index: int, fn, timeout: float | None = None):
+        """Run `fn(vcpu)` on vCPU `index`'s thread and return what it returns."""
+        return self.vcpu_threads[index].call(fn, timeout)
+
+    def vcpu_proxy(self, index: int = 0) -> OnVcpuThread:
+        return OnVcpuThread(self.vcpu_threads[index])
+
+    @property
+    def exits(self) -> int:
+        return sum(vt.exits for vt in self.vcpu_threads)
+
+    def exits_by_kind(self, index: int | None = None) -> dict[str, int]:
+        """Exit counts named by exit class (IoOut, Interrupted, ...), most frequent first:
+        of one vCPU, or summed over all."""
+        counts: dict[type, int] = collections.Counter()
+        for vt in self.vcpu_threads if index is None else [self.vcpu_threads[index]]:
+            counts.update(dict(vt.exit_counts))   # one C-level copy: the vCPU keeps counting
+        return {t.__name__: n for t, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0].__name__))}
+
+    # ---- booting ---------------------------------------------------------------------
+
+    def boot(self, cfg: BootConfig) -> None:
+        """Load the image, write the boot area and put vCPU 0 at its entry in long mode."""
         from .loader import load_image
-        self.image = load_image(self.memory, image_path, load_addr=load_addr, entry=entry)
+        self.image = load_image(self.memory, cfg.image, load_addr=cfg.load, entry=cfg.entry)
+        tsc_khz = self.call(0, lambda v: v.tsc_khz())
         info = boot.boot_info_bytes(
-            ram_size=self.memory.size, cmdline_len=len(cmdline.encode()), fph=True,
-            tsc_khz=self.vcpu.tsc_khz(), image_start=self.image.start, image_end=self.image.end,
+            ram_size=self.memory.size, cmdline_len=len(cfg.cmdline.encode()), fph=True,
+            tsc_khz=tsc_khz, image_start=self.image.start, image_end=self.image.end,
             uart_port=UART_PORT, debugcon_port=DEBUGCON_PORT, exit_port=EXIT_PORT,
             fph_port=FPH_PORT, idle_port=IDLE_PORT)
-        boot.write_boot_area(self.memory, cmdline=cmdline, boot_info=info)
-        boot.setup_long_mode(self.vcpu, self.image.entry)
+        boot.write_boot_area(self.memory, cmdline=cfg.cmdline, boot_info=info)
+        entry = self.image.entry
+        self.call(0, lambda v: boot.setup_long_mode(v, entry))
 
-    # ---- the run loop ----------------------------------------------------------
+    # ---- running ---------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        """Run the vCPU on this thread until the guest exits, crashes or is told to quit."""
-        vcpu, bus = self.vcpu, self.bus
-        vcpu.bind_thread()
-        self.running = True
-        trace = self.trace
-        counts = self.exit_counts
+        """Let the vCPUs run and wait until the guest exits, crashes or is told to quit."""
+        with self._cond:
+            self._started = True
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: self._result is not None)
+            result = self._result
+        result.exits = self.exits
+        self.output.flush()
+        return result
+
+    @property
+    def running(self) -> bool:
+        """Started, and not yet over."""
+        return self._started and self._result is None
+
+    @property
+    def paused(self) -> bool:
+        """Every vCPU is parked at a safe point (or the VM has not started)."""
+        return all(vt.parked for vt in self.vcpu_threads)
+
+    def _run_vcpu(self, vt: VcpuThread) -> RunResult | None:
+        """The run loop of one vCPU: until a kick (None) or the end of the VM (a result)."""
+        vcpu, bus, trace, counts = vt.vcpu, self.bus, self._trace, vt.exit_counts
         try:
             while True:
                 exit_ = vcpu.run()
-                self.exits += 1
+                vt.exits += 1
                 counts[type(exit_)] += 1
                 if trace:
-                    trace(repr(exit_))
+                    trace(exit_, vt.index)
                 match exit_:
                     case ex.IoOut(port, size, value):
                         bus.write(port, size, value)
@@ -116,10 +341,9 @@ class Machine:
                     case ex.IoOutString(port, size, data):
                         bus.write_string(port, size, data)
                     case ex.Interrupted():
-                        if (result := self._safe_point()) is not None:
-                            return result
+                        return None       # kicked: serve requests, park if asked
                     case ex.Hlt():
-                        return RunResult("hlt", 0, exits=self.exits)
+                        return RunResult("hlt", 0)
                     case ex.MmioRead(_, length):
                         vcpu.complete_mmio_read(b"\xff" * length)
                     case ex.MmioWrite():
@@ -127,106 +351,121 @@ class Machine:
                     case ex.Debug() | ex.InternalError() if self.debugger is not None:
                         # gdb's breakpoints and steps; the stub says if the exit was its own
                         if not self.debugger.vcpu_exit(exit_):
-                            return RunResult("crash", CRASH_STATUS, crash=exit_, exits=self.exits)
-                        if (result := self._safe_point()) is not None:
-                            return result
+                            return RunResult("crash", CRASH_STATUS, crash=exit_)
+                        return None
                     case _:
-                        return RunResult("crash", CRASH_STATUS, crash=exit_, exits=self.exits)
+                        return RunResult("crash", CRASH_STATUS, crash=exit_)
         except GuestExit as e:
-            return RunResult("exit", e.status, exits=self.exits)
-        finally:
-            self.running = False
-            self.output.flush()
-            with self._lock:
-                self._paused = False
-                self._lock.notify_all()
+            return RunResult("exit", e.status)
+
+    def _end(self, result: RunResult) -> None:
+        """The first result ends the VM; every other vCPU stops at its next safe point."""
+        with self._cond:
+            if self._result is None:
+                self._result = result
+            self._cond.notify_all()
+        self._kick_all()
+
+    def _kick_all(self) -> None:
+        """Take every running vCPU out of KVM_RUN.  A parked one waits on the
+        condition instead, and leaves it only after checking, under the lock,
+        what the kicker set before kicking."""
+        for vt in self.vcpu_threads:
+            if vt.vcpu is not None and not vt.parked and not vt.on_thread():
+                vt.vcpu.kick()
 
     def _idle(self, seconds: float) -> None:
-        """The guest idles: sleep on this (vCPU) thread, but wake for a pause or quit."""
-        with self._lock:
-            self._lock.wait_for(lambda: self._pause_requested or self._quit is not None, seconds)
+        """The guest idles (on its vCPU thread): sleep, but wake for a pause, a request or quit."""
+        vt = next((v for v in self.vcpu_threads if v.on_thread()), None)
+        with self._cond:
+            self._cond.wait_for(lambda: self._pause_requested or self._result is not None
+                                or (vt is not None and bool(vt._requests)), seconds)
 
-    def _safe_point(self) -> RunResult | None:
-        """The vCPU is between exits: park while paused, return a result to quit."""
-        with self._lock:
-            if self._throttle:
-                # Sit out a share of each THROTTLE_PERIOD (a pause or quit cuts it short).
-                t = self._throttle
-                self._lock.wait_for(lambda: self._pause_requested or self._quit is not None,
-                                    THROTTLE_PERIOD * t / (1 - t))
-            while True:
-                if self._quit is not None:
-                    return self._quit
-                if not self._pause_requested:
-                    self._paused = False
-                    self._lock.notify_all()
-                    return None
-                if not self._paused:
-                    self._paused = True
-                    self.output.flush()
-                    self._lock.notify_all()
-                self._lock.wait()
+    # ---- control from other threads ---------------------------------------------------
 
-    # ---- control from other threads ----------------------------------------------
-
-    def pause(self, timeout: float = 5.0) -> None:
-        """Stop the vCPU at a safe point and wait until it is parked there."""
-        with self._lock:
+    def pause_all(self, timeout: float = 5.0) -> float:
+        """Park every vCPU at a safe point and wait until all are parked.
+        Returns the seconds it took (part of a migration's downtime)."""
+        t0 = time.perf_counter()
+        with self._cond:
+            if any(vt.on_thread() for vt in self.vcpu_threads):
+                raise KvmliteError("pause_all() from a vCPU thread would wait for itself")
             self._pause_requested = True
-            self._lock.notify_all()   # wakes a vCPU parked in the idle device
-            self.vcpu.kick()          # and takes one out of KVM_RUN
-            if not self._lock.wait_for(lambda: self._paused or not self.running, timeout):
-                raise KvmliteError("the vCPU did not stop within %.1f s" % timeout)
+            self._cond.notify_all()   # wakes vCPUs idling in the idle device
+        self._kick_all()              # and takes them out of KVM_RUN
+        with self._cond:
+            if not self._cond.wait_for(lambda: all(vt.parked for vt in self.vcpu_threads), timeout):
+                raise KvmliteError(f"the vCPUs did not stop within {timeout:.1f} s")
+        return time.perf_counter() - t0
 
     def request_pause(self) -> None:
-        """Park the vCPU at its next safe point without waiting for it: for code
-        running on the vCPU thread itself (the gdb stub stopping at a breakpoint)."""
-        with self._lock:
+        """Park the vCPUs at their next safe point without waiting: for code running
+        on a vCPU thread itself (the gdb stub stopping at a breakpoint)."""
+        with self._cond:
             self._pause_requested = True
+        self._kick_all()
 
-    def resume(self) -> None:
-        with self._lock:
+    def resume_all(self) -> None:
+        with self._cond:
             self._pause_requested = False
-            self._lock.notify_all()
-
-    def exits_by_kind(self) -> dict[str, int]:
-        """Exit counts named by exit class (IoOut, Interrupted, ...), most frequent first."""
-        counts = dict(self.exit_counts)   # one C-level copy: the vCPU thread keeps counting
-        return {t.__name__: n for t, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0].__name__))}
+            self._cond.notify_all()
 
     @property
-    def paused(self) -> bool:
-        return self._paused
+    def pause_requested(self) -> bool:
+        return self._pause_requested
 
     def set_throttle(self, share: float) -> None:
-        """Make the vCPU sit out `share` (0 to 0.95) of its time, as QEMU's
+        """Make the vCPUs sit out `share` (0 to 0.95) of their time, as QEMU's
         auto-converge does, so a guest that dirties memory faster than a
         migration can send it slows down enough for the migration to finish."""
         share = min(max(share, 0.0), 0.95)
         start = share and not self._throttle
-        self._throttle = share
+        with self._cond:
+            self._throttle = share
+            self._cond.notify_all()
         if start:
             threading.Thread(target=self._throttle_kicker, name="throttle", daemon=True).start()
 
     def _throttle_kicker(self) -> None:
         # A guest that computes without exits must be taken out of KVM_RUN to sit out.
-        while self._throttle and self.running:
+        while self._throttle and self._result is None and not self._closing:
             time.sleep(THROTTLE_PERIOD)
             if self._throttle:
-                self.vcpu.kick()
+                self._kick_all()
 
     def quit(self, result: RunResult) -> None:
-        """End run() at the next safe point with `result` (e.g. after migrating away)."""
-        with self._lock:
-            self._quit = result
-            self._lock.notify_all()
-        self.vcpu.kick()
+        """End run() with `result` (e.g. after migrating away); vCPUs stop at a safe point."""
+        self._end(result)
 
     def close(self) -> None:
-        self.output.flush()
+        """Stop the vCPU threads (each closes its own vCPU), then the VM and /dev/kvm."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._cond:
+            self._closing = True
+            if self._result is None:
+                self._result = RunResult("quit", 0)
+            self._cond.notify_all()
+        self._kick_all()
+        for vt in self.vcpu_threads:
+            if vt.thread.is_alive() and not vt.on_thread():
+                vt.thread.join(READY_TIMEOUT)
+        if hasattr(self, "output"):
+            self.output.flush()
         self.vm.close()
         self.kvm.close()
 
 
-CRASH_STATUS = 125
-THROTTLE_PERIOD = 0.01   # seconds: the vCPU runs, then sits out its share, every 10 ms
+def _tracer(name_vcpus: bool):
+    """--trace: one numbered line per exit (and per unclaimed port access)."""
+    count = [0]
+
+    def trace(what, index: int | None = None) -> None:
+        count[0] += 1
+        who = f"vcpu{index} " if name_vcpus and index is not None else ""
+        trace_log.info(f"trace {count[0]}: {who}{what if isinstance(what, str) else repr(what)}")
+    return trace
+
+
+__all__ = ["Machine", "RunResult", "VcpuThread", "OnVcpuThread", "CRASH_STATUS"]

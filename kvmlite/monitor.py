@@ -12,8 +12,11 @@ Migration: `migrate` takes `uri` (`tcp:HOST:PORT`, `tcp:PORT`, `file:PATH`)
 and optionally `hint`, `live`, `bandwidth` ("100M"), `downtime-ms`,
 `max-rounds`, `timeout` (seconds without progress), `auth-key` (a key file
 the VMM reads, instead of its own `--auth-key`) and, with `file:`,
-`keep-running`.  It returns at once; `query-migrate` follows it and
-`migrate-cancel` stops it (the VM keeps running here).
+`keep-running`; every argument has its type checked.  It returns at once;
+`query-migrate` follows it and `migrate-cancel` stops it (the VM keeps
+running here) until the handover has begun.  One migration at a time.
+`x-migrate-resolve` with `owner` "source" or "destination" settles a
+migration left `unresolved` (docs/wire-format.md, "Handover").
 
 Inspection (`kvmlite inspect`, `kvmlite pagemap`):
 
@@ -46,6 +49,7 @@ import threading
 from . import __version__
 from .control.arraycodec import encode_array, mask_to_words
 from .errors import KvmliteError
+from .migration.status import MigrationStatus as S
 from .units import parse_size
 
 MAX_LINE = 64 * 1024
@@ -60,12 +64,13 @@ class CommandError(Exception):
 
 
 class Monitor:
-    def __init__(self, machine, address: str):
+    def __init__(self, machine, address: str, *, new_migration=None):
         self.machine = machine
         self.path = address[5:] if address.startswith("unix:") else address
         self.migration = None
-        self.creds = None            # transport.Credentials for outgoing migrations (run_machine sets them)
-        self.timeout = 0.0           # seconds without progress; 0 = the migration's default
+        # new_migration(uri, **params) -> a Migration with this VMM's credentials
+        # and timeout as defaults (runner.py); None: no migrations from here
+        self.new_migration = new_migration
         self.final_seen = threading.Event()   # a client has read a finished migration's stats
         self.held = threading.Event()         # a client asked a finished source to wait for it
         # stop, cont, migrate and query-vcpu's own pause take turns, so an
@@ -89,6 +94,7 @@ class Monitor:
             "migrate": self.migrate,
             "query-migrate": self.query_migrate,
             "migrate-cancel": self.migrate_cancel,
+            "x-migrate-resolve": self.migrate_resolve,
             "query-free-pages": self.query_free_pages,
             "query-pagemap": self.query_pagemap,
             "query-vcpu": self.query_vcpu,
@@ -162,6 +168,8 @@ class Monitor:
                 result = fn(**args)
             except (TypeError, ValueError, OverflowError) as e:
                 raise CommandError(f"bad arguments for {name}: {e}") from None
+            except RecursionError:
+                raise CommandError(f"arguments for {name} nest too deeply") from None
             resp = {"return": result if result is not None else {}}
         except CommandError as e:
             resp = {"error": {"class": e.cls, "desc": str(e)}}
@@ -176,8 +184,10 @@ class Monitor:
     def query_status(self) -> dict:
         m = self.machine
         mig = self.migration
-        if mig is not None and mig.stats.status == "completed" and not mig.keep_running:
+        if mig is not None and mig.status is S.COMPLETED and not mig.params.keep_running:
             status = "postmigrate"
+        elif mig is not None and mig.status in (S.DEVICE, S.HANDOVER, S.UNRESOLVED):
+            status = "finish-migrate" if mig.status is not S.UNRESOLVED else "paused"
         elif not m.running:
             status = "shutdown"
         elif m.paused:
@@ -189,39 +199,48 @@ class Monitor:
     def stop_vm(self) -> dict:
         self._require_running()
         with self._control:
-            self.machine.pause()
+            self.machine.pause_all()
         return {}
 
     def cont(self) -> dict:
         with self._control:
-            if self.migration is not None and self.migration.stats.status in ("setup", "active", "completing"):
-                raise CommandError("a migration is in progress")
-            self.machine.resume()
+            mig = self.migration
+            if mig is not None and (mig.status.in_progress):
+                raise CommandError(f"a migration is {mig.status.value}: its pause is not ours to undo")
+            self.machine.resume_all()
         return {}
 
-    def migrate(self, uri: str, hint: bool = True, live: bool = True, downtime_ms: float = 5.0,
-                bandwidth="0", max_rounds: int = 30, **kw) -> dict:
-        from .migration.source import Migration
+    def migrate(self, uri: str, hint: bool = True, live: bool = True, bandwidth: str = "0",
+                **kw) -> dict:
         self._require_running()
-        if self.migration is not None and not self.migration.done.is_set():
-            raise CommandError("a migration is already in progress")
-        for k in kw:
-            if k not in ("downtime-ms", "max-rounds", "timeout", "auth-key", "keep-running"):
+        if self.new_migration is None:
+            raise CommandError("this VMM cannot start migrations")
+        allowed = {"downtime-ms": "downtime_ms", "max-rounds": "max_rounds", "timeout": "timeout",
+                   "keep-running": "keep_running"}
+        params = {"hint": hint, "live": live}
+        for k, v in kw.items():
+            if k == "auth-key":
+                continue
+            if k not in allowed:
                 raise CommandError(f"unknown argument {k!r}")
-        downtime_ms = float(kw.get("downtime-ms", downtime_ms))
-        max_rounds = int(kw.get("max-rounds", max_rounds))
-        timeout = float(kw.get("timeout") or self.timeout)
-        bw = parse_size(str(bandwidth), "bandwidth")
-        from .migration.transport import Credentials
-        creds = self.creds or Credentials()
-        if kw.get("auth-key"):
+            params[allowed[k]] = v
+        if not isinstance(bandwidth, str):
+            raise CommandError("bandwidth must be a string such as \"100M\"")
+        params["bandwidth"] = parse_size(bandwidth, "bandwidth")
+        if "auth-key" in kw:
             from dataclasses import replace
-            from .migration.transport import read_key
-            creds = replace(creds, key=read_key(str(kw["auth-key"])))
-        mig = Migration(self.machine, uri, hint=bool(hint), live=bool(live),
-                        downtime_ms=downtime_ms, bandwidth=bw, max_rounds=max_rounds,
-                        creds=creds, timeout=timeout, keep_running=bool(kw.get("keep-running")))
+            from .config import Credentials, read_key
+            if not isinstance(kw["auth-key"], str):
+                raise CommandError("auth-key must be a path")
+            base = params.get("creds") or Credentials()
+            params["creds"] = replace(base, key=read_key(kw["auth-key"]))
         with self._control:
+            # Checked and claimed under one lock: two clients racing to migrate
+            # the same VM get one migration and one refusal.
+            mig = self.migration
+            if mig is not None and (mig.status.in_progress or not mig.done.is_set()):
+                raise CommandError(f"a migration is already {mig.status.value}")
+            mig = self.new_migration(uri, **params)
             self.final_seen.clear()
             self.held.clear()
             self.migration = mig
@@ -244,8 +263,17 @@ class Monitor:
             self.final_seen.wait(HOLD_WAIT)
 
     def migrate_cancel(self) -> dict:
-        if self.migration is not None:
-            self.migration.cancel()
+        mig = self.migration
+        if mig is not None and not mig.status.finished and not mig.cancel():
+            raise CommandError(f"too late to cancel: the migration is {mig.status.value} "
+                               "(the destination may be running the guest)")
+        return {}
+
+    def migrate_resolve(self, owner: str) -> dict:
+        mig = self.migration
+        if mig is None:
+            raise CommandError("no migration to resolve")
+        mig.resolve(owner)
         return {}
 
     def query_free_pages(self) -> dict:
@@ -286,17 +314,22 @@ class Monitor:
             elif mig is not None and not mig.done.is_set():
                 why_not = "a migration is in progress (its pause is not ours to undo)"
             else:
-                we_pause = not m.paused      # a VM the user stopped stays stopped
+                # Every vCPU parked for one consistent picture; a VM the user
+                # stopped stays stopped.  Each vCPU's registers are read on its own thread.
+                we_pause = not m.paused
                 try:
                     if we_pause:
-                        m.pause()
-                    regs = _registers(m.vcpu)
+                        m.pause_all()
+                    regs = [m.call(i, _registers) for i in range(m.nvcpus)]
                 finally:
                     if we_pause:
-                        m.resume()
+                        m.resume_all()
         image = m.image
         return {
-            "registers": regs, "registers_unread": why_not,
+            "registers": regs[0] if regs else None, "registers_unread": why_not,
+            "vcpus": [{"index": i, "registers": regs[i] if regs else None,
+                       "exits": m.exits_by_kind(i), "exits_total": m.vcpu_threads[i].exits}
+                      for i in range(m.nvcpus)],
             "exits": m.exits_by_kind(), "exits_total": m.exits,
             "image": None if image is None else {"start": image.start, "end": image.end,
                                                  "entry": image.entry},
@@ -308,7 +341,7 @@ class Monitor:
 
     def quit(self) -> dict:
         from .machine import RunResult
-        self.machine.quit(RunResult("quit", 0, exits=self.machine.exits))
+        self.machine.quit(RunResult("quit", 0))
         return {}
 
     def _require_running(self) -> None:

@@ -101,18 +101,25 @@ class ChildProcess:
         self.kill()
 
 
+KVMLITE = (sys.executable, "-m", "kvmlite")
+
+
 class VmProcess(ChildProcess):
-    """`python -m kvmlite run ...` in a child process, with its monitor socket."""
+    """`python -m kvmlite run ...` in a child process, with its monitor socket.
+
+    `vmm` is the command that stands for `kvmlite` (tests pass their harness,
+    which injects fault hooks); `prefix` runs it through another command
+    (e.g. `ip netns exec NS`)."""
 
     def __init__(self, args: list[str], *, monitor: bool = True, echo: str | None = None,
-                 env: dict | None = None, prefix=()):
+                 env: dict | None = None, prefix=(), vmm=KVMLITE):
         self.monitor_path = None
         if monitor:
             fd, self.monitor_path = tempfile.mkstemp(prefix="kvmlite-mon-", suffix=".sock")
             os.close(fd)
             os.unlink(self.monitor_path)
             args = args + ["--monitor", f"unix:{self.monitor_path}"]
-        super().__init__([*prefix, sys.executable, "-m", "kvmlite", "run"] + args, echo=echo, env=env)
+        super().__init__([*prefix, *vmm, "run"] + args, echo=echo, env=env)
 
     def wait_monitor(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -146,14 +153,13 @@ def parse_summary(line: str) -> dict:
 
 def start_destination(port: int, memory: str | None = None, *, echo: str | None = None,
                       monitor: bool = True, extra=(), env: dict | None = None,
-                      host: str = "127.0.0.1", prefix=()) -> VmProcess:
+                      host: str = "127.0.0.1", prefix=(), vmm=KVMLITE) -> VmProcess:
     """`kvmlite run --incoming tcp:HOST:PORT`, returned once it listens.  `env`
-    adds variables (e.g. test faults); `prefix` runs it through another
-    command (e.g. `ip netns exec NS`)."""
+    adds variables; `prefix` and `vmm` as for VmProcess."""
     args = ["--incoming", f"tcp:{host}:{port}", *extra]
     if memory:
         args += ["--memory", memory]
     dst = VmProcess(args, monitor=monitor, echo=echo,
-                    env={**os.environ, **env} if env else None, prefix=prefix)
+                    env={**os.environ, **env} if env else None, prefix=prefix, vmm=vmm)
     dst.wait_for(r"waiting for a migration", timeout=120, stream="stderr")
     return dst

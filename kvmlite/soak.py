@@ -7,43 +7,43 @@ process, which becomes the next source.  At the end the guest checks every
 live page once more and reports how many pages it ever found corrupted.
 
     python -m kvmlite.soak --migrations 1000
-    python -m kvmlite.soak --migrations 5 --broken-order   # the race claim 2 prevents
+    python -m tests.harness soak --migrations 5 --broken-order   # the race claim 2 prevents
 
-`--broken-order` sets the test-only switch KVMLITE_TEST_BROKEN_ORDER=1 in every
-VMM it starts (see kvmlite/faults.py): the source then reads the free bits
-before clearing the dirty log, and pages go missing.  Exit status: 0 when no
-page was corrupted and every migration completed, 1 otherwise.
+The broken order lives with the tests (tests/harness.py), not in kvmlite: its
+soak starts every VMM through the harness, which gives it a sender that reads
+the free bits before clearing the dirty log, and pages go missing.  Exit
+status: 0 when no page was corrupted and every migration completed, 1 otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from . import faults
-from .procs import VmProcess, free_port, start_destination
+from .procs import KVMLITE, VmProcess, free_port, start_destination
+from .tools.migrate import follow
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str | None = None,
-         log=print) -> dict:
-    """Run the soak; returns its figures (see main for their meaning)."""
+         log=print, vmm=KVMLITE, label: str = "") -> dict:
+    """Run the soak; returns its figures (see main for their meaning).  `vmm` is
+    the command that starts each VMM (the test harness injects a sender there)."""
     image = image or str(ROOT / "guest" / "guest.bin")
     cmdline = f"workload=churn pages={pages} rounds=0 free=50"
-    vm = VmProcess([image, "--memory", memory, "--cmdline", cmdline])
+    vm = VmProcess([image, "--memory", memory, "--cmdline", cmdline], vmm=vmm)
     t0 = time.perf_counter()
     done, failed, downtimes, sent, errors = 0, 0, [], 0, []
     old = []
     try:
         vm.wait_for(r"^churn: pages=", timeout=60)
-        nxt = start_destination(free_port(), None)
+        nxt = start_destination(free_port(), None, vmm=vmm)
         for i in range(1, migrations + 1):
             uri = nxt.args[nxt.args.index("--incoming") + 1]
             vm.execute("migrate", uri=uri)
@@ -60,7 +60,7 @@ def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str 
                 errors.append(s.get("error") or s["status"])
                 nxt.kill()
             # the next destination is waiting by the time this one is needed
-            nxt = start_destination(free_port(), None)
+            nxt = start_destination(free_port(), None, vmm=vmm)
             for p in old:
                 try:
                     if p.wait(30) != 0:
@@ -90,46 +90,40 @@ def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str 
         "guest_pages_verified": summary.get("verified"),
         "guest_errors": summary.get("errors"),
         "corrupted_pages": summary.get("corrupted"),
-        "broken_order": os.environ.get(faults.BROKEN_ORDER_ENV) == "1",
+        "vmm": label or "kvmlite",
     }
 
 
 def _wait_migration(vm: VmProcess, timeout: float = 120.0) -> dict:
     client = vm.client()
     try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s = client.execute("query-migrate")
-            if s["status"] in ("completed", "failed", "cancelled"):
-                return s
-            time.sleep(0.005)
-        raise TimeoutError("migration did not finish")
+        return follow(client, timeout=timeout, interval=0.005)
     finally:
         client.close()
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kvmlite.soak", description=__doc__,
+def main(argv=None, *, vmm=KVMLITE, label: str = "", prog: str = "python -m kvmlite.soak",
+         extra_options=None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--migrations", type=int, default=20)
     ap.add_argument("--memory", default="1G",
                     help="guest RAM; several 256 MiB chunks make the broken order bite")
     ap.add_argument("--pages", type=int, default=12000, help="churn slots (working set)")
-    ap.add_argument("--broken-order", action="store_true",
-                    help="test-only: read free bits before clearing the dirty log")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    if extra_options:
+        extra_options(ap)
     args = ap.parse_args(argv)
-    if args.broken_order:
-        os.environ[faults.BROKEN_ORDER_ENV] = "1"    # inherited by every VMM started below
-    r = soak(args.migrations, memory=args.memory, pages=args.pages,
+    if callable(vmm):
+        vmm, label = vmm(args)
+    r = soak(args.migrations, memory=args.memory, pages=args.pages, vmm=vmm, label=label,
              log=None if args.json else lambda m: print(m, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(r, indent=2))
     else:
         from rich.console import Console
         from rich.table import Table
-        t = Table(title="migration soak" + (" (BROKEN ORDER: free bits read first)"
-                                            if r["broken_order"] else ""))
+        t = Table(title="migration soak" + (f" ({r['vmm']})" if label else ""))
         t.add_column("figure")
         t.add_column("value", justify="right")
         for k, v in r.items():

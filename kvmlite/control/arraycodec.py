@@ -13,6 +13,8 @@ import zlib
 
 import numpy as np
 
+from .. import bitmap
+from ..bitmap import mask_to_words  # noqa: F401  (the codec's callers take both from here)
 from ..errors import KvmliteError
 
 ARRAY_DTYPES = ("<u8", "|u1")
@@ -46,15 +48,8 @@ def decode_array(obj, what: str = "array") -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype)
 
 
-def mask_to_words(mask: np.ndarray) -> np.ndarray:
-    """A bool per page -> uint64 bitmap words."""
-    mask = np.pad(np.asarray(mask, dtype=bool), (0, -len(mask) % 64))
-    return np.packbits(mask, bitorder="little").view("<u8")
-
-
 def words_to_mask(words: np.ndarray, npages: int) -> np.ndarray:
-    """uint64 bitmap words -> a bool per page (the first `npages`)."""
-    bits = np.unpackbits(np.ascontiguousarray(words, dtype="<u8").view(np.uint8), bitorder="little")
-    if len(bits) < npages:
-        raise KvmliteError(f"query-pagemap: a bitmap of {len(bits)} bits for {npages} pages")
-    return bits[:npages].view(bool)
+    """uint64 bitmap words from a monitor reply -> a bool per page (the first `npages`)."""
+    if len(words) * 64 < npages:
+        raise KvmliteError(f"query-pagemap: a bitmap of {len(words) * 64} bits for {npages} pages")
+    return bitmap.words_to_mask(words, npages)

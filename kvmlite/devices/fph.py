@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 from .. import abi
-from ..vstate.memory import PAGE_SHIFT
+from ..bitmap import PAGE_SHIFT, mask_to_words, words_to_mask
+from ..log import log
 from .bus import Device
 
 ALL_ONES32 = 0xFFFFFFFF
@@ -17,9 +18,8 @@ CURRENT = object()
 class FreePageHint(Device):
     name = "free-page-hint"
 
-    def __init__(self, memory, log=None):
+    def __init__(self, memory):
         self.memory = memory
-        self.log = log                    # callable(str) for refusals, or None
         self.region_lo = 0
         self.region_hi = 0
         self.status = abi.STATUS_NONE
@@ -27,6 +27,7 @@ class FreePageHint(Device):
         self.registration: abi.Registration | None = None
         self.refusal: str | None = None
         self._last_logged: str | None = None
+        self._view: FreeBitmapView | None = None
 
     # ---- guest side ----------------------------------------------------------
 
@@ -71,8 +72,8 @@ class FreePageHint(Device):
             self.status = abi.STATUS_ERROR | e.reason
             self.refusal = f"free-page-hint registration at GPA {gpa:#x} refused: {e}"
             # A guest repeating the same bad REGISTER in a loop is logged once.
-            if self.log and self.refusal != self._last_logged:
-                self.log(self.refusal)
+            if self.refusal != self._last_logged:
+                log.warning(self.refusal)
             self._last_logged = self.refusal
 
     # ---- host side -------------------------------------------------------------
@@ -131,15 +132,31 @@ class FreePageHint(Device):
         words = self.bitmap_words(reg)
         if words is None:
             return None
-        bits = np.unpackbits(words.view(np.uint8), bitorder="little")[:reg.npages].view(bool)
+        bits = words_to_mask(words, reg.npages)
         mask = np.zeros(self.memory.npages, dtype=bool)
         first = reg.base_gpa >> PAGE_SHIFT
         mask[first:first + reg.npages] = bits
         return mask & self.hintable_mask(reg)
 
     def count_free(self) -> int:
-        mask = self.free_mask()
-        return int(np.count_nonzero(mask)) if mask is not None else 0
+        view = self.free_view()
+        return view.count_free() if view is not None else 0
+
+    # ---- the FreePageSource a migration reads (docs/architecture.md) ---------------
+
+    def free_view(self) -> "FreeBitmapView | None":
+        """The registration in force, as a view a migration reads; None without one.
+
+        The same view is returned while the registration lasts, so its
+        per-registration set-up is done once.
+        """
+        reg = self.registration
+        if reg is None:
+            return None
+        view = self._view
+        if view is None or view.registration is not reg:
+            view = self._view = FreeBitmapView(self, reg)
+        return view
 
     # ---- migration ---------------------------------------------------------------
 
@@ -161,3 +178,43 @@ class FreePageHint(Device):
             self.registration = abi.validate_numbers(
                 reg["region_gpa"], reg["base_gpa"], reg["npages"], reg["bitmap_gpa"],
                 self.memory.size)
+
+
+class FreeBitmapView:
+    """One registration of the guest's free bitmap, read as RAM-aligned words.
+
+    `free_words(w0, w1)` reads the guest's bits *now* (a migration calls it
+    after clearing the dirty log: claim 2), one uint64 word per 64 pages of
+    RAM, 1 = free.  Pages the hint may not cover (outside the registered
+    range, the region header's and the bitmap's own pages) always read 0.
+    """
+
+    def __init__(self, device: FreePageHint, reg: abi.Registration):
+        self.registration = reg
+        self._device = device
+        npages = device.memory.npages
+        self._hintable = mask_to_words(device.hintable_mask(reg))
+        self._words = device.bitmap_words(reg)          # a live view of guest memory
+        base = reg.base_gpa >> PAGE_SHIFT
+        # The common case: the guest's bitmap words line up with RAM words; copy, don't convert.
+        self._aligned = base % 64 == 0
+        self._base_word = base // 64
+        self._npages = npages
+
+    def free_words(self, w0: int, w1: int) -> np.ndarray:
+        if self._aligned:
+            out = np.zeros(w1 - w0, dtype=np.uint64)
+            gw0 = self._base_word
+            lo, hi = max(w0, gw0), min(w1, gw0 + len(self._words))
+            if hi > lo:
+                out[lo - w0:hi - w0] = self._words[lo - gw0:hi - gw0]
+        else:
+            mask = self._device.free_mask(self.registration)[w0 * 64:w1 * 64]
+            bits = np.zeros((w1 - w0) * 64, dtype=bool)
+            bits[:len(mask)] = mask
+            out = mask_to_words(bits)
+        out &= self._hintable[w0:w1]
+        return out
+
+    def count_free(self) -> int:
+        return int(np.bitwise_count(self.free_words(0, len(self._hintable))).sum())

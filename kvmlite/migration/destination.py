@@ -1,161 +1,47 @@
 """The destination side: `kvmlite run --incoming tcp:HOST:PORT` (or `file:PATH`).
 
-Listens (on loopback unless told otherwise), runs the connection handshake
-(transport.py: a peer that cannot prove the shared key is refused before a
-byte of VM state is read, and the destination goes on waiting), reads one
-migration stream straight into guest memory (pre-faulted at start-up when
---memory is given), restores the vCPU and devices only once the END record
-has proved the stream complete and intact, replies "running", and runs the
-guest.  Any problem with the stream ends the process with a clear error; a
-half-migrated guest never runs.
+Waits for a source that completes the connection handshake (transport.py),
+reads one migration stream straight into guest memory, restores the vCPUs
+and devices only once the END record has proved the stream complete and
+intact, and then hands over (docs/wire-format.md): READY to the source, and
+the guest runs here only once COMMIT has come back.  Whatever goes wrong
+before that, the guest never runs here.  The stream is hostile input.
 """
 
 from __future__ import annotations
 
-import gc
-import os
-import socket
-import sys
 import time
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .. import faults
-from ..errors import ConfigError, KvmliteError, StreamError
-from ..vstate.memory import PAGE_SHIFT
+from ..bitmap import PAGE_SHIFT
+from ..config import Credentials, IncomingConfig, MachineConfig
+from ..endpoints import FileUri
+from ..errors import KvmliteError, StreamError
+from ..hooks import NO_HOOKS, Hooks
+from ..log import log
+from ..util import gc_paused
 from . import transport, wire
-from .source import SOCKET_BUFFER
-from .state import restore_devices, validate_state
-
-RECV_TIMEOUT = 30.0      # seconds without a byte from the source before giving up
-# Connections are served one at a time, so a peer that connects and says
-# nothing holds the port: it gets this long (at most) to finish the handshake.
-HANDSHAKE_TIMEOUT = 5.0
+from .state import restore_state, validate_state
+from .status import RECEIVE_TRANSITIONS, ReceiveState as R, StateMachine
 
 
-def _log(msg: str) -> None:
-    print(f"kvmlite: {msg}", file=sys.stderr, flush=True)
+@dataclass
+class ReceiveStats:
+    pages: int = 0
+    zero_pages: int = 0
+    bytes: int = 0
+    rounds: int = 0
+    ms: float = 0.0
 
 
-def listen(target: transport.TcpUri) -> socket.socket:
-    host, port, uri = target.host, target.port, str(target)
-    srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    try:
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        # set before listen(): an accepted socket inherits it, and TCP picks
-        # its window scale at the handshake
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-        srv.bind((host, port))
-        srv.listen(1)
-    except OSError as e:
-        srv.close()
-        raise KvmliteError(f"cannot listen on {uri}: {e.strerror}") from None
-    return srv
-
-
-def run_incoming(args) -> int:
-    from ..commands import _memory, _trace, run_machine
-    from ..machine import Machine
-
-    target = transport.parse_uri(args.incoming)
-    creds = transport.Credentials.load(getattr(args, "auth_key", None), getattr(args, "tls_cert", None),
-                                       getattr(args, "tls_key", None), getattr(args, "tls_ca", None))
-    args.creds = creds           # the restored VM migrates onward with the same credentials
-    timeout = getattr(args, "timeout", None) or RECV_TIMEOUT
-    if isinstance(target, transport.FileUri) and (creds.key or creds.tls):
-        raise ConfigError("--auth-key and --tls-* are for tcp: peers, not snapshot files")
-    if isinstance(target, transport.TcpUri) and not (creds.key or creds.tls) \
-            and not transport.is_loopback(target.host):
-        if not getattr(args, "insecure", False):
-            raise ConfigError(f"listening on {target.host} lets anyone who can reach it send this VMM "
-                              "a VM: give --auth-key (and --tls-* on untrusted networks), "
-                              "or --insecure to accept any peer")
-        _log(f"warning: --insecure: any peer that reaches {target} may send this VMM a VM")
-    machine = None
-    if args.memory:
-        # As QEMU's -m with -mem-prealloc: fault every page in before the
-        # stream starts, so receiving is not slowed by first-touch faults.
-        machine = Machine(_memory(args), prefault=True, trace=_trace() if args.trace else None)
-    if isinstance(target, transport.FileUri):
-        conn, peer, reply = transport.FileSource(target.path), target.path, False
-        _log(f"restoring the VM saved in {target.path}")
-    else:
-        conn, peer = _accept(target, creds, timeout)
-        reply = True
-    try:
-        t0 = time.perf_counter()
-        gc.disable()   # no collection pauses while the source waits for "running"
-        try:
-            machine, stats = receive(conn, machine, args)
-            faults.point("dst:restored")
-            if reply:
-                try:
-                    conn.sendall(wire.encode_reply({"status": "running"}))
-                except OSError as e:
-                    # The source may already have given up and resumed the guest
-                    # itself: running it here too would make two of it.
-                    raise StreamError(f"could not confirm to the source: {e.strerror or e}") from None
-        except KvmliteError as e:
-            if reply:
-                _reply_error(conn, str(e))
-            raise KvmliteError(f"incoming migration from {peer} failed: {e}; "
-                               "the guest was not started") from None
-        finally:
-            gc.enable()
-        _log(f"migration received: {stats['pages']} pages with data, {stats['zero_pages']} zero, "
-             f"{stats['bytes']} bytes in {(time.perf_counter() - t0) * 1000:.0f} ms; guest resumed")
-    finally:
-        conn.close()
-    try:
-        return run_machine(machine, args)
-    finally:
-        machine.close()
-
-
-def _accept(target: transport.TcpUri, creds: transport.Credentials, timeout: float):
-    """Wait for a source that completes the handshake; refuse (and keep waiting past) any other."""
-    srv = listen(target)
-    _log(f"waiting for a migration on {target}"
-         + (" (TLS)" if creds.tls else "") + (" (key required)" if creds.key else ""))
-    try:
-        while True:
-            conn, addr = srv.accept()
-            peer = f"{addr[0]}:{addr[1]}"
-            faults.point("dst:accepted")
-            try:
-                conn.settimeout(min(timeout, HANDSHAKE_TIMEOUT))
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                if creds.tls:
-                    conn = transport.accept_tls(conn, creds)
-                transport.server_handshake(conn, creds)
-                conn.settimeout(timeout)
-            except KvmliteError as e:
-                conn.close()
-                _log(f"refused a connection from {peer}: {e}; still waiting")
-                continue
-            except OSError as e:
-                conn.close()
-                _log(f"refused a connection from {peer}: {e.strerror or e}; still waiting")
-                continue
-            faults.point("dst:handshake")
-            return conn, peer
-    finally:
-        srv.close()
-
-
-def _reply_error(conn, message: str) -> None:
-    try:
-        conn.settimeout(1.0)
-        conn.sendall(wire.encode_reply({"status": "error", "error": message}))
-    except OSError:
-        pass
-
-
-def receive(conn, machine, args):
-    """Read a whole stream into `machine` (created here if None); returns (machine, stats)."""
-    from ..commands import _trace
-    from ..machine import Machine
-
+def receive(conn, machine, *, machine_config: MachineConfig | None = None,
+            max_memory: int | None = None, hooks: Hooks = NO_HOOKS, make_machine=None):
+    """Read a whole stream into `machine` (made from the header if None); restore its
+    vCPUs (parked) and devices.  Returns (machine, ReceiveStats).  StreamError on
+    anything wrong with the stream."""
+    t0 = time.perf_counter()
     # The decoder's buffer (256 KiB) holds ~60 one-page records for the C fast
     # path per call; a larger one would copy big runs' payloads twice.
     dec = wire.StreamDecoder(conn)
@@ -163,23 +49,25 @@ def receive(conn, machine, args):
     if len(header.ram) != 1 or header.ram[0][0] != 0:
         raise StreamError(f"RAM layout {header.ram} is not supported (one region at GPA 0)")
     ram_size = header.ram[0][1]
-    if header.vcpus != 1:
-        raise StreamError(f"the stream has {header.vcpus} vCPUs; kvmlite runs 1")
-    faults.point("dst:header")
+    hooks.point("dst:header")
     if machine is None:
-        cap = max_memory(args)
-        if ram_size > cap:
+        if max_memory is not None and ram_size > max_memory:
             raise StreamError(f"the stream's RAM ({ram_size >> 20} MiB) exceeds this destination's "
-                              f"limit of {cap >> 20} MiB (--max-memory)")
-        # Without --memory, RAM is not pre-faulted here: measured on the
-        # reference host, pre-faulting costs ~0.6 s per GiB of RAM, while
-        # letting recv_into fault in only the pages that arrive costs ~2.5 us
-        # per page received, so migration time follows the pages in use and
-        # not the guest's size.  Pre-fault at start-up with --memory instead.
-        machine = Machine(ram_size, prefault=False, trace=_trace() if args.trace else None)
+                              f"limit of {max_memory >> 20} MiB (--max-memory)")
+        # Not pre-faulted here: measured on the reference host, pre-faulting
+        # costs ~0.6 s per GiB of RAM, while letting recv_into fault in only
+        # the pages that arrive costs ~2.5 us per page received, so migration
+        # time follows the pages in use and not the guest's size.  Pre-fault
+        # at start-up with --memory instead.
+        cfg = replace(machine_config or MachineConfig(), memory=ram_size, prefault=False,
+                      vcpus=header.vcpus)
+        machine = (make_machine or _machine)(cfg)
     elif machine.memory.size != ram_size:
         raise StreamError(f"the source has {ram_size >> 20} MiB of RAM, this destination "
                           f"{machine.memory.size >> 20} MiB (--memory must match)")
+    if machine.nvcpus != header.vcpus:
+        raise StreamError(f"the stream has {header.vcpus} vCPUs, this destination "
+                          f"{machine.nvcpus}")
     mem = machine.memory
     # Pages never written here are still zero: a ZERO record only has work
     # to do for pages that earlier rounds filled with data.
@@ -189,20 +77,21 @@ def receive(conn, machine, args):
         return mem.slice(gpa, nbytes)
 
     state = None
-    # With test faults armed, every record goes through the match below so
-    # that the named points are reached (the C fast path would skip them).
-    fast = not faults.active
-    pages_in_round = 0
+    round_started = False
     while True:
-        if fast and dec.scatter_buffered(mem, written):
+        if dec.scatter_buffered(mem, written):
+            if not round_started:
+                round_started = True
+                hooks.point(f"dst:round:{dec.rounds}:pages")
             continue
         rec = dec.next_record(target)
         match rec:
             case wire.Pages(gpa, npages):
-                written[(gpa >> PAGE_SHIFT):(gpa >> PAGE_SHIFT) + npages] = 1
-                pages_in_round += 1
-                if pages_in_round == 1:
-                    faults.point(f"dst:round:{dec.rounds}:pages")
+                first = gpa >> PAGE_SHIFT
+                written[first:first + npages] = 1
+                if not round_started:
+                    round_started = True
+                    hooks.point(f"dst:round:{dec.rounds}:pages")
             case wire.Zero(gpa, npages):
                 first = gpa >> PAGE_SHIFT
                 was = written[first:first + npages]
@@ -211,30 +100,131 @@ def receive(conn, machine, args):
                         mem.zero((first + s) << PAGE_SHIFT, 1 << PAGE_SHIFT)
                     was[:] = 0
             case wire.Round(n):
-                pages_in_round = 0
-                faults.point(f"dst:round:{n}")
+                round_started = False
+                hooks.point(f"dst:round:{n}")
             case wire.State(st):
                 state = validate_state(st, header.vcpus, machine.devices())
-                faults.point("dst:state")
+                hooks.point("dst:state")
             case wire.End():
-                faults.point("dst:end")
+                hooks.point("dst:end")
                 break
     # The END record proved the stream complete and its structure intact.
-    restore_devices(state, machine.devices())
     try:
-        machine.vcpu.restore_state(state["vcpus"][0])
+        restore_state(machine, state)
     except KvmliteError as e:
-        raise StreamError(f"KVM refused the migrated vCPU state: {e}") from None
-    return machine, {"pages": dec.pages, "zero_pages": dec.zero_pages, "bytes": dec.bytes_received,
-                     "rounds": dec.rounds}
+        raise StreamError(f"the migrated state was refused: {e}") from None
+    stats = ReceiveStats(dec.pages, dec.zero_pages, dec.bytes_received, dec.rounds,
+                         (time.perf_counter() - t0) * 1000)
+    return machine, stats
 
 
-def max_memory(args) -> int:
-    """The largest RAM this destination accepts from a stream: --max-memory,
-    else this host's physical memory (a stream may not make us promise more)."""
-    from ..boot import MAX_RAM
-    from ..units import parse_size
-    value = getattr(args, "max_memory", None)
-    if value:
-        return min(parse_size(value, "--max-memory"), MAX_RAM)
-    return min(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), MAX_RAM)
+def _machine(cfg: MachineConfig):
+    from ..machine import Machine
+    return Machine(cfg)
+
+
+class Incoming:
+    """One incoming migration: wait, receive, hand over.  `run()` returns the
+    machine, its vCPUs restored and parked, once the VM is this side's to run
+    (COMMIT received, or a snapshot restored); it raises, and the guest never
+    runs here, on any failure."""
+
+    def __init__(self, config: IncomingConfig, creds: Credentials, machine_config: MachineConfig,
+                 *, hooks: Hooks = NO_HOOKS, machine=None):
+        self.config = config
+        self.creds = creds
+        self.machine_config = machine_config
+        self.hooks = hooks
+        self.machine = machine          # pre-made (--memory: RAM pre-faulted), or None
+        self.state = StateMachine(R.WAITING, RECEIVE_TRANSITIONS)
+        self.stats: ReceiveStats | None = None
+        self.listener: transport.Listener | None = None
+        self.peer: str | None = None
+
+    @property
+    def status(self) -> R:
+        return self.state.state
+
+    def listen(self) -> None:
+        """Open the port (before anything else may fail, so a busy port is said at once)."""
+        target = self.config.target
+        if isinstance(target, FileUri):
+            return
+        if self.config.insecure and not self.creds.any:
+            log.warning(f"--insecure: any peer that reaches {target} may send this VMM a VM")
+        self.listener = transport.Listener(target, self.creds, io_timeout=self.config.timeout,
+                                           hooks=self.hooks)
+        log.info(f"waiting for a migration on {target}"
+                 + (" (TLS)" if self.creds.tls else "") + (" (key required)" if self.creds.key else ""))
+
+    def run(self):
+        target = self.config.target
+        try:
+            if isinstance(target, FileUri):
+                conn, self.peer = transport.FileSource(target.path), target.path
+                log.info(f"restoring the VM saved in {target.path}")
+            else:
+                if self.listener is None:
+                    self.listen()
+                conn, self.peer = self.listener.accept()
+                self.listener.close()
+                self.hooks.point("dst:handshake")
+        except BaseException:
+            self.state.advance(R.FAILED)
+            raise
+        self.state.advance(R.RECEIVING)
+        try:
+            with gc_paused():   # no collection pauses while the source's vCPUs are paused
+                try:
+                    self.machine, self.stats = receive(
+                        conn, self.machine, machine_config=self.machine_config,
+                        max_memory=self.config.memory_cap, hooks=self.hooks)
+                    self.hooks.point("dst:restored")
+                except KvmliteError as e:
+                    if not isinstance(target, FileUri):
+                        _send_quietly(conn, {"status": wire.ERROR, "error": str(e)})
+                    raise
+                if not isinstance(target, FileUri):
+                    self._handover(conn)
+        except KvmliteError as e:
+            self.state.advance(R.FAILED)
+            raise KvmliteError(f"incoming migration from {self.peer} failed: {e}; "
+                               "the guest was not started") from None
+        finally:
+            conn.close()
+        if isinstance(target, FileUri):
+            self.state.advance(R.RUNNING)
+        s = self.stats
+        log.info(f"migration received: {s.pages} pages with data, {s.zero_pages} zero, "
+                 f"{s.bytes} bytes in {s.ms:.0f} ms; guest resumed")
+        return self.machine
+
+    def _handover(self, conn) -> None:
+        """READY, then the guest is ours only once COMMIT arrives (docs/wire-format.md)."""
+        try:
+            conn.sendall(wire.encode_frame({"status": wire.READY}))
+        except OSError as e:
+            raise StreamError(f"could not tell the source the VM is ready: {e.strerror or e}") from None
+        self.state.advance(R.READY)
+        self.hooks.point("dst:ready")
+        conn.settimeout(self.config.timeout)
+        try:
+            wire.read_frame(conn, "the source's COMMIT", wire.SOURCE_ANSWERS_TO_READY)
+        except StreamError as e:
+            # No COMMIT: the source keeps (or takes back) the VM.  Promise it
+            # that this side never runs the guest, in case COMMIT is late.
+            _send_quietly(conn, {"status": wire.ABORTED,
+                                 "error": f"no COMMIT within {self.config.timeout:g} s"})
+            raise StreamError(f"no COMMIT from the source: {e}") from None
+        # From here the VM is this side's, whether or not the answer arrives.
+        self.state.advance(R.RUNNING)
+        self.hooks.point("dst:committed")
+        _send_quietly(conn, {"status": wire.RUNNING})
+
+
+def _send_quietly(conn, frame: dict) -> None:
+    try:
+        conn.settimeout(1.0)
+        conn.sendall(wire.encode_frame(frame))
+    except OSError:
+        pass

@@ -1,200 +1,197 @@
-"""The source side of a migration: setup → iterate → complete (as QEMU's ram.c).
+"""The source side of a migration: setup → iterate → complete → handover (as QEMU's ram.c).
 
-Runs on its own thread in the source VMM while the vCPU keeps running.
+Runs on its own thread in the source VMM while the vCPUs keep running.
 The heart of it is :meth:`Migration._send_dirty`, which for every chunk of RAM
 fetches-and-clears the dirty log first and only then reads the guest's free
 bitmap (claim 2 of US 9552233): a page the guest takes after that read is
 written after the clear, so it is dirty again and goes in the next round.
+
+The handover (docs/wire-format.md) gives the VM one owner at every instant:
+after END the source waits for READY, sends COMMIT, and from then on never
+resumes the guest on its own; only the destination's answer or an operator
+decides (`resolve`).
 """
 
 from __future__ import annotations
 
-import gc
 import socket
 import threading
-import zlib
 import time
 
 import numpy as np
 
-from .. import faults
+from ..bitmap import PAGE_SHIFT, PAGE_SIZE, all_set, count, expand_runs, list_runs, page_runs
+from ..config import MigrationParams
+from ..endpoints import FileUri
 from ..errors import KvmliteError, MigrationError
-from ..vstate.memory import PAGE_SHIFT, PAGE_SIZE
+from ..hooks import NO_HOOKS, Hooks
+from ..log import log
+from ..machine import RunResult
+from ..util import gc_paused
 from . import transport, wire
+from .state import collect_state
 from .stats import MigrationStats
+from .status import SOURCE_TRANSITIONS, MigrationStatus as S, StateMachine
 
 CHUNK_PAGES = 1 << 16            # 256 MiB of RAM per dirty-log clear and bitmap read
 assert CHUNK_PAGES <= wire.MAX_RUN_PAGES   # so a run inside a chunk fits one record
 MAX_IOV = 512                    # buffers per sendmsg (Linux allows 1024)
 MAX_BATCH_BYTES = 32 << 20
 CONNECT_TIMEOUT = 5.0
-IO_TIMEOUT = 30.0
-REPLY_TIMEOUT = 30.0
-STATE_VERSION = 1
-# Socket buffers, both ends.  Measured on loopback here: 1 MiB buffers move
-# 6.6 GB/s against 4.3 GB/s with the kernel's autotuned ones, and they bound
-# what is still in flight when the vCPU pauses, which the downtime must drain.
-SOCKET_BUFFER = 1 << 20
 # Chunks with at least this many pages to send first ask /proc/self/pagemap
 # which pages were never backed: those are zero and need not be read.
 PAGEMAP_MIN_PAGES = 4096
-
-
-def expand_runs(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Every page of the runs, in order: ([3, 10], [2, 1]) -> [3, 4, 10]."""
-    total = int(lengths.sum())
-    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.repeat(starts, lengths) + (np.arange(total) - offsets)
-
-
-def list_runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Runs of consecutive numbers in a sorted page list: (starts, lengths)."""
-    if len(pages) == 0:
-        empty = np.empty(0, dtype=np.int64)
-        return empty, empty
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = pages[np.concatenate(([0], breaks))]
-    ends = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1
-    return starts.astype(np.int64), (ends - starts).astype(np.int64)
-
-
-def page_runs(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Runs of set bits in a bitmap of uint64 words: (first page, length) arrays.
-
-    Only the non-zero words are unpacked, so a sparse bitmap of a large guest
-    costs what its set bits cost, not what its size costs.
-    """
-    nz = np.flatnonzero(words)
-    if len(nz) == 0:
-        empty = np.empty(0, dtype=np.int64)
-        return empty, empty
-    bits = np.unpackbits(words[nz].view(np.uint8), bitorder="little").reshape(-1, 64).view(bool)
-    return list_runs((nz[:, None] * 64 + np.arange(64))[bits])
+# While the guest runs, wait up to this long for the destination to take in
+# what was sent: bytes still queued at the pause would count as downtime.
+DRAIN_TIMEOUT = 1.0
 
 
 class Migration:
-    """One outgoing migration of `machine` to `uri`."""
+    """One outgoing migration of `machine`, as `params` asks."""
 
-    def __init__(self, machine, uri: str, *, hint: bool = True, live: bool = True,
-                 downtime_ms: float = 5.0, bandwidth: int = 0, max_rounds: int = 30,
-                 creds: transport.Credentials | None = None, timeout: float = IO_TIMEOUT,
-                 keep_running: bool = False):
+    def __init__(self, machine, params: MigrationParams, *, hooks: Hooks = NO_HOOKS):
         self.machine = machine
-        self.uri = uri
-        self.target = transport.parse_uri(uri)
-        if keep_running and not isinstance(self.target, transport.FileUri):
-            raise MigrationError("keep-running is for snapshots (file:PATH): after a migration "
-                                 "the VM runs at the destination, not in two places")
-        self.keep_running = keep_running
-        self.creds = creds or transport.Credentials()
-        # seconds without progress (nothing accepted by the peer) before giving up
-        self.timeout = timeout if timeout > 0 else IO_TIMEOUT
-        self.downtime_limit = max(downtime_ms, 0.0) / 1000.0
-        self.bandwidth = max(int(bandwidth), 0)
-        self.max_rounds = max(int(max_rounds), 1)
-        self.stats = MigrationStats(hint=hint, live=live, pages_total=machine.memory.npages)
-        self.hint = hint
-        self.live = live
+        self.params = params
+        self.target = params.target
+        self.hooks = hooks
+        self.state = StateMachine(S.NONE, SOURCE_TRANSITIONS)
+        self.stats = MigrationStats(hint=params.hint, live=params.live,
+                                    pages_total=machine.memory.npages)
+        self.state.listeners.append(self._on_state)
+        self.done = threading.Event()      # the migration thread has finished
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
         self.sink = None        # where the stream goes: transport.SocketSink, TlsSink or FileSink
         self._connecting: socket.socket | None = None
-        self.done = threading.Event()
         self._crc = 0
+        self._t0 = 0.0
+        self._paused_here = False          # this migration paused the vCPUs (and so resumes them)
         # The round that last sent each page (0: never): counts re-sends, and
         # `kvmlite pagemap` draws it.
         self.sent_round = np.zeros(machine.memory.npages, dtype=np.uint8)
         self.dirty_words: np.ndarray | None = None   # pages dirty and not yet sent, while it runs
-        self._never_free_for = None     # the registration _hintable was built for
-        self._first_sync = None          # when pre-copy's first sync ran
+        self._free_pages = machine.free_pages if params.hint else None
+        self._first_sync: float | None = None   # when pre-copy's first sync ran
         self._dirtied = 0                # pages found dirty again at later syncs
         self._not_converging = 0         # rounds in a row that did not shrink enough
-        self._first_pass_done = False   # every page has been examined once
-        self._examined = 0              # pages examined in the first pass so far
-        self._distinct_sent = 0         # pages sent at least once
+        self._first_pass_done = False    # every page has been examined once
+        self._examined = 0               # pages examined in the first pass so far
+        self._distinct_sent = 0          # pages sent at least once
 
-    # ---- control ---------------------------------------------------------------
+    def _on_state(self, old: S, new: S) -> None:
+        self.stats.status = new.value
+
+    @property
+    def status(self) -> S:
+        return self.state.state
+
+    # ---- control ---------------------------------------------------------------------
 
     def start(self) -> None:
-        self.stats.status = "setup"
+        self._t0 = time.perf_counter()
+        self.state.advance(S.SETUP)
         self._thread = threading.Thread(target=self._run, name="migration", daemon=True)
         self._thread.start()
 
-    def cancel(self) -> None:
+    def cancel(self) -> bool:
+        """Stop the migration and resume the guest here, if COMMIT was not sent yet.
+        Returns False when it is too late: the handover has begun."""
+        if not self.state.advance(S.CANCELLING, only_from=(S.SETUP, S.ACTIVE, S.DEVICE)):
+            return self.status in (S.CANCELLING, S.CANCELLED)
         self._cancel.set()
         sink = self.sink
         if sink is not None:
-            sink.abort()
+            sink.abort()                   # a blocked send or receive returns at once
         elif self._connecting is not None:     # still connecting or in the handshake
             try:
                 self._connecting.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        return True
 
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
 
-    # ---- the migration thread ---------------------------------------------------------
+    def resolve(self, owner: str) -> None:
+        """An operator's decision after a lost answer (state unresolved):
+        "destination" (the VM runs there: stop here) or "source" (it does not:
+        resume here).  Refused in any other state."""
+        if owner not in ("source", "destination"):
+            raise MigrationError(f"resolve: owner must be 'source' or 'destination', not {owner!r}")
+        new = S.FAILED if owner == "source" else S.COMPLETED
+        if not self.state.advance(new, only_from=(S.UNRESOLVED,)):
+            raise MigrationError(f"nothing to resolve: the migration is {self.status.value}")
+        if owner == "source":
+            self.stats.error = "resolved by the operator: the VM resumes here"
+            log.info("operator: the VM was not started at the destination; it resumes here")
+            self._resume_here()
+        else:
+            log.info("operator: the VM runs at the destination; this VMM stops")
+            self.machine.quit(RunResult("migrated", 0))
+
+    # ---- the migration thread -----------------------------------------------------------
 
     def _run(self) -> None:
-        machine = self.machine
-        self._t0 = time.perf_counter()
-        self._paused_here = False
         try:
             dirty = self._setup()
-            if self.live:
+            if self.params.live:
                 self._iterate(dirty)
             self._complete(dirty)
-            where = (f"saved in {self.target.path}" if isinstance(self.target, transport.FileUri)
-                     else f"running at {self.target}")
-            done = (f"migration completed in {self.stats.total_ms:.0f} ms "
-                    f"(downtime {self.stats.downtime_ms:.2f} ms): the VM is {where}")
-            if self.keep_running:
-                # A snapshot taken, the VM goes on here from the state it saved.
-                machine.vm.stop_dirty_log()
-                if self._paused_here:
-                    machine.resume()
-                machine.log(f"{done}, and keeps running here")
-            else:
-                machine.log(f"{done}; this VMM stops")
-                from ..machine import RunResult
-                machine.quit(RunResult("migrated", 0, exits=machine.exits))
+            self._handover()
         except Exception as e:
-            self.stats.status = "cancelled" if self._cancel.is_set() else "failed"
-            self.stats.error = self._describe(e)
-            self.stats.total_ms = (time.perf_counter() - self._t0) * 1000
-            try:
-                if machine.vm.dirty_logging:
-                    machine.vm.stop_dirty_log()
-            except KvmliteError:
-                pass
-            if self._paused_here:
-                machine.resume()   # nothing is lost: the guest carries on here
-            machine.log(f"migration to {self.uri} {self.stats.status}: {self.stats.error}; "
-                        "the VM keeps running here")
+            self._fail(e)
         finally:
-            gc.enable()
-            machine.set_throttle(0)      # back to full speed, here or (after failure) still here
+            self.machine.set_throttle(0)      # back to full speed, here or (after failure) still here
             if self.sink is not None:
                 self.sink.close()
                 self.sink = None
             self.done.set()
+
+    def _fail(self, e: Exception) -> None:
+        self.stats.error = self._describe(e)
+        self.stats.total_ms = (time.perf_counter() - self._t0) * 1000
+        if self.status in (S.HANDOVER, S.UNRESOLVED):
+            # COMMIT may have reached the destination: the guest may run there.
+            # It stays paused here until the destination's answer or an operator.
+            self.state.advance(S.UNRESOLVED, only_from=(S.HANDOVER,))
+            log.error(f"migration to {self.params.uri}: {self.stats.error}; COMMIT was sent, so "
+                      "the VM may be running there: it stays paused here. Resolve with "
+                      "`kvmlite migrate --monitor SOCKET --resolve source|destination` "
+                      "(docs/wire-format.md, \"Handover\")")
+            return
+        # Resumed before the state says so: whoever reads "failed" or
+        # "cancelled" finds the guest running again.
+        self._resume_here()
+        self.state.advance(S.CANCELLED if self.status is S.CANCELLING else S.FAILED)
+        log.info(f"migration to {self.params.uri} {self.status.value}: {self.stats.error}; "
+                 "the VM keeps running here")
+
+    def _resume_here(self) -> None:
+        machine = self.machine
+        try:
+            if machine.vm.dirty_logging:
+                machine.vm.stop_dirty_log()
+        except KvmliteError:
+            pass
+        if self._paused_here:
+            self._paused_here = False
+            machine.resume_all()   # nothing is lost: the guest carries on here
 
     def _setup(self) -> np.ndarray:
         """Connect, start dirty logging, send the preamble.  Returns the dirty
         bitmap, all ones: every page starts dirty (as QEMU's first bitmap sync)."""
         mem = self.machine.memory
         self._connect()
+        self.hooks.point("src:connected")
         self.machine.vm.start_dirty_log()
-        dirty = np.full((mem.npages + 63) // 64, np.uint64(0xFFFFFFFFFFFFFFFF), dtype=np.uint64)
-        if mem.npages % 64:
-            dirty[-1] = np.uint64((1 << (mem.npages % 64)) - 1)
+        dirty = all_set(mem.npages)
         self.dirty_words = dirty
         self._send(wire.encode_preamble({
-            "page_size": PAGE_SIZE, "ram": [[mem.gpa, mem.size]], "vcpus": 1,
-            "hint": self.hint, "live": self.live, "source": "kvmlite"}), structural=True)
+            "page_size": PAGE_SIZE, "ram": [[mem.gpa, mem.size]], "vcpus": self.machine.nvcpus,
+            "hint": self.params.hint, "live": self.params.live, "source": "kvmlite"}), structural=True)
         self.stats.setup_ms = (time.perf_counter() - self._t0) * 1000
-        self.stats.status = "active"
+        self._check_cancel()
+        self.state.advance(S.ACTIVE if self.params.live else S.DEVICE, only_from=(S.SETUP,))
         return dirty
 
     def _iterate(self, dirty: np.ndarray) -> None:
@@ -211,9 +208,7 @@ class Migration:
                 # pages the guest dirtied (and still uses) while rounds ran, per second
                 self._dirtied += pending
                 self.stats.dirty_rate_pps = self._dirtied / max(now - self._first_sync, 1e-9)
-            if self.stats.rounds > 0 and (
-                    pending * PAGE_SIZE <= self._bandwidth_estimate() * self.downtime_limit
-                    or self.stats.rounds >= self.max_rounds):
+            if self.converged(pending):
                 return
             self._auto_converge(pending)
             r0 = time.perf_counter()
@@ -222,11 +217,20 @@ class Migration:
             self.stats.round_pages.append(sent)
             self.stats.rounds += 1
             self._send(wire.round_record(self.stats.rounds), structural=True)
-            faults.point(f"src:round:{self.stats.rounds}")
+            self.hooks.point(f"src:round:{self.stats.rounds}")
+
+    def converged(self, pending: int) -> bool:
+        """After at least one round: what is left fits the downtime limit at the
+        measured bandwidth, or the rounds are used up."""
+        if self.stats.rounds == 0:
+            return False
+        limit = self.params.downtime_ms / 1000
+        return (pending * PAGE_SIZE <= self._bandwidth_estimate() * limit
+                or self.stats.rounds >= self.params.max_rounds)
 
     def _auto_converge(self, pending: int) -> None:
         """If the guest dirtied at least half of what the last round sent, twice
-        running, slow its vCPU down: 20 % of its time, then 10 % more each time."""
+        running, slow its vCPUs down: 20 % of their time, then 10 % more each time."""
         if len(self.stats.round_pages) >= 2 and pending * 2 >= self.stats.round_pages[-1]:
             self._not_converging += 1
         else:
@@ -238,43 +242,89 @@ class Migration:
             self._not_converging = 0
 
     def _complete(self, dirty: np.ndarray) -> None:
-        """Pause the vCPU, send what is still dirty, the state and END; wait for "running"."""
+        """Pause the vCPUs, send what is still dirty, the state and END."""
         machine = self.machine
-        self.stats.status = "completing"
-        if self.live:
+        if self.params.live:
             self._drain()
-        gc.disable()   # a collection inside the downtime would add milliseconds
-        marks = [("pause", time.perf_counter())]        # the downtime starts at the pause request
-        if not machine.paused:        # a VM the user stopped stays stopped if this fails
-            machine.pause()
-            self._paused_here = True
-        faults.point("src:paused")
-        marks.append(("sync", time.perf_counter()))
-        self._sync(dirty)             # the vCPU is parked: what is dirty now is final
-        marks.append(("pages", time.perf_counter()))
-        self.stats.round_pages.append(self._send_dirty(dirty))
-        self.stats.rounds += 1
-        self._send(wire.round_record(self.stats.rounds), structural=True)
-        marks.append(("state", time.perf_counter()))
-        self._send(wire.state_record(self._collect_state()), structural=True)
-        # END's crc covers every structural byte sent before it, and END's own head.
-        self._sendall([wire.end_record(self.stats.pages_sent, self.stats.pages_zero, self._crc)])
-        marks.append(("reply", time.perf_counter()))
-        if self.sink.expects_reply:
-            self.sink.settimeout(max(self.timeout, REPLY_TIMEOUT))
-            reply = wire.read_reply(self.sink)
-            if reply.get("status") != "running":
-                raise MigrationError(f"destination refused the VM: {reply.get('error', reply)}")
-        else:
-            self.sink.finish()        # a snapshot is complete once it is on disk
+            self._check_cancel()
+            self.state.advance(S.DEVICE, only_from=(S.ACTIVE,))
+        with gc_paused():   # a collection inside the downtime would add milliseconds
+            self._marks = [("pause", time.perf_counter())]   # the downtime starts at the pause request
+            if not machine.paused:        # a VM the user stopped stays stopped if this fails
+                self._paused_here = True
+                machine.pause_all()
+            self.hooks.point("src:paused")
+            self._mark("sync")
+            self._sync(dirty)             # the vCPUs are parked: what is dirty now is final
+            self._mark("pages")
+            self.stats.round_pages.append(self._send_dirty(dirty))
+            self.stats.rounds += 1
+            self._send(wire.round_record(self.stats.rounds), structural=True)
+            self._mark("state")
+            self._send(wire.state_record(collect_state(machine)), structural=True)
+            # END's crc covers every structural byte sent before it, and END's own head.
+            self._sendall([wire.end_record(self.stats.pages_sent, self.stats.pages_zero, self._crc)])
+            self._check_cancel()
+            self.hooks.point("src:end")
+
+    def _mark(self, name: str) -> None:
+        self._marks.append((name, time.perf_counter()))
+
+    def _handover(self) -> None:
+        """READY from the destination, then COMMIT, then its acknowledgement
+        (docs/wire-format.md, "Handover").  A snapshot file needs none of it."""
+        sink = self.sink
+        self._mark("ready")
+        if not sink.expects_reply:
+            sink.finish()        # a snapshot is complete once it is on disk
+            return self._completed(keep_running=self.params.keep_running)
+        sink.settimeout(self.params.timeout)
+        reply = wire.read_frame(sink, "the destination's answer to END", wire.DEST_ANSWERS_TO_END)
+        if reply["status"] != wire.READY:
+            raise MigrationError(f"destination refused the VM: {reply['error']}")
+        self.hooks.point("src:ready")
+        # From the first byte of COMMIT on, the guest may run at the destination.
+        if not self.state.advance(S.HANDOVER, only_from=(S.DEVICE,)):
+            raise MigrationError("cancelled")
+        self._mark("commit")
+        sink.send([wire.encode_frame({"status": wire.COMMIT})])
+        self.hooks.point("src:committed")
+        answer = wire.read_frame(sink, "the destination's answer to COMMIT", wire.DEST_ANSWERS_TO_COMMIT)
+        if answer["status"] == wire.ABORTED:
+            # The destination did not take COMMIT in time and promised never
+            # to run the guest: it is still ours alone.
+            self.stats.error = f"the destination gave up before COMMIT arrived: {answer['error']}"
+            self._resume_here()
+            self.state.advance(S.FAILED, only_from=(S.HANDOVER,))
+            log.info(f"migration to {self.params.uri} failed: {self.stats.error}; "
+                     "the VM keeps running here")
+            return
+        self._completed(keep_running=False)
+
+    def _completed(self, keep_running: bool) -> None:
         now = time.perf_counter()
-        marks.append(("end", now))
+        self._mark("end")
+        marks = self._marks
         self.stats.downtime_parts_ms = {name: round((b - a) * 1000, 3)
                                         for (name, a), (_, b) in zip(marks, marks[1:])}
         self.stats.downtime_ms = (now - marks[0][1]) * 1000
         self.stats.total_ms = (now - self._t0) * 1000
         self.stats.throughput_mbps = self.stats.bytes_wire / (1 << 20) / max(now - self._t0, 1e-9)
-        self.stats.status = "completed"
+        self.state.advance(S.COMPLETED)
+        where = (f"saved in {self.target.path}" if isinstance(self.target, FileUri)
+                 else f"running at {self.target}")
+        done = (f"migration completed in {self.stats.total_ms:.0f} ms "
+                f"(downtime {self.stats.downtime_ms:.2f} ms): the VM is {where}")
+        if keep_running:
+            # A snapshot taken, the VM goes on here from the state it saved.
+            self.machine.vm.stop_dirty_log()
+            if self._paused_here:
+                self._paused_here = False
+                self.machine.resume_all()
+            log.info(f"{done}, and keeps running here")
+        else:
+            log.info(f"{done}; this VMM stops")
+            self.machine.quit(RunResult("migrated", 0))
 
     def _describe(self, e: Exception) -> str:
         if self._cancel.is_set():
@@ -282,12 +332,14 @@ class Migration:
         if isinstance(e, KvmliteError):
             return str(e)
         if isinstance(e, socket.timeout):
-            return f"the destination stopped responding ({self.timeout:g} s without progress)"
+            return (f"the destination stopped responding ({self.params.timeout:g} s "
+                    "without progress)")
         if isinstance(e, (BrokenPipeError, ConnectionResetError)):
             why = self._refusal()
             return f"destination refused the VM: {why}" if why else "the destination closed the connection"
         if isinstance(e, ConnectionRefusedError):
-            return f"nothing listens on {self.uri} (start: kvmlite run --incoming {self.uri})"
+            return (f"nothing listens on {self.params.uri} "
+                    f"(start: kvmlite run --incoming {self.params.uri})")
         if isinstance(e, OSError):
             return f"{e.strerror or e}"
         return f"{type(e).__name__}: {e}"
@@ -299,16 +351,16 @@ class Migration:
             return None
         try:
             sink.settimeout(0.5)
-            reply = wire.read_reply(sink)
+            reply = wire.read_frame(sink, "the destination's refusal", (wire.ERROR,))
         except (OSError, KvmliteError):
             return None
-        return reply.get("error") if reply.get("status") == "error" else None
+        return reply["error"]
 
-    def _drain(self, timeout: float = 1.0) -> None:
+    def _drain(self) -> None:
         """Wait, with the guest still running, until the destination has taken in
         what was sent: bytes still queued at pause time would count as downtime."""
-        deadline = time.perf_counter() + timeout
-        while time.perf_counter() < deadline:
+        deadline = time.perf_counter() + DRAIN_TIMEOUT
+        while time.perf_counter() < deadline and not self._cancel.is_set():
             if self.sink.unacked() == 0:
                 return
             time.sleep(0.0002)
@@ -318,17 +370,19 @@ class Migration:
             raise MigrationError("cancelled")
 
     def _connect(self) -> None:
-        if isinstance(self.target, transport.FileUri):
+        if isinstance(self.target, FileUri):
             self.sink = transport.FileSink(self.target.path)
             return
-        self.sink = transport.connect(self.target, self.creds, connect_timeout=CONNECT_TIMEOUT,
-                                      io_timeout=self.timeout, sndbuf=SOCKET_BUFFER,
-                                      on_socket=self._set_connecting)
+        self.sink = transport.connect(self.target, self.params.creds, connect_timeout=CONNECT_TIMEOUT,
+                                      io_timeout=self.params.timeout, on_socket=self._set_connecting)
 
     def _set_connecting(self, sock: socket.socket) -> None:
         self._connecting = sock
         if self._cancel.is_set():       # cancelled before the socket existed
-            self.cancel()
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     # ---- dirty tracking ---------------------------------------------------------------
 
@@ -341,47 +395,15 @@ class Migration:
         dirty |= self.machine.vm.get_dirty_log(0)
 
     def _free_words(self, w0: int, w1: int) -> np.ndarray | None:
-        """Snapshot of the guest's free bits for RAM words [w0, w1), as uint64 words.
-
-        Bits for pages the hint must not cover (outside the registered range,
-        the header's and bitmap's own pages) are cleared: those are always sent.
-        """
-        fph = self.machine.fph
-        reg = fph.registration
-        if not self.hint or reg is None:
+        """The guest's free bits for RAM words [w0, w1) as they are now; None without the hint."""
+        if self._free_pages is None:
             return None
-        if self._never_free_for is not reg:
-            self._prepare_hint(reg)
-        base_page = reg.base_gpa >> PAGE_SHIFT
-        if base_page % 64 == 0:
-            # The common case: guest bitmap words line up with RAM words; copy, don't convert.
-            out = np.zeros(w1 - w0, dtype=np.uint64)
-            gw0 = base_page // 64
-            lo, hi = max(w0, gw0), min(w1, gw0 + len(self._guest_words))
-            if hi > lo:
-                out[lo - w0:hi - w0] = self._guest_words[lo - gw0:hi - gw0]
-        else:
-            bits = np.zeros((w1 - w0) * 64, dtype=bool)
-            mask = fph.free_mask(reg)[w0 * 64:w1 * 64]
-            bits[:len(mask)] = mask
-            out = np.packbits(bits, bitorder="little").view(np.uint64)
-        out &= self._hintable[w0:w1]
-        return out
-
-    def _prepare_hint(self, reg) -> None:
-        """Per registration: a view of the guest's bitmap and the hintable pages as words."""
-        fph = self.machine.fph
-        # `reg`, not the registration now: the vCPU thread may have re-registered since
-        hintable = fph.hintable_mask(reg)
-        hintable = np.pad(hintable, (0, -len(hintable) % 64))
-        self._hintable = np.packbits(hintable, bitorder="little").view(np.uint64)
-        self._guest_words = fph.bitmap_words(reg)
-        self._never_free_for = reg
+        view = self._free_pages.free_view()
+        return None if view is None else view.free_words(w0, w1)
 
     def _count_pending(self, dirty: np.ndarray) -> int:
         free = self._free_words(0, len(dirty))
-        pending = dirty if free is None else dirty & ~free
-        return int(np.bitwise_count(pending).sum())
+        return count(dirty if free is None else dirty & ~free)
 
     # ---- sending ----------------------------------------------------------------------
 
@@ -399,13 +421,9 @@ class Migration:
         A page the guest takes after 2 is written after 1, so it is dirty
         again and goes in the next round.
         """
-        if faults.broken_order:
-            return self._send_dirty_broken(dirty)
         vm = self.machine.vm
         total = 0
         for w0, w1, chunk in self._dirty_chunks(dirty):
-            if not self._first_pass_done:
-                self._examined += int(np.bitwise_count(chunk).sum())
             look = chunk
             if vm.manual_protect:
                 first_look = self._free_words(w0, w1)
@@ -416,20 +434,10 @@ class Migration:
                     vm.clear_dirty_log(0, w0 * 64, look)
             # 2. only now read the guest's free bits (claim 2)
             free = self._free_words(w0, w1)
-            send = look if free is None else look & ~free
             # 3. send them, reading page contents now
-            runs = page_runs(send)
-            backed = None
-            # Without the hint, untouched RAM is sent too: ask pagemap which
-            # pages were never backed.  With it, sent pages are ones the guest
-            # uses, nearly all backed, and pagemap (~45 ns a page) would be waste.
-            if free is None and int(runs[1].sum()) >= PAGEMAP_MIN_PAGES:
-                n = min((w1 - w0) * 64, self.machine.memory.npages - w0 * 64)
-                backed = self.machine.memory.backed_pages(w0 * 64, n)
-            total += self._send_pages(w0 * 64, runs, backed)
+            total += self._send_chunk(w0, w1, look if free is None else look & ~free, hinted=free is not None)
             # cleared only now, so that `kvmlite pagemap` shows a chunk's pages dirty until sent
             dirty[w0:w1] = 0
-            self.stats.pages_skipped_free = self._examined - self._distinct_sent
         self._first_pass_done = True
         return total
 
@@ -441,27 +449,23 @@ class Migration:
             chunk = dirty[w0:w1].copy()
             if chunk.any():
                 self._check_cancel()
+                if not self._first_pass_done:
+                    self._examined += count(chunk)
                 yield w0, w1, chunk
 
-    def _send_dirty_broken(self, dirty: np.ndarray) -> int:
-        """The race claim 2 prevents, for tests and lab 4 only (KVMLITE_TEST_BROKEN_ORDER=1).
-
-        Reads the free bits first, for the whole round, and clears each
-        chunk's dirty log afterwards.  A page the guest allocates and fills
-        in between was free in the snapshot, so it is not sent, and its
-        dirty bit is then cleared, so no later round sends it either: the
-        destination gets a stale or zero page.
-        """
-        vm = self.machine.vm
-        free_all = self._free_words(0, len(dirty))      # 1. (wrongly) the free bits first
-        total = 0
-        for w0, w1, chunk in self._dirty_chunks(dirty):
-            if vm.manual_protect:
-                vm.clear_dirty_log(0, w0 * 64, chunk)    # 2. then clear the dirty log
-            send = chunk if free_all is None else chunk & ~free_all[w0:w1]
-            total += self._send_pages(w0 * 64, page_runs(send))
-            dirty[w0:w1] = 0
-        return total
+    def _send_chunk(self, w0: int, w1: int, send: np.ndarray, *, hinted: bool) -> int:
+        """Send the pages set in `send` (words w0..w1 of RAM); update the skip count."""
+        runs = page_runs(send)
+        backed = None
+        # Without the hint, untouched RAM is sent too: ask pagemap which
+        # pages were never backed.  With it, sent pages are ones the guest
+        # uses, nearly all backed, and pagemap (~45 ns a page) would be waste.
+        if not hinted and int(runs[1].sum()) >= PAGEMAP_MIN_PAGES:
+            n = min((w1 - w0) * 64, self.machine.memory.npages - w0 * 64)
+            backed = self.machine.memory.backed_pages(w0 * 64, n)
+        sent = self._send_pages(w0 * 64, runs, backed)
+        self.stats.pages_skipped_free = self._examined - self._distinct_sent
+        return sent
 
     def _send_pages(self, first: int, runs: tuple[np.ndarray, np.ndarray],
                     backed: np.ndarray | None = None) -> int:
@@ -493,14 +497,13 @@ class Migration:
         zs, zl = list_runs(absolute[zero])
         if len(zs):
             recs = wire.run_records(wire.REC_ZERO, mem.gpa + (zs << PAGE_SHIFT), zl)
-            self._crc = _crc(recs, self._crc)
-            self._sendall([recs])
+            self._send(recs, structural=True)
             self.stats.pages_zero += int(zl.sum())
         # PAGES records: head, then the pages straight from guest memory
         ds, dl = list_runs(absolute[~zero])
         if len(ds):
             heads = memoryview(wire.run_records(wire.REC_PAGES, mem.gpa + (ds << PAGE_SHIFT), dl))
-            self._crc = _crc(heads, self._crc)            # payloads are not checksummed
+            self._crc = wire.crc(heads, self._crc)         # payloads are not checksummed
             size = wire.PAGES_HEADER_SIZE
             view = mem.view
             offsets = (ds << PAGE_SHIFT).tolist()
@@ -520,35 +523,21 @@ class Migration:
 
     def _send(self, data: bytes, *, structural: bool) -> None:
         if structural:
-            self._crc = _crc(data, self._crc)
+            self._crc = wire.crc(data, self._crc)
         self._sendall([data])
 
     def _sendall(self, bufs: list) -> None:
-        """sendmsg until every buffer is on the wire (a socket with a timeout may send part)."""
+        """Every buffer onto the wire (a socket with a timeout may send part), at the bandwidth asked."""
         self.stats.bytes_wire += sum(len(b) for b in bufs)
         self.sink.send(bufs)
-        if self.bandwidth:
-            elapsed = time.time() - self.stats.started_at
-            ahead = self.stats.bytes_wire / self.bandwidth - elapsed
-            if ahead > 0:
-                time.sleep(ahead)
+        bandwidth = self.params.bandwidth
+        if bandwidth:
+            ahead = self.stats.bytes_wire / bandwidth - (time.perf_counter() - self._t0)
+            if ahead > 0 and self._cancel.wait(ahead):
+                raise MigrationError("cancelled")
 
     def _bandwidth_estimate(self) -> float:
         elapsed = time.perf_counter() - self._t0
         if self.stats.bytes_wire < (1 << 20) or elapsed <= 0:
             return 1e9  # before any real data moved, assume loopback-class bandwidth
         return self.stats.bytes_wire / elapsed
-
-    # ---- state ------------------------------------------------------------------------
-
-    def _collect_state(self) -> dict:
-        machine = self.machine
-        msrs = machine.kvm.migratable_msrs()
-        return {
-            "version": STATE_VERSION,
-            "vcpus": [machine.vcpu.save_state(msrs)],
-            "devices": {name: dev.save_state() for name, dev in machine.devices().items()},
-        }
-
-
-_crc = zlib.crc32

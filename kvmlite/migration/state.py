@@ -109,3 +109,21 @@ def restore_devices(state: dict, devices: dict) -> None:
         except (KeyError, TypeError, ValueError, AttributeError,
                 OverflowError) as e:  # OverflowError: int() of a msgpack float infinity
             _fail(f"state.devices.{name}", str(e) or type(e).__name__)
+
+
+def collect_state(machine) -> dict:
+    """The VM's state as plain values: every vCPU's, read on its own thread, and every device's."""
+    msrs = machine.kvm.migratable_msrs()
+    return {
+        "version": STATE_VERSION,
+        "vcpus": [machine.call(i, lambda v: v.save_state(msrs)) for i in range(machine.nvcpus)],
+        "devices": {name: dev.save_state() for name, dev in machine.devices().items()},
+    }
+
+
+def restore_state(machine, state: dict) -> None:
+    """Inverse of collect_state(), for a state validate_state() accepted: devices
+    first (any malformed field is a StreamError), then each vCPU on its own thread."""
+    restore_devices(state, machine.devices())
+    for i, v in enumerate(state["vcpus"]):
+        machine.call(i, lambda vcpu, v=v: vcpu.restore_state(v))

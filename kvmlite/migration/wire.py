@@ -20,13 +20,11 @@ from typing import Any, Callable, Union
 import msgpack
 import numpy as np
 
+from ..bitmap import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from ..errors import StreamError
 
 MAGIC = b"KVMLMIG\x00"
-VERSION = 1
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
-PAGE_MASK = PAGE_SIZE - 1
+VERSION = 2                      # 2: the handover (READY, COMMIT) after END
 
 # Record types: the first byte of every record after the preamble.
 REC_PAGES = 0x50  # 'P'
@@ -45,8 +43,6 @@ GPA_LIMIT = 1 << 64              # every RAM entry ends at or below this
 MAX_VCPUS = 256
 MAX_RUN_PAGES = 262144           # 1 GiB per PAGES or ZERO record
 MAX_STATE_LEN = 16 << 20
-MAX_REPLY_LEN = 64 * 1024
-MAX_REPLY_ERROR = 4096           # encode_reply shortens longer messages
 
 _PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header_len: 16 bytes
 _RUN = struct.Struct("<BQI")         # type, gpa, npages: 13 bytes (PAGES, ZERO)
@@ -60,6 +56,9 @@ PAGES_HEADER_SIZE = _RUN.size
 
 # --------------------------------------------------------------------------
 # Sending side
+
+crc = zlib.crc32    # the stream's structure checksum (END), chained over every structural byte
+
 
 class Crc:
     """The running zlib.crc32 of the stream's structure (all but PAGES payloads).
@@ -107,6 +106,8 @@ def zero_record(gpa: int, npages: int) -> bytes:
 # The same 13-byte layout as _RUN, as a numpy record: packed, little-endian.
 RUN_DTYPE = np.dtype([("type", "u1"), ("gpa", "<u8"), ("npages", "<u4")])
 assert RUN_DTYPE.itemsize == _RUN.size
+RUN_GPA_OFFSET = RUN_DTYPE.fields["gpa"][1]          # where the C fast path finds them
+RUN_NPAGES_OFFSET = RUN_DTYPE.fields["npages"][1]
 
 
 def run_records(rec_type: int, gpas: np.ndarray, npages: np.ndarray) -> bytes:
@@ -148,22 +149,57 @@ def end_record(pages: int, zero_pages: int, crc: int) -> bytes:
     return head + _U32.pack(zlib.crc32(head, crc))
 
 
-def encode_reply(reply: dict) -> bytes:
-    """The destination's answer after END: u32 length + msgpack map.
+# --------------------------------------------------------------------------
+# Frames: u32 length + msgpack map.  The connection handshake and the
+# handover after END (docs/wire-format.md) are sequences of frames.
 
-    `{"status": "running"}` or `{"status": "error", "error": message}`; a longer
-    message than MAX_REPLY_ERROR characters is shortened so it always fits.
-    """
-    try:
-        _check_reply(reply)
-    except StreamError as e:
-        raise ValueError(str(e)) from None
-    if reply["status"] == "error" and len(reply["error"]) > MAX_REPLY_ERROR:
-        reply = {**reply, "error": reply["error"][:MAX_REPLY_ERROR - 3] + "..."}
-    body = msgpack.packb(reply, use_bin_type=True)
-    if len(body) > MAX_REPLY_LEN:
-        raise ValueError(f"reply is {len(body)} bytes; the limit is {MAX_REPLY_LEN}")
+MAX_FRAME = 64 * 1024
+MAX_FRAME_ERROR = 4096          # encode_frame shortens longer error messages
+
+# The handover's `status` values.
+READY = "ready"                 # destination: END verified, state restored; waiting for COMMIT
+COMMIT = "commit"               # source: the VM is yours; I will not run it again
+RUNNING = "running"             # destination: COMMIT taken, the guest runs here
+ABORTED = "aborted"             # destination: no COMMIT in time; I will never run this guest
+ERROR = "error"                 # destination: the stream was refused (before READY)
+DEST_ANSWERS_TO_END = (READY, ERROR)
+DEST_ANSWERS_TO_COMMIT = (RUNNING, ABORTED)
+SOURCE_ANSWERS_TO_READY = (COMMIT,)
+_NEEDS_ERROR = (ERROR, ABORTED)
+
+
+def encode_frame(obj: dict, max_len: int = MAX_FRAME) -> bytes:
+    """One frame.  An `error` longer than MAX_FRAME_ERROR characters is shortened so it fits."""
+    if not isinstance(obj, dict):
+        raise ValueError("a frame is a map")
+    err = obj.get("error")
+    if isinstance(err, str) and len(err) > MAX_FRAME_ERROR:
+        obj = {**obj, "error": err[:MAX_FRAME_ERROR - 3] + "..."}
+    body = msgpack.packb(obj, use_bin_type=True)
+    if len(body) > max_len:
+        raise ValueError(f"frame is {len(body)} bytes; the limit is {max_len}")
     return _U32.pack(len(body)) + body
+
+
+def read_frame(sock, what: str, statuses: tuple[str, ...] | None = None,
+               max_len: int = MAX_FRAME) -> dict:
+    """One frame from `sock`, checked: a map, and with `statuses`, a `status` among
+    them (with an `error` string where the status needs one).  StreamError otherwise."""
+    head = bytearray(_U32.size)
+    _recv_exactly(sock, memoryview(head), f"before {what}")
+    (n,) = _U32.unpack(head)
+    if not 1 <= n <= max_len:
+        raise StreamError(f"{what}: frame length {n} is outside 1 to {max_len}")
+    body = bytearray(n)
+    _recv_exactly(sock, memoryview(body), f"in the middle of {what}")
+    obj = _unpack_map(body, what)
+    if statuses is not None:
+        status = obj.get("status")
+        if status not in statuses:
+            raise StreamError(f"{what}: status {_show(status)}, expected {' or '.join(statuses)}")
+        if status in _NEEDS_ERROR and not isinstance(obj.get("error"), str):
+            raise StreamError(f"{what}: status {status} without an error message")
+    return obj
 
 
 # --------------------------------------------------------------------------
@@ -305,36 +341,6 @@ def _recv_exactly(sock, view, what: str) -> None:
         got += _recv_some(sock, view[got:], what, got)
 
 
-def _check_reply(reply: Any) -> dict:
-    if not isinstance(reply, dict):
-        raise StreamError(f"migration reply is a {type(reply).__name__}, not a map")
-    status = reply.get("status")
-    if status == "running":
-        return reply
-    if status == "error":
-        if not isinstance(reply.get("error"), str):
-            raise StreamError("migration reply has status error but no error message")
-        return reply
-    raise StreamError(f"migration reply has unknown status {_show(status)}")
-
-
-def decode_reply(body) -> dict:
-    """Check the msgpack body of a reply (without its length prefix)."""
-    return _check_reply(_unpack_map(body, "migration reply"))
-
-
-def read_reply(sock) -> dict:
-    """Read the destination's reply from `sock`; raise StreamError if it is bad."""
-    head = bytearray(_U32.size)
-    _recv_exactly(sock, memoryview(head), "before the migration reply")
-    (n,) = _U32.unpack(head)
-    if not 1 <= n <= MAX_REPLY_LEN:
-        raise StreamError(f"migration reply length {n} is outside 1 to {MAX_REPLY_LEN}")
-    body = bytearray(n)
-    _recv_exactly(sock, memoryview(body), "in the middle of the migration reply")
-    return decode_reply(body)
-
-
 class StreamDecoder:
     """Reads a migration stream from `sock` (anything with `recv_into(buffer, nbytes)`).
 
@@ -423,7 +429,7 @@ class StreamDecoder:
         counts = ffi.new("uint64_t[3]")
         used = lib.kvmlite_scatter_pages(
             ffi.from_buffer("uint8_t[]", self._view[self._pos:self._end]), avail,
-            ffi.cast("uint8_t *", ram.pointer), ram.gpa, ram.size, MAX_RUN_PAGES,
+            REC_PAGES, _RUN.size, RUN_GPA_OFFSET, RUN_NPAGES_OFFSET, PAGE_SIZE, ffi.cast("uint8_t *", ram.pointer), ram.gpa, ram.size, MAX_RUN_PAGES,
             ffi.from_buffer("uint8_t[]", written), ffi.from_buffer("uint8_t[]", heads),
             len(heads), counts)
         if used:

@@ -10,8 +10,7 @@ import numpy as np
 from ..control.arraycodec import decode_array, words_to_mask
 from ..errors import ConfigError, KvmliteError
 
-PAGE_SHIFT = 12
-PAGE_SIZE = 1 << PAGE_SHIFT
+from ..bitmap import PAGE_SHIFT, PAGE_SIZE  # noqa: F401
 
 
 @dataclass(frozen=True)

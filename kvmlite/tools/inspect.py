@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
+from ..bitmap import PAGE_SIZE
 from ..control.client import MonitorClient
 from ..units import human_bytes
 
-PAGE_SIZE = 4096
 GENERAL = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
            "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 CONTROL = ("rip", "rflags", "cr0", "cr2", "cr3", "cr4", "efer")

@@ -10,8 +10,7 @@ import numpy as np
 from ..errors import GuestMemoryError, KvmliteError
 from ..kvm import ffi, lib
 
-PAGE_SIZE = 4096
-PAGE_SHIFT = 12
+from ..bitmap import PAGE_SHIFT, PAGE_SIZE  # noqa: F401  (re-exported)
 
 
 class GuestMemory:

@@ -56,6 +56,7 @@ class Vcpu:
         self.run_struct = ffi.cast("struct kvm_run *", self._runbuf)
         self._io = self.run_struct.io
         self._thread_id: int | None = None
+        self._kick_lock = threading.Lock()
         lib.kvmlite_install_kick_handler(KICK_SIGNAL)
 
     # ---- running -----------------------------------------------------------
@@ -125,12 +126,15 @@ class Vcpu:
         """Make a KVM_RUN in progress, or the next one, return Interrupted."""
         # immediate_exit covers the window where the vCPU thread is between
         # runs: the signal would be lost there, the flag is not.
-        self.run_struct.immediate_exit = 1
-        if self._thread_id is not None:
-            try:
-                signal.pthread_kill(self._thread_id, KICK_SIGNAL)
-            except ProcessLookupError:
-                pass
+        with self._kick_lock:            # never into a run area close() has unmapped
+            if self.fd < 0:
+                return
+            self.run_struct.immediate_exit = 1
+            if self._thread_id is not None:
+                try:
+                    signal.pthread_kill(self._thread_id, KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
 
     # ---- registers -----------------------------------------------------------
 
@@ -266,9 +270,12 @@ class Vcpu:
         kvm_call("KVM_SET_VCPU_EVENTS", kvm.KVM_SET_VCPU_EVENTS, self.fd, events)
 
     def close(self) -> None:
-        self.run_struct = self._io = None
-        ffi.release(self._runbuf)
-        self._runmap.close()
-        if self.fd >= 0:
+        """Unmap the run area and close the fd (a second call does nothing)."""
+        with self._kick_lock:
+            if self.fd < 0:
+                return
+            self.run_struct = self._io = None
+            ffi.release(self._runbuf)
+            self._runmap.close()
             os.close(self.fd)
             self.fd = -1

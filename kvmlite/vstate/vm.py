@@ -52,9 +52,10 @@ class Vm:
         kvm_call("KVM_SET_USER_MEMORY_REGION", kvm.KVM_SET_USER_MEMORY_REGION, self.fd, region,
                  context=f"slot {slot} at GPA {mem.gpa:#x}, {mem.size:#x} bytes")
 
-    def create_vcpu(self):
+    def create_vcpu(self, index: int | None = None):
+        """KVM_CREATE_VCPU; `index` (the vCPU id) defaults to the next one."""
         from .vcpu import Vcpu
-        vcpu = Vcpu(self, len(self.vcpus))
+        vcpu = Vcpu(self, len(self.vcpus) if index is None else index)
         self.vcpus.append(vcpu)
         return vcpu
 

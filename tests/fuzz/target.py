@@ -22,6 +22,9 @@ import struct
 import zlib
 from types import SimpleNamespace
 
+from tests import fakes
+from tests.fakes import vcpu_state
+
 from kvmlite import msr
 from kvmlite.devices.debugcon import DebugCon
 from kvmlite.devices.exitdev import ExitDevice
@@ -30,8 +33,8 @@ from kvmlite.devices.uart import Uart16550
 from kvmlite.errors import KvmliteError
 from kvmlite.kvm import ffi
 from kvmlite.migration import destination, wire
+from kvmlite.migration.state import STATE_VERSION
 from kvmlite.vstate.memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory
-from kvmlite.vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
 
 # Small enough to zero per input, big enough for runs, a bitmap and a header.
 RAM_SIZE = 64 * PAGE_SIZE
@@ -93,26 +96,13 @@ class RecordingVcpu:
             ffi.memmove(self.memory.pointer + self.memory.size, b"!", 1)
 
 
-class _NullOutput:
-    def write_byte(self, b: int) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-
-class FakeMachine:
-    """What receive() uses of a Machine: memory, devices() and vcpu."""
+class FakeMachine(fakes.FakeMachine):
+    """What receive() uses of a Machine, over guarded memory, recording the restored vCPU."""
 
     def __init__(self, memory: GuardedMemory):
-        self.memory = memory
+        super().__init__(memory)
         self.vcpu = RecordingVcpu(memory)
-        out = _NullOutput()
-        self._devices = {"uart": Uart16550(out), "debugcon": DebugCon(out),
-                         "exit": ExitDevice(), "fph": FreePageHint(memory)}
-
-    def devices(self) -> dict:
-        return self._devices
+        self.vcpus = [self.vcpu]
 
 
 class BytesSource:
@@ -136,7 +126,7 @@ class BytesSource:
 def receive(data: bytes, memory: GuardedMemory, chunk: int | None = None):
     """Run destination.receive on `data`; returns the machine.  Raises what it raises."""
     machine = FakeMachine(memory)
-    got, stats = destination.receive(BytesSource(data, chunk), machine, SimpleNamespace(trace=False))
+    got, stats = destination.receive(BytesSource(data, chunk), machine)
     assert got is machine
     return machine, stats
 
@@ -155,30 +145,12 @@ def run_one(data: bytes, memory: GuardedMemory, chunk: int | None = None) -> str
 # ---------------------------------------------------------------------------
 # Valid streams from the real encoders: the fuzzer's seed corpus.
 
-def vcpu_state() -> dict:
-    """One vCPU in the shape Vcpu.save_state produces, as right after boot."""
-    seg = {f: 0 for f in SEG_FIELDS}
-    sregs = {n: 0 for n in CR_NAMES}
-    sregs.update({s: dict(seg, selector=0x08 if s == "cs" else 0x10, limit=0xFFFFFFFF, present=1)
-                  for s in SEG_NAMES})
-    sregs.update(cr0=0x80050033, cr3=0x10000, efer=0x501,
-                 gdt={"base": 0x3000, "limit": 23}, idt={"base": 0, "limit": 0},
-                 interrupt_bitmap=[0] * len(ffi.new("struct kvm_sregs *").interrupt_bitmap))
-    regs = {n: 0 for n in REG_NAMES}
-    regs.update(rip=0x100000, rsp=0x80000, rflags=2, rdi=0x1000, rsi=0x4B564D4C)
-    return {"regs": regs, "sregs": sregs,
-            "fpu": bytes(ffi.sizeof("struct kvm_fpu")),
-            "xsave": bytes(ffi.sizeof("struct kvm_xsave")),
-            "events": bytes(ffi.sizeof("struct kvm_vcpu_events")),
-            "xcrs": [[0, 7]], "msrs": [[i, 0] for i in msr.MIGRATED]}
-
-
 def machine_state(fph_registration: dict | None = None) -> dict:
     """A whole STATE map: the vCPU and the real devices' save_state."""
-    out = _NullOutput()
+    out = fakes._Null()
     devices = {"uart": Uart16550(out), "debugcon": DebugCon(out), "exit": ExitDevice(),
                "fph": FreePageHint(SimpleNamespace(size=RAM_SIZE))}
-    state = {"version": 1, "vcpus": [vcpu_state()],
+    state = {"version": STATE_VERSION, "vcpus": [vcpu_state()],
              "devices": {name: dev.save_state() for name, dev in devices.items()}}
     if fph_registration is not None:
         state["devices"]["fph"].update(status=1, registration=fph_registration)

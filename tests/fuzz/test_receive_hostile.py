@@ -266,7 +266,7 @@ def test_seed_streams_are_accepted_and_land_their_pages(memory):
         for chunk in (None, 1000):
             machine, stats = target.receive(data, fresh(memory), chunk)
             assert len(machine.vcpu.restored) == 1, name
-            assert stats["pages"] > 0, name
+            assert stats.pages > 0, name
             assert target.fix_checksum(data) == data, name
 
 

@@ -6,9 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvmlite.procs import parse_summary
+from kvmlite.procs import VmProcess, parse_summary
+from kvmlite.tools.migrate import FINAL, follow  # noqa: F401  (FINAL: for tests that poll)
+
+from tests.harness import vmm_command
 
 ROOT = Path(__file__).resolve().parents[2]
+GUEST = ROOT / "guest" / "guest.bin"
 
 
 def kvmlite(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -34,3 +38,37 @@ def assemble(tmp_path: Path, name: str, source: str, *, flat: bool = True) -> Pa
         ld[1:1] = ["--oformat", "binary"]
     subprocess.run(ld, check=True)
     return out
+
+
+def fill_vm(memory: str = "256M", live: int = 20, stale: int = 50, dirty: int = 500, *,
+            faults=(), extra=()) -> tuple[VmProcess, dict]:
+    """The `fill` guest, running with its monitor, once it has filled its pages:
+    (the process, {"live": pages, "stale": pages}).  With `faults` (POINT=ACTION)
+    its VMM starts through the test harness."""
+    vm = VmProcess([str(GUEST), "--memory", memory, "--cmdline",
+                    f"workload=fill live={live} stale={stale} dirty={dirty}", *extra],
+                   **({"vmm": vmm_command(faults)} if faults else {}))
+    m = vm.wait_for(r"^fill: ready live=(\d+) stale=(\d+)", timeout=120)
+    return vm, {"live": int(m.group(1)), "stale": int(m.group(2))}
+
+
+def migrate(src: VmProcess, port: int | str, timeout: float = 120, **args) -> dict:
+    """Start a migration through the source's monitor (to tcp:127.0.0.1:PORT, or
+    a URI) and return its final stats, whatever its outcome."""
+    uri = port if isinstance(port, str) else f"tcp:127.0.0.1:{port}"
+    c = src.client()
+    try:
+        c.execute("migrate", uri=uri, **args)
+        return follow(c, timeout=timeout, interval=0.02)
+    finally:
+        c.close()
+
+
+def finish_and_check(vm: VmProcess, min_verified: int) -> dict:
+    """Ask the fill workload to finish; it must verify its memory and exit 0."""
+    vm.execute("guest-finish")
+    assert vm.wait(120) == 0, vm.output()
+    s = vm.summary()
+    assert s["errors"] == 0 and s["status"] == "ok", s
+    assert s["verified"] >= min_verified, s
+    return s

@@ -10,7 +10,7 @@ import pytest
 from kvmlite.procs import VmProcess, free_port, start_destination
 
 from .helpers import kvmlite, summary
-from .test_migration import migrate
+from .helpers import migrate
 
 REFUSED = 0x80000000
 REGISTERED = 1

@@ -8,17 +8,15 @@ from kvmlite.pagemap.model import ACTIVE, DATA, FREE, STREAM_KINDS, UNTOUCHED, V
 from kvmlite.pagemap.png import read_png_cells
 from kvmlite.procs import VmProcess, free_port, start_destination
 
-from .helpers import kvmlite
+from .helpers import fill_vm, kvmlite
 
 MEMORY = "64M"          # 16384 pages: one page per cell at 128 or 256 columns
 PAGES = 16384
 LOAD_ADDR = 0x100000    # flat images load at 1 MiB (docs/boot.md)
 
 
-def fill_vm(guest) -> VmProcess:
-    vm = VmProcess([str(guest), "--memory", MEMORY, "--cmdline", "workload=fill live=20 stale=30 dirty=200"])
-    vm.wait_for(r"^fill: ready", timeout=120)
-    return vm
+def small_fill_vm() -> VmProcess:
+    return fill_vm(MEMORY, live=20, stale=30, dirty=200)[0]
 
 
 def cell_counts(png: str) -> tuple[dict, dict[str, int]]:
@@ -30,7 +28,7 @@ def cell_counts(png: str) -> tuple[dict, dict[str, int]]:
 
 def test_inspect_shows_rip_in_the_image_and_the_exits_the_guest_makes(guest_image):
     """inspect --json: RIP inside the loaded image at CPL 3, I/O exits counted, bitmap page counts."""
-    with fill_vm(guest_image) as vm:
+    with small_fill_vm() as vm:
         out = kvmlite("inspect", "--monitor", vm.monitor_path, "--json")
         assert out.returncode == 0, out.stderr
         info = json.loads(out.stdout)
@@ -51,7 +49,7 @@ def test_inspect_shows_rip_in_the_image_and_the_exits_the_guest_makes(guest_imag
 
 def test_inspect_leaves_a_stopped_vm_stopped(guest_image):
     """A VM the user stopped is read where it stands and stays stopped."""
-    with fill_vm(guest_image) as vm:
+    with small_fill_vm() as vm:
         vm.execute("stop")
         first = json.loads(kvmlite("inspect", "--monitor", vm.monitor_path, "--json").stdout)
         again = json.loads(kvmlite("inspect", "--monitor", vm.monitor_path, "--json").stdout)
@@ -65,7 +63,7 @@ def test_inspect_leaves_a_stopped_vm_stopped(guest_image):
 
 def test_pagemap_free_cells_equal_query_free_pages(guest_image, tmp_path):
     """The picture's free cells (never touched + stale) are the bitmap's free pages."""
-    with fill_vm(guest_image) as vm:
+    with small_fill_vm() as vm:
         vm.execute("stop")                 # hold the bitmap still between the two looks
         free = vm.execute("query-free-pages")
         png = tmp_path / "vm.png"
@@ -85,7 +83,7 @@ def test_migrate_pagemap_png_marks_every_page_sent(guest_image, tmp_path):
     """migrate --pagemap: the PNG's cells sent in some round are the distinct pages the migration sent."""
     port = free_port()
     dst = start_destination(port, MEMORY)
-    with fill_vm(guest_image) as src, dst:
+    with small_fill_vm() as src, dst:
         png = tmp_path / "sent.png"
         out = kvmlite("migrate", "--monitor", src.monitor_path, f"tcp:127.0.0.1:{port}", "--json",
                       "--pagemap", str(png))
@@ -106,7 +104,7 @@ def test_migrate_pagemap_png_marks_every_page_sent(guest_image, tmp_path):
 def test_pagemap_of_a_saved_stream_counts_its_pages(guest_image, tmp_path):
     """pagemap file:PATH of a real snapshot: data and zero pages are the pages the migration sent."""
     stream = tmp_path / "vm.mig"
-    with fill_vm(guest_image) as src:
+    with small_fill_vm() as src:
         out = kvmlite("migrate", "--monitor", src.monitor_path, f"file:{stream}", "--json", "--stop-copy")
         assert out.returncode == 0, out.stderr
         s = json.loads(out.stdout)

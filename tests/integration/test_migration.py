@@ -14,26 +14,7 @@ import pytest
 from kvmlite.migration import transport, wire
 from kvmlite.procs import VmProcess, free_port, start_destination
 
-from .helpers import ROOT
-
-FINAL = ("completed", "failed", "cancelled")
-
-
-def migrate(src: VmProcess, port: int, timeout: float = 120, **args) -> dict:
-    """Start a migration through the source's monitor and wait for its outcome."""
-    c = src.client()
-    try:
-        c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", **args)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s = c.execute("query-migrate")
-            if s["status"] in FINAL:
-                return s
-            time.sleep(0.02)
-    finally:
-        c.close()
-    raise TimeoutError("migration did not finish")
-
+from .helpers import FINAL, ROOT, fill_vm, finish_and_check, migrate
 
 def error_lines(lines: list[str]) -> list[str]:
     """Guest lines reporting a non-zero error count.  A line the migration cut in
@@ -42,28 +23,11 @@ def error_lines(lines: list[str]) -> list[str]:
     return [l for l in lines if any(int(n) for n in re.findall(r"errors=(\d+)", l))]
 
 
-def fill_vm(guest, memory="256M", live=20, stale=50, dirty=500) -> tuple[VmProcess, dict]:
-    src = VmProcess([str(guest), "--memory", memory, "--cmdline",
-                     f"workload=fill live={live} stale={stale} dirty={dirty}"])
-    m = src.wait_for(r"^fill: ready live=(\d+) stale=(\d+)", timeout=120)
-    return src, {"live": int(m.group(1)), "stale": int(m.group(2))}
-
-
-def finish_and_check(vm: VmProcess, min_verified: int) -> dict:
-    """Ask the fill workload to finish; it must verify its memory and exit 0."""
-    vm.execute("guest-finish")
-    assert vm.wait(120) == 0, vm.output()
-    s = vm.summary()
-    assert s["errors"] == 0 and s["status"] == "ok", s
-    assert s["verified"] >= min_verified, s
-    return s
-
-
 def test_stop_copy_sends_exactly_the_active_pages(guest_image):
     """Stop-copy: pages transferred equal the active pages at pause; the guest passes on the destination."""
     port = free_port()
     dst = start_destination(port, "256M")
-    src, fill = fill_vm(guest_image)
+    src, fill = fill_vm()
     with src, dst:
         src.execute("stop")
         at_pause = src.execute("query-free-pages")
@@ -88,7 +52,7 @@ def test_hint_off_sends_the_free_pages_too(guest_image):
     for hint in (True, False):
         port = free_port()
         dst = start_destination(port, "256M")
-        src, fill = fill_vm(guest_image, live=20, stale=50)
+        src, fill = fill_vm(live=20, stale=50)
         with src, dst:
             results[hint] = migrate(src, port, hint=hint, live=False)
             assert results[hint]["status"] == "completed", results[hint]
@@ -137,7 +101,7 @@ def test_destination_killed_mid_stream_source_keeps_running(guest_image):
     """If the destination dies mid-stream the migration fails and the guest carries on at the source."""
     port = free_port()
     dst = start_destination(port, "256M")
-    src, fill = fill_vm(guest_image, live=50, stale=10)
+    src, fill = fill_vm(live=50, stale=10)
     with src, dst:
         c = src.client()
         c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", bandwidth="16M")
@@ -157,7 +121,7 @@ def test_destination_killed_mid_stream_source_keeps_running(guest_image):
 
 def test_cancel_and_unreachable_destination_keep_the_vm(guest_image):
     """A cancelled migration or one to nowhere leaves the VM running."""
-    src, fill = fill_vm(guest_image, live=50, stale=0)
+    src, fill = fill_vm(live=50, stale=0)
     with src:
         s = migrate(src, free_port())      # nothing listens there
         assert s["status"] == "failed" and "nothing listens" in s["error"]
@@ -176,6 +140,19 @@ def test_cancel_and_unreachable_destination_keep_the_vm(guest_image):
             assert dst.wait(30) == 1
             assert "the guest was not started" in "\n".join(dst.stderr_lines)
         finish_and_check(src, fill["live"])
+
+
+class _Bytes:
+    """Bytes read back through the socket interface wire.read_frame expects."""
+
+    def __init__(self, data: bytes):
+        self.data = memoryview(data)
+
+    def recv_into(self, view, n: int = 0) -> int:
+        n = min(n or len(view), len(self.data))
+        view[:n] = self.data[:n]
+        self.data = self.data[n:]
+        return n
 
 
 def _send_to_destination(payload: bytes) -> VmProcess:
@@ -210,14 +187,14 @@ def test_hostile_or_truncated_streams_are_refused(payload, message):
         assert "Traceback" not in err
         assert not dst.stdout_lines
         if dst.reply:
-            assert wire.decode_reply(dst.reply[4:])["status"] == "error"
+            assert wire.read_frame(_Bytes(dst.reply), "the reply", wire.DEST_ANSWERS_TO_END)["status"] == "error"
 
 
 def test_destination_refusal_reaches_the_source(guest_image):
     """A destination with the wrong RAM size refuses; the source reports why and keeps the guest."""
     port = free_port()
     dst = start_destination(port, "128M")
-    src, fill = fill_vm(guest_image, live=20, stale=0)
+    src, fill = fill_vm(live=20, stale=0)
     with src, dst:
         s = migrate(src, port)
         assert s["status"] == "failed"

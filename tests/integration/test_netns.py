@@ -11,8 +11,7 @@ import pytest
 
 from kvmlite.procs import VmProcess, free_port, start_destination
 
-from .test_migration import FINAL, finish_and_check
-from .test_reliability import _guest
+from .helpers import FINAL, GUEST, finish_and_check
 
 SRC_IP, DST_IP = "10.231.0.1", "10.231.0.2"
 
@@ -52,7 +51,7 @@ def test_cut_link_mid_migration_then_migrate_again(two_hosts, tmp_path):
     key = tmp_path / "key"
     key.write_text("a key shared by the two hosts, 32+\n")
     a, b = two_hosts["a"], two_hosts["b"]
-    src = VmProcess([os.fspath(_guest()), "--memory", "256M", "--auth-key", str(key),
+    src = VmProcess([os.fspath(GUEST), "--memory", "256M", "--auth-key", str(key),
                      "--cmdline", "workload=fill live=50 stale=20 dirty=1000"], prefix=in_ns(a))
     port = free_port()
     dst = start_destination(port, host=DST_IP, prefix=in_ns(b),

@@ -10,29 +10,28 @@ import pytest
 
 from kvmlite.procs import VmProcess, free_port, start_destination
 
-from .test_migration import FINAL, finish_and_check, migrate
+from tests.harness import vmm_command
+
+from .helpers import FINAL, fill_vm, finish_and_check, migrate
 
 MEMORY = "64M"
-# dirty=20000 pages/s: every pre-copy round finds pages to send, so each
-# named point inside a round is reached.
-FILL = "workload=fill live=30 stale=40 dirty=20000"
+# busy_vm dirties 20,000 pages/s: every pre-copy round finds pages to send,
+# so each named point inside a round is reached.
 # downtime 0: never converges early, so the source runs all four pre-copy rounds
 LIVE = {"downtime-ms": 0, "max-rounds": 4}
 
 
-def fill_vm(**env) -> tuple[VmProcess, int]:
-    vm = VmProcess([os.fspath(_guest()), "--memory", MEMORY, "--cmdline", FILL],
-                   env={**os.environ, **env} if env else None)
-    m = vm.wait_for(r"^fill: ready live=(\d+)", timeout=60)
-    return vm, int(m.group(1))
+def busy_vm(*faults: str) -> tuple[VmProcess, int]:
+    """A small fill guest dirtying 20,000 pages/s (its VMM through the harness with
+    `faults`, POINT=ACTION): (the process, its live pages)."""
+    vm, fill = fill_vm(MEMORY, live=30, stale=40, dirty=20000, faults=faults)
+    return vm, fill["live"]
 
 
-def _guest():
-    from .helpers import ROOT
-    return ROOT / "guest" / "guest.bin"
+FILL_ARGS = ["--memory", MEMORY, "--cmdline", "workload=fill live=30 stale=40 dirty=20000"]
 
 
-# Ten points in the destination's life (kvmlite/faults.py), and how the migration runs.
+# Ten points in the destination's life (docs/reliability.md), and how the migration runs.
 DEST_POINTS = [
     ("dst:accepted", LIVE),          # TCP accepted, before the handshake
     ("dst:handshake", LIVE),         # handshake done, before the stream header
@@ -43,7 +42,7 @@ DEST_POINTS = [
     ("dst:round:0:pages", {"live": False}),   # during complete: the stop-copy pass
     ("dst:state", LIVE),             # device and vCPU state read, before END
     ("dst:end", LIVE),               # END checked, before the state is restored
-    ("dst:restored", LIVE),          # state restored, before "running" is sent
+    ("dst:restored", LIVE),          # state restored, before READY is sent
 ]
 
 
@@ -51,9 +50,9 @@ DEST_POINTS = [
                          ids=[f"{p}-{'live' if h.get('live', True) else 'stopcopy'}" for p, h in DEST_POINTS])
 def test_destination_killed_at_each_point_source_resumes(point, how):
     """The destination is SIGKILLed at a point; the source resumes, and a second migration succeeds intact."""
-    src, live = fill_vm()
+    src, live = busy_vm()
     port = free_port()
-    dst = start_destination(port, env={"KVMLITE_TEST_FAULTS": f"{point}=kill"})
+    dst = start_destination(port, vmm=vmm_command([f"{point}=kill"]))
     with src, dst:
         s = migrate(src, port, **how)
         assert s["status"] == "failed" and s["error"], s
@@ -75,7 +74,7 @@ def test_destination_killed_at_each_point_source_resumes(point, how):
 @pytest.mark.parametrize("action,message", [("kill", "truncated"), ("stop", "timed out")])
 def test_source_killed_or_stopped_mid_stream_destination_never_runs_the_guest(action, message):
     """A source killed (or hung) after round 1: the destination exits with a clear error, guest not started."""
-    src, _ = fill_vm(KVMLITE_TEST_FAULTS=f"src:round:1={action}")
+    src, _ = busy_vm(f"src:round:1={action}")
     port = free_port()
     dst = start_destination(port, extra=["--timeout", "2"])
     with src, dst:
@@ -93,14 +92,13 @@ def test_source_killed_or_stopped_mid_stream_destination_never_runs_the_guest(ac
 @pytest.mark.parametrize("stage,dst_faults,src_faults,args", [
     ("setup", "dst:accepted=sleep:3", None, {}),             # waiting for the destination's HELLO
     ("active", None, None, {"bandwidth": "8M"}),             # mid pre-copy
-    ("completing", None, "src:paused=sleep:2", {}),          # the vCPU is paused for the last pass
+    ("device", None, "src:paused=sleep:2", {}),              # the vCPUs are paused for the last pass
 ])
 def test_cancel_at_each_stage_resumes_the_guest(stage, dst_faults, src_faults, args):
     """migrate-cancel in setup, in pre-copy and with the vCPU paused for completion: the guest runs on at the source."""
-    env = {"KVMLITE_TEST_FAULTS": src_faults} if src_faults else {}
-    src, live = fill_vm(**env)
+    src, live = busy_vm(*([src_faults] if src_faults else []))
     port = free_port()
-    dst = start_destination(port, env={"KVMLITE_TEST_FAULTS": dst_faults} if dst_faults else None)
+    dst = start_destination(port, vmm=vmm_command([dst_faults] if dst_faults else []))
     with src, dst:
         c = src.client()
         c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", **args)

@@ -13,7 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import logging
+
 from kvmlite import abi
+from kvmlite.log import log
 from kvmlite.devices import FreePageHint, IoBus
 from kvmlite.vstate.memory import GuestMemory
 
@@ -56,13 +59,25 @@ def mem(shared_mem):
     return shared_mem
 
 
+class LogLines(logging.Handler):
+    """What the VMM logged, as message strings."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
 class Guest:
     """The guest's side of the protocol: 32-bit port accesses at PORT, through an IoBus."""
 
     def __init__(self, mem):
         self.mem = mem
-        self.log = []
-        self.dev = FreePageHint(mem, log=self.log.append)
+        self.capture = LogLines()
+        self.log = self.capture.lines
+        self.dev = FreePageHint(mem)
         self.bus = IoBus()
         self.bus.register(PORT, abi.PORT_COUNT, self.dev)
 
@@ -88,7 +103,10 @@ class Guest:
 
 @pytest.fixture
 def guest(mem):
-    return Guest(mem)
+    g = Guest(mem)
+    log.addHandler(g.capture)
+    yield g
+    log.removeHandler(g.capture)
 
 
 # ---- the device's registers ------------------------------------------------------------------

@@ -19,20 +19,9 @@ import kvmlite
 ROOT = Path(kvmlite.__file__).parent
 CLI_MODULES = {"kvmlite.cli", "kvmlite.__main__"}
 
-# What the core refactor on main (issue 10) removes.  Each entry here must
-# still be found: when the core lands, the test fails until its entry goes.
-KNOWN_CYCLES = {
-    # commands.py imports MIN_MEMORY from cli.py; destination.py imports
-    # _memory, _trace and run_machine from commands.py
-    frozenset({"kvmlite.cli", "kvmlite.commands", "kvmlite.migration.destination"}),
-}
-KNOWN_CLI_USERS = {
-    "kvmlite.commands": "kvmlite.cli",      # MIN_MEMORY
-    "kvmlite.demo": "argparse",             # python -m kvmlite.demo
-    "kvmlite.pki": "argparse",              # python -m kvmlite.pki
-    "kvmlite.soak": "argparse",             # python -m kvmlite.soak
-}
-XFAIL_REASON = "expected to be fixed by the core refactor (issue 10): "
+# `python -m kvmlite.X` entry points are command lines of their own, at the
+# top with cli.py: they may parse arguments, and no library module imports them.
+ENTRY_POINTS = {"kvmlite.demo", "kvmlite.pki", "kvmlite.soak"}
 
 
 def modules() -> dict[str, Path]:
@@ -153,30 +142,23 @@ def test_the_walk_sees_imports_inside_functions_and_relative_ones():
 
 
 def test_no_import_cycle_in_kvmlite():
+    """No module of kvmlite/ imports itself through others (docs/architecture.md)."""
     graph, _ = import_graph()
     groups = [frozenset(g) for g in strongly_connected(graph)]
-    shown = {g: f"{' -> '.join(one_cycle(graph, g))} (all of {', '.join(sorted(g))} import each other)"
-             for g in groups}
-    new = [shown[g] for g in groups if g not in KNOWN_CYCLES]
-    assert not new, "import cycles:\n  " + "\n  ".join(new)
-    gone = [sorted(g) for g in KNOWN_CYCLES if g not in groups]
-    assert not gone, f"these cycles are gone: remove them from KNOWN_CYCLES: {gone}"
-    if groups:
-        pytest.xfail(XFAIL_REASON + "; ".join(shown[g] for g in groups))
+    shown = [f"{' -> '.join(one_cycle(graph, g))} (all of {', '.join(sorted(g))} import each other)"
+             for g in groups]
+    assert not shown, "import cycles:\n  " + "\n  ".join(shown)
 
 
 def test_nothing_below_cli_sees_argparse_or_the_cli():
+    """Only the command lines parse arguments; nothing below them imports one."""
     graph, raw = import_graph()
-    users = {}
+    tops = CLI_MODULES | ENTRY_POINTS
+    bad = []
     for name in graph:
-        if name in CLI_MODULES:
+        if name in tops:
             continue
-        seen = [m for m in ("argparse",) if m in raw[name]] + sorted(graph[name] & {"kvmlite.cli"})
-        if seen:
-            users[name] = ", ".join(seen)
-    new = [f"{m} imports {what}" for m, what in sorted(users.items()) if KNOWN_CLI_USERS.get(m) != what]
-    assert not new, "below the CLI:\n  " + "\n  ".join(new)
-    gone = sorted(set(KNOWN_CLI_USERS) - set(users))
-    assert not gone, f"these no longer import the CLI: remove them from KNOWN_CLI_USERS: {gone}"
-    if users:
-        pytest.xfail(XFAIL_REASON + "; ".join(f"{m} imports {w}" for m, w in sorted(users.items())))
+        if "argparse" in raw[name]:
+            bad.append(f"{name} imports argparse")
+        bad += [f"{name} imports {t}" for t in sorted(graph[name] & tops)]
+    assert not bad, "below the command lines:\n  " + "\n  ".join(bad)

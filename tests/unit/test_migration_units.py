@@ -14,14 +14,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmlite import msr
+from kvmlite import abi, msr
+from kvmlite.bitmap import expand_runs, list_runs, page_runs
 from kvmlite.devices import DebugCon, ExitDevice, FreePageHint, Uart16550
-from kvmlite.errors import MigrationError, StreamError
+from kvmlite.errors import ConfigError, MigrationError, StreamError
 from kvmlite.kvm import ffi
-from kvmlite.migration.source import expand_runs, list_runs, page_runs
-from kvmlite.migration.transport import FileUri, TcpUri, parse_uri
+from kvmlite.endpoints import FileUri, TcpUri, parse_uri
 from kvmlite.migration.state import restore_devices, validate_state
 from kvmlite.vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
+
+from tests.fakes import FakeMachine, new_migration_for
 
 # ---- page_runs / list_runs / expand_runs ------------------------------------------------------
 
@@ -95,8 +97,8 @@ def test_parse_uri_good(uri, parsed):
     "file:",
 ])
 def test_parse_uri_bad(uri):
-    """Anything else raises MigrationError quoting the URI."""
-    with pytest.raises(MigrationError) as e:
+    """Anything else raises ConfigError quoting the URI."""
+    with pytest.raises(ConfigError) as e:
         parse_uri(uri)
     assert repr(uri) in str(e.value)
 
@@ -104,10 +106,10 @@ def test_parse_uri_bad(uri):
 @given(st.text(max_size=30))
 @settings(max_examples=200, deadline=None)
 def test_parse_uri_never_raises_anything_else(uri):
-    """On any string parse_uri returns a valid target or raises MigrationError."""
+    """On any string parse_uri returns a valid target or raises ConfigError."""
     try:
         t = parse_uri(uri)
-    except MigrationError:
+    except ConfigError:
         return
     if isinstance(t, TcpUri):
         assert t.host and 0 < t.port < 65536 and uri.startswith("tcp:")
@@ -283,46 +285,15 @@ def test_restore_devices_turns_bad_device_state_into_stream_error(device, bad):
 
 # ---- the monitor ----------------------------------------------------------------------------
 
-class FakeFph:
-    registration = None
-
-    def __init__(self):
-        self.stop_requested = False
-
-    def request_stop(self):
-        self.stop_requested = True
-
-
-class FakeMachine:
-    def __init__(self):
-        self.running = True
-        self.paused = False
-        self.exits = 0
-        self.memory = FakeMemory()
-        self.fph = FakeFph()
-        self.calls = []
-
-    def pause(self):
-        self.calls.append("pause")
-        self.paused = True
-
-    def resume(self):
-        self.calls.append("resume")
-        self.paused = False
-
-    def quit(self, result):
-        self.calls.append(("quit", result.reason, result.status))
-
-
 @pytest.fixture
 def machine():
-    return FakeMachine()
+    return FakeMachine(FakeMemory())
 
 
 @pytest.fixture
 def monitor(machine, tmp_path):
     from kvmlite.monitor import Monitor
-    m = Monitor(machine, f"unix:{tmp_path}/mon.sock")
+    m = Monitor(machine, f"unix:{tmp_path}/mon.sock", new_migration=new_migration_for(machine))
     yield m
     m.stop()
 
@@ -424,7 +395,7 @@ def test_other_commands(monitor, machine):
     assert ask(monitor, {"execute": "query-free-pages"}) == {
         "return": {"pages_total": FakeMemory.npages, "registered": False}}
     assert ask(monitor, {"execute": "guest-finish"}) == {"return": {}}
-    assert machine.fph.stop_requested
+    assert machine.fph.host_events & abi.HOST_EVENT_STOP
     assert ask(monitor, {"execute": "quit"}) == {"return": {}}
     assert machine.calls[-1] == ("quit", "quit", 0)
 
@@ -441,7 +412,7 @@ SAFE_COMMANDS = st.sampled_from(["query-status", "query-migrate", "query-free-pa
 @pytest.fixture(scope="module")
 def shared_monitor(tmp_path_factory):
     from kvmlite.monitor import Monitor
-    m = Monitor(FakeMachine(), str(tmp_path_factory.mktemp("mon") / "m.sock"))
+    m = Monitor(FakeMachine(FakeMemory()), str(tmp_path_factory.mktemp("mon") / "m.sock"))
     yield m
     m.stop()
 
@@ -455,7 +426,7 @@ def shared_monitor(tmp_path_factory):
 @settings(max_examples=300, deadline=None)
 def test_handle_line_never_raises(shared_monitor, line):
     """Any line gets exactly one of {"return": ...} or {"error": {"class", "desc"}}, never an exception."""
-    shared_monitor.machine = FakeMachine()
+    shared_monitor.machine = FakeMachine(FakeMemory())
     resp = shared_monitor.handle_line(line)
     assert ("return" in resp) != ("error" in resp)
     if "error" in resp:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
+from tests.fakes import FakeMachine
 from kvmlite.cli import main
 from kvmlite.control.arraycodec import decode_array, encode_array, mask_to_words, words_to_mask
 from kvmlite.pagemap.grid import grid
@@ -285,33 +286,6 @@ def test_terminal_in_colour_draws_two_cell_rows_per_line():
 
 
 # ---- the monitor's side: query-vcpu's pause policy, query-pagemap's arrays ---------------------
-
-
-class FakeVcpu:
-    def regs_dict(self):
-        return {n: 0 for n in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9",
-                               "r10", "r11", "r12", "r13", "r14", "r15", "rflags")} | {"rip": 0x101000}
-
-    def sregs_dict(self):
-        seg = {"selector": 0x23, "base": 0, "limit": 0xFFFFFFFF, "dpl": 3, "l": 1, "db": 0}
-        return {"cr0": 1, "cr2": 0, "cr3": 0x10000, "cr4": 0x20, "efer": 0x500, "cs": seg, "ss": seg}
-
-
-class FakeMachine:
-    def __init__(self, paused=False):
-        self.running, self.paused, self.calls = True, paused, []
-        self.vcpu, self.image, self.exits = FakeVcpu(), None, 5
-
-    def pause(self):
-        self.calls.append("pause")
-        self.paused = True
-
-    def resume(self):
-        self.calls.append("resume")
-        self.paused = False
-
-    def exits_by_kind(self):
-        return {"IoOut": 4, "IoIn": 1}
 
 
 @pytest.fixture

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import threading
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from kvmlite.config import Credentials, read_key
 from kvmlite.errors import ConfigError, MigrationError, StreamError
+from kvmlite.log import log
 from kvmlite.migration import transport
-from kvmlite.migration.transport import Credentials
 
 KEY = b"k" * 32
 OTHER = b"o" * 32
@@ -105,12 +108,43 @@ def test_destination_survives_any_handshake_bytes(data):
 def test_key_file_rules(tmp_path):
     """Keys are 16 to 4096 bytes after stripping whitespace; a missing file is a clear error."""
     (tmp_path / "ok").write_bytes(b"  " + b"x" * 16 + b"\n")
-    assert transport.read_key(str(tmp_path / "ok")) == b"x" * 16
+    assert read_key(str(tmp_path / "ok")) == b"x" * 16
     (tmp_path / "short").write_bytes(b"x" * 15)
     with pytest.raises(ConfigError, match="16 to 4096"):
-        transport.read_key(str(tmp_path / "short"))
+        read_key(str(tmp_path / "short"))
     with pytest.raises(ConfigError, match="No such file"):
-        transport.read_key(str(tmp_path / "missing"))
+        read_key(str(tmp_path / "missing"))
+
+
+def test_key_that_is_not_a_regular_file_is_refused_at_once(tmp_path):
+    """A FIFO or a directory given as the key is refused without waiting for a writer."""
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_key(str(tmp_path / "fifo"))
+    with pytest.raises(ConfigError, match="not a regular file"):
+        read_key(str(tmp_path))
+
+
+def test_key_others_can_read_is_reported(tmp_path):
+    """A key file readable by other users works, with a warning that says how to fix it."""
+    lines = []
+
+    class Capture(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+    key = tmp_path / "key"
+    key.write_bytes(b"k" * 32)
+    h = Capture()
+    log.addHandler(h)
+    try:
+        key.chmod(0o600)
+        read_key(str(key))
+        assert lines == []
+        key.chmod(0o644)
+        assert read_key(str(key)) == b"k" * 32
+    finally:
+        log.removeHandler(h)
+    assert len(lines) == 1 and "other users" in lines[0] and "chmod 600" in lines[0]
 
 
 def test_tls_needs_all_three_files(tmp_path):

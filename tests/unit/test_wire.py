@@ -137,7 +137,7 @@ def small_stream() -> Builder:
     return b.state().end()
 
 
-def raw_preamble(body: bytes, *, magic=wire.MAGIC, version=1, flags=0, hlen=None) -> bytes:
+def raw_preamble(body: bytes, *, magic=wire.MAGIC, version=wire.VERSION, flags=0, hlen=None) -> bytes:
     return struct.pack("<8sHHI", magic, version, flags, len(body) if hlen is None else hlen) + body
 
 
@@ -176,7 +176,7 @@ def test_encoder_sizes_and_layout():
     assert wire.round_record(7) == b"R" + (7).to_bytes(4, "little")
     pre = wire.encode_preamble(INFO)
     assert pre[:8] == b"KVMLMIG\x00"
-    assert struct.unpack_from("<HHI", pre, 8) == (1, 0, len(pre) - 16)
+    assert struct.unpack_from("<HHI", pre, 8) == (wire.VERSION, 0, len(pre) - 16)
     s = wire.state_record(STATE)
     assert s[:1] == b"S" and struct.unpack_from("<I", s, 1)[0] == len(s) - 5
     e = wire.end_record(5, 6, 0x1234)
@@ -211,7 +211,7 @@ def test_crc_helper_returns_data():
 def test_round_trip_small_stream():
     b = small_stream()
     dec, header, records, mem = decode(b.bytes())
-    assert header.version == 1 and header.page_size == PS and header.vcpus == 2
+    assert header.version == wire.VERSION and header.page_size == PS and header.vcpus == 2
     assert header.ram == [(0, 64 * PS), (0x100000, 32 * PS)]
     assert header.hint is True and header.live is True and header.source == "src:1"
     assert records == [Pages(0, 2), Zero(0x100000, 3), Round(0), Pages(0x100000 + 5 * PS, 1),
@@ -304,9 +304,12 @@ def test_bad_magic():
         StreamDecoder(FakeSock(b"GET / HTTP/1.1\r\n\r\n")).read_preamble()
 
 
-def test_unknown_version():
-    data = raw_preamble(msgpack.packb(INFO), version=2)
-    with pytest.raises(StreamError, match=r"stream version 2 is not supported \(this kvmlite reads version 1\)"):
+@pytest.mark.parametrize("version", [1, wire.VERSION + 1])
+def test_other_versions_refused_clearly(version):
+    """A stream of version 1 (no handover) or of a newer kvmlite is refused, saying which versions."""
+    data = raw_preamble(msgpack.packb(INFO), version=version)
+    with pytest.raises(StreamError, match=rf"stream version {version} is not supported "
+                                          rf"\(this kvmlite reads version {wire.VERSION}\)"):
         StreamDecoder(FakeSock(data)).read_preamble()
 
 
@@ -568,25 +571,33 @@ def test_mutated_streams(edits, kind):
         assert isinstance(result, End)
 
 
-# -- the reply
+# -- frames: the handover after END (and the handshake) are u32 + msgpack maps
 
-@pytest.mark.parametrize("reply", [{"status": "running"}, {"status": "error", "error": "no memory"},
-                                   {"status": "running", "extra": 1}])
-def test_reply_round_trip(reply):
-    data = wire.encode_reply(reply)
-    assert struct.unpack_from("<I", data)[0] == len(data) - 4
-    assert wire.read_reply(FakeSock(data, seed=3, max_chunk=2)) == reply
+ANSWERS = wire.DEST_ANSWERS_TO_END + wire.DEST_ANSWERS_TO_COMMIT
 
 
-def test_long_error_reply_is_shortened():
-    got = wire.read_reply(FakeSock(wire.encode_reply({"status": "error", "error": "x" * 100000})))
-    assert got["status"] == "error" and len(got["error"]) == wire.MAX_REPLY_ERROR
+@pytest.mark.parametrize("frame", [{"status": "ready"}, {"status": "error", "error": "no memory"},
+                                   {"status": "commit"}, {"status": "running"},
+                                   {"status": "aborted", "error": "no COMMIT within 30 s"}])
+def test_handover_frame_round_trip(frame):
+    """Every handover message survives encoding and a peer that delivers 2 bytes at a time."""
+    data = wire.encode_frame(frame)
+    assert wire.read_frame(FakeSock(data, seed=3, max_chunk=2), "a frame",
+                           ANSWERS + wire.SOURCE_ANSWERS_TO_READY) == frame
 
 
-def test_encode_reply_refuses_bad_replies():
-    for bad in ({}, {"status": "ok"}, {"status": "error"}, {"status": "error", "error": 5}):
-        with pytest.raises(ValueError):
-            wire.encode_reply(bad)
+def test_long_error_frame_is_shortened():
+    """An error message too long for a frame is cut, not refused: the peer still learns why."""
+    got = wire.read_frame(FakeSock(wire.encode_frame({"status": "error", "error": "x" * 100000})),
+                          "a frame", ANSWERS)
+    assert got["status"] == "error" and len(got["error"]) == wire.MAX_FRAME_ERROR
+
+
+def test_encode_frame_refuses_what_cannot_fit():
+    with pytest.raises(ValueError):
+        wire.encode_frame({"blob": b"x" * (wire.MAX_FRAME + 1)})
+    with pytest.raises(ValueError):
+        wire.encode_frame([1, 2])
 
 
 def framed(obj) -> bytes:
@@ -598,24 +609,26 @@ def framed(obj) -> bytes:
     (b"", "truncated"),
     (b"\x05\x00", "truncated"),
     (struct.pack("<I", 0), "length"),
-    (struct.pack("<I", wire.MAX_REPLY_LEN + 1), "length"),
+    (struct.pack("<I", wire.MAX_FRAME + 1), "length"),
     (struct.pack("<I", 10) + b"\x81", "truncated"),
     (struct.pack("<I", 1) + b"\xc1", "not valid msgpack"),
     (struct.pack("<I", 1) + b"\x90", "not a map"),
     (framed({"s": 1}), "status"),
     (framed({"status": "error"}), "error message"),
     (framed({"status": "error", "error": b"bytes"}), "error message"),
-    (framed({"status": "hello"}), "unknown status"),
+    (framed({"status": "hello"}), "status 'hello'"),
+    (framed({"status": "commit"}), "expected ready or error"),
 ])
-def test_hostile_replies(data, message):
+def test_hostile_answers_to_end(data, message):
+    """A source reading the destination's answer to END refuses anything but READY or ERROR."""
     with pytest.raises(StreamError, match=message):
-        wire.read_reply(FakeSock(data))
+        wire.read_frame(FakeSock(data), "the answer", wire.DEST_ANSWERS_TO_END)
 
 
 @FAST
 @given(st.binary(max_size=100))
-def test_random_replies(blob):
+def test_random_frames(blob):
     try:
-        wire.read_reply(FakeSock(blob))
+        wire.read_frame(FakeSock(blob), "a frame", ANSWERS)
     except StreamError:
         pass

@@ -16,6 +16,7 @@ from pathlib import Path
 from kvmlite.boot import DEFAULT_LOAD_ADDR
 from kvmlite.devices import Device
 from kvmlite.errors import KvmliteError
+from kvmlite.config import BootConfig, MachineConfig
 from kvmlite.machine import Machine
 
 HERE = Path(__file__).resolve().parent
@@ -63,7 +64,7 @@ def assemble(source: Path, out: Path) -> Path:
 
 def main() -> int:
     counter = Counter()
-    machine = Machine(16 << 20)
+    machine = Machine(MachineConfig(memory=16 << 20))
     try:
         machine.bus.register(COUNTER_PORT, COUNTER_PORTS, counter)
         try:
@@ -75,7 +76,7 @@ def main() -> int:
             print(f"  {base:#06x}-{base + length - 1:#06x}  {device.name}")
         with tempfile.TemporaryDirectory() as tmp:
             image = assemble(HERE / "lab2_guest.S", Path(tmp) / "lab2_guest.bin")
-            machine.boot(str(image))
+            machine.boot(BootConfig(str(image)))
         sys.stdout.flush()                 # the guest's bytes go straight to fd 1
         result = machine.run()
         print(f"run ended: {result.reason}, status {result.status}, {result.exits} exits")

@@ -2,8 +2,9 @@
 
     python docs/labs/code/lab3_watch.py
 
-Runs guest/guest.bin (workload=churn) in a kvmlite Machine on a thread of
-this process.  Every few milliseconds it pauses the vCPU, reads the bitmap
+Runs guest/guest.bin (workload=churn) in a kvmlite Machine, whose vCPU has a
+thread of its own (every vCPU ioctl is issued there; this script only asks).
+Every few milliseconds it pauses the vCPU, reads the bitmap
 straight out of guest memory, where the free-page-hint device says it is,
 and draws it: one character per 64 pages (one bitmap word),
 '.' all 64 free, '#' all 64 active, '+' some of each.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvmlite.config import BootConfig, MachineConfig
 from kvmlite.devices.output import SerialOutput
 from kvmlite.machine import Machine
 
@@ -34,11 +36,13 @@ def picture(words: np.ndarray) -> str:
 
 def main() -> int:
     quiet = os.open(os.devnull, os.O_WRONLY)          # the guest's serial output
-    machine = Machine(RAM, output=SerialOutput(quiet))
+    machine = Machine(MachineConfig(memory=RAM), output=SerialOutput(quiet))
     try:
-        machine.boot(str(ROOT / "guest" / "guest.bin"), CMDLINE)
+        machine.boot(BootConfig(str(ROOT / "guest" / "guest.bin"), CMDLINE))
         print(f"before the guest runs: registered = {machine.fph.registration is not None}")
         result = {}
+        # machine.run() lets the vCPU thread go and waits for the end: on a thread here,
+        # so this one can watch meanwhile.
         vcpu = threading.Thread(target=lambda: result.update(r=machine.run()))
         vcpu.start()
         while machine.fph.registration is None and vcpu.is_alive():
@@ -48,10 +52,10 @@ def main() -> int:
               f"{reg.npages} pages from GPA {reg.base_gpa:#x}")
         seen = set()
         for i in range(SNAPSHOTS):
-            machine.pause()                           # the bitmap cannot change under us now
+            machine.pause_all()                       # the bitmap cannot change under us now
             words = machine.fph.bitmap_words().copy()
             free = machine.fph.count_free()
-            machine.resume()
+            machine.resume_all()
             seen.add(free)
             print(f"{picture(words)}  free {free:4d}  active {reg.npages - free:4d}")
             time.sleep(INTERVAL)

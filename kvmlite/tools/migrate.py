@@ -12,7 +12,7 @@ from ..errors import KvmliteError, MigrationError
 from ..units import human_bytes
 
 POLL_INTERVAL = 0.05
-FINAL = ("completed", "failed", "cancelled")
+FINAL = ("completed", "failed", "cancelled", "unresolved")
 
 
 def stats_rows(s: dict) -> list[tuple[str, str]]:
@@ -46,37 +46,54 @@ def print_stats(s: dict, file=None) -> None:
     Console(file=file or sys.stdout).print(table)
 
 
-def migrate_command(args) -> int:
+def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
+                    stop_copy: bool = False, downtime_ms: float = 5.0, bandwidth: str = "0",
+                    max_rounds: int = 30, as_json: bool = False, timeout: float | None = None,
+                    auth_key: str | None = None, keep_running: bool = False,
+                    pagemap: str | None = None, resolve: str | None = None) -> int:
+    """`kvmlite migrate`: start a migration on a VM's monitor, follow it, print its stats.
+    With `resolve` ("source" or "destination"), settle an unresolved one instead."""
     from ..units import parse_size
-    client = MonitorClient(args.monitor)
+    client = MonitorClient(monitor)
+    png_error = None
     try:
-        parse_size(args.bandwidth, "--bandwidth")
-        if args.pagemap:
-            _check_writable(args.pagemap)
-        extra = {"downtime-ms": args.downtime_ms, "max-rounds": args.max_rounds}
-        if args.timeout:
-            extra["timeout"] = args.timeout
-        if args.auth_key:
+        if resolve is not None:
+            client.execute("x-migrate-resolve", owner=resolve)
+            s = client.execute("query-migrate")
+            print(f"kvmlite: migration resolved: {s['status']}", file=sys.stderr)
+            return 0
+        if uri is None:
+            raise KvmliteError("give the destination (tcp:HOST:PORT or file:PATH), or --resolve")
+        parse_size(bandwidth, "--bandwidth")
+        if pagemap:
+            _check_writable(pagemap)
+        extra = {"downtime-ms": downtime_ms, "max-rounds": max_rounds}
+        if timeout:
+            extra["timeout"] = timeout
+        if auth_key:
             # the source VMM reads the file: give it a path it can open
-            extra["auth-key"] = os.path.abspath(args.auth_key)
-        if args.keep_running:
+            extra["auth-key"] = os.path.abspath(auth_key)
+        if keep_running:
             extra["keep-running"] = True
-        client.execute("migrate", uri=args.uri, hint=args.hint, live=not args.stop_copy,
-                       bandwidth=args.bandwidth, **extra)
-        s = _follow(client, show_progress=not args.json and sys.stderr.isatty(),
-                    hold=bool(args.pagemap))
-        if args.pagemap:
+        client.execute("migrate", uri=uri, hint=hint, live=not stop_copy,
+                       bandwidth=bandwidth, **extra)
+        s = follow(client, show_progress=not as_json and sys.stderr.isatty(), hold=bool(pagemap))
+        if pagemap:
             # The source was held: it is still up to be asked for the picture,
             # and goes only after the plain query-migrate that follows it.
-            png_error = _write_pagemap(client, args.pagemap)
+            png_error = _write_pagemap(client, pagemap)
             s = client.execute("query-migrate")
     finally:
         client.close()
-    if args.json:
+    if as_json:
         print(json.dumps(s, indent=2))
     else:
         print_stats(s)
-    if args.pagemap and png_error:
+    if s["status"] == "unresolved":
+        print("kvmlite: the destination's answer to COMMIT was lost: the VM is paused at the "
+              "source and may be running at the destination. Check the destination, then: "
+              f"kvmlite migrate --monitor {monitor} --resolve destination|source", file=sys.stderr)
+    if pagemap and png_error:
         print(f"kvmlite: error: {png_error}", file=sys.stderr)
         return 1
     return 0 if s["status"] == "completed" else 1
@@ -92,7 +109,7 @@ def _check_writable(path: str) -> None:
 
 def _write_pagemap(client: MonitorClient, path: str) -> str | None:
     """Fetch query-pagemap and write its sent-rounds PNG; an error message, or None."""
-    from ..tools.pagemap import write_monitor_png
+    from .pagemap import write_monitor_png
     try:
         g = write_monitor_png(client.execute("query-pagemap"), path)
     except KvmliteError as e:
@@ -101,30 +118,36 @@ def _write_pagemap(client: MonitorClient, path: str) -> str | None:
     return None
 
 
-def _follow(client: MonitorClient, show_progress: bool, hold: bool = False) -> dict:
-    """Poll query-migrate until the migration ends.  `hold`: ask a finished
-    source to stay up for more queries (a plain query-migrate releases it)."""
+def follow(client: MonitorClient, show_progress: bool = False, hold: bool = False,
+           timeout: float | None = None, interval: float = POLL_INTERVAL) -> dict:
+    """Poll query-migrate until the migration ends (raising TimeoutError after
+    `timeout` seconds).  `hold`: ask a finished source to stay up for more
+    queries (a plain query-migrate releases it)."""
     query = {"hold": True} if hold else {}
-    if not show_progress:
-        while True:
-            s = client.execute("query-migrate", **query)
-            if s["status"] in FINAL:
-                return s
-            time.sleep(POLL_INTERVAL)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    with Progress(TextColumn("[bold]migrating"), BarColumn(), TextColumn("{task.description}"),
-                  TimeElapsedColumn(), transient=True) as progress:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    progress = task = None
+    if show_progress:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+        progress = Progress(TextColumn("[bold]migrating"), BarColumn(), TextColumn("{task.description}"),
+                            TimeElapsedColumn(), transient=True)
+        progress.start()
         task = progress.add_task("", total=1.0)
+    try:
         while True:
             s = client.execute("query-migrate", **query)
-            done = s["pages_transferred"] + s["pages_skipped_free"]
-            frac = min(done / max(s["pages_total"], 1), 1.0)
-            progress.update(task, completed=frac, description=(
-                f"round {s['rounds']}  sent {human_bytes(s['bytes_wire'])}  "
-                f"skipped {s['pages_skipped_free']} free pages  [{s['status']}]"))
+            if progress is not None:
+                done = s["pages_transferred"] + s["pages_skipped_free"]
+                progress.update(task, completed=min(done / max(s["pages_total"], 1), 1.0), description=(
+                    f"round {s['rounds']}  sent {human_bytes(s['bytes_wire'])}  "
+                    f"skipped {s['pages_skipped_free']} free pages  [{s['status']}]"))
             if s["status"] in FINAL:
                 return s
-            time.sleep(POLL_INTERVAL)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"the migration did not finish within {timeout:g} s")
+            time.sleep(interval)
+    finally:
+        if progress is not None:
+            progress.stop()
 
 
 def migrate(monitor_path: str, uri: str, **kwargs) -> dict:
@@ -132,7 +155,7 @@ def migrate(monitor_path: str, uri: str, **kwargs) -> dict:
     client = MonitorClient(monitor_path)
     try:
         client.execute("migrate", uri=uri, **kwargs)
-        s = _follow(client, show_progress=False)
+        s = follow(client, show_progress=False)
     finally:
         client.close()
     if s["status"] != "completed":

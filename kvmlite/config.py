@@ -1,0 +1,260 @@
+"""Typed, validated configuration: what the CLI (or a Python caller) asks for.
+
+Every config is a frozen dataclass that checks itself when it is made, so
+nothing below can be handed a size that is not a size, a NaN timeout or a
+string where a boolean belongs.  The CLI turns its arguments into these;
+library users build them directly:
+
+    from kvmlite import Machine, MachineConfig, BootConfig
+    with Machine(MachineConfig(memory=256 << 20)) as vm:
+        vm.boot(BootConfig("guest/guest.bin", cmdline="workload=hello"))
+        result = vm.run()
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+from dataclasses import dataclass, field
+
+from .boot import MAX_RAM as MAX_MEMORY, MIB2 as MEMORY_GRANULE
+from .endpoints import FileUri, TcpUri, Uri, parse_uri
+from .errors import ConfigError
+from .log import log
+
+MIB = 1 << 20
+MIN_MEMORY = 2 * MIB
+DEFAULT_MEMORY = 256 * MIB
+MAX_VCPUS = 64
+DEFAULT_TIMEOUT = 30.0            # seconds without progress before a migration gives up
+MAX_TIMEOUT = 24 * 3600.0
+MAX_DOWNTIME_MS = 60_000.0
+MAX_ROUNDS = 1000
+MIN_KEY_BYTES = 16
+MAX_KEY_BYTES = 4096
+
+
+def _check_bool(value, what: str) -> bool:
+    if type(value) is not bool:
+        raise ConfigError(f"{what} must be true or false, not {value!r}")
+    return value
+
+
+def _check_int(value, what: str, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        raise ConfigError(f"{what} must be an integer from {lo} to {hi}, not {value!r}")
+    return value
+
+
+def _check_number(value, what: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if type(value) not in (int, float) or not math.isfinite(value) \
+            or value < lo or (lo_open and value == lo) or value > hi:
+        bound = f"more than {lo:g}" if lo_open else f"from {lo:g}"
+        raise ConfigError(f"{what} must be a number {bound} to {hi:g}, not {value!r}")
+    return float(value)
+
+
+def check_memory(size: int, what: str = "--memory") -> int:
+    """A guest RAM size kvmlite can boot: 2 MiB granules, 2 MiB to 64 GiB."""
+    if type(size) is not int:
+        raise ConfigError(f"{what} must be a size in bytes, not {size!r}")
+    if size < MIN_MEMORY:
+        raise ConfigError(f"{what}: at least {MIN_MEMORY >> 20} MiB is needed")
+    if size % MEMORY_GRANULE:
+        raise ConfigError(f"{what}: must be a multiple of 2 MiB "
+                          "(the boot page tables map RAM in 2 MiB pages)")
+    if size > MAX_MEMORY:
+        raise ConfigError(f"{what}: at most {MAX_MEMORY >> 30} GiB is supported")
+    return size
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """The VM's shape.  `memory` None: sized later (by an incoming stream's header)."""
+    memory: int | None = DEFAULT_MEMORY
+    vcpus: int = 1
+    prefault: bool = False        # fault all of RAM in at start (QEMU's -mem-prealloc)
+    trace: bool = False           # log every VM exit
+
+    def __post_init__(self):
+        if self.memory is not None:
+            check_memory(self.memory)
+        _check_int(self.vcpus, "the vCPU count", 1, MAX_VCPUS)
+        _check_bool(self.prefault, "prefault")
+        _check_bool(self.trace, "trace")
+
+
+@dataclass(frozen=True)
+class BootConfig:
+    """A guest image to boot: flat binary (at `load`, default 1 MiB) or ELF."""
+    image: str
+    cmdline: str = ""
+    load: int | None = None
+    entry: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.image, str) or not self.image:
+            raise ConfigError("no guest image given (try: kvmlite run guest/guest.bin)")
+        if not isinstance(self.cmdline, str):
+            raise ConfigError("the guest command line must be a string")
+        for name in ("load", "entry"):
+            v = getattr(self, name)
+            if v is not None:
+                _check_int(v, f"--{name}", 0, (1 << 64) - 1)
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a VMM proves itself with: a shared key, TLS certificates, or neither."""
+    key: bytes | None = field(default=None, repr=False)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def any(self) -> bool:
+        return self.key is not None or self.tls
+
+    @classmethod
+    def load(cls, auth_key: str | None = None, tls_cert: str | None = None,
+             tls_key: str | None = None, tls_ca: str | None = None) -> "Credentials":
+        key = read_key(auth_key) if auth_key else None
+        tls = (tls_cert, tls_key, tls_ca)
+        if any(tls) and not all(tls):
+            raise ConfigError("TLS needs all three of --tls-cert, --tls-key and --tls-ca")
+        for path in filter(None, tls):
+            if not os.path.isfile(path):
+                raise ConfigError(f"{path}: no such file")
+        return cls(key, *tls)
+
+
+def read_key(path: str) -> bytes:
+    """The shared key: the file's bytes, surrounding whitespace removed.
+
+    Only a regular file is read (a FIFO would hang start-up), and a key that
+    others may read is reported: anyone who can read it can send this VMM a VM.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"--auth-key {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"--auth-key {path}: not a regular file")
+        if st.st_mode & 0o077:
+            log.warning(f"--auth-key {path} can be read by other users "
+                        f"(mode {stat.S_IMODE(st.st_mode):04o}; chmod 600 it)")
+        key = os.read(fd, MAX_KEY_BYTES + 1).strip()
+    finally:
+        os.close(fd)
+    if not MIN_KEY_BYTES <= len(key) <= MAX_KEY_BYTES:
+        raise ConfigError(f"--auth-key {path}: a key must be {MIN_KEY_BYTES} to {MAX_KEY_BYTES} "
+                          "bytes (e.g. head -c 32 /dev/urandom | base64 > key)")
+    return key
+
+
+@dataclass(frozen=True)
+class MigrationParams:
+    """One outgoing migration (QEMU's migrate command and its parameters)."""
+    uri: str
+    hint: bool = True                 # skip pages the guest's bitmap says are free
+    live: bool = True                 # pre-copy while the guest runs (else pause, then one pass)
+    downtime_ms: float = 5.0          # the final pass must be predicted to fit this
+    bandwidth: int = 0                # bytes per second, 0 = no limit
+    max_rounds: int = 30              # pre-copy rounds before forcing completion
+    timeout: float = DEFAULT_TIMEOUT  # seconds without progress before giving up
+    keep_running: bool = False        # file: only: save a snapshot and carry on here
+    creds: Credentials = field(default_factory=Credentials)
+
+    def __post_init__(self):
+        target = parse_uri(self.uri)
+        _check_bool(self.hint, "hint")
+        _check_bool(self.live, "live")
+        _check_number(self.downtime_ms, "downtime-ms", 0, MAX_DOWNTIME_MS)
+        _check_int(self.bandwidth, "bandwidth", 0, 1 << 50)
+        _check_int(self.max_rounds, "max-rounds", 1, MAX_ROUNDS)
+        _check_number(self.timeout, "timeout", 0, MAX_TIMEOUT, lo_open=True)
+        _check_bool(self.keep_running, "keep-running")
+        if self.keep_running and not isinstance(target, FileUri):
+            raise ConfigError("keep-running is for snapshots (file:PATH): after a migration "
+                              "the VM runs at the destination, not in two places")
+        if not isinstance(self.creds, Credentials):
+            raise ConfigError("creds must be Credentials")
+
+    @property
+    def target(self) -> Uri:
+        return parse_uri(self.uri)
+
+
+def default_max_memory() -> int:
+    """The largest RAM a stream may ask of this host by default: what the host
+    has, less a quarter (at least 1 GiB) left for the host itself."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    room = max(total // 4, 1 << 30)
+    return max(min(total - room, MAX_MEMORY), MIN_MEMORY)
+
+
+@dataclass(frozen=True)
+class IncomingConfig:
+    """Waiting for a migration (`run --incoming`), or restoring a snapshot."""
+    uri: str
+    max_memory: int | None = None     # the largest RAM a stream may ask for; None: default_max_memory()
+    insecure: bool = False            # beyond loopback without a key or TLS
+    timeout: float = DEFAULT_TIMEOUT
+
+    def __post_init__(self):
+        parse_uri(self.uri)
+        if self.max_memory is not None:
+            check_memory(self.max_memory, "--max-memory")
+        _check_bool(self.insecure, "insecure")
+        _check_number(self.timeout, "timeout", 0, MAX_TIMEOUT, lo_open=True)
+
+    @property
+    def target(self) -> Uri:
+        return parse_uri(self.uri)
+
+    @property
+    def memory_cap(self) -> int:
+        return self.max_memory if self.max_memory is not None else default_max_memory()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """`kvmlite run`: boot an image or receive a VM, and serve it."""
+    machine: MachineConfig = field(default_factory=MachineConfig)
+    boot: BootConfig | None = None
+    incoming: IncomingConfig | None = None
+    monitor: str | None = None        # unix socket path of the monitor
+    gdb: str | None = None            # tcp:HOST:PORT for the gdb stub
+    stats: bool = False               # page counts from the guest's bitmap at exit
+    creds: Credentials = field(default_factory=Credentials)
+    timeout: float = DEFAULT_TIMEOUT  # default for migrations started from the monitor
+
+    def __post_init__(self):
+        if (self.boot is None) == (self.incoming is None):
+            raise ConfigError("give either an image or --incoming, not both"
+                              if self.boot else
+                              "no guest image given (try: kvmlite run guest/guest.bin)")
+        if self.gdb and self.incoming:
+            raise ConfigError("--gdb debugs a guest booted here, not one arriving with --incoming")
+        if self.machine.memory is None and self.boot is not None:
+            raise ConfigError("a booted guest needs a memory size")
+        inc = self.incoming
+        if inc is not None:
+            target = inc.target
+            if isinstance(target, FileUri) and self.creds.any:
+                raise ConfigError("--auth-key and --tls-* are for tcp: peers, not snapshot files")
+            if isinstance(target, TcpUri) and not self.creds.any and not inc.insecure:
+                from .endpoints import is_loopback
+                if not is_loopback(target.host):
+                    raise ConfigError(
+                        f"listening on {target.host} lets anyone who can reach it send this VMM "
+                        "a VM: give --auth-key (and --tls-* on untrusted networks), "
+                        "or --insecure to accept any peer")
+        _check_number(self.timeout, "timeout", 0, MAX_TIMEOUT, lo_open=True)

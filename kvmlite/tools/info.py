@@ -1,0 +1,33 @@
+"""`kvmlite info`: what /dev/kvm offers here, like kvm-ok."""
+
+from __future__ import annotations
+
+import os
+
+from ..kvm import lib
+from ..vstate import Kvm
+
+
+def info_command() -> int:
+    with Kvm() as k:
+        print(f"/dev/kvm: KVM API version {k.api_version} (kvmlite needs {lib.KVM_API_VERSION})")
+        print(f"vCPU run area: {k.vcpu_mmap_size} bytes")
+        for cap, value in k.capabilities().items():
+            print(f"  {cap:<36} {'yes' if value else 'no ':<4} {value if value > 1 else ''}")
+        cpuid = k.supported_cpuid()
+        print(f"supported CPUID leaves: {cpuid.nent}")
+        msrs = k.msr_index_list()
+        print(f"saveable MSRs: {len(msrs)}")
+        modules = kvm_modules()
+        if modules:
+            print(f"kernel modules: {', '.join(modules)}")
+    print("kvmlite can run guests here.")
+    return 0
+
+
+def kvm_modules() -> list[str]:
+    """The loaded KVM modules (kvm_intel, kvm_amd, kvm_pvm, ...): which kind of KVM this is."""
+    try:
+        return sorted(m for m in os.listdir("/sys/module") if m.startswith("kvm"))
+    except OSError:
+        return []
