@@ -113,6 +113,7 @@ def print_stats(machine) -> None:
 
 
 def cmd_info(args) -> int:
+    from . import hostkind
     from .kvm import lib
     from .vstate import Kvm
     with Kvm() as k:
@@ -124,19 +125,12 @@ def cmd_info(args) -> int:
         print(f"supported CPUID leaves: {cpuid.nent}")
         msrs = k.msr_index_list()
         print(f"saveable MSRs: {len(msrs)}")
-        modules = _kvm_modules()
+        modules = hostkind.kvm_modules()
         if modules:
             print(f"kernel modules: {', '.join(modules)}")
+        print(f"KVM kind: {hostkind.describe()}")
     print("kvmlite can run guests here.")
     return 0
-
-
-def _kvm_modules() -> list[str]:
-    import os
-    try:
-        return sorted(m for m in os.listdir("/sys/module") if m.startswith("kvm"))
-    except OSError:
-        return []
 
 
 def cmd_migrate(args) -> int:
