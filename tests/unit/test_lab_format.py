@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,70 @@ def test_a_block_without_a_command_or_left_open_is_refused():
         check.parse_lab("```console\noutput\n```\n")
     with pytest.raises(check.LabFormatError, match="never closed"):
         check.parse_lab("```console\n$ true\n")
+
+
+def test_fence_attributes_are_read_and_unknown_ones_refused():
+    """`terminal=N` and `skip="..."` after `console`; anything else is a format error."""
+    text = ('```console terminal=2\n$ true\n```\n\n'
+            '```console skip="waits for the harness"\n$ false\n```\n')
+    first, second = check.parse_lab(text)
+    assert first.terminal == "2" and first.skip is None
+    assert second.skip == "waits for the harness" and second.terminal is None
+    with pytest.raises(check.LabFormatError, match="line 1"):
+        check.parse_lab("```console termnal=2\n$ true\n```\n")
+
+
+def write_lab(tmp_path, text):
+    lab = tmp_path / "labX.md"
+    lab.write_text(text)
+    return lab
+
+
+def test_a_skipped_block_is_not_run_but_listed(tmp_path):
+    """A `skip` block's command does not run (here it would fail), and its reason is reported."""
+    lab = write_lab(tmp_path, f'intro\n\n```console skip="not yet"\n$ touch {tmp_path}/ran; false\n```\n')
+    assert check.check_lab(lab) == []
+    assert not (tmp_path / "ran").exists()
+    assert check.skipped(lab) == [(3, "not yet")]
+
+
+def test_terminals_run_side_by_side_as_a_reader_would(tmp_path):
+    """Terminal 1 keeps running after its first line; terminal 2 then runs, and
+    what it does lets terminal 1 finish; both are checked at the end."""
+    go = tmp_path / "go"
+    lab = write_lab(tmp_path, (
+        "```console terminal=1\n"
+        f"$ echo waiting; until [ -e {go} ]; do sleep 0.02; done; echo released\n"
+        "waiting\n...\nreleased\n```\n\n"
+        "```console terminal=2\n"
+        f"$ echo first; sleep 0.3; touch {go}\n"
+        "first\n"
+        f"$ rm {go}; echo second\n"
+        "second\n```\n"))
+    assert check.check_lab(lab, timeout=10) == []
+
+
+def test_a_terminal_step_that_never_shows_its_lines_fails_without_waiting_forever(tmp_path):
+    """A background step whose first lines differ fails at once, and the session's
+    other processes are ended."""
+    lab = write_lab(tmp_path, (
+        "```console terminal=1\n$ echo hello; sleep 30\nwelcome\n...\n```\n\n"
+        "```console terminal=2\n$ sleep 30\n```\n"))
+    t0 = time.monotonic()
+    failures = check.check_lab(lab, timeout=20)
+    assert time.monotonic() - t0 < 10
+    assert len(failures) == 1 and "output differs" in failures[0] and "+hello" in failures[0]
+
+
+def test_a_terminal_runs_one_command_at_a_time(tmp_path):
+    """Two commands typed into one terminal: the second starts after the first exits,
+    even if the first's shown output ends in `...`."""
+    mark = tmp_path / "mark"
+    lab = write_lab(tmp_path, (
+        "```console terminal=1\n"
+        f"$ echo start; sleep 0.3; echo done > {mark}\nstart\n...\n"
+        f"$ cat {mark}\ndone\n```\n"))
+    assert check.check_lab(lab, timeout=10) == []
 
 
 def test_a_failure_report_names_the_lab_the_command_and_the_diff():
