@@ -109,7 +109,7 @@ def test_terminals_run_side_by_side_as_a_reader_would(tmp_path):
         "```console terminal=2\n"
         f"$ echo first; sleep 0.3; touch {go}\n"
         "first\n"
-        f"$ rm {go}; echo second\n"
+        "$ echo second\n"
         "second\n```\n"))
     assert check.check_lab(lab, timeout=10) == []
 
@@ -178,6 +178,21 @@ def test_links_to_code_resolve(lab):
             body = path.read_text()
             assert re.search(rf"(def|class)\s+{name}\b|\b{name}\s*\(|^{name}:", body, re.M), \
                 f"{lab.name}: {target} defines no {name}"
+
+
+SHELLS = ("sh", "bash", "shell", "")
+
+
+@pytest.mark.parametrize("lab", LABS, ids=lambda p: p.name)
+def test_a_shell_block_that_is_not_run_says_why(lab):
+    """A reader types what a lab shows.  Shell commands are `console` blocks,
+    which the checker runs; any other shell block is an illustration and
+    says so, and why, on its first line."""
+    for info, line, body, _ in check.fenced_blocks(lab.read_text()):
+        if info in SHELLS:
+            assert body and body[0].startswith("# illustration: "), \
+                f"{lab.name}:{line}: a ```{info} block is not run: make it ```console, or begin " \
+                f"it with '# illustration: why it is not run'"
 
 
 def test_every_lab_file_is_run_by_a_lab():
