@@ -392,7 +392,9 @@ def run_session(blocks: list[Block], timeout: float = DEFAULT_TIMEOUT) -> list[O
 
 
 def lab_files() -> list[Path]:
-    return sorted(LABS.glob("lab*.md"))
+    """docs/labs/labN-*.md, by N."""
+    return sorted(LABS.glob("lab*.md"), key=lambda p: (int(re.match(r"lab(\d*)", p.name).group(1) or 0),
+                                                       p.name))
 
 
 def host_kind() -> str:
