@@ -331,7 +331,8 @@ class Running:
                     return ""
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return f"timed out after {timeout:.0f} s waiting for its first lines"
+                    waited = "to exit" if ready is None else "for its lines before the first '...'"
+                    return f"timed out after {timeout:.0f} s waiting {waited}"
                 self._cond.wait(left)
 
     def finish(self, timeout: float, problem: str = "") -> Outcome:
