@@ -20,6 +20,18 @@ with status 0 and its output must match the lines below it:
   regular expression REGEX matches; everything else is literal;
 * trailing spaces and trailing empty lines do not count.
 
+Words after `console` in the fence are attributes:
+
+* `terminal=N`: the block is typed into terminal N, beside other terminals.
+  Consecutive terminal blocks are one session.  A command waits for the one
+  before it in the same terminal to exit; the lab moves on to the next
+  command once this one has printed its lines up to the first `...` (all
+  of them, i.e. it has exited, if there is no `...`), as a reader watching
+  that terminal would.  At the end of the session every command must have
+  exited with status 0 and printed what the lab shows.
+* `skip="REASON"`: the block is shown but not run; the test suite reports
+  it as skipped, with the reason.
+
 tests/integration/test_labs.py runs every lab this way; tests/unit/test_lab_format.py
 checks the matcher.
 """
@@ -32,6 +44,8 @@ import re
 import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,17 +70,42 @@ class Block:
     info: str
     line: int
     steps: list[Step] = field(default_factory=list)
+    attrs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> str | None:
+        return self.attrs.get("terminal")
+
+    @property
+    def skip(self) -> str | None:
+        return self.attrs.get("skip")
 
 
 class LabFormatError(ValueError):
     pass
 
 
-_FENCE = re.compile(r"^(`{3,}|~{3,})\s*([^`\s]*)")
+_FENCE = re.compile(r"^(`{3,}|~{3,})\s*([^`\s]*)(.*)$")
+_ATTR = re.compile(r'\s*(\w+)=(?:"([^"]*)"|(\S+))')
+ATTRIBUTES = ("terminal", "skip")
 
 
-def fenced_blocks(text: str) -> list[tuple[str, int, list[str]]]:
-    """(info string, line of the opening fence, body lines) of every fenced block."""
+def parse_attributes(text: str, line: int) -> dict[str, str]:
+    """`terminal=2 skip="a reason"` -> {"terminal": "2", "skip": "a reason"}."""
+    attrs, pos, text = {}, 0, text.rstrip()
+    while pos < len(text):
+        m = _ATTR.match(text, pos)
+        if not m or m.group(1) not in ATTRIBUTES:
+            raise LabFormatError(f"line {line}: cannot read the fence's attributes {text.strip()!r} "
+                                 f"(known: {', '.join(ATTRIBUTES)}; NAME=VALUE or NAME=\"A VALUE\")")
+        attrs[m.group(1)] = m.group(2) if m.group(2) is not None else m.group(3)
+        pos = m.end()
+    return attrs
+
+
+def fenced_blocks(text: str) -> list[tuple[str, int, list[str], str]]:
+    """(info string, line of the opening fence, body lines, rest of the fence line)
+    of every fenced block."""
     out = []
     lines = text.splitlines()
     i = 0
@@ -75,7 +114,7 @@ def fenced_blocks(text: str) -> list[tuple[str, int, list[str]]]:
         if not m:
             i += 1
             continue
-        fence, info, start = m.group(1), m.group(2), i + 1
+        fence, info, rest, start = m.group(1), m.group(2), m.group(3), i + 1
         body = []
         i += 1
         while i < len(lines) and not (lines[i].startswith(fence[0] * len(fence))
@@ -84,7 +123,7 @@ def fenced_blocks(text: str) -> list[tuple[str, int, list[str]]]:
             i += 1
         if i == len(lines):
             raise LabFormatError(f"line {start}: the ``` block is never closed")
-        out.append((info, start, body))
+        out.append((info, start, body, rest))
         i += 1
     return out
 
@@ -120,9 +159,10 @@ def parse_console(body: list[str], first_line: int) -> list[Step]:
 def parse_lab(text: str) -> list[Block]:
     """Every console block of a lab, with its steps."""
     blocks = []
-    for info, line, body in fenced_blocks(text):
+    for info, line, body, rest in fenced_blocks(text):
         if info == "console":
-            blocks.append(Block(info, line, parse_console(body, line + 1)))
+            blocks.append(Block(info, line, parse_console(body, line + 1),
+                                parse_attributes(rest, line)))
     return blocks
 
 
@@ -217,29 +257,167 @@ def report(lab: str, o: Outcome, max_lines: int = 80) -> str:
 
 
 def check_lab(path: Path, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
-    """Run every command of a lab in order; one report per failing command."""
+    """Run every command of a lab in order; one report per failing command.
+    Blocks marked `skip` are not run (see `skipped`)."""
     name = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
     failures = []
-    for block in parse_lab(path.read_text()):
-        for step in block.steps:
-            o = run_step(step, timeout)
-            if not o.ok:
-                failures.append(report(name, o))
+    blocks = [b for b in parse_lab(path.read_text()) if b.skip is None]
+    i = 0
+    while i < len(blocks):
+        if blocks[i].terminal is None:
+            for step in blocks[i].steps:
+                o = run_step(step, timeout)
+                if not o.ok:
+                    failures.append(report(name, o))
+            i += 1
+            continue
+        j = i
+        while j < len(blocks) and blocks[j].terminal is not None:
+            j += 1
+        failures += [report(name, o) for o in run_session(blocks[i:j], timeout)]
+        i = j
     return failures
 
 
+def skipped(path: Path) -> list[tuple[int, str]]:
+    """(line, reason) of every block of a lab marked `skip`."""
+    return [(b.line, b.skip) for b in parse_lab(path.read_text()) if b.skip is not None]
+
+
+# ---- several terminals at once -----------------------------------------------------------
+
+def ready_lines(expected: list[str]) -> list[str] | None:
+    """What a step in a terminal shows before the reader moves on: its lines up
+    to the first `...`; None when it has none, i.e. the step must finish first."""
+    for k, line in enumerate(expected):
+        if line.strip() == ANY_LINES:
+            return expected[:k]
+    return None
+
+
+class Running:
+    """One command of a terminal block, running in the background; its output
+    (stdout and stderr together) is collected line by line."""
+
+    def __init__(self, step: Step):
+        self.step = step
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._eof = False
+        self.proc = subprocess.Popen(["bash", "-c", step.command], cwd=ROOT, env=environment(),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for raw in iter(self.proc.stdout.readline, b""):
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def wait_ready(self, timeout: float) -> str:
+        """Wait until the step shows its ready lines or exits; "" when it did,
+        else what went wrong."""
+        ready = ready_lines(self.step.expected)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if ready is not None and len(self.lines) >= len(ready):
+                    return "" if match_lines(ready, self.lines[:len(ready)]) else "output differs"
+                if self._eof:
+                    return ""
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    waited = "to exit" if ready is None else "for its lines before the first '...'"
+                    return f"timed out after {timeout:.0f} s waiting {waited}"
+                self._cond.wait(left)
+
+    def finish(self, timeout: float, problem: str = "") -> Outcome:
+        """Wait for the step to exit (kill it after `timeout`) and judge its output."""
+        if problem:
+            self.kill()
+        try:
+            status = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            status, problem = None, problem or f"timed out after {timeout:.0f} s"
+        with self._cond:
+            self._cond.wait_for(lambda: self._eof, 5)
+            out = list(self.lines)
+        if not problem and status != 0:
+            problem = f"exit status {status}"
+        if not problem and not match_lines(self.step.expected, out):
+            problem = "output differs"
+        return Outcome(self.step, not problem, out, problem)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+
+
+def run_session(blocks: list[Block], timeout: float = DEFAULT_TIMEOUT) -> list[Outcome]:
+    """Run consecutive `terminal=N` blocks as a reader with N terminals would;
+    returns the outcomes that failed."""
+    last: dict[str, Running] = {}         # the latest command of each terminal
+    done: list[Outcome] = []
+    running: list[Running] = []
+    problem = ""
+    for block in blocks:
+        for step in block.steps:
+            before = last.get(block.terminal)
+            if before is not None:             # one shell: the previous command ends first
+                running.remove(before)
+                done.append(before.finish(timeout))
+            r = Running(step)
+            running.append(r)
+            last[block.terminal] = r
+            problem = r.wait_ready(timeout)
+            if problem:
+                break
+        if problem:
+            break
+    # The session is over: what still runs must end by itself (or the failing
+    # step's problem ends it, and everything else with it).
+    failing = running[-1] if problem else None
+    for r in running:
+        why = problem if r is failing else "stopped: a later step failed" if failing else ""
+        done.append(r.finish(timeout, why))
+    return [o for o in done if not o.ok]
+
+
 def lab_files() -> list[Path]:
-    return sorted(LABS.glob("lab*.md"))
+    """docs/labs/labN-*.md, by N."""
+    return sorted(LABS.glob("lab*.md"), key=lambda p: (int(re.match(r"lab(\d*)", p.name).group(1) or 0),
+                                                       p.name))
+
+
+def host_kind() -> str:
+    """The host's KVM kind (kvmlite.hostkind), to read a failure by."""
+    try:
+        from kvmlite import hostkind
+    except ImportError:
+        return "unknown (kvmlite is not importable from this Python)"
+    return hostkind.describe()
 
 
 def main(argv: list[str]) -> int:
     paths = [Path(a).resolve() for a in argv] or lab_files()
     failed = 0
+    print(f"KVM kind: {host_kind()}")
     for path in paths:
         failures = check_lab(path)
         failed += len(failures)
         for f in failures:
             print(f, end="\n\n")
+        for line, reason in skipped(path):
+            print(f"{path.name}:{line}: skipped: {reason}")
         print(f"{path.name}: {'ok' if not failures else f'{len(failures)} failing'}")
     return 1 if failed else 0
 

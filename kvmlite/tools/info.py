@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
+from .. import hostkind
 from ..kvm import lib
 from ..vstate import Kvm
 
@@ -18,16 +17,9 @@ def info_command() -> int:
         print(f"supported CPUID leaves: {cpuid.nent}")
         msrs = k.msr_index_list()
         print(f"saveable MSRs: {len(msrs)}")
-        modules = kvm_modules()
+        modules = hostkind.kvm_modules()
         if modules:
             print(f"kernel modules: {', '.join(modules)}")
+        print(f"KVM kind: {hostkind.describe()}")
     print("kvmlite can run guests here.")
     return 0
-
-
-def kvm_modules() -> list[str]:
-    """The loaded KVM modules (kvm_intel, kvm_amd, kvm_pvm, ...): which kind of KVM this is."""
-    try:
-        return sorted(m for m in os.listdir("/sys/module") if m.startswith("kvm"))
-    except OSError:
-        return []

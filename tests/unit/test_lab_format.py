@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ check = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = check      # dataclasses look their module up there
 _spec.loader.exec_module(check)
 
-LABS = sorted((ROOT / "docs" / "labs").glob("lab*.md"))
+LABS = check.lab_files()
 
 
 def test_literal_lines_must_match_exactly():
@@ -72,6 +73,70 @@ def test_a_block_without_a_command_or_left_open_is_refused():
         check.parse_lab("```console\n$ true\n")
 
 
+def test_fence_attributes_are_read_and_unknown_ones_refused():
+    """`terminal=N` and `skip="..."` after `console`; anything else is a format error."""
+    text = ('```console terminal=2\n$ true\n```\n\n'
+            '```console skip="waits for the harness"\n$ false\n```\n')
+    first, second = check.parse_lab(text)
+    assert first.terminal == "2" and first.skip is None
+    assert second.skip == "waits for the harness" and second.terminal is None
+    with pytest.raises(check.LabFormatError, match="line 1"):
+        check.parse_lab("```console termnal=2\n$ true\n```\n")
+
+
+def write_lab(tmp_path, text):
+    lab = tmp_path / "labX.md"
+    lab.write_text(text)
+    return lab
+
+
+def test_a_skipped_block_is_not_run_but_listed(tmp_path):
+    """A `skip` block's command does not run (here it would fail), and its reason is reported."""
+    lab = write_lab(tmp_path, f'intro\n\n```console skip="not yet"\n$ touch {tmp_path}/ran; false\n```\n')
+    assert check.check_lab(lab) == []
+    assert not (tmp_path / "ran").exists()
+    assert check.skipped(lab) == [(3, "not yet")]
+
+
+def test_terminals_run_side_by_side_as_a_reader_would(tmp_path):
+    """Terminal 1 keeps running after its first line; terminal 2 then runs, and
+    what it does lets terminal 1 finish; both are checked at the end."""
+    go = tmp_path / "go"
+    lab = write_lab(tmp_path, (
+        "```console terminal=1\n"
+        f"$ echo waiting; until [ -e {go} ]; do sleep 0.02; done; echo released\n"
+        "waiting\n...\nreleased\n```\n\n"
+        "```console terminal=2\n"
+        f"$ echo first; sleep 0.3; touch {go}\n"
+        "first\n"
+        "$ echo second\n"
+        "second\n```\n"))
+    assert check.check_lab(lab, timeout=10) == []
+
+
+def test_a_terminal_step_that_never_shows_its_lines_fails_without_waiting_forever(tmp_path):
+    """A background step whose first lines differ fails at once, and the session's
+    other processes are ended."""
+    lab = write_lab(tmp_path, (
+        "```console terminal=1\n$ echo hello; sleep 30\nwelcome\n...\n```\n\n"
+        "```console terminal=2\n$ sleep 30\n```\n"))
+    t0 = time.monotonic()
+    failures = check.check_lab(lab, timeout=20)
+    assert time.monotonic() - t0 < 10
+    assert len(failures) == 1 and "output differs" in failures[0] and "+hello" in failures[0]
+
+
+def test_a_terminal_runs_one_command_at_a_time(tmp_path):
+    """Two commands typed into one terminal: the second starts after the first exits,
+    even if the first's shown output ends in `...`."""
+    mark = tmp_path / "mark"
+    lab = write_lab(tmp_path, (
+        "```console terminal=1\n"
+        f"$ echo start; sleep 0.3; echo done > {mark}\nstart\n...\n"
+        f"$ cat {mark}\ndone\n```\n"))
+    assert check.check_lab(lab, timeout=10) == []
+
+
 def test_a_failure_report_names_the_lab_the_command_and_the_diff():
     """The report says where the command is, what it was, and how the output differed."""
     step = check.Step("echo hi", ["hello"], 7)
@@ -80,9 +145,13 @@ def test_a_failure_report_names_the_lab_the_command_and_the_diff():
     assert "$ echo hi" in text and "-hello" in text and "+hi" in text
 
 
-def test_there_are_five_labs():
-    """The index promises five labs."""
-    assert [p.name.split("-")[0] for p in LABS] == ["lab1", "lab2", "lab3", "lab4", "lab5"]
+def test_the_index_lists_every_lab_and_only_those():
+    """docs/labs/README.md's table links each lab file, in order, and nothing else:
+    a new lab joins the checks by being a docs/labs/labN-*.md in the index."""
+    index = (ROOT / "docs" / "labs" / "README.md").read_text()
+    listed = re.findall(r"^\| \[\d+\. [^\]]+\]\((lab[^)]+\.md)\)", index, re.M)
+    assert listed == [p.name for p in LABS]
+    assert [p.name.split("-")[0] for p in LABS][:5] == ["lab1", "lab2", "lab3", "lab4", "lab5"]
 
 
 @pytest.mark.parametrize("lab", LABS, ids=lambda p: p.name)
@@ -113,6 +182,21 @@ def test_links_to_code_resolve(lab):
             body = path.read_text()
             assert re.search(rf"(def|class)\s+{name}\b|\b{name}\s*\(|^{name}:", body, re.M), \
                 f"{lab.name}: {target} defines no {name}"
+
+
+SHELLS = ("sh", "bash", "shell", "")
+
+
+@pytest.mark.parametrize("lab", LABS, ids=lambda p: p.name)
+def test_a_shell_block_that_is_not_run_says_why(lab):
+    """A reader types what a lab shows.  Shell commands are `console` blocks,
+    which the checker runs; any other shell block is an illustration and
+    says so, and why, on its first line."""
+    for info, line, body, _ in check.fenced_blocks(lab.read_text()):
+        if info in SHELLS:
+            assert body and body[0].startswith("# illustration: "), \
+                f"{lab.name}:{line}: a ```{info} block is not run: make it ```console, or begin " \
+                f"it with '# illustration: why it is not run'"
 
 
 def test_every_lab_file_is_run_by_a_lab():
