@@ -11,7 +11,7 @@ all: setup guest
 # A venv with kvmlite installed editable; cffi compiles kvmlite._kvm against
 # this machine's <linux/kvm.h> during the install.
 setup: $(STAMP)
-$(STAMP): pyproject.toml setup.py kvmlite/_kvm_build.py
+$(STAMP): pyproject.toml setup.py kvmlite/_kvm_build.py kvmlite/migration/_wire_build.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -63,4 +63,4 @@ soak: setup guest
 
 clean:
 	$(MAKE) -C guest clean
-	rm -rf build *.egg-info kvmlite/_kvm.c kvmlite/*.so kvmlite/*.o bench/out
+	rm -rf build *.egg-info kvmlite/_kvm.c kvmlite/migration/_wire.c kvmlite/*.so kvmlite/migration/*.so kvmlite/*.o bench/out

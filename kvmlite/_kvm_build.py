@@ -272,10 +272,6 @@ uint64_t kvmlite_run_packed(int vcpu_fd, struct kvm_run *run);
 int kvmlite_install_kick_handler(int signo);
 int kvmlite_madvise(void *addr, size_t length, int advice);
 size_t kvmlite_zero_pages(const void *base, size_t npages, size_t page_size, unsigned char *is_zero);
-size_t kvmlite_scatter_pages(const uint8_t *buf, size_t len, uint8_t rec_type, size_t head,
-                             size_t gpa_off, size_t npages_off, size_t page, uint8_t *ram, uint64_t ram_gpa,
-                             uint64_t ram_size, uint32_t max_run, uint8_t *written,
-                             uint8_t *heads, size_t heads_cap, uint64_t *counts);
 size_t kvmlite_zero_page_list(const void *base, const int64_t *pages, size_t n, size_t page_size, unsigned char *is_zero);
 """
 
@@ -373,50 +369,6 @@ static size_t kvmlite_zero_pages(const void *base, size_t npages, size_t page_si
         zeros += is_zero[i];
     }
     return zeros;
-}
-
-/* The migration decoder's fast path (kvmlite/migration/wire.py): copy the
-   consecutive, complete PAGES records at the start of buf into RAM, 13-byte
-   head (type 'P', gpa u64, npages u32, little-endian) then npages pages each.
-   It stops before the first record that is not PAGES, not complete in buf, or
-   fails any check; Python then reads that record itself and says what is
-   wrong with it.  So this never judges a stream, it only copies what is
-   plainly right.  The heads go to `heads` for the stream's crc; counts gets
-   records, pages and head bytes.  Returns the bytes consumed. */
-static size_t kvmlite_scatter_pages(const uint8_t *buf, size_t len, uint8_t rec_type, size_t head,
-                                    size_t gpa_off, size_t npages_off, size_t page, uint8_t *ram, uint64_t ram_gpa,
-                                    uint64_t ram_size, uint32_t max_run, uint8_t *written,
-                                    uint8_t *heads, size_t heads_cap, uint64_t *counts)
-{
-    size_t pos = 0, nheads = 0;
-    uint64_t records = 0, pages = 0;
-    while (len - pos >= head && heads_cap - nheads >= head) {
-        const uint8_t *h = buf + pos;
-        uint64_t gpa, off;
-        uint32_t n;
-        if (h[0] != rec_type)
-            break;
-        memcpy(&gpa, h + gpa_off, 8);           /* x86 is little-endian, as the wire */
-        memcpy(&n, h + npages_off, 4);
-        if (n < 1 || n > max_run || (gpa & (page - 1)) || gpa < ram_gpa)
-            break;
-        off = gpa - ram_gpa;
-        if (off > ram_size || (uint64_t)n * page > ram_size - off)
-            break;
-        if (len - pos - head < (size_t)n * page)
-            break;                              /* payload not all here yet */
-        memcpy(ram + off, h + head, (size_t)n * page);
-        memset(written + off / page, 1, n);
-        memcpy(heads + nheads, h, head);
-        nheads += head;
-        pos += head + (size_t)n * page;
-        records++;
-        pages += n;
-    }
-    counts[0] = records;
-    counts[1] = pages;
-    counts[2] = nheads;
-    return pos;
 }
 
 /* The same for n scattered pages: is_zero[i] for page pages[i] from base. */

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..bitmap import PAGE_SHIFT
+from ..bitmap import PAGE_SHIFT, words_for, words_to_mask
 from ..config import Credentials, IncomingConfig, MachineConfig
 from ..endpoints import FileUri
 from ..errors import KvmliteError, StreamError
@@ -36,15 +36,17 @@ class ReceiveStats:
     ms: float = 0.0
 
 
-def receive(conn, machine, *, machine_config: MachineConfig | None = None,
-            max_memory: int | None = None, hooks: Hooks = NO_HOOKS, make_machine=None):
+def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
+            machine_config: MachineConfig | None = None, max_memory: int | None = None,
+            hooks: Hooks = NO_HOOKS, make_machine=None):
     """Read a whole stream into `machine` (made from the header if None); restore its
-    vCPUs (parked) and devices.  Returns (machine, ReceiveStats).  StreamError on
-    anything wrong with the stream."""
+    vCPUs (parked) and devices.  With `keys` the stream must carry integrity
+    tags, and does not pass unless every page the guest uses arrived intact.
+    Returns (machine, ReceiveStats).  StreamError on anything wrong with the stream."""
     t0 = time.perf_counter()
     # The decoder's buffer (256 KiB) holds ~60 one-page records for the C fast
     # path per call; a larger one would copy big runs' payloads twice.
-    dec = wire.StreamDecoder(conn)
+    dec = wire.StreamDecoder(conn, keys=keys)
     header = dec.read_preamble()
     if len(header.ram) != 1 or header.ram[0][0] != 0:
         raise StreamError(f"RAM layout {header.ram} is not supported (one region at GPA 0)")
@@ -72,6 +74,9 @@ def receive(conn, machine, *, machine_config: MachineConfig | None = None,
     # Pages never written here are still zero: a ZERO record only has work
     # to do for pages that earlier rounds filled with data.
     written = np.zeros(mem.npages, dtype=np.uint8)
+    # Pages whose last record's tag did not match (integrity on): a later
+    # record must bring them intact, unless the guest has freed them.
+    unverified = np.zeros(mem.npages, dtype=np.uint8) if dec.integrity is not None else None
 
     def target(gpa: int, nbytes: int):
         return mem.slice(gpa, nbytes)
@@ -79,21 +84,25 @@ def receive(conn, machine, *, machine_config: MachineConfig | None = None,
     state = None
     round_started = False
     while True:
-        if dec.scatter_buffered(mem, written):
+        if dec.scatter_buffered(mem, written, unverified):
             if not round_started:
                 round_started = True
                 hooks.point(f"dst:round:{dec.rounds}:pages")
             continue
         rec = dec.next_record(target)
         match rec:
-            case wire.Pages(gpa, npages):
+            case wire.Pages(gpa, npages, verified):
                 first = gpa >> PAGE_SHIFT
                 written[first:first + npages] = 1
+                if unverified is not None:
+                    unverified[first:first + npages] = not verified
                 if not round_started:
                     round_started = True
                     hooks.point(f"dst:round:{dec.rounds}:pages")
             case wire.Zero(gpa, npages):
                 first = gpa >> PAGE_SHIFT
+                if unverified is not None:
+                    unverified[first:first + npages] = 0
                 was = written[first:first + npages]
                 if was.any():
                     for s in np.flatnonzero(was).tolist():
@@ -113,9 +122,32 @@ def receive(conn, machine, *, machine_config: MachineConfig | None = None,
         restore_state(machine, state)
     except KvmliteError as e:
         raise StreamError(f"the migrated state was refused: {e}") from None
+    if unverified is not None:
+        _check_integrity(machine, unverified, dec.tags_bad)
     stats = ReceiveStats(dec.pages, dec.zero_pages, dec.bytes_received, dec.rounds,
                          (time.perf_counter() - t0) * 1000)
     return machine, stats
+
+
+def _check_integrity(machine, unverified: np.ndarray, tags_bad: int) -> None:
+    """Every page whose last record failed its tag must be free in the guest's
+    own bitmap, as it arrived (bitmap pages are never free, so they were
+    checked): a page the guest uses arrived intact, or the stream is refused.
+
+    A tag fails honestly when the guest wrote a page while it was being sent;
+    that page was dirty again and went in a later record, which supersedes it."""
+    bad = unverified.astype(bool)
+    if not bad.any():
+        return
+    view = machine.free_pages.free_view()
+    if view is not None:
+        free = words_to_mask(view.free_words(0, words_for(len(bad))), len(bad))
+        bad &= ~free
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise StreamError(f"{int(bad.sum())} page(s) the guest uses failed the integrity check "
+                          f"(the first at GPA {first << PAGE_SHIFT:#x}; {tags_bad} record tag(s) "
+                          "did not match): the stream was changed on the way or at rest")
 
 
 def _machine(cfg: MachineConfig):
@@ -162,11 +194,12 @@ class Incoming:
         try:
             if isinstance(target, FileUri):
                 conn, self.peer = transport.FileSource(target.path), target.path
+                keys = conn.keys
                 log.info(f"restoring the VM saved in {target.path}")
             else:
                 if self.listener is None:
                     self.listen()
-                conn, self.peer = self.listener.accept()
+                conn, self.peer, keys = self.listener.accept()
                 self.listener.close()
                 self.hooks.point("dst:handshake")
         except BaseException:
@@ -177,7 +210,7 @@ class Incoming:
             with gc_paused():   # no collection pauses while the source's vCPUs are paused
                 try:
                     self.machine, self.stats = receive(
-                        conn, self.machine, machine_config=self.machine_config,
+                        conn, self.machine, keys=keys, machine_config=self.machine_config,
                         max_memory=self.config.memory_cap, hooks=self.hooks)
                     self.hooks.point("dst:restored")
                 except KvmliteError as e:

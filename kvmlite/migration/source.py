@@ -64,6 +64,7 @@ class Migration:
         self.sink = None        # where the stream goes: transport.SocketSink, TlsSink or FileSink
         self._connecting: socket.socket | None = None
         self._crc = 0
+        self._integrity: wire.Integrity | None = None   # page tags and structure MAC, when the link needs them
         self._t0 = 0.0
         self._paused_here = False          # this migration paused the vCPUs (and so resumes them)
         # The round that last sent each page (0: never): counts re-sends, and
@@ -183,12 +184,16 @@ class Migration:
         mem = self.machine.memory
         self._connect()
         self.hooks.point("src:connected")
+        info = {"page_size": PAGE_SIZE, "ram": [[mem.gpa, mem.size]], "vcpus": self.machine.nvcpus,
+                "hint": self.params.hint, "live": self.params.live, "source": "kvmlite"}
+        if self.sink.keys is not None:
+            # A keyed link without TLS, or a snapshot file: tag every page record.
+            self._integrity = wire.Integrity(self.sink.keys)
+            info["integrity"] = wire.INTEGRITY
         self.machine.vm.start_dirty_log()
         dirty = all_set(mem.npages)
         self.dirty_words = dirty
-        self._send(wire.encode_preamble({
-            "page_size": PAGE_SIZE, "ram": [[mem.gpa, mem.size]], "vcpus": self.machine.nvcpus,
-            "hint": self.params.hint, "live": self.params.live, "source": "kvmlite"}), structural=True)
+        self._send(wire.encode_preamble(info), structural=True)
         self.stats.setup_ms = (time.perf_counter() - self._t0) * 1000
         self._check_cancel()
         self.state.advance(S.ACTIVE if self.params.live else S.DEVICE, only_from=(S.SETUP,))
@@ -263,7 +268,8 @@ class Migration:
             self._mark("state")
             self._send(wire.state_record(collect_state(machine)), structural=True)
             # END's crc covers every structural byte sent before it, and END's own head.
-            self._sendall([wire.end_record(self.stats.pages_sent, self.stats.pages_zero, self._crc)])
+            self._sendall([wire.end_record(self.stats.pages_sent, self.stats.pages_zero, self._crc,
+                                           self._integrity)])
             self._check_cancel()
             self.hooks.point("src:end")
 
@@ -499,19 +505,27 @@ class Migration:
             recs = wire.run_records(wire.REC_ZERO, mem.gpa + (zs << PAGE_SHIFT), zl)
             self._send(recs, structural=True)
             self.stats.pages_zero += int(zl.sum())
-        # PAGES records: head, then the pages straight from guest memory
+        # PAGES records: head, then the pages straight from guest memory (and a tag)
         ds, dl = list_runs(absolute[~zero])
         if len(ds):
             heads = memoryview(wire.run_records(wire.REC_PAGES, mem.gpa + (ds << PAGE_SHIFT), dl))
-            self._crc = wire.crc(heads, self._crc)         # payloads are not checksummed
+            self._structure(heads)                        # payloads and tags are not structure
             size = wire.PAGES_HEADER_SIZE
             view = mem.view
-            offsets = (ds << PAGE_SHIFT).tolist()
-            nbytes = (dl << PAGE_SHIFT).tolist()
+            offsets, nbytes = ds << PAGE_SHIFT, dl << PAGE_SHIFT
+            tags = tag_size = None
+            if self._integrity is not None:
+                # Tagged from memory as it is now; should the guest write a page
+                # before sendmsg reads it, the tag will not match, and the page,
+                # dirty again, goes in a later record that does (docs/wire-format.md).
+                tags = memoryview(self._integrity.tags(heads, mem.pointer, offsets, nbytes))
+                tag_size = wire.TAG_SIZE
             bufs, batch = [], 0
-            for i, (off, n) in enumerate(zip(offsets, nbytes)):
+            for i, (off, n) in enumerate(zip(offsets.tolist(), nbytes.tolist())):
                 bufs.append(heads[i * size:(i + 1) * size])
                 bufs.append(view[off:off + n])
+                if tags is not None:
+                    bufs.append(tags[i * tag_size:(i + 1) * tag_size])
                 batch += n
                 if len(bufs) >= MAX_IOV or batch >= MAX_BATCH_BYTES:
                     self._sendall(bufs)
@@ -521,9 +535,15 @@ class Migration:
             self.stats.pages_sent += int(dl.sum())
         return len(pages)
 
+    def _structure(self, data) -> None:
+        """Structural bytes (all but page payloads and tags): checksummed, and MACed."""
+        self._crc = wire.crc(data, self._crc)
+        if self._integrity is not None:
+            self._integrity.structure(data)
+
     def _send(self, data: bytes, *, structural: bool) -> None:
         if structural:
-            self._crc = wire.crc(data, self._crc)
+            self._structure(data)
         self._sendall([data])
 
     def _sendall(self, bufs: list) -> None:

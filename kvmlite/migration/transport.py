@@ -131,7 +131,7 @@ def server_handshake(sock, creds: Credentials) -> None:
     if reply.get("kvmlite") != HANDSHAKE_VERSION:
         raise StreamError(f"{what}: not a kvmlite source speaking handshake version {HANDSHAKE_VERSION}")
     if creds.key is None:
-        return
+        return None
     proof = reply.get("mac")
     if proof is None:
         why = "the source has no key (start it with --auth-key)"
@@ -144,6 +144,7 @@ def server_handshake(sock, creds: Credentials) -> None:
         _send_quietly(sock, _encode({"status": "error", "error": f"authentication failed: {why}"}))
         raise StreamError(f"authentication failed: {why}")
     sock.sendall(_encode({"status": "ok", "mac": _mac(creds.key, _DEST_PROOF, nonce_s, nonce_d)}))
+    return _stream_keys(creds, nonce_d, nonce_s)
 
 
 def client_handshake(sock, creds: Credentials) -> None:
@@ -165,7 +166,7 @@ def client_handshake(sock, creds: Credentials) -> None:
             raise MigrationError("the destination does not authenticate (start it with --auth-key); "
                                  "refusing to send the VM to an unauthenticated peer")
         sock.sendall(_encode({"kvmlite": HANDSHAKE_VERSION}))
-        return
+        return None
     if creds.key is None:
         sock.sendall(_encode({"kvmlite": HANDSHAKE_VERSION}))   # so the destination can say why
         raise MigrationError("the destination requires authentication: give --auth-key")
@@ -180,6 +181,16 @@ def client_handshake(sock, creds: Credentials) -> None:
     if answer.get("status") != "ok" or not isinstance(proof, bytes) or not hmac.compare_digest(
             proof, _mac(creds.key, _DEST_PROOF, nonce_s, nonce_d)):
         raise MigrationError("authentication failed: the destination's key does not match")
+    return _stream_keys(creds, nonce_d, nonce_s)
+
+
+def _stream_keys(creds: Credentials, nonce_d: bytes, nonce_s: bytes) -> "wire.StreamKeys | None":
+    """The keys that protect the stream's integrity: derived from the shared key
+    and this connection's nonces, on a keyed link without TLS.  With TLS the
+    records of TLS protect it already."""
+    if creds.key is None or creds.tls:
+        return None
+    return wire.StreamKeys.derive(creds.key, nonce_d, nonce_s)
 
 
 def _send_quietly(sock, data: bytes) -> None:
@@ -204,12 +215,14 @@ def _after(bufs: list, n: int) -> list:
 
 
 class SocketSink:
-    """Plain TCP: `sendmsg` straight from guest memory, no copies."""
+    """Plain TCP: `sendmsg` straight from guest memory, no copies.  `keys`:
+    the stream's integrity keys on a keyed link (none over TLS, which has its own)."""
     kind = "tcp"
     expects_reply = True
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, keys=None):
         self.sock = sock
+        self.keys = keys
 
     def send(self, bufs: list) -> None:
         while bufs:
@@ -269,6 +282,7 @@ class FileSink:
     failed or cancelled save never leaves a file that looks like a snapshot."""
     kind = "file"
     expects_reply = False
+    keys = wire.FILE_KEYS      # a snapshot carries tags: a changed bit anywhere is found
 
     def __init__(self, path: str):
         self.path = path
@@ -308,6 +322,7 @@ class FileSink:
 
 class FileSource:
     """Reads a snapshot file with the socket interface StreamDecoder expects."""
+    keys = wire.FILE_KEYS
 
     def __init__(self, path: str):
         try:
@@ -347,11 +362,11 @@ def connect(uri: TcpUri, creds: Credentials, *, connect_timeout: float, io_timeo
                 sock = tls_context(creds, server=False).wrap_socket(sock, server_hostname=uri.host)
             except ssl.SSLError as e:
                 raise MigrationError(f"TLS with {uri} failed: {e.reason or e}") from None
-        client_handshake(sock, creds)
+        keys = client_handshake(sock, creds)
     except BaseException:
         sock.close()
         raise
-    return TlsSink(sock) if creds.tls else SocketSink(sock)
+    return TlsSink(sock) if creds.tls else SocketSink(sock, keys)
 
 
 class Listener:
@@ -389,8 +404,9 @@ class Listener:
             raise ConfigError(f"cannot listen on {target}: {e.strerror}") from None
         self.sock = srv
 
-    def accept(self) -> tuple[socket.socket, str]:
-        """Wait for a source that completes the handshake; returns (connection, peer)."""
+    def accept(self) -> tuple[socket.socket, str, "wire.StreamKeys | None"]:
+        """Wait for a source that completes the handshake; returns (connection,
+        peer, the stream's integrity keys or None)."""
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ)
         try:
@@ -424,7 +440,7 @@ class Listener:
             sock = conn
             if self.creds.tls:
                 sock = _accept_tls(conn, self.creds, deadline)
-            server_handshake(_Deadline(sock, deadline), self.creds)
+            keys = server_handshake(_Deadline(sock, deadline), self.creds)
             sock.settimeout(self.io_timeout)
         except (StreamError, ConfigError) as e:
             self._refuse(conn, peer, str(e))
@@ -440,7 +456,7 @@ class Listener:
             if self._winner is not None or self._closed:
                 _shut(sock)
                 return
-            self._winner = (sock, peer)
+            self._winner = (sock, peer, keys)
             self._cond.notify_all()
 
     def _refuse(self, conn: socket.socket, peer: str, why: str) -> None:

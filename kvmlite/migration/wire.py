@@ -12,6 +12,8 @@ including truncation and a broken connection -- raises `StreamError`.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -47,11 +49,19 @@ MAX_STATE_LEN = 16 << 20
 _PREAMBLE = struct.Struct("<8sHHI")  # magic, version, flags, header_len: 16 bytes
 _RUN = struct.Struct("<BQI")         # type, gpa, npages: 13 bytes (PAGES, ZERO)
 _TYPE_U32 = struct.Struct("<BI")     # type, u32: 5 bytes (ROUND, STATE)
-_END_HEAD = struct.Struct("<BQQ")    # type, pages, zero_pages: the crc-covered 17 bytes
-_END = struct.Struct("<BQQI")        # ... + crc32: 21 bytes
+_END_HEAD = struct.Struct("<BQQ")    # type, pages, zero_pages: the checksummed 17 bytes
+_END = struct.Struct("<BQQI32s")     # ... + crc32 + structure MAC: 53 bytes
 _U32 = struct.Struct("<I")
 
 PAGES_HEADER_SIZE = _RUN.size
+
+# Integrity (docs/wire-format.md, "Integrity"): with it on, every PAGES record
+# ends with a GMAC tag of its head and payload, and END with an HMAC of the
+# stream's structure.
+INTEGRITY = "gmac-aes128"        # the header's `integrity` value
+TAG_SIZE = 16
+MAC_SIZE = 32
+_NO_MAC = bytes(MAC_SIZE)
 
 
 # --------------------------------------------------------------------------
@@ -75,6 +85,82 @@ class Crc:
     def add(self, data):
         self.value = zlib.crc32(data, self.value)
         return data
+
+
+@dataclass(frozen=True)
+class StreamKeys:
+    """The keys of one stream's integrity: GMAC for page records, HMAC for the structure."""
+    pages: bytes = field(repr=False)       # 16 bytes: AES-128
+    structure: bytes = field(repr=False)   # HMAC-SHA256 key
+
+    @classmethod
+    def derive(cls, key: bytes, *nonces: bytes) -> "StreamKeys":
+        """From a shared key and the handshake's nonces: fresh for every connection."""
+        def sub(label: bytes) -> bytes:
+            return hmac.new(key, b"kvmlite-stream-v1 " + label + b"".join(nonces), hashlib.sha256).digest()
+        return cls(sub(b"pages")[:16], sub(b"structure"))
+
+
+# Snapshot files: public keys.  They detect a changed bit anywhere in the
+# file, not a forger, who can recompute them: sign a snapshot to prove who made it.
+FILE_KEYS = StreamKeys(bytes(16), b"kvmlite-stream-v1 file")
+
+
+class Integrity:
+    """One direction of a stream's integrity: record tags and the structure MAC.
+
+    Tags are numbered: the n-th PAGES record's tag uses n as its GMAC IV, so a
+    record moved, repeated or dropped does not verify.
+    """
+
+    def __init__(self, keys: StreamKeys):
+        from ._wire import ffi, lib
+        self._ffi, self._lib = ffi, lib
+        ctx = lib.kvmlite_gmac_new(keys.pages)
+        if ctx == ffi.NULL:
+            raise StreamError("libcrypto could not set up AES-128-GCM")
+        self._gmac = ffi.gc(ctx, lib.kvmlite_gmac_free)
+        self._mac = hmac.new(keys.structure, digestmod=hashlib.sha256)
+        self.seq = 0                  # PAGES records tagged (or checked) so far
+
+    @property
+    def gmac(self):
+        return self._gmac
+
+    def structure(self, data) -> None:
+        self._mac.update(data)
+
+    def finish(self, end_head: bytes) -> bytes:
+        mac = self._mac.copy()
+        mac.update(end_head)
+        return mac.digest()
+
+    def tags(self, heads, ram_pointer, offsets: np.ndarray, lengths: np.ndarray) -> bytes:
+        """Tags of len(offsets) records, whose heads are `heads` (13 bytes each) and
+        payloads at ram_pointer + offsets[i], lengths[i] bytes."""
+        ffi = self._ffi
+        n = len(offsets)
+        out = bytearray(n * TAG_SIZE)
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        if self._lib.kvmlite_gmac_tags(self._gmac, self.seq, n, ffi.from_buffer("uint8_t[]", heads),
+                                       _RUN.size, ffi.cast("uint8_t *", ram_pointer),
+                                       ffi.from_buffer("int64_t[]", offsets),
+                                       ffi.from_buffer("int64_t[]", lengths),
+                                       ffi.from_buffer("uint8_t[]", out)) != 0:
+            raise StreamError("libcrypto failed to tag page records")
+        self.seq += n
+        return bytes(out)
+
+    def check(self, head, payload, tag) -> bool:
+        ffi = self._ffi
+        ok = self._lib.kvmlite_gmac_check(self._gmac, self.seq, ffi.from_buffer("uint8_t[]", head),
+                                          len(head), ffi.from_buffer("uint8_t[]", payload),
+                                          len(payload), ffi.from_buffer("uint8_t[]", tag))
+        if ok < 0:
+            raise StreamError("libcrypto failed to check a page record")
+        self.seq += 1
+        return bool(ok)
 
 
 def encode_preamble(info: dict) -> bytes:
@@ -142,11 +228,13 @@ def state_record(state: dict) -> bytes:
     return _TYPE_U32.pack(REC_STATE, len(body)) + body
 
 
-def end_record(pages: int, zero_pages: int, crc: int) -> bytes:
-    """The END record.  `crc` is the running crc of everything sent before it;
-    the record's own first 17 bytes are folded in here."""
+def end_record(pages: int, zero_pages: int, crc: int, integrity: Integrity | None = None) -> bytes:
+    """The END record.  `crc` is the running crc of everything structural sent
+    before it; the record's own first 17 bytes are folded in here, and into the
+    structure MAC when the stream has integrity (else the MAC is zeros)."""
     head = _END_HEAD.pack(REC_END, pages, zero_pages)
-    return head + _U32.pack(zlib.crc32(head, crc))
+    mac = integrity.finish(head) if integrity is not None else _NO_MAC
+    return head + _U32.pack(zlib.crc32(head, crc)) + mac
 
 
 # --------------------------------------------------------------------------
@@ -216,13 +304,16 @@ class Header:
     live: bool
     source: str
     info: dict = field(repr=False)  # the whole map, unknown keys included
+    integrity: bool = False         # PAGES records carry tags, END a structure MAC
 
 
 @dataclass(frozen=True, slots=True)
 class Pages:
-    """`npages` pages at `gpa`; their data is already in destination memory."""
+    """`npages` pages at `gpa`; their data is already in destination memory.
+    `verified` is False when the record's integrity tag did not match."""
     gpa: int
     npages: int
+    verified: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +408,11 @@ def validate_info(info: Any, version: int = VERSION) -> Header:
                           f"{_show(hint)} and {_show(live)}")
     if not isinstance(source, str):
         raise StreamError(f"stream header: source is {_show(source)}, not a string")
-    return Header(version, ps, regions, vcpus, hint, live, source, info)
+    integrity = info.get("integrity", "none")
+    if integrity not in ("none", INTEGRITY):
+        raise StreamError(f"stream header: integrity {_show(integrity)} is not one kvmlite knows")
+    return Header(version, ps, regions, vcpus, hint, live, source, info,
+                  integrity=integrity == INTEGRITY)
 
 
 def _recv_some(sock, view, what: str, so_far: int) -> int:
@@ -350,10 +445,13 @@ class StreamDecoder:
     straight into the memory `target` returns.  Timeouts are the socket's own.
     """
 
-    def __init__(self, sock, *, bufsize: int = 256 * 1024):
+    def __init__(self, sock, *, keys: StreamKeys | None = None, bufsize: int = 256 * 1024):
         if bufsize < 64:
             raise ValueError("bufsize must be at least 64 bytes")
         self._sock = sock
+        self._keys = keys            # given: the stream must have integrity, checked with these
+        self.integrity: Integrity | None = None
+        self.tags_bad = 0            # PAGES records whose tag did not match
         self._buf = bytearray(bufsize)
         self._view = memoryview(self._buf)
         self._pos = 0          # first unconsumed byte in _buf
@@ -387,9 +485,15 @@ class StreamDecoder:
         while self._end - self._pos < n:
             self._end += self._recv(self._view[self._end:], what)
 
+    def _structure(self, data) -> None:
+        """Structural bytes (all but page payloads and tags): checksummed, and MACed."""
+        self._crc = zlib.crc32(data, self._crc)
+        if self.integrity is not None:
+            self.integrity.structure(data)
+
     def _consume(self, n: int) -> None:
-        """Consume `n` buffered structural bytes, adding them to the crc."""
-        self._crc = zlib.crc32(self._view[self._pos:self._pos + n], self._crc)
+        """Consume `n` buffered structural bytes, adding them to the checksum."""
+        self._structure(self._view[self._pos:self._pos + n])
         self._pos += n
         self.offset += n
         if self._pos == self._end:
@@ -410,35 +514,46 @@ class StreamDecoder:
 
     # -- stream
 
-    def scatter_buffered(self, ram, written) -> int:
+    def scatter_buffered(self, ram, written, unverified=None) -> int:
         """Fast path for streams of many small PAGES records (a churning guest
         scatters its pages): copy every complete PAGES record already in the
         receive buffer into `ram` in one C call, and mark their pages in
-        `written` (uint8 per page).  `ram` is a GuestMemory that must be the
-        header's only RAM region.  Stops before anything else, which
-        next_record() then reads and judges.  Returns the records consumed.
+        `written` (uint8 per page); with integrity, each record's pages in
+        `unverified` as its tag did not or did match.  `ram` is a GuestMemory
+        that must be the header's only RAM region.  Stops before anything
+        else, which next_record() then reads and judges.  Returns the records
+        consumed.
         """
         if self.state_seen or self.ended or self._end - self._pos < _RUN.size \
                 or self._buf[self._pos] != REC_PAGES:
             return 0
-        from .._kvm import ffi, lib
-        if self._ranges != [(ram.gpa, ram.gpa + ram.size)] or len(written) != ram.npages:
+        from ._wire import ffi, lib
+        if self._ranges != [(ram.gpa, ram.gpa + ram.size)] or len(written) != ram.npages \
+                or (self.integrity is not None and (unverified is None or len(unverified) != ram.npages)):
             raise ValueError("scatter_buffered needs the header's one RAM region")
         avail = self._end - self._pos
         heads = bytearray(_RUN.size * (avail // (_RUN.size + PAGE_SIZE) + 1))
-        counts = ffi.new("uint64_t[3]")
+        counts = ffi.new("uint64_t[4]")
+        integrity = self.integrity
         used = lib.kvmlite_scatter_pages(
             ffi.from_buffer("uint8_t[]", self._view[self._pos:self._end]), avail,
-            REC_PAGES, _RUN.size, RUN_GPA_OFFSET, RUN_NPAGES_OFFSET, PAGE_SIZE, ffi.cast("uint8_t *", ram.pointer), ram.gpa, ram.size, MAX_RUN_PAGES,
-            ffi.from_buffer("uint8_t[]", written), ffi.from_buffer("uint8_t[]", heads),
-            len(heads), counts)
+            REC_PAGES, _RUN.size, RUN_GPA_OFFSET, RUN_NPAGES_OFFSET, PAGE_SIZE, TAG_SIZE,
+            integrity.gmac if integrity is not None else ffi.NULL,
+            integrity.seq if integrity is not None else 0,
+            ffi.cast("uint8_t *", ram.pointer), ram.gpa, ram.size, MAX_RUN_PAGES,
+            ffi.from_buffer("uint8_t[]", written),
+            ffi.from_buffer("uint8_t[]", unverified) if integrity is not None else ffi.NULL,
+            ffi.from_buffer("uint8_t[]", heads), len(heads), counts)
         if used:
-            self._crc = zlib.crc32(memoryview(heads)[:counts[2]], self._crc)
+            self._structure(memoryview(heads)[:counts[2]])
             self._pos += used
             self.offset += used
             if self._pos == self._end:
                 self._pos = self._end = 0
             self.pages += counts[1]
+            if integrity is not None:
+                integrity.seq += counts[0]
+                self.tags_bad += counts[3]
         return counts[0]
 
     def read_preamble(self) -> Header:
@@ -459,11 +574,21 @@ class StreamDecoder:
                               f"(version {VERSION} defines none)")
         if not 1 <= hlen <= MAX_HEADER_LEN:
             raise StreamError(f"stream header length {hlen} is outside 1 to {MAX_HEADER_LEN}")
+        preamble = bytes(self._view[self._pos:self._pos + _PREAMBLE.size])
         self._consume(_PREAMBLE.size)
         body = bytearray(hlen)
         self._read_into(memoryview(body), "in the middle of the stream header")
         self._crc = zlib.crc32(body, self._crc)
         header = validate_info(_unpack_map(body, "stream header"), version)
+        if header.integrity != (self._keys is not None):
+            raise StreamError("the stream's pages carry integrity tags, which this destination "
+                              "has no key to check" if header.integrity else
+                              "the stream has no integrity tags, which this destination requires "
+                              "(a keyed link without TLS, or a snapshot file)")
+        if self._keys is not None:
+            self.integrity = Integrity(self._keys)
+            self.integrity.structure(preamble)
+            self.integrity.structure(body)
         self._ranges = [(gpa, gpa + size) for gpa, size in header.ram]
         self.header = header
         return header
@@ -507,6 +632,7 @@ class StreamDecoder:
             self._fill(_RUN.size, mid)
             _, gpa, npages = _RUN.unpack_from(self._buf, self._pos)
             nbytes = self._check_run(name, gpa, npages, at)
+            head = bytes(self._view[self._pos:self._pos + _RUN.size])
             self._consume(_RUN.size)
             if rtype == REC_ZERO:
                 self.zero_pages += npages
@@ -518,7 +644,13 @@ class StreamDecoder:
                                  f"{len(dest)} bytes")
             self._read_into(dest, "in the middle of a PAGES payload")
             self.pages += npages
-            return Pages(gpa, npages)
+            verified = True
+            if self.integrity is not None:
+                tag = bytearray(TAG_SIZE)
+                self._read_into(memoryview(tag), "in the middle of a PAGES tag")
+                verified = self.integrity.check(head, dest, tag)
+                self.tags_bad += not verified
+            return Pages(gpa, npages, verified)
 
         if rtype == REC_ROUND:
             self._fill(_TYPE_U32.size, mid)
@@ -536,23 +668,29 @@ class StreamDecoder:
             self._consume(_TYPE_U32.size)
             body = bytearray(length)
             self._read_into(memoryview(body), mid)
-            self._crc = zlib.crc32(body, self._crc)
+            self._structure(body)
             state = _unpack_map(body, f"STATE record at byte {at}")
             self.state_seen = True
             return State(state)
 
         # END
         self._fill(_END.size, mid)
-        _, pages, zero_pages, crc = _END.unpack_from(self._buf, self._pos)
+        _, pages, zero_pages, crc, mac = _END.unpack_from(self._buf, self._pos)
         if not self.state_seen:
             raise StreamError(f"END record at byte {at} without a STATE record "
                               f"(the source sent no vCPU or device state)")
-        mine = zlib.crc32(self._view[self._pos:self._pos + _END_HEAD.size], self._crc)
+        end_head = bytes(self._view[self._pos:self._pos + _END_HEAD.size])
+        mine = zlib.crc32(end_head, self._crc)
         self._pos += _END.size
         self.offset += _END.size
         if crc != mine:
             raise StreamError(f"stream checksum mismatch: END says {crc:#010x}, the stream "
                               f"checksums to {mine:#010x}")
+        expected = self.integrity.finish(end_head) if self.integrity is not None else _NO_MAC
+        if not hmac.compare_digest(mac, expected):
+            raise StreamError("the stream's structure MAC does not match: records were changed, "
+                              "dropped or added on the way" if self.integrity is not None else
+                              "END carries a MAC in a stream without integrity")
         if (pages, zero_pages) != (self.pages, self.zero_pages):
             raise StreamError(f"END record counts {pages} pages and {zero_pages} zero pages, "
                               f"but the stream carried {self.pages} and {self.zero_pages}")

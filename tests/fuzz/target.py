@@ -261,11 +261,12 @@ def fix_checksum(data: bytes) -> bytes:
             length = 5 + (n if rtype == wire.REC_STATE else 0)
             crc = zlib.crc32(out[pos:pos + length], crc)
             pos += length
-        elif rtype == wire.REC_END and pos + 21 <= len(out):
+        elif rtype == wire.REC_END and pos + wire._END.size <= len(out):
             struct.pack_into("<QQ", out, pos + 1, pages & (2**64 - 1), zero_pages & (2**64 - 1))
             crc = zlib.crc32(out[pos:pos + 17], crc)
             struct.pack_into("<I", out, pos + 17, crc)
-            pos += 21
+            out[pos + 21:pos + wire._END.size] = bytes(wire.MAC_SIZE)    # no integrity: zeros
+            pos += wire._END.size
         else:
             break
     return bytes(out)

@@ -21,10 +21,10 @@ MEMORY = "64M"
 LIVE = {"downtime-ms": 0, "max-rounds": 4}
 
 
-def busy_vm(*faults: str) -> tuple[VmProcess, int]:
+def busy_vm(*faults: str, extra=()) -> tuple[VmProcess, int]:
     """A small fill guest dirtying 20,000 pages/s (its VMM through the harness with
     `faults`, POINT=ACTION): (the process, its live pages)."""
-    vm, fill = fill_vm(MEMORY, live=30, stale=40, dirty=20000, faults=faults)
+    vm, fill = fill_vm(MEMORY, live=30, stale=40, dirty=20000, faults=faults, extra=extra)
     return vm, fill["live"]
 
 

@@ -180,7 +180,8 @@ def test_encoder_sizes_and_layout():
     s = wire.state_record(STATE)
     assert s[:1] == b"S" and struct.unpack_from("<I", s, 1)[0] == len(s) - 5
     e = wire.end_record(5, 6, 0x1234)
-    assert len(e) == 21 and e[:1] == b"E" and struct.unpack_from("<QQ", e, 1) == (5, 6)
+    assert len(e) == 53 and e[:1] == b"E" and struct.unpack_from("<QQ", e, 1) == (5, 6)
+    assert e[21:] == bytes(32)          # no integrity: the MAC field is zeros
     import zlib
     assert struct.unpack_from("<I", e, 17)[0] == zlib.crc32(e[:17], 0x1234)
 
