@@ -32,18 +32,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str | None = None,
-         log=print, vmm=KVMLITE, label: str = "") -> dict:
+         log=print, vmm=KVMLITE, label: str = "", extra=()) -> dict:
     """Run the soak; returns its figures (see main for their meaning).  `vmm` is
     the command that starts each VMM (the test harness injects a sender there)."""
     image = image or str(ROOT / "guest" / "guest.bin")
     cmdline = f"workload=churn pages={pages} rounds=0 free=50"
-    vm = VmProcess([image, "--memory", memory, "--cmdline", cmdline], vmm=vmm)
+    vm = VmProcess([image, "--memory", memory, "--cmdline", cmdline, *extra], vmm=vmm)
     t0 = time.perf_counter()
     done, failed, downtimes, sent, errors = 0, 0, [], 0, []
     old = []
     try:
         vm.wait_for(r"^churn: pages=", timeout=60)
-        nxt = start_destination(free_port(), None, vmm=vmm)
+        nxt = start_destination(free_port(), None, vmm=vmm, extra=extra)
         for i in range(1, migrations + 1):
             uri = nxt.args[nxt.args.index("--incoming") + 1]
             vm.execute("migrate", uri=uri)
@@ -60,7 +60,7 @@ def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str 
                 errors.append(s.get("error") or s["status"])
                 nxt.kill()
             # the next destination is waiting by the time this one is needed
-            nxt = start_destination(free_port(), None, vmm=vmm)
+            nxt = start_destination(free_port(), None, vmm=vmm, extra=extra)
             for p in old:
                 try:
                     if p.wait(30) != 0:
@@ -110,13 +110,17 @@ def main(argv=None, *, vmm=KVMLITE, label: str = "", prog: str = "python -m kvml
     ap.add_argument("--memory", default="1G",
                     help="guest RAM; several 256 MiB chunks make the broken order bite")
     ap.add_argument("--pages", type=int, default=12000, help="churn slots (working set)")
+    ap.add_argument("--auth-key", metavar="FILE",
+                    help="every VMM holds this key: the links are keyed, and page data carries "
+                    "integrity tags (docs/wire-format.md)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     if extra_options:
         extra_options(ap)
     args = ap.parse_args(argv)
     if callable(vmm):
         vmm, label = vmm(args)
-    r = soak(args.migrations, memory=args.memory, pages=args.pages, vmm=vmm, label=label,
+    extra = ("--auth-key", args.auth_key) if args.auth_key else ()
+    r = soak(args.migrations, memory=args.memory, pages=args.pages, vmm=vmm, label=label, extra=extra,
              log=None if args.json else lambda m: print(m, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(r, indent=2))

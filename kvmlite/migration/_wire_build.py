@@ -18,10 +18,11 @@ CDEF = r"""
 void *kvmlite_gmac_new(const uint8_t *key);
 void kvmlite_gmac_free(void *gmac);
 int kvmlite_gmac_tags(void *gmac, uint64_t seq0, size_t n, const uint8_t *heads, size_t head,
-                      const uint8_t *ram, const int64_t *offsets, const int64_t *lengths,
-                      uint8_t *tags);
-int kvmlite_gmac_check(void *gmac, uint64_t seq, const uint8_t *head, size_t head_len,
-                       const uint8_t *payload, size_t len, const uint8_t *tag);
+                      const uint8_t *ram, const int64_t *offsets, const int64_t *npages,
+                      size_t page, uint8_t *tags);
+int64_t kvmlite_gmac_check(void *gmac, uint64_t seq, const uint8_t *head, size_t head_len,
+                           const uint8_t *payload, size_t npages, size_t page, const uint8_t *tags,
+                           uint8_t *bad);
 size_t kvmlite_scatter_pages(const uint8_t *buf, size_t len, uint8_t rec_type, size_t head,
                              size_t gpa_off, size_t npages_off, size_t page, size_t tag_len,
                              void *gmac, uint64_t seq0,
@@ -58,63 +59,70 @@ static void kvmlite_gmac_free(void *gmac)
     EVP_CIPHER_CTX_free(gmac);
 }
 
-/* The tag of record `seq`: GMAC over its head, then its payload.  The IV is
-   the sequence number, little-endian, in 12 bytes, so a record moved,
-   repeated or dropped no longer matches. */
-static int gmac_tag(EVP_CIPHER_CTX *ctx, uint64_t seq, const uint8_t *head, size_t head_len,
-                    const uint8_t *payload, size_t len, uint8_t *tag)
+/* The tag of page `index` of record `seq`: GMAC over the record's head, then
+   the page.  The IV is the record's sequence number (u64) and the page's
+   index in it (u32), little-endian: a record or a page moved, repeated or
+   dropped no longer matches.  One tag per page, so that a page the guest
+   wrote while it was being sent fails alone (docs/wire-format.md). */
+static int gmac_tag(EVP_CIPHER_CTX *ctx, uint64_t seq, uint32_t index, const uint8_t *head,
+                    size_t head_len, const uint8_t *payload, size_t len, uint8_t *tag)
 {
-    uint8_t iv[IV_LEN] = {0};
+    uint8_t iv[IV_LEN];
     int outl;
     memcpy(iv, &seq, sizeof seq);              /* x86 is little-endian, as the wire */
+    memcpy(iv + sizeof seq, &index, sizeof index);
     if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, iv) != 1
-        || EVP_EncryptUpdate(ctx, NULL, &outl, head, (int)head_len) != 1)
-        return -1;
-    while (len) {                              /* EVP lengths are ints */
-        size_t n = len > (1u << 30) ? (1u << 30) : len;
-        if (EVP_EncryptUpdate(ctx, NULL, &outl, payload, (int)n) != 1)
-            return -1;
-        payload += n;
-        len -= n;
-    }
-    if (EVP_EncryptFinal_ex(ctx, NULL, &outl) != 1
+        || EVP_EncryptUpdate(ctx, NULL, &outl, head, (int)head_len) != 1
+        || EVP_EncryptUpdate(ctx, NULL, &outl, payload, (int)len) != 1
+        || EVP_EncryptFinal_ex(ctx, NULL, &outl) != 1
         || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG_LEN, tag) != 1)
         return -1;
     return 0;
 }
 
-/* Sender: tags of n records numbered seq0.., heads contiguous (head bytes
-   each), payloads at ram + offsets[i], lengths[i] bytes. */
+/* Sender: the page tags of n records numbered seq0.., heads contiguous (head
+   bytes each), record i's npages[i] pages at ram + offsets[i]; tags in order. */
 static int kvmlite_gmac_tags(void *gmac, uint64_t seq0, size_t n, const uint8_t *heads, size_t head,
-                             const uint8_t *ram, const int64_t *offsets, const int64_t *lengths,
-                             uint8_t *tags)
+                             const uint8_t *ram, const int64_t *offsets, const int64_t *npages,
+                             size_t page, uint8_t *tags)
 {
     for (size_t i = 0; i < n; i++)
-        if (gmac_tag(gmac, seq0 + i, heads + i * head, head, ram + offsets[i], (size_t)lengths[i],
-                     tags + i * TAG_LEN) != 0)
-            return -1;
+        for (int64_t j = 0; j < npages[i]; j++) {
+            if (gmac_tag(gmac, seq0 + i, (uint32_t)j, heads + i * head, head,
+                         ram + offsets[i] + j * page, page, tags) != 0)
+                return -1;
+            tags += TAG_LEN;
+        }
     return 0;
 }
 
-/* Receiver: 1 if `tag` is record seq's, 0 if not, -1 if libcrypto failed. */
-static int kvmlite_gmac_check(void *gmac, uint64_t seq, const uint8_t *head, size_t head_len,
-                              const uint8_t *payload, size_t len, const uint8_t *tag)
+/* Receiver: record seq's npages pages against their tags; bad[j] = 1 where
+   page j's tag does not match, 0 where it does.  Returns how many did not
+   match, or -1 if libcrypto failed. */
+static int64_t kvmlite_gmac_check(void *gmac, uint64_t seq, const uint8_t *head, size_t head_len,
+                                  const uint8_t *payload, size_t npages, size_t page,
+                                  const uint8_t *tags, uint8_t *bad)
 {
     uint8_t mine[TAG_LEN];
-    if (gmac_tag(gmac, seq, head, head_len, payload, len, mine) != 0)
-        return -1;
-    return CRYPTO_memcmp(mine, tag, TAG_LEN) == 0;
+    int64_t nbad = 0;
+    for (size_t j = 0; j < npages; j++) {
+        if (gmac_tag(gmac, seq, (uint32_t)j, head, head_len, payload + j * page, page, mine) != 0)
+            return -1;
+        bad[j] = CRYPTO_memcmp(mine, tags + j * TAG_LEN, TAG_LEN) != 0;
+        nbad += bad[j];
+    }
+    return nbad;
 }
 
 /* The decoder's fast path (kvmlite/migration/wire.py): copy the consecutive,
    complete PAGES records at the start of buf into RAM: a head (type, gpa u64
    at gpa_off, npages u32 at npages_off, little-endian), npages pages, and
-   with integrity on (gmac not NULL) a tag_len-byte tag.  It stops before the
+   with integrity on (gmac not NULL) npages tag_len-byte tags, one per page.  It stops before the
    first record that is not PAGES, not complete in buf, or fails any check;
    Python then reads that record itself and says what is wrong with it.  So
    this never judges a stream, it only copies what is plainly right.  A tag
-   that does not match is not a verdict either: the record's pages are marked
-   in `unverified` (and a matching one clears them), and the stream is judged
+   that does not match is not a verdict either: its page is marked in
+   `unverified` (a matching one clears the mark), and the stream is judged
    at END.  The heads go to `heads` for the stream's checksum; counts gets
    records, pages, head bytes and tags that did not match.  Returns the bytes
    consumed. */
@@ -142,21 +150,20 @@ static size_t kvmlite_scatter_pages(const uint8_t *buf, size_t len, uint8_t rec_
         off = gpa - ram_gpa;
         if (off > ram_size || (uint64_t)n * page > ram_size - off)
             break;
-        if (len - pos - head < (size_t)n * page + tag_len)
-            break;                              /* payload or tag not all here yet */
+        if (len - pos - head < (size_t)n * (page + tag_len))
+            break;                              /* payload or tags not all here yet */
         if (gmac != NULL) {
-            int ok = kvmlite_gmac_check(gmac, seq0 + records, h, head, h + head, (size_t)n * page,
-                                        h + head + (size_t)n * page);
-            if (ok < 0)
+            int64_t nbad = kvmlite_gmac_check(gmac, seq0 + records, h, head, h + head, n, page,
+                                              h + head + (size_t)n * page, unverified + off / page);
+            if (nbad < 0)
                 break;                          /* Python reports libcrypto's failure */
-            memset(unverified + off / page, !ok, n);
-            bad += !ok;
+            bad += (uint64_t)nbad;
         }
         memcpy(ram + off, h + head, (size_t)n * page);
         memset(written + off / page, 1, n);
         memcpy(heads + nheads, h, head);
         nheads += head;
-        pos += head + (size_t)n * page + tag_len;
+        pos += head + (size_t)n * (page + tag_len);
         records++;
         pages += n;
     }

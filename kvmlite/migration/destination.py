@@ -74,8 +74,8 @@ def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
     # Pages never written here are still zero: a ZERO record only has work
     # to do for pages that earlier rounds filled with data.
     written = np.zeros(mem.npages, dtype=np.uint8)
-    # Pages whose last record's tag did not match (integrity on): a later
-    # record must bring them intact, unless the guest has freed them.
+    # Pages whose last tag did not match (integrity on): a later record must
+    # bring them intact, unless the guest has freed them.
     unverified = np.zeros(mem.npages, dtype=np.uint8) if dec.integrity is not None else None
 
     def target(gpa: int, nbytes: int):
@@ -91,11 +91,11 @@ def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
             continue
         rec = dec.next_record(target)
         match rec:
-            case wire.Pages(gpa, npages, verified):
+            case wire.Pages(gpa, npages, failed):
                 first = gpa >> PAGE_SHIFT
                 written[first:first + npages] = 1
                 if unverified is not None:
-                    unverified[first:first + npages] = not verified
+                    unverified[first:first + npages] = failed
                 if not round_started:
                     round_started = True
                     hooks.point(f"dst:round:{dec.rounds}:pages")
@@ -130,12 +130,13 @@ def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
 
 
 def _check_integrity(machine, unverified: np.ndarray, tags_bad: int) -> None:
-    """Every page whose last record failed its tag must be free in the guest's
-    own bitmap, as it arrived (bitmap pages are never free, so they were
-    checked): a page the guest uses arrived intact, or the stream is refused.
+    """Every page whose last tag did not match must be free in the guest's own
+    bitmap, as it arrived (bitmap pages are never free, so they were checked):
+    a page the guest uses arrived intact, or the stream is refused.
 
-    A tag fails honestly when the guest wrote a page while it was being sent;
-    that page was dirty again and went in a later record, which supersedes it."""
+    A tag fails honestly when the guest wrote the page while it was being
+    sent; that page was dirty again and went in a later record, which
+    supersedes it."""
     bad = unverified.astype(bool)
     if not bad.any():
         return
@@ -146,7 +147,7 @@ def _check_integrity(machine, unverified: np.ndarray, tags_bad: int) -> None:
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         raise StreamError(f"{int(bad.sum())} page(s) the guest uses failed the integrity check "
-                          f"(the first at GPA {first << PAGE_SHIFT:#x}; {tags_bad} record tag(s) "
+                          f"(the first at GPA {first << PAGE_SHIFT:#x}; {tags_bad} page tag(s) "
                           "did not match): the stream was changed on the way or at rest")
 
 

@@ -513,19 +513,19 @@ class Migration:
             size = wire.PAGES_HEADER_SIZE
             view = mem.view
             offsets, nbytes = ds << PAGE_SHIFT, dl << PAGE_SHIFT
-            tags = tag_size = None
+            tags = None
             if self._integrity is not None:
                 # Tagged from memory as it is now; should the guest write a page
-                # before sendmsg reads it, the tag will not match, and the page,
-                # dirty again, goes in a later record that does (docs/wire-format.md).
-                tags = memoryview(self._integrity.tags(heads, mem.pointer, offsets, nbytes))
-                tag_size = wire.TAG_SIZE
+                # before sendmsg reads it, that page's tag will not match, and the
+                # page, dirty again, goes in a later record (docs/wire-format.md).
+                tags = memoryview(self._integrity.tags(heads, mem.pointer, offsets, dl))
+                tag_ends = (np.cumsum(dl) * wire.TAG_SIZE).tolist()
             bufs, batch = [], 0
             for i, (off, n) in enumerate(zip(offsets.tolist(), nbytes.tolist())):
                 bufs.append(heads[i * size:(i + 1) * size])
                 bufs.append(view[off:off + n])
                 if tags is not None:
-                    bufs.append(tags[i * tag_size:(i + 1) * tag_size])
+                    bufs.append(tags[tag_ends[i] - n // PAGE_SIZE * wire.TAG_SIZE:tag_ends[i]])
                 batch += n
                 if len(bufs) >= MAX_IOV or batch >= MAX_BATCH_BYTES:
                     self._sendall(bufs)

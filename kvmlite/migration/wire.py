@@ -56,8 +56,8 @@ _U32 = struct.Struct("<I")
 PAGES_HEADER_SIZE = _RUN.size
 
 # Integrity (docs/wire-format.md, "Integrity"): with it on, every PAGES record
-# ends with a GMAC tag of its head and payload, and END with an HMAC of the
-# stream's structure.
+# ends with one GMAC tag per page (over the record's head and the page), and
+# END with an HMAC of the stream's structure.
 INTEGRITY = "gmac-aes128"        # the header's `integrity` value
 TAG_SIZE = 16
 MAC_SIZE = 32
@@ -107,10 +107,10 @@ FILE_KEYS = StreamKeys(bytes(16), b"kvmlite-stream-v1 file")
 
 
 class Integrity:
-    """One direction of a stream's integrity: record tags and the structure MAC.
+    """One direction of a stream's integrity: page tags and the structure MAC.
 
-    Tags are numbered: the n-th PAGES record's tag uses n as its GMAC IV, so a
-    record moved, repeated or dropped does not verify.
+    Tags are numbered: page j of the n-th PAGES record has (n, j) as its GMAC
+    IV, so a record or a page moved, repeated or dropped does not verify.
     """
 
     def __init__(self, keys: StreamKeys):
@@ -135,32 +135,36 @@ class Integrity:
         mac.update(end_head)
         return mac.digest()
 
-    def tags(self, heads, ram_pointer, offsets: np.ndarray, lengths: np.ndarray) -> bytes:
-        """Tags of len(offsets) records, whose heads are `heads` (13 bytes each) and
-        payloads at ram_pointer + offsets[i], lengths[i] bytes."""
+    def tags(self, heads, ram_pointer, offsets: np.ndarray, npages: np.ndarray) -> bytes:
+        """The page tags of len(offsets) records, whose heads are `heads` (13 bytes
+        each) and whose npages[i] pages are at ram_pointer + offsets[i]; in order."""
         ffi = self._ffi
         n = len(offsets)
-        out = bytearray(n * TAG_SIZE)
         offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-        lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+        npages = np.ascontiguousarray(npages, dtype=np.int64)
+        out = bytearray(int(npages.sum()) * TAG_SIZE)
         if self._lib.kvmlite_gmac_tags(self._gmac, self.seq, n, ffi.from_buffer("uint8_t[]", heads),
                                        _RUN.size, ffi.cast("uint8_t *", ram_pointer),
                                        ffi.from_buffer("int64_t[]", offsets),
-                                       ffi.from_buffer("int64_t[]", lengths),
+                                       ffi.from_buffer("int64_t[]", npages), PAGE_SIZE,
                                        ffi.from_buffer("uint8_t[]", out)) != 0:
             raise StreamError("libcrypto failed to tag page records")
         self.seq += n
         return bytes(out)
 
-    def check(self, head, payload, tag) -> bool:
+    def check(self, head, payload, tags) -> np.ndarray:
+        """The next record's pages against their tags: a bool per page, True where it failed."""
         ffi = self._ffi
-        ok = self._lib.kvmlite_gmac_check(self._gmac, self.seq, ffi.from_buffer("uint8_t[]", head),
-                                          len(head), ffi.from_buffer("uint8_t[]", payload),
-                                          len(payload), ffi.from_buffer("uint8_t[]", tag))
-        if ok < 0:
+        npages = len(payload) // PAGE_SIZE
+        bad = np.zeros(npages, dtype=np.uint8)
+        n = self._lib.kvmlite_gmac_check(self._gmac, self.seq, ffi.from_buffer("uint8_t[]", head),
+                                         len(head), ffi.from_buffer("uint8_t[]", payload), npages,
+                                         PAGE_SIZE, ffi.from_buffer("uint8_t[]", tags),
+                                         ffi.from_buffer("uint8_t[]", bad))
+        if n < 0:
             raise StreamError("libcrypto failed to check a page record")
         self.seq += 1
-        return bool(ok)
+        return bad.view(bool)
 
 
 def encode_preamble(info: dict) -> bytes:
@@ -310,10 +314,10 @@ class Header:
 @dataclass(frozen=True, slots=True)
 class Pages:
     """`npages` pages at `gpa`; their data is already in destination memory.
-    `verified` is False when the record's integrity tag did not match."""
+    `failed`: with integrity, a bool per page, True where its tag did not match."""
     gpa: int
     npages: int
-    verified: bool = True
+    failed: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -644,13 +648,13 @@ class StreamDecoder:
                                  f"{len(dest)} bytes")
             self._read_into(dest, "in the middle of a PAGES payload")
             self.pages += npages
-            verified = True
+            failed = None
             if self.integrity is not None:
-                tag = bytearray(TAG_SIZE)
-                self._read_into(memoryview(tag), "in the middle of a PAGES tag")
-                verified = self.integrity.check(head, dest, tag)
-                self.tags_bad += not verified
-            return Pages(gpa, npages, verified)
+                tags = bytearray(TAG_SIZE * npages)
+                self._read_into(memoryview(tags), "in the middle of a PAGES record's tags")
+                failed = self.integrity.check(head, dest, tags)
+                self.tags_bad += int(failed.sum())
+            return Pages(gpa, npages, failed)
 
         if rtype == REC_ROUND:
             self._fill(_TYPE_U32.size, mid)

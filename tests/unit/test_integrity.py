@@ -45,7 +45,7 @@ class TaggedStream:
         head = wire.pages_header(pfn * PS, 1)
         payload = bytes([fill]) * PS
         tag = self.integrity.tags(head, np.frombuffer(payload, np.uint8).ctypes.data,
-                                  np.array([0]), np.array([PS]))
+                                  np.array([0]), np.array([1]))
         if self.corrupt_next:
             payload = bytes([fill ^ 0xFF]) * PS
             self.corrupt_next = False
