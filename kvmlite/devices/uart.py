@@ -26,7 +26,7 @@ FCR_FIFO_ENABLE = 0x01
 MSR_CTS, MSR_DSR, MSR_DCD = 0x10, 0x20, 0x80
 
 PORT_COUNT = 8
-RX_MAX = 64         # loopback bytes kept unread; more are dropped (a FIFO overrun)
+RX_MAX = 16         # a 16550's receive FIFO: loopback bytes past it are dropped (an overrun)
 
 
 class Uart16550(Device):
@@ -100,6 +100,18 @@ class Uart16550(Device):
                 "scr": self.scr, "dll": self.dll, "dlm": self.dlm, "rx": bytes(self.rx)}
 
     def restore_state(self, state: dict) -> None:
+        """Refuses (ValueError) what no 16550 could hold: a register past 8 bits,
+        a receive FIFO past 16 bytes.  Nothing is clipped into shape."""
+        regs = {}
         for reg in ("ier", "fcr", "lcr", "mcr", "scr", "dll", "dlm"):
-            setattr(self, reg, int(state[reg]) & 0xFF)
-        self.rx = bytearray(state["rx"][:RX_MAX])
+            value = state[reg]
+            if type(value) is not int or not 0 <= value <= 0xFF:
+                raise ValueError(f"{reg} is {value!r}, not a byte")
+            regs[reg] = value
+        rx = state["rx"]
+        if not isinstance(rx, bytes) or len(rx) > RX_MAX:
+            raise ValueError(f"the receive FIFO holds {RX_MAX} bytes, not "
+                             f"{len(rx) if isinstance(rx, bytes) else repr(rx)}")
+        for reg, value in regs.items():
+            setattr(self, reg, value)
+        self.rx = bytearray(rx)

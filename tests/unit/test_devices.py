@@ -146,8 +146,8 @@ def test_uart_loopback_buffer_is_bounded(out):
     uart.io_write(MCR, 1, 0x10)
     for i in range(10_000):
         uart.io_write(THR, 1, i & 0xFF)
-    assert 0 < len(uart.rx) <= 64
-    assert len(uart.save_state()["rx"]) == len(uart.rx), "what migrates is what restore_state accepts"
+    assert len(uart.rx) == 16, "a 16550's receive FIFO holds 16 bytes"
+    Uart16550(out).restore_state(uart.save_state())     # what migrates is what restore_state accepts
     assert uart.io_read(RBR, 1) == 0, "the oldest bytes are kept"
 
 
@@ -180,13 +180,18 @@ def test_uart_save_restore_round_trip(out):
     assert (b.io_read(DLL, 1), b.io_read(DLM, 1)) == (0x0C, 0x02)
 
 
-def test_uart_restore_masks_hostile_values(out):
-    """restore_state keeps registers to 8 bits and the receive buffer to 64 bytes."""
+GOOD_UART = {"ier": 0, "fcr": 0, "lcr": 3, "mcr": 0, "scr": 0, "dll": 1, "dlm": 0, "rx": b""}
+
+
+@pytest.mark.parametrize("change", [{"ier": 0x1FF}, {"fcr": -1}, {"scr": 1 << 40}, {"lcr": "3"},
+                                    {"rx": b"\x01" * 17}, {"rx": b"\x01" * (8 << 20)}, {"rx": "text"}])
+def test_uart_restore_refuses_what_no_16550_holds(out, change):
+    """A register past 8 bits or a receive FIFO past 16 bytes is refused, not clipped; nothing changes."""
     u = Uart16550(out)
-    u.restore_state({"ier": 0x1FF, "fcr": -1, "lcr": 0x103, "mcr": 0, "scr": 1 << 40,
-                     "dll": 1, "dlm": 0, "rx": b"\x01" * 1000})
-    assert all(0 <= v <= 0xFF for k, v in u.save_state().items() if k != "rx")
-    assert len(u.rx) == 64
+    before = u.save_state()
+    with pytest.raises(ValueError):
+        u.restore_state({**GOOD_UART, **change})
+    assert u.save_state() == before
 
 
 # ---- debug console and exit device ---------------------------------------------------------
