@@ -198,6 +198,7 @@ class StreamSink:
     """A sink (transport's interface) that keeps every byte, and answers the
     handover as a destination would: READY after END, RUNNING after COMMIT."""
     kind = "test"
+    keys = None                 # no integrity tags (a plain link)
 
     def __init__(self, *, expects_reply: bool = True, answers=("ready", "running")):
         self.data = bytearray()
@@ -208,6 +209,7 @@ class StreamSink:
         self._pending = bytearray()
         self.timeout = None
         self.finished = False
+        self.stream_end: int | None = None    # where the stream ended and the handover began
 
     def send(self, bufs) -> None:
         if self.aborted:
@@ -223,6 +225,8 @@ class StreamSink:
         self.timeout = t
 
     def recv_into(self, view, n: int = 0) -> int:
+        if self.stream_end is None:
+            self.stream_end = len(self.data)
         if not self._pending:
             if not self.answers:
                 raise TimeoutError("no answer")

@@ -47,9 +47,12 @@ DRAIN_TIMEOUT = 1.0
 
 
 class Migration:
-    """One outgoing migration of `machine`, as `params` asks."""
+    """One outgoing migration of `machine`, as `params` asks.
 
-    def __init__(self, machine, params: MigrationParams, *, hooks: Hooks = NO_HOOKS):
+    `sink`: a transport already connected (transport.py's interface), instead
+    of connecting to `params.uri`: how tests and other transports plug in."""
+
+    def __init__(self, machine, params: MigrationParams, *, hooks: Hooks = NO_HOOKS, sink=None):
         self.machine = machine
         self.params = params
         self.target = params.target
@@ -62,6 +65,7 @@ class Migration:
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
         self.sink = None        # where the stream goes: transport.SocketSink, TlsSink or FileSink
+        self._given_sink = sink
         self._connecting: socket.socket | None = None
         self._crc = 0
         self._integrity: wire.Integrity | None = None   # page tags and structure MAC, when the link needs them
@@ -376,6 +380,9 @@ class Migration:
             raise MigrationError("cancelled")
 
     def _connect(self) -> None:
+        if self._given_sink is not None:
+            self.sink = self._given_sink
+            return
         if isinstance(self.target, FileUri):
             self.sink = transport.FileSink(self.target.path)
             return

@@ -13,3 +13,10 @@ def _needs_kvm():
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI=true but {problem}: the integration tests must run here")
         pytest.skip(f"needs KVM: {problem}")
+
+
+def pytest_collection_modifyitems(items):
+    """Every test here runs real VMs: mark them `kvm`, so `pytest -m 'not kvm'` is the quick subset."""
+    for item in items:
+        if "tests/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.kvm)

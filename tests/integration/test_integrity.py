@@ -167,6 +167,7 @@ def test_a_keyed_link_refuses_a_tampered_stream(tmp_path, how):
         finish_and_check(src, live)
 
 
+@pytest.mark.slow
 def test_honest_races_never_refuse_a_keyed_migration(tmp_path):
     """A guest churning flat out, migrated live over keyed links: pages it writes while
     they are being sent fail their tags and come again; every migration completes, 0 pages lost."""

@@ -16,6 +16,8 @@ _spec.loader.exec_module(check)
 
 COMMAND_TIMEOUT = 90.0
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize("lab", check.lab_files(), ids=lambda p: p.stem)
 def test_lab_commands_print_what_the_lab_shows(lab, guest_image):

@@ -15,6 +15,8 @@ from .helpers import FINAL, GUEST, finish_and_check
 
 SRC_IP, DST_IP = "10.231.0.1", "10.231.0.2"
 
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
 
 def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)

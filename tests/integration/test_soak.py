@@ -4,9 +4,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .helpers import ROOT
 
 MIGRATIONS = 10     # `make soak` runs 1000
+
+pytestmark = pytest.mark.slow
 
 
 def _soak(*extra: str, module: str = "kvmlite.soak") -> dict:
