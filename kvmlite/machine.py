@@ -195,12 +195,16 @@ class OnVcpuThread:
 class Machine:
     """Builds the VM and runs its vCPUs, one thread each.
 
+        with Machine(MachineConfig(memory=256 << 20), output=lines.append) as vm:
+            vm.boot(BootConfig("guest/guest.bin", "workload=hello"))
+            result = vm.run()
+
     Other threads (monitor, migration, gdb) control it with pause_all(),
     resume_all(), quit() and call(): the vCPUs stop only at safe points,
     between exits.  Use it as a context manager, or call close().
     """
 
-    def __init__(self, config: MachineConfig, *, output: SerialOutput | None = None):
+    def __init__(self, config: MachineConfig, *, output=None):
         if config.memory is None:
             raise ConfigError("the machine needs a memory size")
         self.config = config
@@ -217,7 +221,9 @@ class Machine:
         try:
             self.memory = GuestMemory(config.memory, prefault=config.prefault)
             self.vm.add_memory(self.memory)
-            self.output = output or SerialOutput()
+            # the guest's serial and debug-console output: stdout, or a file
+            # descriptor, a binary file object or a callable taking bytes
+            self.output = output if isinstance(output, SerialOutput) else SerialOutput(output)
             self._trace = _tracer(config.vcpus > 1) if config.trace else None
             self.bus = IoBus()
             self.bus.trace = self._trace

@@ -1,4 +1,4 @@
-"""Where serial and debug-console bytes go: the VMM's stdout, line-buffered."""
+"""Where serial and debug-console bytes go: the VMM's stdout by default, a line at a time."""
 
 from __future__ import annotations
 
@@ -7,10 +7,23 @@ import sys
 
 
 class SerialOutput:
-    """Collects guest output bytes; writes a line at a time (and on flush())."""
+    """Collects guest output bytes; hands them on a line at a time (and on flush()).
 
-    def __init__(self, fd: int | None = None):
-        self.fd = sys.stdout.fileno() if fd is None else fd
+    `to` is where lines go: a file descriptor (default: stdout's), a binary
+    file object (its `write`), or a callable taking the line's bytes.
+    """
+
+    def __init__(self, to=None):
+        if to is None:
+            to = sys.stdout.fileno()
+        if isinstance(to, int):
+            self._write = lambda data, fd=to: _write_fd(fd, data)
+        elif hasattr(to, "write"):
+            self._write = to.write
+        elif callable(to):
+            self._write = to
+        else:
+            raise TypeError("guest output goes to a file descriptor, a file object or a callable")
         self.buf = bytearray()
 
     def write_byte(self, b: int) -> None:
@@ -23,8 +36,12 @@ class SerialOutput:
             data = bytes(self.buf)
             self.buf.clear()
             try:
-                while data:
-                    n = os.write(self.fd, data)
-                    data = data[n:]
-            except OSError:
-                pass  # a closed stdout must not kill the guest
+                self._write(data)
+            except (OSError, ValueError):
+                pass  # a closed stdout or file must not kill the guest
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]

@@ -162,11 +162,11 @@ class Incoming:
     (COMMIT received, or a snapshot restored); it raises, and the guest never
     runs here, on any failure."""
 
-    def __init__(self, config: IncomingConfig, creds: Credentials, machine_config: MachineConfig,
-                 *, hooks: Hooks = NO_HOOKS, machine=None):
+    def __init__(self, config: IncomingConfig, creds: Credentials | None = None,
+                 machine_config: MachineConfig | None = None, *, hooks: Hooks = NO_HOOKS, machine=None):
         self.config = config
-        self.creds = creds
-        self.machine_config = machine_config
+        self.creds = creds or Credentials()
+        self.machine_config = machine_config or MachineConfig(memory=None)
         self.hooks = hooks
         self.machine = machine          # pre-made (--memory: RAM pre-faulted), or None
         self.state = StateMachine(R.WAITING, RECEIVE_TRANSITIONS)
