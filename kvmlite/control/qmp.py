@@ -419,6 +419,7 @@ class _Connection:
         self._queued = 0                      # bytes in _out
         self._cv = threading.Condition()
         self._closing = False                 # send what is queued, then hang up
+        self._busy = False                    # a request is being handled: its reply is to come
         self._dead = False                    # hung up: nothing more is sent
         self._reader = threading.Thread(target=self._read_loop, daemon=True, name=f"qmp {where}")
         self._writer = threading.Thread(target=self._write_loop, daemon=True, name=f"qmp-out {where}")
@@ -432,6 +433,8 @@ class _Connection:
         reader stops reading its requests meanwhile); an event never waits:
         a client that lets MAX_BACKLOG bytes pile up is hung up on."""
         with self._cv:
+            if not event:
+                self._busy = False
             if self._dead:
                 return
             if event and self._queued > MAX_BACKLOG:
@@ -450,7 +453,16 @@ class _Connection:
             self._cv.notify_all()
 
     def join(self, timeout: float) -> None:
+        """Wait for the connection to end; past `timeout`, hang up on it.  When
+        a handler of this connection closes the server (quit), its reply is
+        still to be queued: the writer sends it, then hangs up."""
+        if threading.current_thread() is self._reader:
+            return
         self._reader.join(timeout)
+        if self._reader.is_alive():
+            with self._cv:
+                if not self._dead:
+                    self._hang_up()
 
     def _hang_up(self) -> None:               # with self._cv held
         self._dead = True
@@ -473,6 +485,10 @@ class _Connection:
                     break
                 items = stream.feed(data) if data else stream.eof()
                 for item in items:
+                    with self._cv:
+                        if self._closing or self._dead:
+                            break              # the server is closing: no new commands
+                        self._busy = True
                     self.push(_encode(self.server.handle(self, item)))
                 if not data:
                     break
@@ -487,9 +503,9 @@ class _Connection:
     def _write_loop(self) -> None:
         while True:
             with self._cv:
-                while not self._out and not self._closing and not self._dead:
+                while not self._out and not self._dead and (not self._closing or self._busy):
                     self._cv.wait()
-                if self._dead or (not self._out and self._closing):
+                if self._dead or not self._out:
                     self._hang_up()
                     return
                 raw = self._out.popleft()
