@@ -36,6 +36,7 @@ SHUTDOWN_CAUSE = Enum("ShutdownCause", (
 
 STATUS_INFO = Struct("StatusInfo", {"running": BOOL, "status": RUN_STATE})
 
+# query-status: qapi/run-state.json; stop, cont, quit: qapi/misc.json
 QUERY_STATUS = Command("query-status", returns=STATUS_INFO,
                        doc="The VM's run state.")
 STOP = Command("stop", doc="Pause every vCPU (a STOP event follows).  Refused during a "
@@ -44,7 +45,7 @@ CONT = Command("cont", doc="Resume the vCPUs (a RESUME event follows).  Refused 
                            "migration holds the VM paused, and after it moved away.")
 QUIT = Command("quit", doc="End the VMM: reply first, then SHUTDOWN, then the process exits.")
 
-# qapi/control.json (KvmInfo is qapi/machine.json's)
+# qapi/machine.json (qapi/accelerator.json in recent QEMU)
 KVM_INFO = Struct("KvmInfo", {"enabled": BOOL, "present": BOOL})
 QUERY_KVM = Command("query-kvm", returns=KVM_INFO,
                     doc="Whether KVM is present and in use (always both, for kvmlite).")
@@ -141,7 +142,8 @@ MIGRATION_PARAMETERS = {
     "downtime-limit": Int(0, MAX_MIGRATE_DOWNTIME_MS, unit="ms", name="uint64"),
     "max-bandwidth": SIZE,                            # bytes/s; 0: no limit (QEMU's RATE_LIMIT_DISABLED)
     "x-max-rounds": Int(1, 10_000, name="uint32"),    # pre-copy rounds before the last pass is forced
-    "x-stall-timeout": Int(0, 86_400_000, unit="ms", name="uint64"),  # give up after this long without progress; 0: default
+    # give up after this long without progress; 0: kvmlite's default
+    "x-stall-timeout": Int(0, 86_400_000, unit="ms", name="uint64"),
     "x-auth-key": STR,                                # path of a key file the VMM reads; "": none
 }
 MIGRATE_SET_PARAMETERS = Command(
@@ -169,10 +171,11 @@ PAGEMAP = Struct("x-Pagemap", {
     "page-size": INT,
     "pages": INT,
     "registered": BOOL,       # the guest has registered a free-page bitmap
-    "free": WORDS,            # uint64 words, bit p % 64 of word p // 64 set: page p free; null if unregistered
-    "backed": WORDS,          # uint64 words: pages the host has backed (clear: never touched); null if unknown
-    "dirty": WORDS,           # uint64 words: still to send as of the last sync; null without a running migration
-    "sent-round": WORDS,      # uint8 per page: the round that last sent it (0: never); null if none ran
+    # uint64 words, page p in bit p % 64 of word p // 64; null where the fact is unknown
+    "free": WORDS,            # set: the guest's bitmap calls it free (null: no bitmap registered)
+    "backed": WORDS,          # set: the host has backed it (clear: never touched)
+    "dirty": WORDS,           # set: still to send as of the last sync (null: no migration running)
+    "sent-round": WORDS,      # uint8 per page: the round that last sent it (0: never; null: none ran)
     "migration": Nullable(Struct("x-PagemapMigration", {
         "status": MIGRATION_STATUS, "x-free-page-hint": BOOL, "rounds": INT})),
 })
@@ -190,7 +193,8 @@ X_GUEST_FINISH = Command("x-guest-finish",
 
 X_VCPU_INFO = Struct("x-VcpuInfo", {
     "cpu-index": INT,
-    "registers": Nullable(Map(ANY)),          # rax.., rip, rflags, cr0/cr2/cr3/cr4, efer, cs/ss; null if unread
+    # rax..r15, rip, rflags, cr0/cr2/cr3/cr4, efer, cs/ss; null if not read
+    "registers": Nullable(Map(ANY)),
     "*registers-unread": STR,                 # why registers is null
     "exits": Map(INT),                        # exit counts by kind (IoOut, IoIn, Interrupted, ...)
     "exits-total": INT,
@@ -207,10 +211,10 @@ EVENTS = (
     Event("RESUME", doc="The VM runs again."),                                          # run-state.json
     Event("SHUTDOWN", {"guest": BOOL, "reason": SHUTDOWN_CAUSE},
           doc="The VM ended; the VMM is about to exit."),                                # run-state.json
-    Event("MIGRATION", {"status": MIGRATION_STATUS},
-          doc="A migration changed status (with the events capability on)."),           # migration.json
-    Event("MIGRATION_PASS", {"pass": INT},
-          doc="A pre-copy round began: pass counts from 1 (with the events capability on)."),  # migration.json
+    Event("MIGRATION", {"status": MIGRATION_STATUS},                                    # migration.json
+          doc="A migration changed status (with the events capability on)."),
+    Event("MIGRATION_PASS", {"pass": INT},                                              # migration.json
+          doc="A pre-copy round began; pass counts from 1 (with the events capability on)."),
 )
 
 COMMANDS = (

@@ -146,7 +146,8 @@ def test_end_of_input_in_the_middle_of_a_value():
 
 
 def test_random_mutations_of_a_real_request_never_raise():
-    base = b'{"execute": "migrate-set-parameters", "arguments": {"downtime-limit": 300, "x-auth-key": "k\\"ey"}, "id": [1, {"a": null}]}'
+    base = (b'{"execute": "migrate-set-parameters", '
+            b'"arguments": {"downtime-limit": 300, "x-auth-key": "k\\"ey"}, "id": [1, {"a": null}]}')
     rng = random.Random(15)
     for _ in range(2000):
         b = bytearray(base)
