@@ -252,6 +252,7 @@ class QmpServer:
         self._listeners: list[_Listener] = []
         self._conns: set[_Connection] = set()
         self._closed = False
+        self._running = threading.local()      # .handler: this thread is running a handler
 
     # -- listening
 
@@ -339,6 +340,20 @@ class QmpServer:
             reply["id"] = item["id"]
         return reply
 
+    def reply(self, conn: _Connection | None, item: Any) -> bytes:
+        """`handle`, encoded for the wire.  A handler's result that JSON
+        cannot carry (NaN, an object) is a bug: logged, answered as one."""
+        reply = self.handle(conn, item)
+        try:
+            return _encode(reply)
+        except (TypeError, ValueError) as e:
+            name = item.get("execute") if isinstance(item, dict) else None
+            log.error("monitor: the reply to %s is not JSON: %s", name, e)
+            bad = _error(ErrorClass.GENERIC, f"internal error in '{name}' (the VMM's log has the details)")
+            if "id" in reply:
+                bad["id"] = reply["id"]
+            return _encode(bad)
+
     def _execute(self, conn: _Connection | None, req: dict) -> Any:
         # qapi/qmp-dispatch.c: qmp_dispatch_check_obj, then the command
         for key, value in req.items():
@@ -371,6 +386,9 @@ class QmpServer:
                 return self.version_info
             return [{"name": n} for n in self.table.names()]
         with self._dispatch:
+            if self._closed:                   # queued behind a quit: the VMM is going
+                raise QmpError(ErrorClass.GENERIC, "the monitor is closing")
+            self._running.handler = True
             try:
                 return self.table.call(name, args)
             except QmpError:
@@ -381,6 +399,8 @@ class QmpServer:
                 log.exception("monitor: command %s failed", name)
                 raise QmpError(ErrorClass.GENERIC, f"internal error in '{name}' "
                                                    "(the VMM's log has the details)") from None
+            finally:
+                self._running.handler = False
 
     def greeting(self) -> dict:
         return {"QMP": {"version": self.version_info, "capabilities": []}}
@@ -389,7 +409,8 @@ class QmpServer:
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop listening; send what is queued (up to `timeout`), then close
-        every connection.  A command like ``quit`` replies before this runs."""
+        every connection.  A handler may call it (``quit``): its own reply
+        still goes out, and commands queued behind it are refused."""
         with self._lock:
             self._closed = True
             listeners, self._listeners = self._listeners, []
@@ -399,6 +420,8 @@ class QmpServer:
         deadline = time.monotonic() + timeout
         for conn in conns:
             conn.close()
+        if getattr(self._running, "handler", False):
+            return      # a handler (quit) closes: the others wait for its lock; they finish alone
         for conn in conns:
             conn.join(max(0.0, deadline - time.monotonic()))
 
@@ -489,12 +512,14 @@ class _Connection:
                         if self._closing or self._dead:
                             break              # the server is closing: no new commands
                         self._busy = True
-                    self.push(_encode(self.server.handle(self, item)))
+                    self.push(self.server.reply(self, item))
                 if not data:
                     break
         except Exception:                      # a bug here must not take the VMM down
             log.exception("monitor %s: connection failed", self.where)
         finally:
+            with self._cv:
+                self._busy = False
             self.close()
             self._writer.join()
             self.sock.close()

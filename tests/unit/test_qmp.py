@@ -381,9 +381,11 @@ def test_hostile_inputs_leave_the_connection_usable(vm_server):
 
 
 def test_handler_bugs_are_internal_errors_not_tracebacks(tmp_path, caplog):
-    table = CommandTable([schema.QUERY_STATUS, schema.QUERY_MIGRATE], check_returns=True)
+    table = CommandTable([schema.QUERY_STATUS, schema.QUERY_MIGRATE, schema.QUERY_KVM],
+                         check_returns=True)
     table.bind("query-status", lambda: 1 / 0)
     table.bind("query-migrate", lambda: {"status": "completing"})    # not in QEMU's enum
+    table.bind("query-kvm", lambda: {"enabled": float("nan"), "present": object()})
     with QmpServer(table) as server:
         server.listen(f"unix:{tmp_path}/s")
         with QmpClient(f"unix:{tmp_path}/s") as q:
@@ -393,6 +395,12 @@ def test_handler_bugs_are_internal_errors_not_tracebacks(tmp_path, caplog):
             with pytest.raises(QmpCommandError) as e:
                 q.execute("query-migrate")
             assert "Traceback" not in e.value.desc
+            with pytest.raises(QmpCommandError, match="internal error in 'query-kvm'"):
+                q.execute("query-kvm")
+            table.check_returns = False
+            with pytest.raises(QmpCommandError, match="internal error in 'query-kvm'"):
+                q.execute("query-kvm")             # not JSON at all: caught on the way out
+            assert q.execute("query-migrate") == {"status": "completing"}   # still serving
     assert "ZeroDivisionError" in caplog.text
     assert "Parameter 'status' does not accept value 'completing'" in caplog.text
 
@@ -596,6 +604,39 @@ def test_client_says_so_when_the_server_goes_away(tmp_path):
     with pytest.raises(QmpDisconnected):
         q.execute("query-status")
     assert not os.path.exists(f"{tmp_path}/s")          # the server removed its socket
+
+
+def test_quit_closes_the_server_and_what_was_queued_behind_it_never_runs(tmp_path):
+    ran = []
+    table = CommandTable([schema.QUERY_STATUS, schema.QUIT])
+    server = QmpServer(table)
+
+    def quit_():
+        time.sleep(0.3)                      # another client's command arrives meanwhile
+        server.close()
+    table.bind("quit", quit_)
+    table.bind("query-status", lambda: ran.append("query-status") or {"status": "running", "running": True})
+    server.listen(f"unix:{tmp_path}/s")
+    a, b = QmpClient(f"unix:{tmp_path}/s"), QmpClient(f"unix:{tmp_path}/s")
+    late = []
+    t = threading.Timer(0.1, lambda: late.append(_outcome(b, "query-status")))
+    t.start()
+    t0 = time.monotonic()
+    assert a.execute("quit") == {}
+    t.join()
+    assert time.monotonic() - t0 < 1.5      # close() did not wait out its timeout
+    assert late in (["the monitor is closing"], ["disconnected"])
+    assert ran == []
+
+
+def _outcome(q: QmpClient, command: str) -> str:
+    try:
+        q.execute(command)
+        return "ran"
+    except QmpCommandError as e:
+        return e.desc
+    except QmpDisconnected:
+        return "disconnected"
 
 
 def test_client_connection_errors(tmp_path):
