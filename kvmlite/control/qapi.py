@@ -17,11 +17,14 @@ not understand, before the command has any side effect):
 * a member that is not declared is refused; a missing required one too.
 
 The messages are QEMU's (qapi/qobject-input-visitor.c, qapi/qapi-visit-core.c,
-migration/options.c): "Invalid parameter type for 'hint', expected: boolean",
-"Parameter 'uri' is missing", "Parameter 'foo' is unexpected",
-"Parameter 'capability' does not accept value 'x'", and for ranges
-"Parameter 'downtime-limit' expects an integer in the range of 0 to 2000000 ms".
-Nested members are named as QEMU names them: ``capabilities[0].capability``.
+migration/options.c; checked against QEMU 7.2): "Invalid parameter type for
+'hint', expected: boolean", "Parameter 'max-bandwidth' expects uint64" (a
+non-integer where an unsigned one is declared), "Parameter 'uri' is missing",
+"Parameter 'foo' is unexpected", "Parameter 'capability' does not accept
+value 'x'", and for ranges "Parameter 'downtime-limit' expects an integer in
+the range of 0 to 2000000 ms" (QEMU writes the internal name,
+'downtime_limit'; kvmlite the one the client sent).  Nested members are named
+as QEMU names them: ``capabilities[0].state``.
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ class Int(Type):
 
     def check(self, value, path):
         if isinstance(value, bool) or not isinstance(value, int):
+            if self.name.startswith("uint") or self.name == "size":   # QEMU's unsigned visitor
+                raise QmpError(ErrorClass.GENERIC, f"Parameter '{path}' expects uint64")
             raise _bad_type(path, "integer")
         if not self.lo <= value <= self.hi:
             unit = f" {self.unit}" if self.unit else ""
@@ -152,7 +157,9 @@ class Enum(Type):
         if not isinstance(value, str):
             raise _bad_type(path, "string")
         if value not in self.values:
-            raise QmpError(ErrorClass.GENERIC, f"Parameter '{path}' does not accept value '{value[:64]}'")
+            # QEMU names the member alone here, not its path
+            name = path.rsplit(".", 1)[-1]
+            raise QmpError(ErrorClass.GENERIC, f"Parameter '{name}' does not accept value '{value[:64]}'")
         return value
 
 
