@@ -1,0 +1,8 @@
+"""Control of a running VMM: the QMP monitor (docs/monitor.md).
+
+jsonstream.py  splits the byte stream into JSON values, with bounds
+qapi.py        argument and result types, checked with QEMU's wording
+qmp.py         the server: greeting, negotiation, dispatch, events, listeners
+schema.py      every command and event kvmlite's monitor declares
+client.py      a synchronous client, for kvmlite and QEMU alike
+"""
