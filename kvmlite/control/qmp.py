@@ -562,7 +562,7 @@ class _Listener:
             sock.listen(8)
         except OSError as e:
             sock.close()
-            why = "someone else created it meanwhile" if e.errno == errno.EADDRINUSE else e.strerror
+            why = "someone else created it meanwhile" if e.errno == errno.EADDRINUSE else e.strerror or e
             raise MonitorError(f"cannot listen on monitor socket {path}: {why}") from None
         return cls(sock, f"unix:{path}", path)
 
@@ -572,7 +572,7 @@ class _Listener:
         try:
             sock = socket.create_server((host, port), family=family, backlog=8)
         except OSError as e:
-            raise MonitorError(f"cannot listen on monitor tcp:{host}:{port}: {e.strerror}") from None
+            raise MonitorError(f"cannot listen on monitor tcp:{host}:{port}: {e.strerror or e}") from None
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
         return cls(sock, f"tcp:{shown}:{bound_port}")
@@ -603,7 +603,7 @@ def _clear_unix_path(path: str) -> None:
     except FileNotFoundError:
         return
     except OSError as e:
-        raise MonitorError(f"cannot create monitor socket {path}: {e.strerror}") from None
+        raise MonitorError(f"cannot create monitor socket {path}: {e.strerror or e}") from None
     if stat.S_ISDIR(st.st_mode):
         raise MonitorError(f"cannot create monitor socket {path}: it is a directory")
     if not stat.S_ISSOCK(st.st_mode):
@@ -617,7 +617,7 @@ def _clear_unix_path(path: str) -> None:
         pass                                   # stale: its owner is gone
     except OSError as e:
         raise MonitorError(f"cannot create monitor socket {path}: cannot tell whether "
-                           f"it is in use ({e.strerror})") from None
+                           f"it is in use ({e.strerror or e})") from None
     else:
         raise MonitorError(f"cannot create monitor socket {path}: another process is listening "
                            "on it (another VMM with the same --monitor?)")

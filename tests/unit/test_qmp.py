@@ -718,6 +718,8 @@ def test_unix_listener_refuses_other_files_and_replaces_a_stale_socket(tmp_path)
         QmpServer(_table()).listen(str(tmp_path))
     with pytest.raises(MonitorError, match="directory /nonexistent/dir does not exist"):
         QmpServer(_table()).listen("/nonexistent/dir/vm.sock")
+    with pytest.raises(MonitorError, match="AF_UNIX path too long"):
+        QmpServer(_table()).listen(f"{tmp_path}/{'x' * 200}")
     link = tmp_path / "link.sock"
     link.symlink_to(regular)
     with pytest.raises(MonitorError, match="not a socket"):
@@ -757,6 +759,25 @@ def test_tcp_listener():
         QmpServer(_table()).listen("tcp:127.0.0.1:0,reconnect=1")
     with pytest.raises(MonitorError, match="expected tcp:HOST:PORT"):
         QmpServer(_table()).listen("tcp:127.0.0.1:http")
+
+
+def test_connections_beyond_the_limit_are_closed_at_once(tmp_path):
+    with QmpServer(_table(), max_connections=2) as server:
+        where = server.listen(f"unix:{tmp_path}/s")
+        a, b = QmpClient(where), QmpClient(where)
+        with pytest.raises(QmpDisconnected, match="closed the connection while waiting for greeting"):
+            QmpClient(where, timeout=5)
+        a.close()
+        for _ in range(100):                 # once a's connection has ended, there is room again
+            try:
+                with QmpClient(where, timeout=5) as c:
+                    assert c.execute("query-status")["running"] is True
+                break
+            except QmpDisconnected:
+                time.sleep(0.02)
+        else:
+            raise AssertionError("no room after a client left")
+        b.close()
 
 
 def test_a_client_that_never_reads_is_dropped_not_waited_for(vm_server, monkeypatch):
