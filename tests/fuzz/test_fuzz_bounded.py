@@ -9,7 +9,7 @@ import pytest
 from . import run
 from .target import seed_streams
 
-pytest.importorskip("atheris", reason="atheris is in the [test] extra: pip install -e '.[test]'")
+pytest.importorskip("atheris", reason="atheris is in the [fuzz] extra: pip install -e '.[test,fuzz]'")
 
 # ~7 s here (~15,000 inputs/s); the budget for this test in CI is ~20 s.
 RUNS = 100_000

@@ -1,0 +1,228 @@
+"""What kvmlite's monitor speaks: every command's arguments and result, and
+every event's data, declared once.  The monitor binds a handler to each
+command (qmp.CommandTable.bind); the engine checks arguments against these
+declarations before a handler runs; docs/monitor.md describes them.
+
+Where QEMU has the concept, the name and shape are QEMU's, from its QAPI
+schema (the file and definition are cited at each).  kvmlite's own concepts
+carry QEMU's prefix for them, ``x-``.  Units are QEMU's: times in
+milliseconds, sizes and bandwidths in bytes and bytes per second, ``mbps``
+in megabits (10^6 bits) per second.
+"""
+
+from __future__ import annotations
+
+from .qapi import (ANY, BOOL, INT, NUMBER, SIZE, STR, UINT64, Array, Command, Enum, Event, Int,
+                   Map, Nullable, Str, Struct)
+from .qmp import BUILTIN_COMMANDS, QMP_CAPABILITIES, QUERY_COMMANDS, QUERY_VERSION  # noqa: F401
+
+# ---- run state: qapi/run-state.json ----------------------------------------------------
+
+# RunState.  The ones kvmlite enters: running, paused (stop), inmigrate (a
+# destination before its guest runs), postmigrate (a source after a migration
+# completed), finish-migrate (paused for the last pass), shutdown (the guest
+# ended), internal-error (the VMM could not go on), prelaunch (not started yet).
+RUN_STATE = Enum("RunState", (
+    "debug", "inmigrate", "internal-error", "io-error", "paused", "postmigrate", "prelaunch",
+    "finish-migrate", "restore-vm", "running", "save-vm", "shutdown", "suspended", "watchdog",
+    "guest-panicked", "colo"))
+
+# ShutdownCause: kvmlite reports host-qmp-quit (quit), host-signal (SIGINT,
+# SIGTERM), guest-shutdown (the guest's exit device), guest-panic (a crash),
+# host-error (the VMM failed).
+SHUTDOWN_CAUSE = Enum("ShutdownCause", (
+    "none", "host-error", "host-qmp-quit", "host-qmp-system-reset", "host-signal", "host-ui",
+    "guest-shutdown", "guest-reset", "guest-panic", "subsystem-reset", "snapshot-load"))
+
+STATUS_INFO = Struct("StatusInfo", {"running": BOOL, "status": RUN_STATE})
+
+# query-status: qapi/run-state.json; stop, cont, quit: qapi/misc.json
+QUERY_STATUS = Command("query-status", returns=STATUS_INFO,
+                       doc="The VM's run state.")
+STOP = Command("stop", doc="Pause every vCPU (a STOP event follows).  Refused during a "
+                           "migration's last pass.")
+CONT = Command("cont", doc="Resume the vCPUs (a RESUME event follows).  Refused while a "
+                           "migration holds the VM paused, and after it moved away.")
+QUIT = Command("quit", doc="End the VMM: reply first, then SHUTDOWN, then the process exits.")
+
+# qapi/machine.json (qapi/accelerator.json in recent QEMU)
+KVM_INFO = Struct("KvmInfo", {"enabled": BOOL, "present": BOOL})
+QUERY_KVM = Command("query-kvm", returns=KVM_INFO,
+                    doc="Whether KVM is present and in use (always both, for kvmlite).")
+
+# ---- migration: qapi/migration.json --------------------------------------------------
+
+# MigrationStatus.  kvmlite's source goes none → setup → active → device →
+# x-handover → completed (or failed / cancelled / x-unresolved, see
+# docs/architecture.md); its destination reports setup (waiting), active
+# (receiving), x-handover (ready), completed (running) or failed.  The two
+# x- values are kvmlite's handover states, which QEMU does not have.
+MIGRATION_STATUS = Enum("MigrationStatus", (
+    "none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
+    "postcopy-recover-setup", "postcopy-recover", "completed", "failed", "colo",
+    "pre-switchover", "device", "wait-unplug", "x-handover", "x-unresolved"))
+
+# MigrationStats: every member QEMU defines is present (zero where kvmlite has
+# no such thing), plus kvmlite's x- members.
+MIGRATION_STATS = Struct("MigrationStats", {
+    "transferred": INT,          # bytes written to the migration stream
+    "remaining": INT,            # bytes of dirty RAM still to send, as of the last sync
+    "total": INT,                # bytes of guest RAM
+    "duplicate": INT,            # pages found all-zero and sent as such (QEMU: zero pages)
+    "normal": INT,               # pages sent with their data
+    "normal-bytes": INT,         # normal * page-size
+    "dirty-pages-rate": INT,     # pages/s the guest dirtied during the pre-copy rounds
+    "mbps": NUMBER,              # throughput in megabits (10^6 bits) per second: NOT MiB/s
+    "dirty-sync-count": INT,     # dirty-log syncs: one per round
+    "postcopy-requests": INT,    # 0: kvmlite has no post-copy yet
+    "page-size": INT,            # 4096
+    "multifd-bytes": UINT64,     # 0
+    "pages-per-second": UINT64,  # pages (normal + duplicate) sent per second
+    "precopy-bytes": UINT64,     # bytes sent while the guest ran
+    "downtime-bytes": UINT64,    # bytes sent while the guest was paused
+    "postcopy-bytes": UINT64,    # 0
+    "dirty-sync-missed-zero-copy": UINT64,   # 0
+    "x-skipped-free": UINT64,    # pages never sent because the guest's free-page hint called them free
+    "x-resent": UINT64,          # pages sent more than once (dirtied again between rounds)
+})
+
+X_ROUND = Struct("x-MigrationRound", {"pages": UINT64, "ms": NUMBER})
+
+# MigrationInfo: QEMU's optional members, kvmlite's x- ones.
+MIGRATION_INFO = Struct("MigrationInfo", {
+    "*status": MIGRATION_STATUS,          # absent before the first migration (QEMU: {} then)
+    "*ram": MIGRATION_STATS,              # from active on
+    "*total-time": INT,                   # ms since the migrate command, or its whole length
+    "*expected-downtime": INT,            # ms, while active
+    "*downtime": INT,                     # ms the guest was paused, once completed
+    "*setup-time": INT,                   # ms before the first round
+    "*cpu-throttle-percentage": INT,      # while auto-converge throttles the vCPUs
+    "*error-desc": STR,                   # why it failed
+    "*x-free-page-hint": BOOL,            # whether this migration used the hint
+    "*x-live": BOOL,                      # false: the VM was stopped before migrate (stop-copy)
+    "*x-rounds": Array(X_ROUND, max_len=1 << 20),   # pages and ms of each round
+    "*x-downtime-parts": Map(NUMBER),     # ms of the downtime by phase (pause, final-pass, state, ...)
+})
+
+QUERY_MIGRATE = Command("query-migrate", returns=MIGRATION_INFO,
+                        doc="The current (or last) migration's status and figures.")
+
+# migrate: QEMU's 'uri' is optional because 'channels' may replace it; kvmlite
+# has no channels, so uri is required.  detach is accepted and ignored, as
+# QEMU does; resume (of a paused post-copy migration) is refused when true.
+MIGRATE = Command("migrate", {"uri": STR, "*detach": BOOL, "*resume": BOOL},
+                  doc="Start migrating to uri (tcp:HOST:PORT or file:PATH); returns at once.")
+
+MIGRATE_INCOMING = Command("migrate-incoming", {"uri": STR, "*exit-on-error": BOOL},
+                           doc="Start listening for an incoming migration (run --incoming defer).")
+
+MIGRATE_CANCEL = Command("migrate_cancel",
+                         doc="Cancel the migration in progress (succeeds if there is none).")
+
+# MigrationCapability: kvmlite's set.  events (QEMU's, default off as in QEMU)
+# sends MIGRATION and MIGRATION_PASS; auto-converge (QEMU's; kvmlite's default
+# is on) throttles a guest that dirties faster than the link; x-free-page-hint
+# (default on) skips the pages the guest's free-page bitmap calls free.
+MIGRATION_CAPABILITY = Enum("MigrationCapability", ("events", "auto-converge", "x-free-page-hint"))
+MIGRATION_CAPABILITY_STATUS = Struct("MigrationCapabilityStatus",
+                                     {"capability": MIGRATION_CAPABILITY, "state": BOOL})
+
+MIGRATE_SET_CAPABILITIES = Command(
+    "migrate-set-capabilities", {"capabilities": Array(MIGRATION_CAPABILITY_STATUS, max_len=64)},
+    doc="Switch migration capabilities; refused while a migration runs.")
+QUERY_MIGRATE_CAPABILITIES = Command(
+    "query-migrate-capabilities", returns=Array(MIGRATION_CAPABILITY_STATUS),
+    doc="Every capability and its state.")
+
+# MigrateSetParameters / MigrationParameters: QEMU's members that kvmlite has,
+# with QEMU's types and ranges (migration/options.c, migrate_params_check),
+# and kvmlite's x- ones.
+MAX_MIGRATE_DOWNTIME_MS = 2_000_000       # QEMU's MAX_MIGRATE_DOWNTIME
+MIGRATION_PARAMETERS = {
+    "downtime-limit": Int(0, MAX_MIGRATE_DOWNTIME_MS, unit="ms", name="uint64"),
+    "max-bandwidth": SIZE,                            # bytes/s; 0: no limit (QEMU's RATE_LIMIT_DISABLED)
+    "x-max-rounds": Int(1, 10_000, name="uint32"),    # pre-copy rounds before the last pass is forced
+    # give up after this long without progress; 0: kvmlite's default
+    "x-stall-timeout": Int(0, 86_400_000, unit="ms", name="uint64"),
+    "x-auth-key": STR,                                # path of a key file the VMM reads; "": none
+}
+MIGRATE_SET_PARAMETERS = Command(
+    "migrate-set-parameters", Struct("MigrateSetParameters",
+                                     {f"*{k}": t for k, t in MIGRATION_PARAMETERS.items()}),
+    doc="Set migration parameters for the next migration; only those given change.")
+QUERY_MIGRATE_PARAMETERS = Command(
+    "query-migrate-parameters",
+    returns=Struct("MigrationParameters", dict(MIGRATION_PARAMETERS)),
+    doc="Every migration parameter and its value.")
+
+# Post-copy, when it lands: QEMU's names (qapi/migration.json).
+MIGRATE_START_POSTCOPY = Command("migrate-start-postcopy",
+                                 doc="Switch the running migration to post-copy.")
+MIGRATE_RECOVER = Command("migrate-recover", {"uri": STR},
+                          doc="Give a paused post-copy migration a new stream to recover on.")
+
+# ---- kvmlite's own: x- commands ----------------------------------------------------------
+
+# An array as the monitor sends it: numpy bytes, zlib-compressed, base64.
+ENCODED_ARRAY = Struct("x-EncodedArray", {"dtype": STR, "shape": Array(INT, max_len=8),
+                                          "zlib_base64": Str(max_len=1 << 30)})
+WORDS = Nullable(ENCODED_ARRAY)
+PAGEMAP = Struct("x-Pagemap", {
+    "page-size": INT,
+    "pages": INT,
+    "registered": BOOL,       # the guest has registered a free-page bitmap
+    # uint64 words, page p in bit p % 64 of word p // 64; null where the fact is unknown
+    "free": WORDS,            # set: the guest's bitmap calls it free (null: no bitmap registered)
+    "backed": WORDS,          # set: the host has backed it (clear: never touched)
+    "dirty": WORDS,           # set: still to send as of the last sync (null: no migration running)
+    "sent-round": WORDS,      # uint8 per page: the round that last sent it (0: never; null: none ran)
+    "migration": Nullable(Struct("x-PagemapMigration", {
+        "status": MIGRATION_STATUS, "x-free-page-hint": BOOL, "rounds": INT})),
+})
+X_QUERY_PAGEMAP = Command("x-query-pagemap", returns=PAGEMAP,
+                          doc="Per-page maps of guest memory (kvmlite pagemap draws them).")
+
+FREE_PAGES = Struct("x-FreePages", {"pages-total": INT, "registered": BOOL,
+                                    "*free": INT, "*active": INT})
+X_QUERY_FREE_PAGES = Command("x-query-free-pages", returns=FREE_PAGES,
+                             doc="How many pages the guest's free-page bitmap calls free.")
+
+X_GUEST_FINISH = Command("x-guest-finish",
+                         doc="Ask the guest's workload to finish (through the free-page-hint "
+                             "device's stop flag).")
+
+X_VCPU_INFO = Struct("x-VcpuInfo", {
+    "cpu-index": INT,
+    # rax..r15, rip, rflags, cr0/cr2/cr3/cr4, efer, cs/ss; null if not read
+    "registers": Nullable(Map(ANY)),
+    "*registers-unread": STR,                 # why registers is null
+    "exits": Map(INT),                        # exit counts by kind (IoOut, IoIn, Interrupted, ...)
+    "exits-total": INT,
+})
+X_QUERY_VCPUS = Command(
+    "x-query-vcpus", {"*cpu-index": Int(0, 1023, name="int")}, returns=Array(X_VCPU_INFO),
+    doc="Registers and exit counts of every vCPU (or one), read on the vCPU's own thread; "
+        "a running VM is paused for the read and resumed.")
+
+# ---- events ---------------------------------------------------------------------------------
+
+EVENTS = (
+    Event("STOP", doc="The VM was paused (stop, or a migration's last pass)."),        # run-state.json
+    Event("RESUME", doc="The VM runs again."),                                          # run-state.json
+    Event("SHUTDOWN", {"guest": BOOL, "reason": SHUTDOWN_CAUSE},
+          doc="The VM ended; the VMM is about to exit."),                                # run-state.json
+    Event("MIGRATION", {"status": MIGRATION_STATUS},                                    # migration.json
+          doc="A migration changed status (with the events capability on)."),
+    Event("MIGRATION_PASS", {"pass": INT},                                              # migration.json
+          doc="A pre-copy round began; pass counts from 1 (with the events capability on)."),
+)
+
+COMMANDS = (
+    QMP_CAPABILITIES, QUERY_VERSION, QUERY_COMMANDS,
+    QUERY_STATUS, STOP, CONT, QUIT, QUERY_KVM,
+    MIGRATE, MIGRATE_INCOMING, MIGRATE_CANCEL, QUERY_MIGRATE,
+    MIGRATE_SET_CAPABILITIES, QUERY_MIGRATE_CAPABILITIES,
+    MIGRATE_SET_PARAMETERS, QUERY_MIGRATE_PARAMETERS,
+    MIGRATE_START_POSTCOPY, MIGRATE_RECOVER,
+    X_QUERY_PAGEMAP, X_QUERY_FREE_PAGES, X_GUEST_FINISH, X_QUERY_VCPUS,
+)
