@@ -262,6 +262,10 @@ class Migration:
             if not machine.paused:        # a VM the user stopped stays stopped if this fails
                 self._paused_here = True
                 machine.pause_all()
+            if not machine.running:
+                # Parked because the guest ended (exit, crash, quit), not for us:
+                # its state is not a guest to carry on anywhere.
+                raise MigrationError("the guest ended before the migration could complete")
             self.hooks.point("src:paused")
             self._mark("sync")
             self._sync(dirty)             # the vCPUs are parked: what is dirty now is final

@@ -171,3 +171,16 @@ def test_an_operator_resolves_an_unresolved_migration(machine, owner, status, re
     assert any(c[:2] == ("quit", "migrated") for c in machine.calls if isinstance(c, tuple)) == (not resumed)
     with pytest.raises(Exception, match="nothing to resolve"):
         mig.resolve(owner)
+
+
+def test_a_guest_that_ends_mid_migration_is_not_shipped(machine):
+    """The guest exits during pre-copy: the migration fails at the pause instead of sending
+    a vCPU that has finished; nothing is resumed."""
+    def guest(vm):
+        vm.dirty(range(0, 100))
+        if vm.fetches == 2:
+            machine.running = False           # the guest wrote its exit status
+    machine.vm.on_fetch = guest
+    mig = run(machine)
+    assert mig.status is S.FAILED and "guest ended" in mig.stats.error
+    assert not any(c[0] == "quit" for c in machine.calls if isinstance(c, tuple))
