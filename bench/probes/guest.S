@@ -586,27 +586,25 @@ dirty_user:
     jnz     1b
     done
 
-/* ---- 9. who am I at CPL 3: GS base, RDTSCP's TSC_AUX, CPUID ----
- * results: [0x100] %gs:0x20, [0x108] TSC_AUX by RDTSCP, [0x110] CPUID.1 EBX,
- *          [0x118] CPUID 0x40000000 EBX */
+/* ---- 9. who am I at CPL 3: GS base, CPUID ----
+ * results: [0x100] %gs:0x20 at CPL 3 (GS base = this block, set at CPL 0),
+ *          [0x110] CPUID.1 EBX at CPL 3, [0x118] CPUID 0x40000000 EBX at CPL 3,
+ *          [0x120] CPUID.1 EBX at CPL 0 */
     .globl t_ident
 t_ident:
     prologue
+    mov     $1, %eax
+    cpuid
+    mov     %rbx, 0x120(%r14)
     mov     $MSR_GS_BASE, %ecx
     mov     %r14, %rax
     mov     %r14, %rdx
     shr     $32, %rdx
     wrmsr
-    mov     $MSR_TSC_AUX, %ecx
-    lea     0x100(%r15), %eax
-    xor     %edx, %edx
-    wrmsr
     to_user ident_user, RF_USER
 ident_user:
     mov     %gs:0x20, %rax
     mov     %rax, 0x100(%r14)
-    rdtscp
-    mov     %rcx, 0x108(%r14)
     mov     $1, %eax
     cpuid
     mov     %rbx, 0x110(%r14)

@@ -48,8 +48,25 @@ def exit_loop(n: int, irqchip: bool) -> dict:
     return {"wall_s": wall, "total_exits_per_s": n * EXITS / wall}
 
 
+def ident() -> dict:
+    """What each vCPU reads at CPL 3 through GS (base set per CPU at CPL 0) and
+    CPUID, against CPUID at CPL 0.  The VMM sets CPUID.1:EBX[31:24] = vCPU index."""
+    vm = ProbeVm(2)
+    for c in (0, 1):
+        vm.params(c, 0, 0, 0, 0, 0xC0FFEE00 + c)
+        vm.enter(c, "t_ident")
+    vm.run_all([0, 1])
+    out = {f"cpu{c}": {"gs_read_at_cpl3": hex(vm.result(c, 0x100)),
+                       "cpuid1_ebx_apic_id_cpl3": vm.result(c, 0x110) >> 24,
+                       "cpuid1_ebx_apic_id_cpl0": vm.result(c, 0x120) >> 24,
+                       "cpuid_40000000_ebx_cpl3": vm.result(c, 0x118).to_bytes(4, "little").decode(errors="replace")}
+           for c in (0, 1)}
+    vm.close()
+    return out
+
+
 def main() -> dict:
-    res = {"host_cpus": host_cpus(), "page_writes": {}, "exits": {}}
+    res = {"host_cpus": host_cpus(), "ident": ident(), "page_writes": {}, "exits": {}}
     for irqchip in (False, True):
         for n in (1, 2, 4):
             key = f"{n} vCPU{'s' if n > 1 else ''}, {'irqchip' if irqchip else 'no irqchip'}"
@@ -63,6 +80,7 @@ def main() -> dict:
 
 
 def report(res: dict) -> None:
+    print("who am I:", res["ident"])
     print(f"host CPUs: {res['host_cpus']}; medians of {REPS} runs")
     base_pw = res["page_writes"]["1 vCPU, no irqchip"]
     base_ex = res["exits"]["1 vCPU, no irqchip"]
@@ -75,3 +93,4 @@ def report(res: dict) -> None:
 
 if __name__ == "__main__":
     report(main())
+
