@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from .. import msr
 from ..errors import StreamError
-from ..kvm import ffi
+from ..kvm import ffi, lib
 from ..vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
+from ..vstate.vm import irqchip_ids
 from .wire import _show
 
 STATE_VERSION = 1
@@ -109,3 +110,40 @@ def restore_devices(state: dict, devices: dict) -> None:
         except (KeyError, TypeError, ValueError, AttributeError,
                 OverflowError) as e:  # OverflowError: int() of a msgpack float infinity
             _fail(f"state.devices.{name}", str(e) or type(e).__name__)
+
+
+# ---- interrupt-controller state (a VM with the in-kernel irqchip) ------------------
+# What Vcpu.save_interrupt_state and Vm.save_irqchip produce, checked before
+# any of it reaches KVM.
+
+LAPIC_ID_OFFSET = 0x20       # the APIC ID register in the xAPIC page image; ID in bits 31:24
+X86_MP_STATES = ("KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_UNINITIALIZED", "KVM_MP_STATE_INIT_RECEIVED",
+                 "KVM_MP_STATE_HALTED", "KVM_MP_STATE_SIPI_RECEIVED")
+
+
+def validate_vcpu_interrupts(v, index: int, path: str) -> dict:
+    """{"lapic": 1 KiB, "mp_state": one x86 KVM_MP_STATE_*, "tsc_deadline": u64}.
+    The LAPIC's APIC ID must be `index`: vCPU i has APIC ID i (docs/boot.md), and a
+    stream that swapped two CPUs' LAPICs would send their interrupts astray."""
+    _map(v, path, ("lapic", "mp_state", "tsc_deadline"))
+    size = ffi.sizeof("struct kvm_lapic_state")
+    if not isinstance(v["lapic"], bytes) or len(v["lapic"]) != size:
+        _fail(f"{path}.lapic", f"expected {size} bytes (struct kvm_lapic_state)")
+    apic_id = int.from_bytes(v["lapic"][LAPIC_ID_OFFSET:LAPIC_ID_OFFSET + 4], "little") >> 24
+    if apic_id != index:
+        _fail(f"{path}.lapic", f"APIC ID {apic_id} belongs to another vCPU (this is vCPU {index})")
+    allowed = {getattr(lib, name) for name in X86_MP_STATES}
+    if _int(v["mp_state"], f"{path}.mp_state", 1 << 32) not in allowed:
+        _fail(f"{path}.mp_state", f"{v['mp_state']} is not an x86 MP state")
+    _int(v["tsc_deadline"], f"{path}.tsc_deadline")
+    return v
+
+
+def validate_irqchip(chips, path: str = "state.irqchip") -> dict:
+    """{"pic_master", "pic_slave", "ioapic"}: each the 512 bytes of its kvm_irqchip union."""
+    _map(chips, path, tuple(irqchip_ids()))
+    size = ffi.sizeof("struct kvm_irqchip") - ffi.offsetof("struct kvm_irqchip", "chip")
+    for name in irqchip_ids():
+        if not isinstance(chips[name], bytes) or len(chips[name]) != size:
+            _fail(f"{path}.{name}", f"expected {size} bytes (the kvm_irqchip union)")
+    return chips
