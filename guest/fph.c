@@ -3,10 +3,11 @@
  *
  * Memory layout the guest builds at boot (all GPAs, identity-mapped):
  *
- *   0 .. image end            boot area, image, bss, stacks      bits 0
+ *   0 .. image end            image, bss, stacks                 bits 0
  *   image end (page aligned)  struct fph_header (64 bytes)        bits 0
  *   header + 64               bitmap, ceil(npages/64) words       bits 0
  *   heap start .. RAM end     pages the allocator hands out       bits 1 when free
+ *   the VMM's boot area       page tables, boot info (top of RAM) bits 0
  *
  * The correctness rule this file exists for (US patent 9552233, claim 1):
  * a page's bit is cleared - the page is marked active - BEFORE any data is
@@ -28,7 +29,7 @@ static void header_sync(void)
     g_fph.hdr->free_pages = g_fph.free_count;
 }
 
-void fph_init(u64 ram_size, u64 image_end, int device_flag)
+void fph_init(u64 ram_size, u64 image_end, u64 reserved_start, u64 reserved_end, int device_flag)
 {
     struct fph_state *s = &g_fph;
     u64 npages = ram_size >> PAGE_SHIFT;        /* a partial last page is not RAM we use */
@@ -62,6 +63,15 @@ void fph_init(u64 ram_size, u64 image_end, int device_flag)
     if (end & 63)
         s->bitmap[ew] &= (1ULL << (end & 63)) - 1;  /* clear padding bits past RAM */
     s->free_count = end - first;
+    /* The boot area (above the image since boot protocol 2) is not ours to hand out. */
+    s->reserved_start_pfn = reserved_start >> PAGE_SHIFT;
+    s->reserved_end_pfn = PAGE_ALIGN_UP(reserved_end) >> PAGE_SHIFT;
+    for (u64 pfn = s->reserved_start_pfn; pfn < s->reserved_end_pfn && pfn < end; pfn++) {
+        if (pfn >= first && page_is_free(pfn)) {
+            s->bitmap[pfn >> 6] &= ~(1ULL << (pfn & 63));
+            s->free_count--;
+        }
+    }
 
     struct fph_header *h = s->hdr;
     h->magic = FPH_MAGIC;

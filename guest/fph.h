@@ -62,6 +62,7 @@ struct fph_state {
     u64 npages;         /* RAM pages = bits that mean something */
     u64 nwords;         /* 64-bit words in the bitmap */
     u64 heap_start_pfn; /* first page the allocator may hand out */
+    u64 reserved_start_pfn, reserved_end_pfn;   /* the VMM's boot area: never handed out */
     u64 free_count;     /* running count of set bits */
     u64 cursor;         /* next-fit: word index where the next search starts */
     int device_present;
@@ -70,8 +71,10 @@ struct fph_state {
 };
 extern struct fph_state g_fph;
 
-/* Build header + bitmap after the image and register them if the device exists. */
-void fph_init(u64 ram_size, u64 image_end, int device_flag);
+/* Build header + bitmap after the image and register them if the device exists.
+ * The pages of [reserved_start, reserved_end) (the VMM's boot area: page
+ * tables, boot info) stay active too. */
+void fph_init(u64 ram_size, u64 image_end, u64 reserved_start, u64 reserved_end, int device_flag);
 
 /* One page: clears its bit (page becomes active) before returning it. */
 u64 page_alloc(void);
@@ -83,6 +86,11 @@ int page_free(u64 pfn);
 static inline int page_is_free(u64 pfn)
 {
     return (g_fph.bitmap[pfn >> 6] >> (pfn & 63)) & 1;
+}
+
+static inline int fph_reserved(u64 pfn)
+{
+    return pfn >= g_fph.reserved_start_pfn && pfn < g_fph.reserved_end_pfn;
 }
 
 static inline void *pfn_to_ptr(u64 pfn) { return (void *)(uintptr_t)(pfn << PAGE_SHIFT); }

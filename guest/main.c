@@ -202,8 +202,7 @@ extern __typeof__(guest_main) main __attribute__((alias("guest_main"), noreturn)
 NORETURN void guest_main(const struct boot_info *bi, u64 rsi)
 {
     g_stats.start_tsc = rdtsc();
-    if (bi->magic != BOOT_INFO_MAGIC || bi->version < BOOT_INFO_VERSION
-        || bi->size < BOOT_INFO_V1_SIZE) {
+    if (bi->magic != BOOT_INFO_MAGIC || bi->version < 1 || bi->size < BOOT_INFO_V1_SIZE) {
         print("guest: bad boot-info block at %p: magic 0x%x version %u size %u (rsi 0x%lx)\n",
               (const void *)bi, bi->magic, bi->version, bi->size, (unsigned long)rsi);
         guest_exit(EXIT_BAD_CMDLINE);
@@ -258,7 +257,14 @@ NORETURN void guest_main(const struct boot_info *bi, u64 rsi)
     print("\"\n");
     parse_cmdline(cmdline, len);
 
-    fph_init(bi->ram_size, (u64)(uintptr_t)__image_end, bi->flags & BOOT_INFO_FLAG_FPH);
+    /* Version 1 kept the boot area below the image; version 2 says where it is. */
+    u64 boot_area = 0, boot_area_end = 0;
+    if (bi->version >= 2 && bi->size >= BOOT_INFO_V2_SIZE) {
+        boot_area = bi->boot_area_gpa;
+        boot_area_end = bi->reserved_end;
+    }
+    fph_init(bi->ram_size, (u64)(uintptr_t)__image_end, boot_area, boot_area_end,
+             bi->flags & BOOT_INFO_FLAG_FPH);
     if (g_fph.device_present && !g_fph.registered)
         g_stats.errors++;       /* the device refused our header: a bug in this guest */
 

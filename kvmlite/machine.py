@@ -15,6 +15,7 @@ from .devices.output import SerialOutput
 from .devices.uart import PORT_COUNT as UART_PORT_COUNT
 from .errors import KvmliteError
 from .vstate import GuestMemory, Kvm, Vm
+from .vstate.vcpu import cpuid_with_apic_id
 
 UART_PORT = 0x3F8
 DEBUGCON_PORT = 0xE9
@@ -37,13 +38,18 @@ class Machine:
     KVM_RUN and park it at a safe point between exits."""
 
     def __init__(self, memory_size: int, *, prefault: bool = False, output: SerialOutput | None = None,
-                 trace=None, log=None):
+                 trace=None, log=None, vcpus: int = 1, irqchip: bool = False):
         self.kvm = Kvm()
         self.vm = Vm(self.kvm)
+        if irqchip:
+            self.vm.create_irqchip()    # before the vCPUs: each gets a LAPIC
         self.memory = GuestMemory(memory_size, prefault=prefault)
         self.vm.add_memory(self.memory)
-        self.vcpu = self.vm.create_vcpu()
-        self.vcpu.set_cpuid(self.kvm.supported_cpuid())
+        # vCPU i has APIC ID i; vCPU 0 boots (several vCPUs: kvmlite/smp.py runs them)
+        self.vcpus = [self.vm.create_vcpu() for _ in range(vcpus)]
+        for v in self.vcpus:
+            v.set_cpuid(cpuid_with_apic_id(self.kvm.supported_cpuid(), v.index))
+        self.vcpu = self.vcpus[0]
         self.output = output or SerialOutput()
         self.log = log or (lambda msg: print(f"kvmlite: {msg}", file=sys.stderr, flush=True))
         self.bus = IoBus()
@@ -60,6 +66,7 @@ class Machine:
         self.trace = trace
         self.bus.trace = trace
         self.image = None
+        self.boot_area = None
         self.exits = 0
         # Exits by kind (exit class), for `kvmlite inspect`: one dict update per
         # exit costs ~35 ns here, against ~28 µs for the exit itself.
@@ -84,13 +91,18 @@ class Machine:
     def boot(self, image_path: str, cmdline: str = "", load_addr=None, entry=None) -> None:
         from .loader import load_image
         self.image = load_image(self.memory, image_path, load_addr=load_addr, entry=entry)
+        self.boot_area = boot.place_boot_area(self.memory.size, self.image.start, self.image.end)
         info = boot.boot_info_bytes(
-            ram_size=self.memory.size, cmdline_len=len(cmdline.encode()), fph=True,
-            tsc_khz=self.vcpu.tsc_khz(), image_start=self.image.start, image_end=self.image.end,
-            uart_port=UART_PORT, debugcon_port=DEBUGCON_PORT, exit_port=EXIT_PORT,
-            fph_port=FPH_PORT, idle_port=IDLE_PORT)
-        boot.write_boot_area(self.memory, cmdline=cmdline, boot_info=info)
-        boot.setup_long_mode(self.vcpu, self.image.entry)
+            ram_size=self.memory.size, boot_area=self.boot_area, cmdline_len=len(cmdline.encode()),
+            fph=True, tsc_khz=self.vcpu.tsc_khz(), image_start=self.image.start,
+            image_end=self.image.end, uart_port=UART_PORT, debugcon_port=DEBUGCON_PORT,
+            exit_port=EXIT_PORT, fph_port=FPH_PORT, idle_port=IDLE_PORT, **self._smp_boot_info())
+        boot.write_boot_area(self.memory, boot_area=self.boot_area, cmdline=cmdline, boot_info=info)
+        boot.setup_long_mode(self.vcpu, self.image.entry, self.boot_area)
+
+    def _smp_boot_info(self) -> dict:
+        """Boot-info fields about CPUs and interrupts (kvmlite/smp.py fills them for N vCPUs)."""
+        return {}
 
     # ---- the run loop ----------------------------------------------------------
 
