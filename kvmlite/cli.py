@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--cmdline", default="", help="guest command line (see guest/README.md)")
     run.add_argument("--load", metavar="ADDR", help="load address for flat images (default 0x100000)")
     run.add_argument("--entry", metavar="ADDR", help="entry point (default: load address / e_entry)")
+    run.add_argument("--smp", type=int, default=1, metavar="N",
+                     help="vCPUs (default 1); N > 1 adds the in-kernel irqchip and the "
+                     "CPU-start device (docs/boot.md)")
     run.add_argument("--stats", action="store_true",
                      help="print page counts from the guest's free-page bitmap at exit")
     run.add_argument("--trace", action="store_true", help="log every VM exit to stderr")

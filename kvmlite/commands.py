@@ -58,7 +58,21 @@ def cmd_run(args) -> int:
     if gdb:
         from .gdbstub import parse_endpoint
         parse_endpoint(gdb)  # and so does a bad --gdb
-    machine = Machine(size, prefault=args.prealloc, trace=_trace() if args.trace else None)
+    smp = getattr(args, "smp", 1)
+    if smp < 1:
+        raise ConfigError(f"--smp {smp}: at least one vCPU")
+    if smp > 1:
+        # kvmlite/smp.py: a thread per vCPU, until the VcpuThread core does SMP
+        if gdb or args.monitor:
+            raise ConfigError("--smp with --gdb or --monitor is not supported yet")
+        from .smp import SmpMachine
+        import os
+        if smp > (os.cpu_count() or 1):
+            print(f"kvmlite: {smp} vCPUs on {os.cpu_count()} host CPUs: overcommitted", file=sys.stderr)
+        machine = SmpMachine(size, vcpus=smp, prefault=args.prealloc,
+                             trace=_trace() if args.trace else None)
+    else:
+        machine = Machine(size, prefault=args.prealloc, trace=_trace() if args.trace else None)
     try:
         machine.boot(args.image, args.cmdline, load, entry)
         if not gdb:
