@@ -101,6 +101,9 @@ class SmpMachine(Machine):
                 self._paused = False
                 self._lock.notify_all()
         self.exits = sum(self._vcpu_exits)
+        if self.crashed_vcpu is not None:
+            # The crash report (crash.py) reads machine.vcpu: make it the one that crashed.
+            self.vcpu = self.vcpus[self.crashed_vcpu]
         res = self._result
         return RunResult(res.reason, res.status, crash=res.crash, exits=self.exits)
 
