@@ -275,10 +275,19 @@ gp_hlt:
     incq    16(%rsp)                    /* HLT is one byte */
     pop     %rax
     add     $8, %rsp
-    sti                                 /* STI's shadow: no interrupt before the HLT */
+    /*
+     * RAX = the CPU's interrupt count ring 3 saw before it decided to halt.
+     * An interrupt that came since (between its check and this trap, where
+     * interrupts were on) would be lost: the CPU would halt for good.  So
+     * halt only if the count is unchanged; interrupts are off here until
+     * STI, whose shadow keeps them off until HLT has begun.
+     */
+    cmp     %gs:PC_IRQS, %rax
+    jne     1f
+    sti
     hlt                                 /* until an interrupt (its handler runs first) */
     cli
-    iretq                               /* RFLAGS of CPL 3: interrupts as they were */
+1:  iretq                               /* RFLAGS of CPL 3: interrupts as they were */
 gp_real_pop:
     pop     %rax
 gp_real:

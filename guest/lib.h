@@ -98,7 +98,7 @@ static inline void spin_unlock(volatile u32 *l) { __atomic_store_n(l, 0, __ATOMI
 /*
  * Privileged instructions from CPL 3.  Each raises #GP; the guest's #GP
  * handler (entry.S, gp_entry) does it at CPL 0 and returns past it: HLT with
- * interrupts on, RDMSR/WRMSR of the LAPIC's MSRs only.  About 45 us each on
+ * interrupts on (unless one came already), RDMSR/WRMSR of the LAPIC's MSRs only.  About 45 us each on
  * kvm_pvm, where the handler's instructions are emulated (docs/boot.md).
  */
 static inline void wrmsr_trapped(u32 msr, u64 v)
@@ -113,7 +113,9 @@ static inline u64 rdmsr_trapped(u32 msr)
     return (u64)hi << 32 | lo;
 }
 
-static inline void hlt_trapped(void) { __asm__ volatile("hlt" ::: "memory"); }
+/* HLT until an interrupt, unless one came since the CPU's interrupt count
+ * (percpu.h, irqs) read `seen`: then it returns at once (see gp_entry). */
+static inline void hlt_trapped(u64 seen) { __asm__ volatile("hlt" :: "a"(seen) : "memory"); }
 
 
 /* ---- ports, filled in from the boot-info block by main.c ---- */

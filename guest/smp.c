@@ -141,9 +141,13 @@ void send_ipi(unsigned cpu)
 void sleep_until(u64 tsc)
 {
     if (g_lapic) {
+        struct percpu *pc = this_cpu();
+        u64 seen = pc->irqs;            /* before arming: the timer may fire at once */
         wrmsr_trapped(MSR_TSC_DEADLINE, tsc);
-        while (rdtsc() < tsc)
-            hlt_trapped();
+        while (rdtsc() < tsc) {
+            hlt_trapped(seen);          /* returns at once if an interrupt came since */
+            seen = pc->irqs;
+        }
         return;
     }
     for (u64 now; (now = rdtsc()) < tsc;) {
@@ -283,7 +287,7 @@ NORETURN void ap_main(struct percpu *pc)
     /* Done: wait for interrupts (the ipi workload's), or spin without a LAPIC. */
     for (;;) {
         if (g_lapic)
-            hlt_trapped();
+            hlt_trapped(pc->irqs);
         else
             cpu_relax();
     }

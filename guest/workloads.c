@@ -399,13 +399,15 @@ static void ipi_target(void)
     struct percpu *pc = this_cpu();
     u64 seen = 0;
     while (seen < g_cfg.count) {
-        hlt_trapped();                      /* interrupts on, nothing armed: only an IPI wakes it */
+        u64 irqs = pc->irqs;
         u64 want = __atomic_load_n(&pc->wake, __ATOMIC_ACQUIRE);
-        if (want != seen) {
-            pc->woke_tsc = rdtsc();
-            seen = want;
-            __atomic_store_n(&pc->ipi_woken, seen, __ATOMIC_RELEASE);
+        if (want == seen) {
+            hlt_trapped(irqs);              /* nothing armed: only an IPI wakes it */
+            continue;
         }
+        pc->woke_tsc = rdtsc();
+        seen = want;
+        __atomic_store_n(&pc->ipi_woken, seen, __ATOMIC_RELEASE);
     }
 }
 

@@ -332,7 +332,8 @@ t_sleep:
 sleep_user:
     mov     0x10(%r14), %r12
     lea     0x1000(%r14), %rbx
-1:  tsc
+1:  mov     0x100(%r14), %r9            /* timer interrupts so far: HLT's argument below */
+    tsc
     mov     %rdx, (%rbx)
     cmpq    $1, 0x18(%r14)
     je      2f
@@ -345,7 +346,9 @@ sleep_user:
     xor     %edx, %edx
     mov     $X2_TMICT, %ecx
 3:  wrmsr                           /* #GP: isr_gp writes the MSR */
-    hlt                             /* #GP: isr_gp halts with interrupts on */
+    mov     %r9, %rax
+    hlt                             /* #GP: isr_gp halts with interrupts on, unless the
+                                       timer fired already (RAX = the count before) */
     tsc
     mov     %rdx, 8(%rbx)
     add     $16, %rbx
@@ -367,10 +370,12 @@ isr_gp:
 1:  incq    16(%rsp)                /* HLT: return past it ... */
     pop     %rax
     add     $8, %rsp
-    sti                             /* ... once an interrupt has come */
+    cmp     0x100(%r14), %rax       /* ... at once if the timer fired since CPL 3 looked */
+    jne     3f
+    sti                             /* ... else once an interrupt has come */
     hlt
     cli
-    iretq
+3:  iretq
 2:  addq    $2, 16(%rsp)            /* WRMSR with the caller's ECX, EDX:EAX */
     pop     %rax
     add     $8, %rsp

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 GDT = 0x3000
 IDT = 0x4000
 TRAMP_GDTR = 0x9020
-PML4 = boot.PML4_GPA
+PML4 = 0x10000             # the probe's own identity map (4 GiB at least: the xAPIC page too)
 TSS_BASE = 0x30000         # TSS i at TSS_BASE + i * 0x3000
 TSS_LIMIT = 104 + 8192     # 104-byte TSS, 8 KiB I/O bitmap (all ports allowed), 0xFF
 KSTACK_TOP = 0x44000       # ring-0 stack of CPU i ends at KSTACK_TOP + i * 0x4000
@@ -130,7 +130,7 @@ class ProbeVm:
             idt[v * 16:(v + 1) * 16] = _gate(s[name], dpl)
         self.mem.write(IDT, bytes(idt))
         # Identity map of map_size with 2 MiB pages, U/S on: RAM and the xAPIC page at 0xFEE00000.
-        self.mem.write(PML4, boot.build_page_tables(map_size))
+        self.mem.write(PML4, boot.build_page_tables(map_size, PML4))
 
     # ---- parameters and results ---------------------------------------------
 
@@ -149,15 +149,14 @@ class ProbeVm:
     def enter(self, cpu: int, label: str) -> None:
         """Put vCPU `cpu` at `label`: long mode, CPL 0, the probe's GDT/IDT and TSS `cpu`."""
         v = self.vcpus[cpu]
-        boot.setup_long_mode(v, self.sym[label])
+        # kvmlite's long-mode state with CR3 = PML4, then the probe's GDT, IDT and TSS
+        boot.set_long_mode_sregs(v, PML4 - boot.BA_PAGE_TABLES)
         s = v.get_sregs()
         s.gdt.base, s.gdt.limit = GDT, self.gdt_limit
         s.idt.base, s.idt.limit = IDT, 256 * 16 - 1
         s.tr.base, s.tr.limit, s.tr.selector = TSS_BASE + cpu * 0x3000, TSS_LIMIT, SEL_TSS + 16 * cpu
         v.set_sregs(s)
-        r = v.get_regs()
-        r.rdi, r.rsp = cpu, KSTACK_TOP + cpu * 0x4000
-        v.set_regs(r)
+        boot.set_entry_regs(v, rip=self.sym[label], rsp=KSTACK_TOP + cpu * 0x4000, rdi=cpu)
         if self.irqchip:
             self.set_mp_state(cpu, lib.KVM_MP_STATE_RUNNABLE)
 
