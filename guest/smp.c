@@ -223,8 +223,14 @@ void smp_start(const struct boot_info *bi, int multiboot)
         g_lapic = lapic_hw && (bi->flags & BOOT_INFO_FLAG_LAPIC);
     else
         g_lapic = lapic_hw && multiboot && (g_cfg.lapic || g_cfg.cpus > 1);
-    if (g_lapic)
+    if (g_lapic) {
+        /* Interrupts come only from the LAPIC here: mask every line of the two
+         * 8259 PICs (OCW1 = 0xFF), which a PC BIOS leaves on vectors 8-15 with
+         * the PIT ticking (QEMU's does), where they would look like exceptions. */
+        outb(0x21, 0xff);
+        outb(0xa1, 0xff);
         lapic_init();
+    }
 
     unsigned want = (unsigned)g_cfg.cpus;
     if (!want)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -104,3 +106,23 @@ def test_smp_options_are_checked(guest_image):
     assert r.returncode == 0, r.stderr
     assert f"{n} vCPUs on {n - 1} host CPUs: overcommitted" in r.stderr
     assert summary(r.stdout)["cpus"] == n
+
+
+QEMU = shutil.which("qemu-system-x86_64")
+
+
+@pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64")
+def test_same_image_starts_its_cpus_under_qemu(guest_image):
+    """Under QEMU -smp 2 (Multiboot, no CPU-start device) the image starts CPU 1 with INIT-SIPI-SIPI and churns on both."""
+    from bench.qemu import CPU
+    r = subprocess.run([QEMU, "-accel", "kvm", "-cpu", CPU, "-smp", "2", "-m", "256M", "-nodefaults",
+                        "-no-user-config", "-display", "none", "-no-reboot", "-kernel", str(guest_image),
+                        "-append", "workload=churn pages=2000 rounds=3 cpus=2",
+                        "-device", "isa-debug-exit,iobase=0x501,iosize=1", "-serial", "stdio"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == (0 << 1) | 1, r.stdout[-3000:] + r.stderr     # isa-debug-exit: (status << 1) | 1
+    assert "(multiboot boot)" in r.stdout and "smp: 2 of 2 CPUs online" in r.stdout
+    cpus = cpu_lines(r.stdout)
+    assert cpus[1]["started_by"] == "sipi" and cpus[1]["verified"] > 0
+    s = summary(r.stdout)
+    assert s["status"] == "ok" and s["cpus"] == 2
