@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from .errors import ConfigError
@@ -66,7 +67,6 @@ def cmd_run(args) -> int:
         if gdb or args.monitor:
             raise ConfigError("--smp with --gdb or --monitor is not supported yet")
         from .smp import SmpMachine
-        import os
         if smp > (os.cpu_count() or 1):
             print(f"kvmlite: {smp} vCPUs on {os.cpu_count()} host CPUs: overcommitted", file=sys.stderr)
         machine = SmpMachine(size, vcpus=smp, prefault=args.prealloc,

@@ -15,14 +15,12 @@
 from __future__ import annotations
 
 import statistics
-import struct
 import threading
 import time
 
-from kvmlite import boot, exits as ex
-from kvmlite.kvm import lib
+from kvmlite import exits as ex
 
-from .probevm import PB, ProbeVm, cycles_to_us
+from .probevm import ProbeVm, cycles_to_us
 
 REPS = 10
 
