@@ -5,30 +5,47 @@
  * CPL 0 is executed by KVM's instruction emulator, ~1.3 us per instruction,
  * while CPL 3 code runs natively.  So the ring-0 entry only
  *
- *   1. loads a GDT that has user segments and a 64-bit TSS descriptor,
+ *   1. loads a GDT that has user segments and a 64-bit TSS descriptor per CPU,
  *   2. loads the task register (the TSS supplies RSP0 for exceptions and the
  *      I/O permission bitmap that lets CPL 3 use port I/O),
- *   3. builds and loads an IDT with 32 exception gates,
- *   4. IRETQs to CPL 3,
+ *   3. builds and loads an IDT: 32 exception gates, the LAPIC's vectors,
+ *   4. points GS at the CPU's struct percpu (percpu.h),
+ *   5. IRETQs to CPL 3,
  *
- * about 320 instructions in all.  Everything else, even zeroing .bss, runs
- * at CPL 3 (user_entry below, then main.c).
+ * about 400 instructions in all.  Everything else, even zeroing .bss, runs
+ * at CPL 3 (user_entry below, then main.c).  Ring 3 comes back to ring 0
+ * only through exceptions and interrupts: #GP on HLT, RDMSR and WRMSR, which
+ * gp_entry does for it (INT n and SYSCALL are no way in on kvm_pvm:
+ * docs/boot.md), and the LAPIC timer and IPI, which only need an EOI.
  *
- * Two ways in:
+ * Ways in:
  *   kvmlite_entry  (offset 0 jumps there) - 64-bit mode, paging on, CPL 0,
  *                  RDI = boot-info block, RSI = 0x4b564d4c (docs/boot.md)
  *   mb_entry       - Multiboot v1 (e.g. qemu -kernel guest.bin): 32-bit
  *                  protected mode, paging off.  It builds identity page
  *                  tables, enters long mode, synthesizes a boot-info block
  *                  and joins kvmlite_entry.
+ *   ap_entry       - another CPU, started by the CPU-start device: 64-bit,
+ *                  CPL 0, RDI = its struct percpu, RSP = its ring-0 stack.
+ *   ap_trampoline  - another CPU, started by INIT-SIPI-SIPI: real mode at
+ *                  0x8000, where smp.c copied this code.  It gets to long
+ *                  mode and joins ap_entry.
  */
+
+#include "percpu.h"
 
 #define KCODE       0x08    /* 64-bit code, DPL 0 */
 #define KDATA       0x10    /* data, DPL 0 */
 #define UDATA       0x18    /* data, DPL 3 */
 #define UCODE       0x20    /* 64-bit code, DPL 3 */
-#define TSS_SEL     0x28    /* 64-bit TSS: a 16-byte descriptor */
+#define KCODE32     0x28    /* 32-bit code, DPL 0: the AP trampoline's protected mode */
+#define TSS_SEL     TSS_SEL0 /* CPU 0's 64-bit TSS; CPU i's at TSS_SEL0 + 16 * i */
 #define RPL3        3
+
+#define MSR_GS_BASE     0xc0000101
+#define MSR_EFER        0xc0000080
+#define X2APIC_EOI      0x80b
+#define TRAMPOLINE      0x8000  /* an AP's SIPI vector 8 starts it here */
 
 #define TSS_IOMAP_BASE  104             /* I/O bitmap right after the 104-byte TSS */
 #define TSS_LIMIT       (TSS_IOMAP_BASE + 8192) /* 8 KiB bitmap + the 0xFF byte: last byte index */
@@ -41,6 +58,17 @@
 #define MB_MAGIC        0x1BADB002      /* in the header */
 #define MB_BOOT_MAGIC   0x2BADB002      /* in EAX from the loader; passed on in RSI */
 #define MB_FLAGS        0x00010002      /* bit 1: want mem_*; bit 16: address fields valid */
+
+/* IDT gate `vec` (interrupt gate, DPL 0) to `handler`: the split of the
+   address into bits 15:0, 31:16 and 63:32 as in the loop of kvmlite_entry. */
+.macro set_gate vec, handler
+    lea     \handler(%rip), %rax
+    lea     idt + 16 * \vec(%rip), %rdx
+    mov     %ax, (%rdx)
+    movl    $(0x8E000000 | KCODE), 2(%rdx)
+    shr     $16, %rax
+    mov     %rax, 6(%rdx)
+.endm
 
 /* ====================================================================== */
     .section .text.entry, "ax"
@@ -106,7 +134,29 @@ kvmlite_entry:
     add     $ISR_STUB_SIZE, %rax
     dec     %ecx
     jnz     1b
+    set_gate 13, gp_entry               /* #GP: HLT, RDMSR, WRMSR from CPL 3 */
+    set_gate VEC_TIMER, isr_lapic
+    set_gate VEC_IPI, isr_lapic
+    set_gate VEC_SPURIOUS, isr_spurious
     lidt    idt_ptr(%rip)
+
+    /*
+     * What only CPL 0 sees truly: CPUID (at CPL 3 kvm_pvm runs it on the host
+     * CPU, so it tells the host's features and APIC ID) and CR3 (the page
+     * tables the other CPUs will use).  RDI and RSI survive CPUID.
+     */
+    mov     $1, %eax
+    cpuid
+    mov     %ecx, g_cpuid1_ecx(%rip)
+    mov     %edx, g_cpuid1_edx(%rip)
+    mov     %cr3, %rax
+    mov     %rax, g_boot_cr3(%rip)
+    /* GS base = CPU 0's struct percpu (its fields are set at CPL 3). */
+    lea     g_percpu(%rip), %rax
+    mov     %rax, %rdx
+    shr     $32, %rdx
+    mov     $MSR_GS_BASE, %ecx
+    wrmsr
 
     /*
      * Drop to CPL 3: IRETQ pops RIP, CS, RFLAGS, RSP, SS.  IOPL = 3 in
@@ -134,10 +184,204 @@ user_entry:
     xor     %eax, %eax
     cld
     rep stosb
+    lea     g_percpu(%rip), %rax        /* %gs:0 = CPU 0's struct percpu (percpu.h) */
+    mov     %rax, PC_SELF(%rax)
     mov     %r12, %rdi
     mov     %r13, %rsi
     call    guest_main                  /* does not return */
     ud2
+
+/* ---------------------------------------------------------------------- */
+/*
+ * Another CPU, CPL 0, 64-bit, the boot CPU's page tables; RDI = its struct
+ * percpu, RSP = its ring-0 stack.  The CPU-start device enters here directly;
+ * the INIT-SIPI trampoline comes through ap_sipi64.  About 20 instructions.
+ */
+    .globl  ap_entry
+ap_entry:
+    lgdt    gdt_ptr(%rip)               /* selectors 0x08 and 0x10 mean the same in the VMM's GDT */
+    mov     PC_TSS_SEL(%rdi), %rax
+    ltr     %ax                         /* its own TSS: RSP0 and the I/O bitmap (smp.c filled both) */
+    lidt    idt_ptr(%rip)
+    mov     %rdi, %rax
+    mov     %rdi, %rdx
+    shr     $32, %rdx
+    mov     $MSR_GS_BASE, %ecx
+    wrmsr
+    pushq   $(UDATA | RPL3)             /* SS */
+    pushq   PC_USTACK(%rdi)             /* RSP */
+    pushq   $USER_RFLAGS                /* RFLAGS */
+    pushq   $(UCODE | RPL3)             /* CS */
+    lea     ap_user_entry(%rip), %rax
+    push    %rax                        /* RIP */
+    iretq
+
+ap_user_entry:                          /* CPL 3, RDI = its struct percpu */
+    call    ap_main                     /* does not return */
+    ud2
+
+/*
+ * The trampoline ends here, in 64-bit mode on its own page tables (the low
+ * 1 GiB) without a stack.  CPUID at CPL 0 gives its initial APIC ID, which is
+ * its CPU index (vCPU i has APIC ID i under kvmlite; QEMU numbers them so too).
+ */
+    .globl  ap_sipi64
+ap_sipi64:
+    mov     $1, %eax
+    cpuid
+    shr     $24, %ebx
+    imul    $PC_SIZE, %rbx, %rbx
+    lea     g_percpu(%rip), %rdi
+    add     %rbx, %rdi
+    mov     PC_CR3(%rdi), %rax
+    mov     %rax, %cr3                  /* the boot CPU's page tables: all of RAM */
+    mov     PC_KSTACK(%rdi), %rsp
+    jmp     ap_entry
+
+/* ---------------------------------------------------------------------- */
+/*
+ * #GP.  From CPL 3 on HLT, RDMSR or WRMSR (of the LAPIC's MSRs), it does the
+ * instruction here and returns past it: how the guest's ring 3 halts and
+ * drives its LAPIC.  Anything else is a real #GP for trap_handler.
+ * Frame: error code, RIP, CS, RFLAGS, RSP, SS.
+ */
+gp_entry:
+    testb   $3, 16(%rsp)                /* CS's RPL: from CPL 3? */
+    jz      gp_real
+    push    %rax                        /* now: RAX, error, RIP (24 below: CS) */
+    mov     16(%rsp), %rax
+    cmpb    $0xf4, (%rax)
+    je      gp_hlt
+    cmpw    $0x300f, (%rax)             /* 0F 30 */
+    je      gp_wrmsr
+    cmpw    $0x320f, (%rax)             /* 0F 32 */
+    jne     gp_real_pop
+    call    msr_allowed
+    jne     gp_real_pop
+    addq    $2, 16(%rsp)
+    pop     %rax
+    add     $8, %rsp
+    rdmsr
+    iretq
+gp_wrmsr:
+    call    msr_allowed
+    jne     gp_real_pop
+    addq    $2, 16(%rsp)
+    pop     %rax
+    add     $8, %rsp
+    wrmsr
+    iretq
+gp_hlt:
+    incq    16(%rsp)                    /* HLT is one byte */
+    pop     %rax
+    add     $8, %rsp
+    /*
+     * RAX = the CPU's interrupt count ring 3 saw before it decided to halt.
+     * An interrupt that came since (between its check and this trap, where
+     * interrupts were on) would be lost: the CPU would halt for good.  So
+     * halt only if the count is unchanged; interrupts are off here until
+     * STI, whose shadow keeps them off until HLT has begun.
+     */
+    cmp     %gs:PC_IRQS, %rax
+    jne     1f
+    sti
+    hlt                                 /* until an interrupt (its handler runs first) */
+    cli
+1:  iretq                               /* RFLAGS of CPL 3: interrupts as they were */
+gp_real_pop:
+    pop     %rax
+gp_real:
+    pushq   $13
+    jmp     isr_common
+
+/* ZF = 1 if ECX is an MSR ring 3 may have: IA32_APIC_BASE, IA32_TSC_DEADLINE, x2APIC 0x800-0x8ff.
+   Clobbers RAX (saved by gp_entry). */
+msr_allowed:
+    cmp     $0x1b, %ecx
+    je      1f
+    cmp     $0x6e0, %ecx
+    je      1f
+    mov     %ecx, %eax
+    shr     $8, %eax
+    cmp     $8, %eax
+1:  ret
+
+/* The LAPIC timer and the wake-up IPI: count it, EOI, return (HLT, if that
+   is where it came, is then over).  The count is the CPU's own, via GS. */
+isr_lapic:
+    push    %rax
+    push    %rcx
+    push    %rdx
+    incq    %gs:PC_IRQS
+    mov     $X2APIC_EOI, %ecx
+    xor     %eax, %eax
+    xor     %edx, %edx
+    wrmsr
+    pop     %rdx
+    pop     %rcx
+    pop     %rax
+    iretq
+
+isr_spurious:                           /* the LAPIC wants no EOI for it */
+    iretq
+
+/* ---------------------------------------------------------------------- */
+/*
+ * The INIT-SIPI trampoline.  smp.c copies [ap_trampoline, ap_trampoline_end)
+ * to TRAMPOLINE (0x8000) and fills its last 16 bytes: a GDTR for the guest's
+ * GDT, the 32-bit CR3 of page tables for the low 1 GiB (CR3 is loaded in
+ * 32-bit mode, so the real ones may be out of reach), and ap_sipi64's
+ * address.  The code runs at 0x8000 whatever its link address, so it names
+ * its own bytes by their offset from ap_trampoline.  About 25 instructions.
+ */
+#define TOFF(label) ((label) - ap_trampoline)
+    .code16
+    .globl  ap_trampoline, ap_trampoline_end
+    .balign 16
+ap_trampoline:
+    cli
+    mov     %cs, %ax                    /* CS = 0x0800 after SIPI vector 8 */
+    mov     %ax, %ds
+    lgdtl   TOFF(tramp_gdtr)
+    mov     %cr0, %eax
+    or      $1, %eax                    /* PE */
+    mov     %eax, %cr0
+    ljmpl   $KCODE32, $(TRAMPOLINE + TOFF(tramp_pm))
+    .code32
+tramp_pm:
+    mov     $KDATA, %eax
+    mov     %eax, %ds
+    mov     %eax, %es
+    mov     %eax, %ss
+    mov     %cr4, %eax
+    or      $0x620, %eax                /* PAE | OSFXSR | OSXMMEXCPT, as the boot CPU has */
+    mov     %eax, %cr4
+    mov     (TRAMPOLINE + TOFF(tramp_cr3)), %eax
+    mov     %eax, %cr3
+    mov     $MSR_EFER, %ecx
+    rdmsr
+    or      $0x101, %eax                /* LME | SCE */
+    wrmsr
+    mov     %cr0, %eax
+    or      $0x80010022, %eax           /* PG | WP | NE | MP: long mode is active */
+    mov     %eax, %cr0
+    ljmp    $KCODE, $(TRAMPOLINE + TOFF(tramp_lm))
+    .code64
+tramp_lm:
+    mov     (TRAMPOLINE + TOFF(tramp_target)), %rax
+    jmp     *%rax
+    .balign 8
+tramp_gdtr:
+    .word   0                           /* limit, base: filled by smp.c */
+    .long   0
+    .word   0
+tramp_cr3:
+    .long   0
+    .long   0
+tramp_target:
+    .quad   0
+ap_trampoline_end:
+    .globl  tramp_gdtr, tramp_cr3, tramp_target
 
 /* ---------------------------------------------------------------------- */
 /*
@@ -306,10 +550,13 @@ gdt:
     .quad   0x00CF92000000FFFF          /* 0x10 kernel data: P, DPL 0, writable */
     .quad   0x00CFF2000000FFFF          /* 0x18 user data:   P, DPL 3, writable */
     .quad   0x00AFFA000000FFFF          /* 0x20 user code:   P, DPL 3, code, L = 1 */
-gdt_tss:                                /* 0x28 64-bit TSS, type 9 (available), P, DPL 0 */
+    .quad   0x00CF9A000000FFFF          /* 0x28 kernel code32: P, DPL 0, D = 1 (the AP trampoline) */
+gdt_tss:                                /* 0x30 CPU 0's 64-bit TSS, type 9 (available), P, DPL 0 */
     .quad   0x0000890000000000 | TSS_LIMIT  /* base filled in by kvmlite_entry */
     .quad   0
+    .fill   (MAX_CPUS - 1) * 16, 1, 0   /* the other CPUs' TSS descriptors: smp.c */
 gdt_end:
+    .globl  gdt, gdt_ptr
 
     .balign 8
     .word   0                           /* pad: limit at 2 mod 4 puts the base on a 4-byte boundary (SDM) */
@@ -319,7 +566,7 @@ gdt_ptr:
 
     .word   0
 idt_ptr:
-    .word   IDT_VECTORS * 16 - 1
+    .word   256 * 16 - 1
     .quad   idt
 
     .word   0
@@ -329,7 +576,13 @@ null_idt_ptr:                           /* limit 0: no vector fits */
 
     .balign 16
 idt:
-    .fill   IDT_VECTORS * 16, 1, 0      /* gates written by kvmlite_entry */
+    .fill   256 * 16, 1, 0              /* gates written by kvmlite_entry; the others not present */
+
+    .balign 8
+    .globl  g_boot_cr3, g_cpuid1_ecx, g_cpuid1_edx
+g_boot_cr3:     .quad 0                 /* kvmlite_entry: the boot CPU's CR3 */
+g_cpuid1_ecx:   .long 0                 /* kvmlite_entry: CPUID.1 at CPL 0 */
+g_cpuid1_edx:   .long 0
 
 /*
  * 64-bit TSS (SDM Vol. 3A, 8.7).  In long mode it holds no task state, only
@@ -338,7 +591,8 @@ idt:
  * the CPU may read one byte past the bitmap, hence the trailing 0xFF.
  */
     .balign 16
-tss:
+    .globl  tss
+tss:                                    /* CPU 0's; the others' are in smp.c */
     .long   0                           /* 0x00 reserved */
     .quad   kstack_top                  /* 0x04 RSP0 */
     .quad   0, 0                        /* 0x0c RSP1, RSP2 */
@@ -376,10 +630,11 @@ mb_ram_kb:
 /* ====================================================================== */
     .section .bss
     .balign 4096
+    .globl  kstack_top, user_stack_top
 kstack:
-    .skip   16384                       /* ring 0: exceptions only */
+    .skip   16384                       /* ring 0 of CPU 0: exceptions only */
 kstack_top:
-    .skip   65536                       /* ring 3: everything else */
+    .skip   65536                       /* ring 3 of CPU 0: everything else */
 user_stack_top:
 
 /*

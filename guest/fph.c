@@ -3,32 +3,41 @@
  *
  * Memory layout the guest builds at boot (all GPAs, identity-mapped):
  *
- *   0 .. image end            boot area, image, bss, stacks      bits 0
+ *   0 .. image end            image, bss, stacks                 bits 0
  *   image end (page aligned)  struct fph_header (64 bytes)        bits 0
  *   header + 64               bitmap, ceil(npages/64) words       bits 0
  *   heap start .. RAM end     pages the allocator hands out       bits 1 when free
+ *   the VMM's boot area       page tables, boot info (top of RAM) bits 0
  *
  * The correctness rule this file exists for (US patent 9552233, claim 1):
  * a page's bit is cleared - the page is marked active - BEFORE any data is
- * stored into it.  page_alloc() clears the bit and then issues a compiler
- * barrier, so the compiler cannot sink the bit update below the caller's
- * first store; the CPU keeps stores in program order (x86 TSO), so the VMM
- * thread that reads RAM concurrently can never see data in a page whose bit
- * still says "free".  Symmetrically, page_free() sets the bit only after a
- * barrier that keeps the caller's last store above it.
+ * stored into it.  page_alloc() clears the bit with a locked instruction,
+ * which neither the compiler (it is an asm with a "memory" clobber) nor the
+ * CPU (locked instructions are full barriers) lets the caller's first store
+ * overtake; so the VMM thread that reads RAM concurrently can never see data
+ * in a page whose bit still says "free".  Symmetrically, page_free() sets the
+ * bit with a locked instruction after the caller's last store.
  */
 #include "fph.h"
+#include "percpu.h"
 
 struct fph_state g_fph;
 
 static inline u16 fph_reg(unsigned off) { return (u16)(g_ports.fph + off); }
 
+/* The header's count is informational: with several CPUs the last writer may
+ * store an older count; fph_sync_header() at a quiet moment makes it exact. */
 static void header_sync(void)
 {
     g_fph.hdr->free_pages = g_fph.free_count;
 }
 
-void fph_init(u64 ram_size, u64 image_end, int device_flag)
+void fph_sync_header(void)
+{
+    header_sync();
+}
+
+void fph_init(u64 ram_size, u64 image_end, u64 reserved_start, u64 reserved_end, int device_flag)
 {
     struct fph_state *s = &g_fph;
     u64 npages = ram_size >> PAGE_SHIFT;        /* a partial last page is not RAM we use */
@@ -42,7 +51,7 @@ void fph_init(u64 ram_size, u64 image_end, int device_flag)
     s->npages = npages;
     s->nwords = nwords;
     s->heap_start_pfn = heap_start >> PAGE_SHIFT;
-    s->cursor = s->heap_start_pfn / 64;
+    this_cpu()->cursor = s->heap_start_pfn / 64;
 
     if (s->heap_start_pfn >= npages) {
         print("guest: RAM (%lu bytes) too small for image + bitmap\n", (unsigned long)ram_size);
@@ -62,6 +71,15 @@ void fph_init(u64 ram_size, u64 image_end, int device_flag)
     if (end & 63)
         s->bitmap[ew] &= (1ULL << (end & 63)) - 1;  /* clear padding bits past RAM */
     s->free_count = end - first;
+    /* The boot area (above the image since boot protocol 2) is not ours to hand out. */
+    s->reserved_start_pfn = reserved_start >> PAGE_SHIFT;
+    s->reserved_end_pfn = PAGE_ALIGN_UP(reserved_end) >> PAGE_SHIFT;
+    for (u64 pfn = s->reserved_start_pfn; pfn < s->reserved_end_pfn && pfn < end; pfn++) {
+        if (pfn >= first && page_is_free(pfn)) {
+            s->bitmap[pfn >> 6] &= ~(1ULL << (pfn & 63));
+            s->free_count--;
+        }
+    }
 
     struct fph_header *h = s->hdr;
     h->magic = FPH_MAGIC;
@@ -96,21 +114,34 @@ void fph_init(u64 ram_size, u64 image_end, int device_flag)
         print("guest: free-page-hint device refused the region: status 0x%x\n", s->status);
 }
 
+/*
+ * Several CPUs take and free pages in the one bitmap at once (docs/abi.md,
+ * "Several CPUs").  Two of them may work on the same 64-bit word, so a bit
+ * is only ever changed with a locked read-modify-write of its word (LOCK
+ * BTR / BTS): a plain `word &= ~bit` by one CPU could write back a stale
+ * word and undo another CPU's change to a neighbouring bit.  The locked
+ * instruction also says whether this CPU was the one to flip the bit, which
+ * is how two CPUs never get the same page.
+ */
 u64 page_alloc(void)
 {
     struct fph_state *s = &g_fph;
-    u64 w = s->cursor;
-    /* Next-fit: scan whole 64-bit words from the cursor, wrapping once. */
+    struct percpu *pc = this_cpu();
+    u64 w = pc->cursor;
+    /* Next-fit from this CPU's own cursor (CPUs start apart): whole words, wrapping once. */
     for (u64 n = 0; n < s->nwords; n++) {
-        u64 v = s->bitmap[w];
-        if (v) {
+        u64 v = s->bitmap[w];               /* a snapshot: other CPUs may change it */
+        while (v) {
             unsigned b = (unsigned)__builtin_ctzll(v);
-            s->bitmap[w] = v & ~(1ULL << b);    /* page is now active ... */
-            barrier();                          /* ... before the caller stores into it */
-            s->cursor = w;
-            s->free_count--;
-            header_sync();
-            return w * 64 + b;
+            /* Page is active now, and the locked instruction orders it before the
+             * caller's first store into the page (rule 2: no barrier() needed). */
+            if (atomic_test_and_clear_bit(&s->bitmap[w], b)) {
+                pc->cursor = w;
+                atomic_add(&s->free_count, -1);
+                header_sync();
+                return w * 64 + b;
+            }
+            v &= ~(1ULL << b);              /* another CPU took it first */
         }
         if (++w == s->nwords)
             w = 0;
@@ -118,13 +149,14 @@ u64 page_alloc(void)
     return NO_PAGE;
 }
 
+/* First fit, skipping all-active words.  For start-up on one CPU (the others
+ * wait then): the run is found with plain reads and taken bit by bit. */
 u64 page_alloc_contig(u64 n)
 {
     struct fph_state *s = &g_fph;
     u64 run = 0;
     if (n == 0)
         return NO_PAGE;
-    /* First fit, bit by bit but skipping all-active words; only used at start-up. */
     for (u64 pfn = s->heap_start_pfn; pfn < s->npages; pfn++) {
         if ((pfn & 63) == 0 && s->bitmap[pfn >> 6] == 0) {
             run = 0;
@@ -135,9 +167,8 @@ u64 page_alloc_contig(u64 n)
         if (run == n) {
             u64 start = pfn + 1 - n;
             for (u64 p = start; p <= pfn; p++)
-                s->bitmap[p >> 6] &= ~(1ULL << (p & 63));
-            barrier();
-            s->free_count -= n;
+                atomic_test_and_clear_bit(&s->bitmap[p >> 6], p & 63);
+            atomic_add(&s->free_count, -(i64)n);
             header_sync();
             return start;
         }
@@ -148,11 +179,13 @@ u64 page_alloc_contig(u64 n)
 int page_free(u64 pfn)
 {
     struct fph_state *s = &g_fph;
-    if (pfn < s->heap_start_pfn || pfn >= s->npages || page_is_free(pfn))
-        return -1;                          /* not ours, or already free */
-    barrier();                              /* the caller's last store comes first ... */
-    s->bitmap[pfn >> 6] |= 1ULL << (pfn & 63);  /* ... then the page becomes free */
-    s->free_count++;
+    if (pfn < s->heap_start_pfn || pfn >= s->npages || fph_reserved(pfn))
+        return -1;                          /* not ours */
+    /* The locked BTS comes after the caller's last store into the page (rule 3)
+     * and tells a double free: the bit was set already. */
+    if (atomic_test_and_set_bit(&s->bitmap[pfn >> 6], pfn & 63))
+        return -1;
+    atomic_add(&s->free_count, 1);
     header_sync();
     return 0;
 }

@@ -62,22 +62,24 @@ struct fph_state {
     u64 npages;         /* RAM pages = bits that mean something */
     u64 nwords;         /* 64-bit words in the bitmap */
     u64 heap_start_pfn; /* first page the allocator may hand out */
-    u64 free_count;     /* running count of set bits */
-    u64 cursor;         /* next-fit: word index where the next search starts */
+    u64 reserved_start_pfn, reserved_end_pfn;   /* the VMM's boot area: never handed out */
+    volatile u64 free_count;    /* running count of set bits (changed atomically) */
     int device_present;
     int registered;
     u32 status;         /* last STATUS read from the device */
 };
 extern struct fph_state g_fph;
 
-/* Build header + bitmap after the image and register them if the device exists. */
-void fph_init(u64 ram_size, u64 image_end, int device_flag);
+/* Build header + bitmap after the image and register them if the device exists.
+ * The pages of [reserved_start, reserved_end) (the VMM's boot area: page
+ * tables, boot info) stay active too. */
+void fph_init(u64 ram_size, u64 image_end, u64 reserved_start, u64 reserved_end, int device_flag);
 
-/* One page: clears its bit (page becomes active) before returning it. */
+/* One page: clears its bit (page becomes active) before returning it.  Any CPU. */
 u64 page_alloc(void);
-/* n physically contiguous pages (first pfn), or NO_PAGE. */
+/* n physically contiguous pages (first pfn), or NO_PAGE.  One CPU, at start-up. */
 u64 page_alloc_contig(u64 n);
-/* Sets the page's bit after the caller's last store.  Returns -1 on double free. */
+/* Sets the page's bit after the caller's last store.  Returns -1 on double free.  Any CPU. */
 int page_free(u64 pfn);
 
 static inline int page_is_free(u64 pfn)
@@ -85,10 +87,17 @@ static inline int page_is_free(u64 pfn)
     return (g_fph.bitmap[pfn >> 6] >> (pfn & 63)) & 1;
 }
 
+static inline int fph_reserved(u64 pfn)
+{
+    return pfn >= g_fph.reserved_start_pfn && pfn < g_fph.reserved_end_pfn;
+}
+
 static inline void *pfn_to_ptr(u64 pfn) { return (void *)(uintptr_t)(pfn << PAGE_SHIFT); }
 
 /* Count the set bits in the whole bitmap (the honest number). */
 u64 fph_count_free(void);
+/* Write the running count into the header (exact when no CPU is allocating). */
+void fph_sync_header(void);
 
 /* Read HOST_EVENTS (a VM exit); 0 if there is no device. */
 u32 fph_host_events(void);

@@ -344,7 +344,8 @@ static void mode_allfree(void)
     u64 lied = 0;
     for (u64 pfn = g_fph.heap_start_pfn; pfn < g_fph.npages; pfn++) {
         if ((pfn >= tab_pfn && pfn < tab_pfn + tab_pages)
-            || (pfn >= copy_pfn && pfn < copy_pfn + copy_pages))
+            || (pfn >= copy_pfn && pfn < copy_pfn + copy_pages)
+            || fph_reserved(pfn))           /* the boot area: the page tables in use */
             continue;
         if (!page_is_free(pfn))
             lied++;

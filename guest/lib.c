@@ -49,6 +49,8 @@ NORETURN void guest_exit(int status)
 
 /* ---- printf subset: %s %c %d %u %x %p %%, flags '0', width, 'l'/'ll'/'z' ---- */
 
+static void vprint_locked(const char *fmt, va_list ap);
+
 struct out {
     char buf[128];      /* batch the bytes: one call per chunk, not per %-directive */
     size_t n;
@@ -84,7 +86,37 @@ static void out_num(struct out *o, u64 v, unsigned base, int neg, int width, cha
         out_char(o, tmp[--n]);
 }
 
+/*
+ * One CPU prints at a time, so lines from different CPUs stay whole.  The
+ * owner is recorded so that a CPU that takes an exception while it prints
+ * (trap.c prints too) does not wait for itself.
+ */
+static volatile u32 console_lock;
+static volatile u64 console_owner = ~0ULL;
+
+static u64 my_cpu_id(void)
+{
+    u64 p;
+    __asm__ volatile("mov %%gs:0, %0" : "=r"(p));  /* the CPU's struct percpu (percpu.h) */
+    return p;
+}
+
 void vprint(const char *fmt, va_list ap)
+{
+    u64 me = my_cpu_id();
+    int nested = console_owner == me;
+    if (!nested) {
+        spin_lock(&console_lock);
+        console_owner = me;
+    }
+    vprint_locked(fmt, ap);
+    if (!nested) {
+        console_owner = ~0ULL;
+        spin_unlock(&console_lock);
+    }
+}
+
+static void vprint_locked(const char *fmt, va_list ap)
 {
     struct out o;
     o.n = 0;

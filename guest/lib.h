@@ -59,6 +59,64 @@ static inline u64 rdtsc(void)
 
 static inline void cpu_relax(void) { __asm__ volatile("pause"); }
 
+/*
+ * Atomic read-modify-writes on memory other CPUs share.  LOCK-prefixed
+ * instructions run natively at CPL 3 and are full barriers on x86: no load
+ * or store moves across them, on this CPU or as other CPUs see it.
+ */
+/* Clear bit b of *w; returns the bit's old value (1 = this CPU cleared it). */
+static inline int atomic_test_and_clear_bit(volatile u64 *w, unsigned b)
+{
+    unsigned char old;
+    __asm__ volatile("lock btrq %2, %0; setc %1" : "+m"(*w), "=qm"(old) : "r"((u64)b) : "memory", "cc");
+    return old;
+}
+
+/* Set bit b of *w; returns the bit's old value (1 = it was set already). */
+static inline int atomic_test_and_set_bit(volatile u64 *w, unsigned b)
+{
+    unsigned char old;
+    __asm__ volatile("lock btsq %2, %0; setc %1" : "+m"(*w), "=qm"(old) : "r"((u64)b) : "memory", "cc");
+    return old;
+}
+
+static inline u64 atomic_add(volatile u64 *p, i64 v)     /* returns the new value */
+{
+    return __atomic_add_fetch(p, (u64)v, __ATOMIC_SEQ_CST);
+}
+
+/* A spinlock: XCHG with memory is locked by definition. */
+static inline void spin_lock(volatile u32 *l)
+{
+    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE))
+        while (*l)
+            cpu_relax();
+}
+
+static inline void spin_unlock(volatile u32 *l) { __atomic_store_n(l, 0, __ATOMIC_RELEASE); }
+
+/*
+ * Privileged instructions from CPL 3.  Each raises #GP; the guest's #GP
+ * handler (entry.S, gp_entry) does it at CPL 0 and returns past it: HLT with
+ * interrupts on (unless one came already), RDMSR/WRMSR of the LAPIC's MSRs only.  About 45 us each on
+ * kvm_pvm, where the handler's instructions are emulated (docs/boot.md).
+ */
+static inline void wrmsr_trapped(u32 msr, u64 v)
+{
+    __asm__ volatile("wrmsr" :: "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
+}
+
+static inline u64 rdmsr_trapped(u32 msr)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr) : "memory");
+    return (u64)hi << 32 | lo;
+}
+
+/* HLT until an interrupt, unless one came since the CPU's interrupt count
+ * (percpu.h, irqs) read `seen`: then it returns at once (see gp_entry). */
+static inline void hlt_trapped(u64 seen) { __asm__ volatile("hlt" :: "a"(seen) : "memory"); }
+
 
 /* ---- ports, filled in from the boot-info block by main.c ---- */
 struct ports {

@@ -6,6 +6,7 @@
  * the VMM passed, after zeroing .bss.
  */
 #include "fph.h"
+#include "percpu.h"
 #include "workload.h"
 
 struct config g_cfg = {
@@ -21,7 +22,6 @@ struct config g_cfg = {
     .seconds = 0,
     .idle = 1,
 };
-struct stats g_stats;
 const struct boot_info *g_bi;
 #define DEFAULT_TSC_KHZ 2000000     /* 2 GHz, when the VMM does not know */
 u64 g_tsc_khz = DEFAULT_TSC_KHZ;    /* in .data: valid even for an early exception */
@@ -57,9 +57,9 @@ NORETURN static void bad_cmdline(const char *what, const char *tok, size_t n)
     print("guest: bad command line: %s '", what);
     console_write(tok, n);
     print("'\n");
-    print("guest: usage: workload=hello|churn|fill|fault|triple|hostile"
+    print("guest: usage: workload=hello|churn|fill|fault|triple|hostile|sleep|ipi"
           " [pages=N rounds=R free=PCT seed=S] [live=PCT|live_pages=N stale=PCT dirty=PAGES_PER_SEC seconds=N idle=0|1]"
-          " [mode=outside|overlap|huge|flip|allfree]\n");
+          " [mode=outside|overlap|huge|flip|allfree] [ms=M count=K] [cpus=N smpboot=pv|sipi lapic=0|1]\n");
     guest_exit(EXIT_BAD_CMDLINE);
 }
 
@@ -69,6 +69,7 @@ static const struct {
 } workloads[] = {
     { "hello", WL_HELLO }, { "churn", WL_CHURN }, { "fill", WL_FILL },
     { "fault", WL_FAULT }, { "triple", WL_TRIPLE }, { "hostile", WL_HOSTILE },
+    { "sleep", WL_SLEEP }, { "ipi", WL_IPI },
 };
 
 static const struct {
@@ -94,6 +95,10 @@ static const struct {
     { "dirty",   &g_cfg.dirty,     0, 1000000000ULL },
     { "seconds", &g_cfg.seconds,   0, 100000000ULL },
     { "idle",    &g_cfg.idle,      0, 1 },
+    { "cpus",    &g_cfg.cpus,      0, MAX_CPUS },
+    { "lapic",   &g_cfg.lapic,     0, 1 },
+    { "ms",      &g_cfg.ms,        1, 100000 },
+    { "count",   &g_cfg.count,     1, 100000 },
 };
 
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))
@@ -125,9 +130,18 @@ static void parse_cmdline(const char *s, size_t len)
                 if (str_eq_n(val, vlen, workloads[w].name))
                     break;
             if (w == ARRAY_SIZE(workloads))
-                bad_cmdline("unknown workload (hello, churn, fill, fault, triple, hostile)", tok, toklen);
+                bad_cmdline("unknown workload (hello, churn, fill, fault, triple, hostile, sleep, ipi)", tok, toklen);
             g_cfg.workload = workloads[w].wl;
             g_cfg.workload_name = workloads[w].name;
+            continue;
+        }
+        if (str_eq_n(tok, klen, "smpboot")) {
+            if (str_eq_n(val, vlen, "sipi"))
+                g_cfg.sipi = 1;
+            else if (str_eq_n(val, vlen, "pv"))
+                g_cfg.sipi = 0;
+            else
+                bad_cmdline("smpboot is pv (the CPU-start device) or sipi (INIT-SIPI-SIPI), not", tok, toklen);
             continue;
         }
         if (str_eq_n(tok, klen, "mode")) {
@@ -163,26 +177,66 @@ static void parse_cmdline(const char *s, size_t len)
     }
 }
 
-/* The summary line; also used by the exception handler with its own free count. */
+/* The summary line; also used by the exception handler with its own free count.
+ * With several CPUs, a KVMLITE-CPU line per CPU comes first and the summary
+ * has their totals (pages_per_sec: the sum of each CPU's own rate) and cpus=N;
+ * with one CPU the line is as it always was. */
 void print_summary(u64 free_pages, int ok)
 {
-    u64 elapsed = rdtsc() - g_stats.start_tsc;
+    u64 elapsed = rdtsc() - g_percpu[0].stats.start_tsc;
+    struct stats t = {0};
     u64 pps = 0;
-    /* Page-write throughput over the cycles spent writing pages: the native speed. */
-    if (g_stats.write_cycles)
-        pps = g_stats.pages_written * (g_tsc_khz * 1000) / g_stats.write_cycles;
-    print("KVMLITE-SUMMARY workload=%s live=%lu free=%lu verified=%lu errors=%lu corrupted=%lu"
+    for (unsigned c = 0; c < g_ncpus; c++) {
+        struct stats *s = &g_percpu[c].stats;
+        /* Page-write throughput over the cycles spent writing pages: the native speed. */
+        u64 cpu_pps = s->write_cycles ? s->pages_written * (g_tsc_khz * 1000) / s->write_cycles : 0;
+        t.live += s->live;
+        t.verified += s->verified;
+        t.errors += s->errors;
+        t.corrupted += s->corrupted;
+        t.pages_written += s->pages_written;
+        pps += cpu_pps;
+        if (g_ncpus > 1)
+            print("KVMLITE-CPU cpu=%u started_by=%s live=%lu verified=%lu errors=%lu corrupted=%lu"
+                  " pages_written=%lu pages_per_sec=%lu lapic_irqs=%lu\n",
+                  c, c ? (g_percpu[c].how[0] == 'I' ? "sipi" : "cpustart") : "boot",
+                  (unsigned long)s->live, (unsigned long)s->verified, (unsigned long)s->errors,
+                  (unsigned long)s->corrupted, (unsigned long)s->pages_written,
+                  (unsigned long)cpu_pps, (unsigned long)g_percpu[c].irqs);
+    }
+    char cpus[24] = "";
+    if (g_ncpus > 1) {
+        cpus[0] = ' ';
+        memcpy(cpus + 1, "cpus=", 5);
+        cpus[6] = (char)('0' + g_ncpus / 10);
+        cpus[7] = (char)('0' + g_ncpus % 10);
+        if (cpus[6] == '0')
+            cpus[6] = cpus[7], cpus[7] = '\0';
+        else
+            cpus[8] = '\0';
+    }
+    print("KVMLITE-SUMMARY workload=%s%s live=%lu free=%lu verified=%lu errors=%lu corrupted=%lu"
           " pages_written=%lu elapsed_ms=%lu pages_per_sec=%lu status=%s\n",
-          g_cfg.workload_name, (unsigned long)g_stats.live, (unsigned long)free_pages,
-          (unsigned long)g_stats.verified, (unsigned long)g_stats.errors,
-          (unsigned long)g_stats.corrupted,
-          (unsigned long)g_stats.pages_written, (unsigned long)tsc_to_ms(elapsed),
+          g_cfg.workload_name, cpus, (unsigned long)t.live, (unsigned long)free_pages,
+          (unsigned long)t.verified, (unsigned long)t.errors,
+          (unsigned long)t.corrupted,
+          (unsigned long)t.pages_written, (unsigned long)tsc_to_ms(elapsed),
           (unsigned long)pps, ok ? "ok" : "fail");
 }
 
+static u64 total_errors(void)
+{
+    u64 e = 0;
+    for (unsigned c = 0; c < g_ncpus; c++)
+        e += g_percpu[c].stats.errors;
+    return e;
+}
+
+/* CPU 0, when every CPU is done with the bitmap. */
 NORETURN void finish(void)
 {
     /* Self-check: the running count must equal the bits actually set. */
+    fph_sync_header();
     u64 free_pages = fph_count_free();
     if (free_pages != g_fph.free_count || g_fph.hdr->free_pages != free_pages) {
         print("guest: ERROR bitmap has %lu free bits, allocator counted %lu, header says %lu\n",
@@ -190,7 +244,7 @@ NORETURN void finish(void)
               (unsigned long)g_fph.hdr->free_pages);
         g_stats.errors++;
     }
-    int ok = g_stats.errors == 0;
+    int ok = total_errors() == 0;
     print_summary(free_pages, ok);
     guest_exit(ok ? EXIT_OK : EXIT_CHECK_FAILED);
 }
@@ -201,9 +255,8 @@ extern __typeof__(guest_main) main __attribute__((alias("guest_main"), noreturn)
 
 NORETURN void guest_main(const struct boot_info *bi, u64 rsi)
 {
-    g_stats.start_tsc = rdtsc();
-    if (bi->magic != BOOT_INFO_MAGIC || bi->version < BOOT_INFO_VERSION
-        || bi->size < BOOT_INFO_V1_SIZE) {
+    g_percpu[0].stats.start_tsc = rdtsc();
+    if (bi->magic != BOOT_INFO_MAGIC || bi->version < 1 || bi->size < BOOT_INFO_V1_SIZE) {
         print("guest: bad boot-info block at %p: magic 0x%x version %u size %u (rsi 0x%lx)\n",
               (const void *)bi, bi->magic, bi->version, bi->size, (unsigned long)rsi);
         guest_exit(EXIT_BAD_CMDLINE);
@@ -258,17 +311,31 @@ NORETURN void guest_main(const struct boot_info *bi, u64 rsi)
     print("\"\n");
     parse_cmdline(cmdline, len);
 
-    fph_init(bi->ram_size, (u64)(uintptr_t)__image_end, bi->flags & BOOT_INFO_FLAG_FPH);
+    /* Version 1 kept the boot area below the image; version 2 says where it is. */
+    u64 boot_area = 0, boot_area_end = 0;
+    if (bi->version >= 2 && bi->size >= BOOT_INFO_V2_SIZE) {
+        boot_area = bi->boot_area_gpa;
+        boot_area_end = bi->reserved_end;
+    }
+    fph_init(bi->ram_size, (u64)(uintptr_t)__image_end, boot_area, boot_area_end,
+             bi->flags & BOOT_INFO_FLAG_FPH);
     if (g_fph.device_present && !g_fph.registered)
         g_stats.errors++;       /* the device refused our header: a bug in this guest */
 
-    switch (g_cfg.workload) {
-    case WL_HELLO:  run_hello();  break;
-    case WL_CHURN:  run_churn();  break;
-    case WL_FILL:   run_fill();   break;
-    case WL_FAULT:  run_fault();  break;
-    case WL_TRIPLE: run_triple(); break;
-    case WL_HOSTILE: run_hostile(); break;
+    smp_start(bi, rsi == MULTIBOOT_BOOT_MAGIC);
+    if (workload_on_every_cpu()) {
+        prepare_workload();             /* CPU 0 shares the work out ... */
+        smp_release();                  /* ... the others start on theirs ... */
+        run_workload_cpu();             /* ... and so does CPU 0 */
+        smp_wait_done();
+    } else {
+        smp_release();                  /* the others have nothing to do: they halt */
+        switch (g_cfg.workload) {
+        case WL_FAULT:  run_fault();  break;
+        case WL_TRIPLE: run_triple(); break;
+        case WL_HOSTILE: run_hostile(); break;
+        default: break;
+        }
     }
     finish();
 }

@@ -6,6 +6,7 @@
  * exception handler (trap.c) runs at CPL 0.
  */
 #include "fph.h"
+#include "percpu.h"
 #include "workload.h"
 
 static u64 pages_for_bytes(u64 bytes) { return PAGE_ALIGN_UP(bytes) >> PAGE_SHIFT; }
@@ -29,7 +30,18 @@ void run_hello(void)
           (unsigned long)(g_bi->ram_size >> 20), (unsigned long)g_fph.npages,
           g_fph.registered ? "registered"
           : g_fph.device_present ? "refused by the device" : "unavailable (no device)");
-    finish();
+}
+
+/* ------------------------------------------------- workloads on every CPU */
+
+int workload_on_every_cpu(void)
+{
+    switch (g_cfg.workload) {
+    case WL_HELLO: case WL_CHURN: case WL_FILL: case WL_SLEEP: case WL_IPI:
+        return 1;
+    default:
+        return 0;
+    }
 }
 
 /* ---------------------------------------------------------------- churn */
@@ -37,37 +49,54 @@ void run_hello(void)
 /*
  * churn pages=N rounds=R free=PCT seed=S
  *
- * N slots; every round fills each empty slot with a newly allocated page,
- * frees PCT% of the live slots at random, then verifies every live page.
- * rounds=0 runs until the host sets HOST_EVENTS bit 0 (the migration soak),
- * printing a progress line every 1024 rounds instead of every round.
- * Freed pages keep their old contents and are handed out again later by
- * the next-fit allocator, so a page's bit flips many times during a run -
- * which is what a migration running alongside has to get right.
+ * Each CPU has N slots; every round fills each empty slot with a newly
+ * allocated page, frees PCT% of the live slots at random, then verifies
+ * every live page.  rounds=0 runs until the host sets HOST_EVENTS bit 0 (the
+ * migration soak), printing a progress line every 1024 rounds instead of
+ * every round.  Freed pages keep their old contents and are handed out again
+ * later by the next-fit allocator, so a page's bit flips many times during a
+ * run - which is what a migration running alongside has to get right.  With
+ * several CPUs they take and free pages in the one bitmap at once, often in
+ * the same 64-bit word.
  */
-void run_churn(void)
+static void prepare_churn(void)
 {
     u64 n = g_cfg.pages;
     u64 tab_pages = pages_for_bytes(n * sizeof(struct slot));
-    u64 tab_pfn = page_alloc_contig(tab_pages);
-    if (tab_pfn == NO_PAGE) {
-        print("churn: pages=%lu: no room for the %lu-page slot table\n",
-              (unsigned long)n, (unsigned long)tab_pages);
+    if (n * g_ncpus > g_fph.free_count) {
+        print("churn: pages=%lu on %u CPU(s) exceeds the %lu free pages of this guest (use a larger --memory)\n",
+              (unsigned long)n, g_ncpus, (unsigned long)g_fph.free_count);
         guest_exit(EXIT_BAD_CMDLINE);
     }
-    if (n > g_fph.free_count) {
-        print("churn: pages=%lu exceeds the %lu free pages of this guest (use a larger --memory)\n",
-              (unsigned long)n, (unsigned long)g_fph.free_count);
-        guest_exit(EXIT_BAD_CMDLINE);
+    for (unsigned c = 0; c < g_ncpus; c++) {
+        u64 tab_pfn = page_alloc_contig(tab_pages);
+        if (tab_pfn == NO_PAGE) {
+            print("churn: pages=%lu: no room for the %lu-page slot table\n",
+                  (unsigned long)n, (unsigned long)tab_pages);
+            guest_exit(EXIT_BAD_CMDLINE);
+        }
+        struct work *w = &g_percpu[c].work;
+        w->tab = pfn_to_ptr(tab_pfn);
+        w->n = n;
+        memset(w->tab, 0, tab_pages * PAGE_SIZE);   /* the table's pages are active now */
+        if (c == 0)
+            print("churn: pages=%lu rounds=%lu free=%lu%% seed=%lu, table %lu pages at pfn 0x%lx\n",
+                  (unsigned long)n, (unsigned long)g_cfg.rounds, (unsigned long)g_cfg.free_pct,
+                  (unsigned long)g_cfg.seed, (unsigned long)tab_pages, (unsigned long)tab_pfn);
     }
-    struct slot *tab = pfn_to_ptr(tab_pfn);
-    memset(tab, 0, tab_pages * PAGE_SIZE);      /* the table's pages are active now */
+}
 
-    u64 rng = g_cfg.seed ? g_cfg.seed : 0x2545F4914F6CDD1DULL;  /* xorshift needs != 0 */
+static void run_churn(void)
+{
+    struct percpu *pc = this_cpu();
+    const char *who = cpu_tag("churn");
+    struct slot *tab = pc->work.tab;
+    u64 n = pc->work.n;
+    /* xorshift needs != 0; each CPU its own sequence */
+    u64 rng = (g_cfg.seed ? g_cfg.seed : 0x2545F4914F6CDD1DULL) + pc->index * 0x9E3779B97F4A7C15ULL;
+    if (!rng)
+        rng = 1;
     u64 live = 0;
-    print("churn: pages=%lu rounds=%lu free=%lu%% seed=%lu, table %lu pages at pfn 0x%lx\n",
-          (unsigned long)n, (unsigned long)g_cfg.rounds, (unsigned long)g_cfg.free_pct,
-          (unsigned long)g_cfg.seed, (unsigned long)tab_pages, (unsigned long)tab_pfn);
 
     const int forever = g_cfg.rounds == 0;
     for (u64 r = 1; forever || r <= g_cfg.rounds; r++) {
@@ -79,8 +108,8 @@ void run_churn(void)
             if (tab[i].pfn)
                 continue;
             u64 pfn = page_alloc();         /* bit cleared here, before ... */
-            if (pfn == NO_PAGE) {           /* impossible: n <= free pages */
-                print("churn: ERROR allocator ran dry with %lu live\n", (unsigned long)live);
+            if (pfn == NO_PAGE) {           /* impossible: n * CPUs <= free pages */
+                print("%s: ERROR allocator ran dry with %lu live\n", who, (unsigned long)live);
                 g_stats.errors++;
                 finish();
             }
@@ -99,7 +128,7 @@ void run_churn(void)
             while (!tab[idx].pfn)           /* probe to the next live slot */
                 idx = (idx + 1 == n) ? 0 : idx + 1;
             if (page_free(tab[idx].pfn) < 0) {
-                print("churn: ERROR double free of pfn 0x%x\n", tab[idx].pfn);
+                print("%s: ERROR double free of pfn 0x%x\n", who, tab[idx].pfn);
                 g_stats.errors++;
             }
             tab[idx].pfn = 0;               /* stale data stays in the page */
@@ -111,7 +140,7 @@ void run_churn(void)
          *    that does not is counted once and dropped (its slot refilled next
          *    round), so `corrupted` counts pages, not re-checks of one page */
         for (u64 i = 0; i < n; i++) {
-            if (tab[i].pfn && page_verify("churn", &tab[i])) {
+            if (tab[i].pfn && page_verify(who, &tab[i])) {
                 g_stats.corrupted++;
                 page_free(tab[i].pfn);
                 tab[i].pfn = 0;
@@ -120,13 +149,12 @@ void run_churn(void)
         }
         g_stats.live = live;
         if (!forever || (r & 1023) == 0)
-            print("churn: round %lu/%lu live=%lu free=%lu verified=%lu errors=%lu\n",
-                  (unsigned long)r, (unsigned long)g_cfg.rounds, (unsigned long)live,
+            print("%s: round %lu/%lu live=%lu free=%lu verified=%lu errors=%lu\n",
+                  who, (unsigned long)r, (unsigned long)g_cfg.rounds, (unsigned long)live,
                   (unsigned long)g_fph.free_count, (unsigned long)g_stats.verified,
                   (unsigned long)g_stats.errors);
     }
-    verify_all("churn", tab, n);
-    finish();
+    verify_all(who, tab, n);
 }
 
 /* ----------------------------------------------------------------- fill */
@@ -140,16 +168,18 @@ void run_churn(void)
  * (a hint-aware migration skips them), the rest was never touched.  Then
  * keeps re-writing live pages at a steady rate so that pre-copy rounds
  * always find dirty pages, until the host sets HOST_EVENTS bit 0 or the
- * time limit passes, and finally checks every live page.
+ * time limit passes, and finally checks every live page.  With several CPUs
+ * the live and stale pages and the dirtying rate are shared out among them;
+ * each writes and checks its own.
  */
-void run_fill(void)
+static void prepare_fill(void)
 {
     u64 ram_pages = g_fph.npages;
     u64 nlive = g_cfg.live_pages ? g_cfg.live_pages : ram_pages * g_cfg.live_pct / 100;
     u64 nstale = ram_pages * g_cfg.stale_pct / 100;
-    u64 live_tab_pages = pages_for_bytes(nlive * sizeof(struct slot));
-    u64 stale_tab_pages = pages_for_bytes(nstale * sizeof(u32));
-    u64 overhead = live_tab_pages + stale_tab_pages;
+    /* tables: each CPU's share, rounded up, plus a page each for the rounding */
+    u64 overhead = pages_for_bytes(nlive * sizeof(struct slot)) + pages_for_bytes(nstale * sizeof(u32))
+                   + 2 * g_ncpus;
     u64 avail = g_fph.free_count > overhead ? g_fph.free_count - overhead : 0;
 
     /* The image, bitmap and tables take a little RAM: trim stale first, then live. */
@@ -162,15 +192,33 @@ void run_fill(void)
               (unsigned long)avail, (unsigned long)want_live, (unsigned long)nlive,
               (unsigned long)want_stale, (unsigned long)nstale);
     }
-    u64 tab_pfn = page_alloc_contig(live_tab_pages);
-    u64 stale_pfn = page_alloc_contig(stale_tab_pages);
-    if ((nlive && tab_pfn == NO_PAGE) || (nstale && stale_pfn == NO_PAGE)) {
-        print("fill: no room for the page tables of live=%lu stale=%lu\n",
-              (unsigned long)nlive, (unsigned long)nstale);
-        guest_exit(EXIT_BAD_CMDLINE);
+    for (unsigned c = 0; c < g_ncpus; c++) {
+        struct work *w = &g_percpu[c].work;
+        /* CPU 0 takes the remainders */
+        w->n = nlive / g_ncpus + (c == 0 ? nlive % g_ncpus : 0);
+        w->nstale = nstale / g_ncpus + (c == 0 ? nstale % g_ncpus : 0);
+        w->dirty = g_cfg.dirty / g_ncpus + (c == 0 ? g_cfg.dirty % g_ncpus : 0);
+        u64 live_tab_pages = pages_for_bytes(w->n * sizeof(struct slot));
+        w->stale_pages = pages_for_bytes(w->nstale * sizeof(u32));
+        u64 tab_pfn = page_alloc_contig(live_tab_pages);
+        w->stale_pfn = page_alloc_contig(w->stale_pages);
+        if ((w->n && tab_pfn == NO_PAGE) || (w->nstale && w->stale_pfn == NO_PAGE)) {
+            print("fill: no room for the page tables of live=%lu stale=%lu\n",
+                  (unsigned long)w->n, (unsigned long)w->nstale);
+            guest_exit(EXIT_BAD_CMDLINE);
+        }
+        w->tab = pfn_to_ptr(tab_pfn);
+        w->stale = pfn_to_ptr(w->stale_pfn);
     }
-    struct slot *tab = pfn_to_ptr(tab_pfn);
-    u32 *stale = pfn_to_ptr(stale_pfn);
+}
+
+static void run_fill(void)
+{
+    struct percpu *pc = this_cpu();
+    struct work *w = &pc->work;
+    const char *who = cpu_tag("fill");
+    struct slot *tab = w->tab;
+    u64 nlive = w->n;
 
     /* live pages: allocated, written, kept */
     for (u64 i = 0; i < nlive; i++) {
@@ -182,26 +230,38 @@ void run_fill(void)
     }
     g_stats.live = nlive;
     /* stale pages: allocated, written, then all freed with their data left in them */
-    for (u64 i = 0; i < nstale; i++) {
+    for (u64 i = 0; i < w->nstale; i++) {
         u64 pfn = page_alloc();
-        stale[i] = (u32)pfn;
+        w->stale[i] = (u32)pfn;
         page_write(pfn, next_gen());
     }
-    for (u64 i = 0; i < nstale; i++)
-        page_free(stale[i]);
-    for (u64 i = 0; i < stale_tab_pages && stale_pfn != NO_PAGE; i++)
-        page_free(stale_pfn + i);
+    for (u64 i = 0; i < w->nstale; i++)
+        page_free(w->stale[i]);
+    for (u64 i = 0; i < w->stale_pages && w->stale_pfn != NO_PAGE; i++)
+        page_free(w->stale_pfn + i);
 
     u64 seconds = g_cfg.seconds;
     if (!seconds && !g_fph.device_present) {
         seconds = 5;    /* nobody can ask us to stop: don't run forever */
-        print("fill: no free-page-hint device to say when to stop; running %lu s\n",
-              (unsigned long)seconds);
+        if (pc->index == 0)
+            print("fill: no free-page-hint device to say when to stop; running %lu s\n",
+                  (unsigned long)seconds);
     }
-    print("fill: ready live=%lu stale=%lu free=%lu dirty=%lu/s seconds=%lu (%lu ms)\n",
-          (unsigned long)nlive, (unsigned long)nstale, (unsigned long)g_fph.free_count,
-          (unsigned long)g_cfg.dirty, (unsigned long)seconds,
-          (unsigned long)tsc_to_ms(rdtsc() - g_stats.start_tsc));
+    /* All CPUs have written their pages: CPU 0 says so, for all of them. */
+    __atomic_store_n(&w->ready, 1, __ATOMIC_RELEASE);
+    if (pc->index == 0) {
+        u64 total_live = 0, total_stale = 0;
+        for (unsigned c = 0; c < g_ncpus; c++) {
+            while (!__atomic_load_n(&g_percpu[c].work.ready, __ATOMIC_ACQUIRE))
+                cpu_relax();
+            total_live += g_percpu[c].work.n;
+            total_stale += g_percpu[c].work.nstale;
+        }
+        print("fill: ready live=%lu stale=%lu free=%lu dirty=%lu/s seconds=%lu (%lu ms)\n",
+              (unsigned long)total_live, (unsigned long)total_stale, (unsigned long)g_fph.free_count,
+              (unsigned long)g_cfg.dirty, (unsigned long)seconds,
+              (unsigned long)tsc_to_ms(rdtsc() - g_stats.start_tsc));
+    }
 
     /*
      * The dirtying loop.  Pacing: by time t the loop should have re-written
@@ -211,6 +271,7 @@ void run_fill(void)
      * Polling HOST_EVENTS is a port read = a VM exit (~10 us): at 1 kHz it
      * costs ~1% of the CPU, in a tight loop it would cost all of it.
      */
+    const u64 dirty = w->dirty;
     const u64 poll_cycles = g_tsc_khz;              /* 1 ms */
     const u64 t0 = rdtsc();
     const u64 deadline = seconds ? t0 + seconds * g_tsc_khz * 1000 : 0;
@@ -220,10 +281,10 @@ void run_fill(void)
     for (;;) {
         u64 now = rdtsc();
         u64 us = (now - t0) * 1000 / g_tsc_khz;
-        u64 due = us * g_cfg.dirty / 1000000;
+        u64 due = us * dirty / 1000000;
         for (int burst = 0; nlive && dirtied < due && burst < 64; burst++) {
             struct slot *s = &tab[idx];
-            page_verify("fill", s);
+            page_verify(who, s);
             s->gen = next_gen();
             s->csum = page_write(s->pfn, s->gen);
             dirtied++;
@@ -242,29 +303,203 @@ void run_fill(void)
             break;
         if (now >= next_report) {
             next_report += 1000 * g_tsc_khz;
-            print("fill: t=%lus dirtied=%lu verified=%lu errors=%lu\n",
+            print("%s: t=%lus dirtied=%lu verified=%lu errors=%lu\n", who,
                   (unsigned long)((now - t0) / (1000 * g_tsc_khz)), (unsigned long)dirtied,
                   (unsigned long)g_stats.verified, (unsigned long)g_stats.errors);
         }
-        /* Nothing to do until the next page is due or the next poll: idle
-         * rather than spin, so a paced guest leaves the host's CPUs to the
-         * VMM (a live migration runs beside it). */
-        u64 next_page = t0 + (dirtied + 1) * 1000000 / (g_cfg.dirty ? g_cfg.dirty : 1)
-                        * g_tsc_khz / 1000;
+        /* Nothing to do until the next page is due or the next poll: sleep
+         * (LAPIC timer) or idle (idle device) rather than spin, so a paced
+         * guest leaves the host's CPUs to the VMM (a live migration runs beside it). */
+        u64 next_page = t0 + (dirtied + 1) * 1000000 / (dirty ? dirty : 1) * g_tsc_khz / 1000;
         u64 wake = next_poll < next_page ? next_poll : next_page;
         u64 after = rdtsc();
-        if (g_cfg.idle && g_ports.idle && nlive && wake > after + g_tsc_khz / 10)  /* > 100 us away */
-            idle_us((u32)((wake - after) * 1000 / g_tsc_khz));
+        if (g_cfg.idle && (g_lapic || g_ports.idle) && nlive && wake > after + g_tsc_khz / 10)  /* > 100 us away */
+            sleep_until(wake);
         else
             cpu_relax();
     }
     u64 ms = tsc_to_ms(rdtsc() - t0);
-    print("fill: stopping (%s) after %lu ms: dirtied %lu pages (%lu/s, target %lu/s), %lu polls\n",
-          why, (unsigned long)ms, (unsigned long)dirtied,
-          (unsigned long)(ms ? dirtied * 1000 / ms : 0), (unsigned long)g_cfg.dirty,
+    print("%s: stopping (%s) after %lu ms: dirtied %lu pages (%lu/s, target %lu/s), %lu polls\n",
+          who, why, (unsigned long)ms, (unsigned long)dirtied,
+          (unsigned long)(ms ? dirtied * 1000 / ms : 0), (unsigned long)dirty,
           (unsigned long)polls);
-    verify_all("fill", tab, nlive);
-    finish();
+    verify_all(who, tab, nlive);
+}
+
+/* ---------------------------------------------------------------- sleep */
+
+/*
+ * sleep ms=M count=K
+ *
+ * Each CPU sleeps K times for M ms: with the LAPIC, TSC-deadline timer and
+ * HLT (sleep_until); without, the idle device.  It never wakes early; how
+ * late it wakes, measured with its own TSC, goes in its summary line.
+ */
+#define SLEEP_SAMPLES 256
+static u64 g_late_us[MAX_CPUS][SLEEP_SAMPLES];
+
+/* The median of a[0..n), which it sorts: an insertion sort (n is at most a few hundred). */
+static u64 median_of(u64 *a, u64 n)
+{
+    for (u64 i = 1; i < n; i++)
+        for (u64 j = i; j > 0 && a[j - 1] > a[j]; j--) {
+            u64 t = a[j];
+            a[j] = a[j - 1];
+            a[j - 1] = t;
+        }
+    return n ? a[n / 2] : 0;
+}
+
+static void run_sleep(void)
+{
+    struct percpu *pc = this_cpu();
+    const char *who = cpu_tag("sleep");
+    u64 n = g_cfg.count, cycles = g_cfg.ms * g_tsc_khz, early = 0, sum = 0, max = 0;
+    u64 irqs0 = pc->irqs;
+    for (u64 i = 0; i < n; i++) {
+        u64 t0 = rdtsc();
+        sleep_until(t0 + cycles);
+        u64 late = rdtsc() - (t0 + cycles);
+        if ((i64)late < 0) {
+            early++;
+            late = 0;
+        }
+        u64 us = late * 1000 / g_tsc_khz;
+        g_late_us[pc->index][i % SLEEP_SAMPLES] = us;
+        sum += us;
+        if (us > max)
+            max = us;
+    }
+    u64 median = median_of(g_late_us[pc->index], n < SLEEP_SAMPLES ? n : SLEEP_SAMPLES);
+    print("%s: %lu sleeps of %lu ms with %s: late median %lu us, mean %lu us, max %lu us, early %lu, timer interrupts %lu\n",
+          who, (unsigned long)n, (unsigned long)g_cfg.ms,
+          g_lapic ? "the LAPIC timer" : g_ports.idle ? "the idle device" : "a spin",
+          (unsigned long)median, (unsigned long)(n ? sum / n : 0), (unsigned long)max,
+          (unsigned long)early, (unsigned long)(pc->irqs - irqs0));
+    if (early) {
+        print("%s: ERROR woke %lu times before the deadline\n", who, (unsigned long)early);
+        g_stats.errors++;
+    }
+}
+
+/* ------------------------------------------------------------------ ipi */
+
+/*
+ * ipi count=K
+ *
+ * CPU 0 wakes each other CPU K times with an IPI.  The other CPU halts with
+ * no timer armed, so only an interrupt can wake it; it records when, and
+ * CPU 0 waits for that before the next one.  Latency = its wake-up TSC - CPU
+ * 0's TSC before the send (KVM keeps the vCPUs' TSCs in step).
+ */
+#define IPI_TIMEOUT_MS 1000
+
+static void ipi_target(void)
+{
+    struct percpu *pc = this_cpu();
+    u64 seen = 0;
+    while (seen < g_cfg.count) {
+        u64 irqs = pc->irqs;
+        u64 want = __atomic_load_n(&pc->wake, __ATOMIC_ACQUIRE);
+        if (want == seen) {
+            hlt_trapped(irqs);              /* nothing armed: only an IPI wakes it */
+            continue;
+        }
+        pc->woke_tsc = rdtsc();
+        seen = want;
+        __atomic_store_n(&pc->ipi_woken, seen, __ATOMIC_RELEASE);
+    }
+}
+
+static u64 g_ipi_us[SLEEP_SAMPLES];
+
+static void ipi_sender(void)
+{
+    u64 lat_sum = 0, lat_max = 0, woken = 0, sent = 0;
+    for (unsigned c = 1; c < g_ncpus; c++) {
+        struct percpu *t = &g_percpu[c];
+        for (u64 k = 1; k <= g_cfg.count; k++) {
+            sleep_until(rdtsc() + g_tsc_khz);   /* 1 ms: let it get back into HLT */
+            __atomic_store_n(&t->wake, k, __ATOMIC_RELEASE);
+            u64 t0 = rdtsc();
+            send_ipi(c);
+            sent++;
+            u64 deadline = t0 + IPI_TIMEOUT_MS * g_tsc_khz;
+            while (__atomic_load_n(&t->ipi_woken, __ATOMIC_ACQUIRE) != k && rdtsc() < deadline)
+                cpu_relax();
+            if (t->ipi_woken != k) {
+                print("ipi: ERROR CPU %u did not wake within %u ms of IPI %lu\n", c, IPI_TIMEOUT_MS,
+                      (unsigned long)k);
+                g_stats.errors++;
+                return;
+            }
+            u64 us = (t->woke_tsc - t0) * 1000 / g_tsc_khz;
+            g_ipi_us[woken % SLEEP_SAMPLES] = us;
+            woken++;
+            lat_sum += us;
+            if (us > lat_max)
+                lat_max = us;
+        }
+    }
+    u64 median = median_of(g_ipi_us, woken < SLEEP_SAMPLES ? woken : SLEEP_SAMPLES);
+    print("ipi: %lu IPIs sent, %lu woke their CPU: latency median %lu us, mean %lu us, max %lu us\n",
+          (unsigned long)sent, (unsigned long)woken, (unsigned long)median,
+          (unsigned long)(woken ? lat_sum / woken : 0), (unsigned long)lat_max);
+}
+
+/* ---------------------------------------------------------- dispatch */
+
+void prepare_workload(void)
+{
+    switch (g_cfg.workload) {
+    case WL_CHURN: prepare_churn(); break;
+    case WL_FILL: prepare_fill(); break;
+    case WL_SLEEP:
+        if (!g_cfg.count)
+            g_cfg.count = 10;
+        if (!g_cfg.ms)
+            g_cfg.ms = 10;
+        break;
+    case WL_IPI:
+        if (g_ncpus < 2 || !g_lapic) {
+            print("ipi: needs 2 or more CPUs with a LAPIC (kvmlite run --smp 2)\n");
+            guest_exit(EXIT_BAD_CMDLINE);
+        }
+        if (!g_cfg.count)
+            g_cfg.count = 100;
+        break;
+    default: break;
+    }
+}
+
+/* The calling CPU's share (CPU 0 and every AP). */
+void run_workload_cpu(void)
+{
+    struct percpu *pc = this_cpu();
+    switch (g_cfg.workload) {
+    case WL_HELLO:
+        if (pc->index)
+            print("hello: CPU %lu up at CPL 3 (started by %s)\n", (unsigned long)pc->index, pc->how);
+        else
+            run_hello();
+        break;
+    case WL_CHURN: run_churn(); break;
+    case WL_FILL: run_fill(); break;
+    case WL_SLEEP: run_sleep(); break;
+    case WL_IPI:
+        if (pc->index)
+            ipi_target();
+        else
+            ipi_sender();
+        break;
+    default: break;
+    }
+}
+
+void run_workload_ap(void)
+{
+    if (workload_on_every_cpu())
+        run_workload_cpu();
 }
 
 /* ---------------------------------------------------------------- fault */

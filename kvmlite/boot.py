@@ -10,25 +10,32 @@ import numpy as np
 from .errors import ConfigError
 
 # ---- layout (docs/boot.md, "Guest-physical memory map") ----
-BOOT_INFO_GPA = 0x1000
-CMDLINE_GPA = 0x2000
+# Version 2: the VMM's boot structures form one block, the boot area, placed
+# at the top of RAM (or, if the image is there, right below the image), so an
+# image may use any other RAM, address 0 included.  Offsets in the boot area:
+BA_INFO = 0x0000             # boot-info block
+BA_CMDLINE = 0x1000          # command line, NUL-terminated
+BA_GDT = 0x2000              # the GDT the VMM loads
+BA_TSS = 0x3000              # a zeroed 64-bit TSS for TR (the guest installs its own)
+BA_STACK_TOP = 0x8000        # boot stack: 16 KiB below this offset
+BA_PAGE_TABLES = 0x8000      # PML4, PDPT, one PD per GiB
 CMDLINE_MAX = 4095
-GDT_GPA = 0x3000
-PML4_GPA = 0x10000
-BOOT_STACK_TOP = 0x80000
-RESERVED_END = 0x80000
 DEFAULT_LOAD_ADDR = 0x100000
-MAX_RAM = 64 << 30           # page tables must fit between PML4_GPA and the stack
+MAX_RAM = 64 << 30           # the identity map's page directories cover at most 64 GiB
 KVMLITE_RSI_MAGIC = 0x4B564D4C
+PAGE = 4096
 
 # ---- boot-info block (docs/boot.md, "The boot-info block") ----
 BOOT_INFO_MAGIC = 0x4F464E49  # "INFO"
-BOOT_INFO_VERSION = 1
+BOOT_INFO_VERSION = 2
 # magic, version, size, ram_size, cmdline_gpa, cmdline_len, flags, uart, debugcon,
 # exit, fph ports, tsc_khz, image_start, image_end, reserved_end, pagetable_gpa,
-# idle port, 3 reserved u16
-BOOT_INFO = struct.Struct("<IHHQQIIHHHHQQQQQHHHH")
-BOOT_INFO_FLAG_FPH = 1 << 0
+# idle port, 3 reserved u16; version 2: boot_area_gpa, cpu_count, cpustart port, reserved u16
+BOOT_INFO = struct.Struct("<IHHQQIIHHHHQQQQQHHHHQIHH")
+BOOT_INFO_FLAG_FPH = 1 << 0       # the free-page-hint device is present
+BOOT_INFO_FLAG_LAPIC = 1 << 1     # in-kernel LAPIC per vCPU (timer, IPIs, INIT-SIPI); HLT waits
+BOOT_INFO_FLAG_CPUSTART = 1 << 2  # the CPU-start device is present at cpustart_port
+
 
 # ---- architectural bits (Intel SDM Vol. 3A, ch. 2 and 4) ----
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1 << 0, 1 << 1, 1 << 4, 1 << 5, 1 << 16, 1 << 31
@@ -79,72 +86,119 @@ def page_table_pages(ram_size: int) -> int:
     return 2 + (ram_size + GIB - 1) // GIB
 
 
-def build_page_tables(ram_size: int) -> bytes:
-    """Identity map of [0, ram_size) with 2 MiB pages; every entry P|RW|U/S."""
+def boot_area_size(ram_size: int) -> int:
+    """Bytes of the boot area for `ram_size` bytes of RAM (page tables grow with RAM)."""
+    return BA_PAGE_TABLES + PAGE * page_table_pages(ram_size)
+
+
+def place_boot_area(ram_size: int, image_start: int, image_end: int) -> int:
+    """GPA of the boot area: at the top of RAM, or, if the image is there, the
+    highest page-aligned place right below the image.  ConfigError if neither fits."""
+    check_ram(ram_size)
+    size = boot_area_size(ram_size)
+    top = ram_size - size
+    if image_end <= top:
+        return top
+    below = (image_start - size) & ~(PAGE - 1)
+    if below >= 0 and image_start >= size:
+        return below
+    raise ConfigError(f"no room for the boot area ({size // 1024} KiB) above or below the image "
+                      f"at {image_start:#x}-{image_end:#x} in {ram_size >> 20} MiB of RAM "
+                      f"(use a larger --memory)")
+
+
+def check_ram(ram_size: int) -> None:
     if ram_size > MAX_RAM:
         raise ConfigError(f"RAM above {MAX_RAM >> 30} GiB is not supported by the boot protocol")
     if ram_size % MIB2:
         # A 2 MiB page would map past the end of RAM (docs/boot.md: nothing beyond RAM is mapped).
         raise ConfigError(f"RAM of {ram_size} bytes is not a multiple of 2 MiB")
+
+
+def build_page_tables(ram_size: int, base: int) -> bytes:
+    """Identity map of [0, ram_size) with 2 MiB pages, every entry P|RW|U/S,
+    as the bytes of tables that will sit at GPA `base` (PML4 first)."""
+    check_ram(ram_size)
     npds = (ram_size + GIB - 1) // GIB
     tables = np.zeros((2 + npds, 512), dtype=np.uint64)
     flags = PTE_P | PTE_RW | PTE_US
-    pdpt_gpa = PML4_GPA + 0x1000
+    pdpt_gpa = base + PAGE
     tables[0, 0] = pdpt_gpa | flags
-    tables[1, :npds] = (pdpt_gpa + 0x1000 * (1 + np.arange(npds, dtype=np.uint64))) | flags
+    tables[1, :npds] = (pdpt_gpa + PAGE * (1 + np.arange(npds, dtype=np.uint64))) | flags
     n2m = (ram_size + MIB2 - 1) // MIB2
     pd = tables[2:].reshape(-1)
     pd[:n2m] = (np.arange(n2m, dtype=np.uint64) * MIB2) | (flags | PTE_PS)
     return tables.tobytes()
 
 
-def boot_info_bytes(*, ram_size: int, cmdline_len: int, fph: bool, tsc_khz: int,
+def boot_info_bytes(*, ram_size: int, boot_area: int, cmdline_len: int, fph: bool, tsc_khz: int,
                     image_start: int, image_end: int, uart_port: int, debugcon_port: int,
-                    exit_port: int, fph_port: int, idle_port: int = 0) -> bytes:
+                    exit_port: int, fph_port: int, idle_port: int = 0, cpu_count: int = 1,
+                    lapic: bool = False, cpustart_port: int = 0) -> bytes:
+    flags = ((BOOT_INFO_FLAG_FPH if fph else 0) | (BOOT_INFO_FLAG_LAPIC if lapic else 0)
+             | (BOOT_INFO_FLAG_CPUSTART if cpustart_port else 0))
     return BOOT_INFO.pack(BOOT_INFO_MAGIC, BOOT_INFO_VERSION, BOOT_INFO.size, ram_size,
-                          CMDLINE_GPA, cmdline_len, BOOT_INFO_FLAG_FPH if fph else 0,
+                          boot_area + BA_CMDLINE, cmdline_len, flags,
                           uart_port, debugcon_port, exit_port, fph_port, tsc_khz,
-                          image_start, image_end, RESERVED_END, PML4_GPA, idle_port, 0, 0, 0)
+                          image_start, image_end, boot_area + boot_area_size(ram_size),
+                          boot_area + BA_PAGE_TABLES, idle_port, 0, 0, 0,
+                          boot_area, cpu_count, cpustart_port, 0)
 
 
-def setup_long_mode(vcpu, entry: int) -> None:
-    """Put `vcpu` at `entry` in 64-bit mode, CPL 0, with the VMM's GDT and page tables."""
+def set_long_mode_sregs(vcpu, boot_area: int) -> None:
+    """64-bit mode, CPL 0, the boot area's GDT, TSS and page tables."""
     s = vcpu.get_sregs()
     for name in ("cs", "ds", "es", "fs", "gs", "ss"):
         seg = getattr(s, name)
         for field, value in (CODE64 if name == "cs" else DATA).items():
             setattr(seg, field, value)
-    # KVM requires a usable TR in long mode: a busy 64-bit TSS.
-    s.tr.base, s.tr.limit, s.tr.selector = 0, 0x67, 0
+    # KVM requires a usable TR in long mode: a busy 64-bit TSS (zeroed, in the boot area).
+    s.tr.base, s.tr.limit, s.tr.selector = boot_area + BA_TSS, 0x67, 0
     s.tr.type, s.tr.present, s.tr.s, s.tr.unusable = SEG_TYPE_TSS64_BUSY, 1, 0, 0
     s.ldt.base, s.ldt.limit, s.ldt.selector = 0, 0xFFFF, 0
     s.ldt.type, s.ldt.present, s.ldt.s, s.ldt.unusable = SEG_TYPE_LDT, 1, 0, 0
-    s.gdt.base, s.gdt.limit = GDT_GPA, 3 * 8 - 1
+    s.gdt.base, s.gdt.limit = boot_area + BA_GDT, 3 * 8 - 1
     s.idt.base, s.idt.limit = 0, 0
     s.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
     s.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
-    s.cr3 = PML4_GPA
+    s.cr3 = boot_area + BA_PAGE_TABLES
     s.efer = EFER_SCE | EFER_LME | EFER_LMA
     vcpu.set_sregs(s)
 
+
+def set_entry_regs(vcpu, *, rip: int, rsp: int, rdi: int, rdx: int = 0) -> None:
     regs = vcpu.get_regs()
-    for name in ("rax", "rbx", "rcx", "rdx", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
+    for name in ("rax", "rbx", "rcx", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
                  "r14", "r15"):
         setattr(regs, name, 0)
     regs.rflags = RFLAGS_RESERVED
-    regs.rip = entry
-    regs.rsp = BOOT_STACK_TOP
-    regs.rdi = BOOT_INFO_GPA
+    regs.rip, regs.rsp, regs.rdi, regs.rdx = rip, rsp, rdi, rdx
     regs.rsi = KVMLITE_RSI_MAGIC
     vcpu.set_regs(regs)
 
 
-def write_boot_area(mem, *, cmdline: str, boot_info: bytes) -> None:
-    """Write GDT, page tables, command line and boot info into guest memory."""
+def setup_long_mode(vcpu, entry: int, boot_area: int) -> None:
+    """Put the boot vCPU at `entry` in 64-bit mode, CPL 0, with the VMM's GDT and
+    page tables, its boot stack, and RDI = the boot-info block (docs/boot.md)."""
+    set_long_mode_sregs(vcpu, boot_area)
+    set_entry_regs(vcpu, rip=entry, rsp=boot_area + BA_STACK_TOP, rdi=boot_area + BA_INFO)
+
+
+def setup_ap(vcpu, cpu: int, *, entry: int, stack: int, arg: int, boot_area: int) -> None:
+    """Start vCPU `cpu` as the CPU-start device asks (docs/boot.md, "Starting the
+    other CPUs"): the boot vCPU's mode, RIP = entry, RSP = stack, RDI = arg,
+    RDX = the CPU's index."""
+    set_long_mode_sregs(vcpu, boot_area)
+    set_entry_regs(vcpu, rip=entry, rsp=stack, rdi=arg, rdx=cpu)
+
+
+def write_boot_area(mem, *, boot_area: int, cmdline: str, boot_info: bytes) -> None:
+    """Write GDT, page tables, command line and boot info into the boot area
+    (the TSS and the stack are RAM a new VM has zeroed)."""
     raw = cmdline.encode()
     if len(raw) > CMDLINE_MAX:
         raise ConfigError(f"command line is {len(raw)} bytes; the limit is {CMDLINE_MAX}")
-    mem.write(GDT_GPA, gdt_bytes())
-    mem.write(PML4_GPA, build_page_tables(mem.size))
-    mem.write(CMDLINE_GPA, raw + b"\0")
-    mem.write(BOOT_INFO_GPA, boot_info)
+    mem.write(boot_area + BA_GDT, gdt_bytes())
+    mem.write(boot_area + BA_PAGE_TABLES, build_page_tables(mem.size, boot_area + BA_PAGE_TABLES))
+    mem.write(boot_area + BA_CMDLINE, raw + b"\0")
+    mem.write(boot_area + BA_INFO, boot_info)

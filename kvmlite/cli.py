@@ -28,12 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="boot a guest image (or wait for an incoming migration)",
                          epilog=EPILOG_RUN)
     run.add_argument("image", nargs="?", help="flat binary or ELF64 guest image")
-    run.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs (default 1)")
     run.add_argument("-m", "--memory", default=None,
                      help=f"guest RAM, e.g. 256M or 1G (default {DEFAULT_MEMORY})")
     run.add_argument("--cmdline", default="", help="guest command line (see guest/README.md)")
     run.add_argument("--load", metavar="ADDR", help="load address for flat images (default 0x100000)")
     run.add_argument("--entry", metavar="ADDR", help="entry point (default: load address / e_entry)")
+    run.add_argument("--smp", type=int, default=1, metavar="N",
+                     help="vCPUs (default 1); N > 1 adds the in-kernel irqchip and the "
+                     "CPU-start device (docs/boot.md)")
     run.add_argument("--stats", action="store_true",
                      help="print page counts from the guest's free-page bitmap at exit")
     run.add_argument("--trace", action="store_true", help="log every VM exit to stderr")

@@ -80,7 +80,8 @@ class MachineConfig:
     def __post_init__(self):
         if self.memory is not None:
             check_memory(self.memory)
-        _check_int(self.vcpus, "the vCPU count", 1, MAX_VCPUS)
+        if type(self.vcpus) is not int or not 1 <= self.vcpus <= MAX_VCPUS:
+            raise ConfigError(f"--smp {self.vcpus}: the vCPU count is 1 to {MAX_VCPUS}")
         _check_bool(self.prefault, "prefault")
         _check_bool(self.trace, "trace")
 
@@ -243,6 +244,8 @@ class RunConfig:
                               "no guest image given (try: kvmlite run guest/guest.bin)")
         if self.gdb and self.incoming:
             raise ConfigError("--gdb debugs a guest booted here, not one arriving with --incoming")
+        if self.gdb and self.machine.vcpus > 1:
+            raise ConfigError("--gdb with --smp is not supported yet: the stub shows one vCPU")
         if self.machine.memory is None and self.boot is not None:
             raise ConfigError("a booted guest needs a memory size")
         inc = self.incoming

@@ -180,3 +180,65 @@ def KVM_TRANSLATE(vcpu_fd: int, translation) -> int:
 def KVM_SET_GUEST_DEBUG(vcpu_fd: int, debug) -> int:
     """Arm single-step and breakpoint exits (KVM_EXIT_DEBUG) for this vCPU."""
     return ioctl(vcpu_fd, lib.KVM_SET_GUEST_DEBUG, debug)
+
+
+# ---- interrupt controllers, MP state, dirty ring (VM and vCPU ioctls) ----------
+
+def KVM_CREATE_IRQCHIP(vm_fd: int) -> int:
+    """Create the in-kernel PIC pair, IOAPIC and a LAPIC per vCPU (before any vCPU)."""
+    return ioctl_int(vm_fd, lib.KVM_CREATE_IRQCHIP)
+
+
+def KVM_IRQ_LINE(vm_fd: int, irq_level) -> int:
+    """Set a GSI's level (`struct kvm_irq_level`): PIC pins 0-15, IOAPIC pins 0-23."""
+    return ioctl(vm_fd, lib.KVM_IRQ_LINE, irq_level)
+
+
+def KVM_IRQ_LINE_STATUS(vm_fd: int, irq_level) -> int:
+    """KVM_IRQ_LINE that also reports, in `status`, whether the interrupt was delivered."""
+    return ioctl(vm_fd, lib.KVM_IRQ_LINE_STATUS, irq_level)
+
+
+def KVM_GET_IRQCHIP(vm_fd: int, irqchip) -> int:
+    """Read the state of the chip named by `irqchip.chip_id` (KVM_IRQCHIP_*)."""
+    return ioctl(vm_fd, lib.KVM_GET_IRQCHIP, irqchip)
+
+
+def KVM_SET_IRQCHIP(vm_fd: int, irqchip) -> int:
+    return ioctl(vm_fd, lib.KVM_SET_IRQCHIP, irqchip)
+
+
+def KVM_CREATE_PIT2(vm_fd: int, pit_config) -> int:
+    """Create the in-kernel 8254 PIT (needs KVM_CREATE_IRQCHIP first)."""
+    return ioctl(vm_fd, lib.KVM_CREATE_PIT2, pit_config)
+
+
+def KVM_GET_PIT2(vm_fd: int, pit_state2) -> int:
+    return ioctl(vm_fd, lib.KVM_GET_PIT2, pit_state2)
+
+
+def KVM_SET_PIT2(vm_fd: int, pit_state2) -> int:
+    return ioctl(vm_fd, lib.KVM_SET_PIT2, pit_state2)
+
+
+def KVM_RESET_DIRTY_RINGS(vm_fd: int) -> int:
+    """Re-protect every page whose ring entry userspace marked reset; returns how many."""
+    return ioctl_int(vm_fd, lib.KVM_RESET_DIRTY_RINGS)
+
+
+def KVM_GET_LAPIC(vcpu_fd: int, lapic_state) -> int:
+    """The vCPU's local APIC registers, a 1 KiB image of the xAPIC page."""
+    return ioctl(vcpu_fd, lib.KVM_GET_LAPIC, lapic_state)
+
+
+def KVM_SET_LAPIC(vcpu_fd: int, lapic_state) -> int:
+    return ioctl(vcpu_fd, lib.KVM_SET_LAPIC, lapic_state)
+
+
+def KVM_GET_MP_STATE(vcpu_fd: int, mp_state) -> int:
+    """KVM_MP_STATE_*: runnable, halted, waiting for INIT/SIPI..."""
+    return ioctl(vcpu_fd, lib.KVM_GET_MP_STATE, mp_state)
+
+
+def KVM_SET_MP_STATE(vcpu_fd: int, mp_state) -> int:
+    return ioctl(vcpu_fd, lib.KVM_SET_MP_STATE, mp_state)

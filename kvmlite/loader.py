@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
-from .boot import DEFAULT_LOAD_ADDR, RESERVED_END
+from .boot import DEFAULT_LOAD_ADDR
 from .errors import ImageError
 
 ELF_MAGIC = b"\x7fELF"
@@ -24,10 +24,9 @@ class LoadedImage:
 
 
 def _check_range(path, what, start, size, ram_size):
-    if start < RESERVED_END:
-        raise ImageError(f"{path}: {what} at {start:#x} overlaps the VMM's boot area "
-                         f"(below {RESERVED_END:#x}); see docs/boot.md")
-    if start + size > ram_size:
+    # Any RAM will do, address 0 included: the VMM puts its boot area where the
+    # image is not (boot.place_boot_area, docs/boot.md).
+    if start < 0 or start + size > ram_size:
         raise ImageError(f"{path}: {what} at {start:#x}+{size:#x} does not fit in "
                          f"{ram_size >> 20} MiB of RAM (use a larger --memory)")
 

@@ -9,6 +9,7 @@ events do.  docs/architecture.md draws the model.
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from concurrent.futures import Future
@@ -18,11 +19,14 @@ from . import boot, exits as ex
 from .abi import DEFAULT_PORT as FPH_PORT, PORT_COUNT as FPH_PORT_COUNT
 from .config import BootConfig, MachineConfig
 from .devices import DebugCon, ExitDevice, FreePageHint, GuestExit, IdleDevice, IoBus, Uart16550
+from .devices.cpustart import DEFAULT_PORT as CPUSTART_PORT, PORT_COUNT as CPUSTART_PORT_COUNT, CpuStart
 from .devices.output import SerialOutput
 from .devices.uart import PORT_COUNT as UART_PORT_COUNT
 from .errors import ConfigError, KvmliteError
-from .log import trace_log
+from .kvm import lib
+from .log import log, trace_log
 from .vstate import GuestMemory, Kvm, Vm
+from .vstate.vcpu import cpuid_with_apic_id
 
 UART_PORT = 0x3F8
 DEBUGCON_PORT = 0xE9
@@ -72,6 +76,11 @@ class VcpuThread:
         """Run `fn(vcpu)` on this vCPU's thread; return its result or raise its exception."""
         if threading.get_ident() == self._ident:
             return fn(self.vcpu)
+        return self.post(fn).result(timeout)
+
+    def post(self, fn) -> Future:
+        """Queue `fn(vcpu)` for this vCPU's thread and return at once (its future).
+        For a vCPU thread asking another without waiting on it (CPU_ON)."""
         m = self.machine
         fut: Future = Future()
         with m._cond:
@@ -82,7 +91,7 @@ class VcpuThread:
             running = not self.parked
         if running:
             self.vcpu.kick()          # out of KVM_RUN, or out of the next one
-        return fut.result(timeout)
+        return fut
 
     def on_thread(self) -> bool:
         return threading.get_ident() == self._ident
@@ -96,7 +105,8 @@ class VcpuThread:
             # KVM_CREATE_VCPU is a VM ioctl, issued here anyway so that the
             # vCPU's whole life, from its first ioctl to its last, is this thread's.
             self.vcpu = m.vm.create_vcpu(self.index)
-            self.vcpu.set_cpuid(m.kvm.supported_cpuid())
+            # vCPU i has APIC ID i (docs/boot.md)
+            self.vcpu.set_cpuid(cpuid_with_apic_id(m.kvm.supported_cpuid(), self.index))
             self.vcpu.bind_thread()
         except BaseException as e:
             self._ready.set_exception(e)
@@ -193,7 +203,9 @@ class OnVcpuThread:
 
 
 class Machine:
-    """Builds the VM and runs its vCPUs, one thread each.
+    """Builds the VM and runs its vCPUs, one thread each.  With two or more, the
+    VM has the in-kernel irqchip (a LAPIC per vCPU: timer, IPIs, INIT-SIPI; KVM
+    handles HLT) and the CPU-start device (docs/boot.md, boot protocol 2).
 
         with Machine(MachineConfig(memory=256 << 20), output=lines.append) as vm:
             vm.boot(BootConfig("guest/guest.bin", "workload=hello"))
@@ -210,6 +222,7 @@ class Machine:
         self.config = config
         self.kvm = Kvm()
         self.vm = Vm(self.kvm)
+        self.irqchip = config.vcpus > 1
         self._cond = threading.Condition()
         self._started = False
         self._pause_requested = False
@@ -219,6 +232,14 @@ class Machine:
         self._closed = False
         self.vcpu_threads: list[VcpuThread] = []
         try:
+            if self.irqchip:
+                limit = self.kvm.check("KVM_CAP_MAX_VCPUS") or self.kvm.check("KVM_CAP_NR_VCPUS")
+                if config.vcpus > limit:
+                    raise ConfigError(f"--smp {config.vcpus}: this KVM allows at most {limit} vCPUs")
+                hosts = os.cpu_count() or 1
+                if config.vcpus > hosts:
+                    log.info(f"{config.vcpus} vCPUs on {hosts} host CPUs: overcommitted")
+                self.vm.create_irqchip()     # before the vCPUs: each gets a LAPIC
             self.memory = GuestMemory(config.memory, prefault=config.prefault)
             self.vm.add_memory(self.memory)
             # the guest's serial and debug-console output: stdout, or a file
@@ -237,6 +258,11 @@ class Machine:
             self.bus.register(EXIT_PORT, 1, self.exit_device)
             self.bus.register(FPH_PORT, FPH_PORT_COUNT, self.fph)
             self.bus.register(IDLE_PORT, 4, self.idle)
+            self.cpustart = None
+            if self.irqchip:
+                self.cpustart = CpuStart(config.vcpus, self._cpu_on, self.memory.contains)
+                self.bus.register(CPUSTART_PORT, CPUSTART_PORT_COUNT, self.cpustart)
+            self.boot_area = None
             self.image = None
             self.debugger = None       # a GdbStub while `kvmlite run --gdb` is attached
             for i in range(config.vcpus):
@@ -259,8 +285,11 @@ class Machine:
 
     def devices(self) -> dict:
         """Devices by name, whose state travels with a migration."""
-        return {"uart": self.uart, "debugcon": self.debugcon, "exit": self.exit_device,
-                "fph": self.fph}
+        devices = {"uart": self.uart, "debugcon": self.debugcon, "exit": self.exit_device,
+                   "fph": self.fph}
+        if self.cpustart is not None:
+            devices["cpustart"] = self.cpustart
+        return devices
 
     @property
     def free_pages(self):
@@ -293,18 +322,32 @@ class Machine:
     # ---- booting ---------------------------------------------------------------------
 
     def boot(self, cfg: BootConfig) -> None:
-        """Load the image, write the boot area and put vCPU 0 at its entry in long mode."""
+        """Load the image, write the boot area where the image is not, and put
+        vCPU 0 at its entry in long mode (the others wait for INIT-SIPI or CPU_ON)."""
         from .loader import load_image
         self.image = load_image(self.memory, cfg.image, load_addr=cfg.load, entry=cfg.entry)
+        self.boot_area = area = boot.place_boot_area(self.memory.size, self.image.start, self.image.end)
         tsc_khz = self.call(0, lambda v: v.tsc_khz())
         info = boot.boot_info_bytes(
-            ram_size=self.memory.size, cmdline_len=len(cfg.cmdline.encode()), fph=True,
-            tsc_khz=tsc_khz, image_start=self.image.start, image_end=self.image.end,
+            ram_size=self.memory.size, boot_area=area, cmdline_len=len(cfg.cmdline.encode()),
+            fph=True, tsc_khz=tsc_khz, image_start=self.image.start, image_end=self.image.end,
             uart_port=UART_PORT, debugcon_port=DEBUGCON_PORT, exit_port=EXIT_PORT,
-            fph_port=FPH_PORT, idle_port=IDLE_PORT)
-        boot.write_boot_area(self.memory, cmdline=cfg.cmdline, boot_info=info)
+            fph_port=FPH_PORT, idle_port=IDLE_PORT, cpu_count=self.nvcpus, lapic=self.irqchip,
+            cpustart_port=CPUSTART_PORT if self.cpustart is not None else 0)
+        boot.write_boot_area(self.memory, boot_area=area, cmdline=cfg.cmdline, boot_info=info)
         entry = self.image.entry
-        self.call(0, lambda v: boot.setup_long_mode(v, entry))
+        self.call(0, lambda v: boot.setup_long_mode(v, entry, area))
+
+    def _cpu_on(self, cpu: int, entry: int, stack: int, arg: int) -> None:
+        """CPU_ON, on the asking vCPU's thread: vCPU `cpu`'s own thread sets its
+        registers and makes it runnable (it waits in KVM_RUN, uninitialised, until
+        then).  Not waited for: the asking vCPU goes on at once."""
+        area = self.boot_area
+
+        def start(vcpu):
+            boot.setup_ap(vcpu, cpu, entry=entry, stack=stack, arg=arg, boot_area=area)
+            vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+        self.vcpu_threads[cpu].post(start)
 
     # ---- running ---------------------------------------------------------------------
 
@@ -349,6 +392,7 @@ class Machine:
                     case ex.Interrupted():
                         return None       # kicked: serve requests, park if asked
                     case ex.Hlt():
+                        # only without the irqchip: with it, KVM keeps a halted vCPU waiting
                         return RunResult("hlt", 0)
                     case ex.MmioRead(_, length):
                         vcpu.complete_mmio_read(b"\xff" * length)

@@ -16,6 +16,9 @@ IA32_CSTAR = 0xC0000083
 IA32_FMASK = 0xC0000084
 IA32_KERNEL_GS_BASE = 0xC0000102
 IA32_TSC_AUX = 0xC0000103
+# Not in MIGRATED: it must be restored after KVM_SET_LAPIC, which drops a
+# deadline set before it (Vcpu.save/restore_interrupt_state carry it).
+IA32_TSC_DEADLINE = 0x6E0
 
 # Saved on migration, when KVM_GET_MSR_INDEX_LIST offers them.  EFER, FS and GS
 # bases travel in kvm_sregs.  The TSC goes last so it is restored last.

@@ -148,6 +148,7 @@ class FakeMachine:
         self.result = None
         self.quit_event = threading.Event()
         self.exits = 5
+        self.irqchip = False
 
     # -- what the Machine offers
     @property

@@ -112,7 +112,7 @@ def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
                 round_started = False
                 hooks.point(f"dst:round:{n}")
             case wire.State(st):
-                state = validate_state(st, header.vcpus, machine.devices())
+                state = validate_state(st, header.vcpus, machine.devices(), machine.irqchip)
                 hooks.point("dst:state")
             case wire.End():
                 hooks.point("dst:end")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from .. import msr
 from ..errors import StreamError
-from ..kvm import ffi
+from ..kvm import ffi, lib
 from ..vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
+from ..vstate.vm import irqchip_ids
 from .wire import _show
 
-STATE_VERSION = 1
+STATE_VERSION = 2    # 2: interrupt-controller state (irqchip, per-vCPU LAPIC and MP state)
 U64 = 1 << 64
 BLOBS = {"fpu": "struct kvm_fpu", "xsave": "struct kvm_xsave", "events": "struct kvm_vcpu_events"}
 MAX_XCRS = 16
@@ -86,9 +87,10 @@ def validate_vcpu(v, path: str) -> dict:
     return v
 
 
-def validate_state(state, vcpus: int, devices: dict) -> dict:
-    """Check `state` against the header's vCPU count and this VMM's devices."""
-    _map(state, "state", ("version", "vcpus", "devices"))
+def validate_state(state, vcpus: int, devices: dict, irqchip: bool = False) -> dict:
+    """Check `state` against the header's vCPU count and this VMM's devices; with
+    `irqchip` (a VM of several vCPUs), the interrupt controllers' state too."""
+    _map(state, "state", ("version", "vcpus", "devices", "irqchip", "interrupts"))
     if state["version"] != STATE_VERSION:
         _fail("state.version", f"{_show(state['version'])} is not supported (this kvmlite reads {STATE_VERSION})")
     if not isinstance(state["vcpus"], list) or len(state["vcpus"]) != vcpus:
@@ -96,6 +98,15 @@ def validate_state(state, vcpus: int, devices: dict) -> dict:
     for i, v in enumerate(state["vcpus"]):
         validate_vcpu(v, f"state.vcpus[{i}]")
     _map(state["devices"], "state.devices", tuple(devices))
+    if not irqchip:
+        if state["irqchip"] is not None or state["interrupts"] is not None:
+            _fail("state.irqchip", "interrupt-controller state for a VM without an irqchip")
+        return state
+    validate_irqchip(state["irqchip"])
+    if not isinstance(state["interrupts"], list) or len(state["interrupts"]) != vcpus:
+        _fail("state.interrupts", f"expected one map per vCPU, {vcpus}")
+    for i, v in enumerate(state["interrupts"]):
+        validate_vcpu_interrupts(v, i, f"state.interrupts[{i}]")
     return state
 
 
@@ -112,18 +123,69 @@ def restore_devices(state: dict, devices: dict) -> None:
 
 
 def collect_state(machine) -> dict:
-    """The VM's state as plain values: every vCPU's, read on its own thread, and every device's."""
+    """The VM's state as plain values: every vCPU's, read on its own thread, every
+    device's, and with an irqchip the chips' and each vCPU's LAPIC and MP state."""
     msrs = machine.kvm.migratable_msrs()
+    n = machine.nvcpus
     return {
         "version": STATE_VERSION,
-        "vcpus": [machine.call(i, lambda v: v.save_state(msrs)) for i in range(machine.nvcpus)],
+        "vcpus": [machine.call(i, lambda v: v.save_state(msrs)) for i in range(n)],
         "devices": {name: dev.save_state() for name, dev in machine.devices().items()},
+        "irqchip": machine.vm.save_irqchip() if machine.irqchip else None,
+        "interrupts": ([machine.call(i, lambda v: v.save_interrupt_state()) for i in range(n)]
+                       if machine.irqchip else None),
     }
 
 
 def restore_state(machine, state: dict) -> None:
     """Inverse of collect_state(), for a state validate_state() accepted: devices
-    first (any malformed field is a StreamError), then each vCPU on its own thread."""
+    first (any malformed field is a StreamError), the chips, then each vCPU on its
+    own thread: registers, then its LAPIC (whose timer the registers' APIC base
+    mode decides; docs/boot.md has the measured order)."""
     restore_devices(state, machine.devices())
-    for i, v in enumerate(state["vcpus"]):
-        machine.call(i, lambda vcpu, v=v: vcpu.restore_state(v))
+    if state["irqchip"] is not None:
+        machine.vm.restore_irqchip(state["irqchip"])
+    interrupts = state["interrupts"] or [None] * len(state["vcpus"])
+    for i, (v, irq) in enumerate(zip(state["vcpus"], interrupts)):
+        def restore(vcpu, v=v, irq=irq):
+            vcpu.restore_state(v)
+            if irq is not None:
+                vcpu.restore_interrupt_state(irq)
+        machine.call(i, restore)
+
+
+# ---- interrupt-controller state (a VM with the in-kernel irqchip) ------------------
+# What Vcpu.save_interrupt_state and Vm.save_irqchip produce, checked before
+# any of it reaches KVM.
+
+LAPIC_ID_OFFSET = 0x20       # the APIC ID register in the xAPIC page image; ID in bits 31:24
+X86_MP_STATES = ("KVM_MP_STATE_RUNNABLE", "KVM_MP_STATE_UNINITIALIZED", "KVM_MP_STATE_INIT_RECEIVED",
+                 "KVM_MP_STATE_HALTED", "KVM_MP_STATE_SIPI_RECEIVED")
+
+
+def validate_vcpu_interrupts(v, index: int, path: str) -> dict:
+    """{"lapic": 1 KiB, "mp_state": one x86 KVM_MP_STATE_*, "tsc_deadline": u64}.
+    The LAPIC's APIC ID must be `index`: vCPU i has APIC ID i (docs/boot.md), and a
+    stream that swapped two CPUs' LAPICs would send their interrupts astray."""
+    _map(v, path, ("lapic", "mp_state", "tsc_deadline"))
+    size = ffi.sizeof("struct kvm_lapic_state")
+    if not isinstance(v["lapic"], bytes) or len(v["lapic"]) != size:
+        _fail(f"{path}.lapic", f"expected {size} bytes (struct kvm_lapic_state)")
+    apic_id = int.from_bytes(v["lapic"][LAPIC_ID_OFFSET:LAPIC_ID_OFFSET + 4], "little") >> 24
+    if apic_id != index:
+        _fail(f"{path}.lapic", f"APIC ID {apic_id} belongs to another vCPU (this is vCPU {index})")
+    allowed = {getattr(lib, name) for name in X86_MP_STATES}
+    if _int(v["mp_state"], f"{path}.mp_state", 1 << 32) not in allowed:
+        _fail(f"{path}.mp_state", f"{v['mp_state']} is not an x86 MP state")
+    _int(v["tsc_deadline"], f"{path}.tsc_deadline")
+    return v
+
+
+def validate_irqchip(chips, path: str = "state.irqchip") -> dict:
+    """{"pic_master", "pic_slave", "ioapic"}: each the 512 bytes of its kvm_irqchip union."""
+    _map(chips, path, tuple(irqchip_ids()))
+    size = ffi.sizeof("struct kvm_irqchip") - ffi.offsetof("struct kvm_irqchip", "chip")
+    for name in irqchip_ids():
+        if not isinstance(chips[name], bytes) or len(chips[name]) != size:
+            _fail(f"{path}.{name}", f"expected {size} bytes (the kvm_irqchip union)")
+    return chips

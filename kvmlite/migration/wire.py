@@ -449,11 +449,13 @@ class StreamDecoder:
     straight into the memory `target` returns.  Timeouts are the socket's own.
     """
 
-    def __init__(self, sock, *, keys: StreamKeys | None = None, bufsize: int = 256 * 1024):
+    def __init__(self, sock, *, keys: StreamKeys | None = None, require_integrity: bool = True,
+                 bufsize: int = 256 * 1024):
         if bufsize < 64:
             raise ValueError("bufsize must be at least 64 bytes")
         self._sock = sock
         self._keys = keys            # given: the stream must have integrity, checked with these
+        self._require = require_integrity   # False: with keys, integrity only if the header says so
         self.integrity: Integrity | None = None
         self.tags_bad = 0            # PAGES records whose tag did not match
         self._buf = bytearray(bufsize)
@@ -584,12 +586,12 @@ class StreamDecoder:
         self._read_into(memoryview(body), "in the middle of the stream header")
         self._crc = zlib.crc32(body, self._crc)
         header = validate_info(_unpack_map(body, "stream header"), version)
-        if header.integrity != (self._keys is not None):
+        if header.integrity != (self._keys is not None) and (header.integrity or self._require):
             raise StreamError("the stream's pages carry integrity tags, which this destination "
                               "has no key to check" if header.integrity else
                               "the stream has no integrity tags, which this destination requires "
                               "(a keyed link without TLS, or a snapshot file)")
-        if self._keys is not None:
+        if self._keys is not None and header.integrity:
             self.integrity = Integrity(self._keys)
             self.integrity.structure(preamble)
             self.integrity.structure(body)

@@ -33,7 +33,8 @@ def from_stream(path: str) -> PageMap:
     of the last record that carried it and the round it came in."""
     f = FileSource(path)        # the reader `run --incoming file:PATH` uses
     try:
-        dec = wire.StreamDecoder(f, keys=f.keys)   # a snapshot carries integrity tags
+        # a viewer: it reads a snapshot's integrity tags, and streams saved without them
+        dec = wire.StreamDecoder(f, keys=f.keys, require_integrity=False)
         try:
             header = dec.read_preamble()
             # Pages are numbered through the header's RAM regions in order.

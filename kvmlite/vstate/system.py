@@ -17,7 +17,10 @@ REQUIRED_CAPS = ("KVM_CAP_USER_MEMORY", "KVM_CAP_SET_TSS_ADDR", "KVM_CAP_EXT_CPU
 OPTIONAL_CAPS = ("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2", "KVM_CAP_DIRTY_LOG_RING",
                  "KVM_CAP_VCPU_EVENTS", "KVM_CAP_XSAVE", "KVM_CAP_XCRS",
                  "KVM_CAP_GET_TSC_KHZ", "KVM_CAP_NR_MEMSLOTS", "KVM_CAP_MAX_VCPUS",
-                 "KVM_CAP_SYNC_MMU")
+                 "KVM_CAP_SYNC_MMU",
+                 # SMP: --smp N needs the first two; the rest say what a guest gets
+                 "KVM_CAP_IRQCHIP", "KVM_CAP_MP_STATE", "KVM_CAP_NR_VCPUS",
+                 "KVM_CAP_TSC_DEADLINE_TIMER", "KVM_CAP_X2APIC_API", "KVM_CAP_DIRTY_LOG_RING_ACQ_REL")
 
 
 def kvm_call(name: str, fn, *args, context: str = ""):

@@ -12,6 +12,7 @@ from .. import kvm
 from .. import exits as ex
 from ..errors import KvmError
 from ..kvm import ffi, lib
+from ..msr import IA32_TSC_DEADLINE
 from .system import kvm_call
 
 KICK_SIGNAL = signal.SIGUSR1
@@ -269,6 +270,61 @@ class Vcpu:
         ffi.buffer(events)[:] = state["events"]
         kvm_call("KVM_SET_VCPU_EVENTS", kvm.KVM_SET_VCPU_EVENTS, self.fd, events)
 
+    # ---- the local APIC and the MP state (SMP) -------------------------------------
+    # Appended for SMP; need Vm.create_irqchip() before the vCPU was created.
+
+    def get_lapic(self) -> bytes:
+        """KVM_GET_LAPIC: the LAPIC registers as a 1 KiB image of the xAPIC page."""
+        state = ffi.new("struct kvm_lapic_state *")
+        kvm_call("KVM_GET_LAPIC", kvm.KVM_GET_LAPIC, self.fd, state, context=f"vCPU {self.index}")
+        return bytes(ffi.buffer(state))
+
+    def set_lapic(self, regs: bytes) -> None:
+        state = ffi.new("struct kvm_lapic_state *")
+        if len(regs) != ffi.sizeof(state[0]):
+            raise KvmError("KVM_SET_LAPIC", errno.EINVAL,
+                           f"vCPU {self.index}: {len(regs)} bytes, not {ffi.sizeof(state[0])}")
+        ffi.buffer(state)[:] = regs
+        kvm_call("KVM_SET_LAPIC", kvm.KVM_SET_LAPIC, self.fd, state, context=f"vCPU {self.index}")
+
+    def get_mp_state(self) -> int:
+        """KVM_MP_STATE_*: RUNNABLE, HALTED (in HLT, waiting for an interrupt),
+        UNINITIALIZED (an AP waiting for INIT), INIT_RECEIVED, SIPI_RECEIVED."""
+        mp = ffi.new("struct kvm_mp_state *")
+        kvm_call("KVM_GET_MP_STATE", kvm.KVM_GET_MP_STATE, self.fd, mp, context=f"vCPU {self.index}")
+        return mp.mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        mp = ffi.new("struct kvm_mp_state *", {"mp_state": state})
+        kvm_call("KVM_SET_MP_STATE", kvm.KVM_SET_MP_STATE, self.fd, mp,
+                 context=f"vCPU {self.index}, state {state}")
+
+    def save_interrupt_state(self) -> dict:
+        """LAPIC, MP state and the TSC deadline as plain values, for a vCPU of a VM
+        with an irqchip (migration/state.py validate_vcpu_interrupts checks them).
+        The deadline is an MSR, not a LAPIC register, so it travels beside it."""
+        return {"lapic": self.get_lapic(), "mp_state": self.get_mp_state(),
+                "tsc_deadline": self.get_msrs([IA32_TSC_DEADLINE]).get(IA32_TSC_DEADLINE, 0)}
+
+    def restore_interrupt_state(self, state: dict) -> None:
+        """Inverse of save_interrupt_state(), after restore_state() (whose APIC base
+        picks xAPIC or x2APIC mode).  The order is KVM's: KVM_SET_LAPIC re-arms the
+        timer from LVTT and drops a TSC deadline written before it (measured: a
+        guest sleeping in TSC-deadline mode never wakes), so the deadline MSR
+        comes after the LAPIC; the MP state last, so a vCPU saved in HLT halts
+        again instead of returning from HLT at once."""
+        self.set_lapic(state["lapic"])
+        if state["tsc_deadline"]:
+            self.set_msrs({IA32_TSC_DEADLINE: state["tsc_deadline"]})
+        self.set_mp_state(state["mp_state"])
+
+    def dirty_ring(self):
+        """This vCPU's dirty ring (the VM must have enable_dirty_ring()): a DirtyRing."""
+        from .dirtyring import DirtyRing
+        if not self.vm.dirty_ring_bytes:
+            raise KvmError("mmap dirty ring", errno.ENODEV, f"vCPU {self.index}: no dirty ring enabled")
+        return DirtyRing(self, self.vm.dirty_ring_bytes)
+
     def close(self) -> None:
         """Unmap the run area and close the fd (a second call does nothing)."""
         with self._kick_lock:
@@ -279,3 +335,19 @@ class Vcpu:
             self._runmap.close()
             os.close(self.fd)
             self.fd = -1
+
+
+def cpuid_with_apic_id(cpuid2, apic_id: int):
+    """A copy of `cpuid2` (KVM_GET_SUPPORTED_CPUID) for the vCPU with `apic_id`:
+    CPUID.1:EBX[31:24] (initial APIC ID) and the x2APIC ID of leaves 0xB and
+    0x1F (EDX).  KVM passes CPUID through as given; the VMM sets these."""
+    n = cpuid2.nent
+    out = ffi.new("struct kvm_cpuid2 *", {"nent": n, "entries": n})
+    ffi.memmove(out.entries, cpuid2.entries, n * ffi.sizeof("struct kvm_cpuid_entry2"))
+    for i in range(n):
+        e = out.entries[i]
+        if e.function == 1:
+            e.ebx = (e.ebx & 0x00FFFFFF) | (apic_id & 0xFF) << 24
+        elif e.function in (0xB, 0x1F):
+            e.edx = apic_id
+    return out

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from .. import kvm
+from ..errors import KvmliteError
 from ..kvm import ffi, lib
 from .memory import PAGE_SHIFT, GuestMemory
 from .system import Kvm, kvm_call
@@ -25,6 +26,8 @@ class Vm:
         self.vcpus = []
         self.manual_protect = False
         self.dirty_logging = False
+        self.irqchip = False          # create_irqchip() was called
+        self.dirty_ring_bytes = 0     # enable_dirty_ring() was called
         # Intel VMX needs three pages for real-mode emulation; harmless elsewhere.
         # Placed just below 4 GiB, where PCs keep a hole RAM never occupies.
         try:
@@ -113,6 +116,79 @@ class Vm:
         kvm_call("KVM_CLEAR_DIRTY_LOG", kvm.KVM_CLEAR_DIRTY_LOG, self.fd, clear,
                  context=f"slot {slot}, pages {first_page}+{num}")
 
+    # ---- the in-kernel interrupt controller (SMP, timers, IPIs) -------------------
+    # Appended for SMP; docs/boot.md ("Measured on kvm_pvm") has what works here.
+
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP: a PIC pair and an IOAPIC for the VM, and a LAPIC for
+        every vCPU created afterwards (so call it before create_vcpu).  With it, KVM
+        handles HLT itself (the vCPU waits for an interrupt; no KVM_EXIT_HLT) and
+        APs other than vCPU 0 start in KVM_MP_STATE_UNINITIALIZED, waiting for
+        INIT-SIPI-SIPI or KVM_SET_MP_STATE."""
+        if self.vcpus:
+            raise KvmliteError(f"the irqchip must be created before the vCPUs ({len(self.vcpus)} exist)")
+        kvm_call("KVM_CREATE_IRQCHIP", kvm.KVM_CREATE_IRQCHIP, self.fd)
+        self.irqchip = True
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        """KVM_GET_IRQCHIP: the state of one chip (KVM_IRQCHIP_PIC_MASTER, _PIC_SLAVE,
+        _IOAPIC) as the bytes of the header's 512-byte union."""
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        kvm_call("KVM_GET_IRQCHIP", kvm.KVM_GET_IRQCHIP, self.fd, chip, context=f"chip {chip_id}")
+        return bytes(ffi.buffer(ffi.addressof(chip, "chip")))
+
+    def set_irqchip(self, chip_id: int, state: bytes) -> None:
+        chip = ffi.new("struct kvm_irqchip *", {"chip_id": chip_id})
+        union = ffi.buffer(ffi.addressof(chip, "chip"))
+        if len(state) != len(union):
+            raise KvmliteError(f"irqchip {chip_id} state is {len(state)} bytes, not {len(union)}")
+        union[:] = state
+        kvm_call("KVM_SET_IRQCHIP", kvm.KVM_SET_IRQCHIP, self.fd, chip, context=f"chip {chip_id}")
+
+    def save_irqchip(self) -> dict:
+        """The three chips as plain values (migration/state.py validates them)."""
+        return {name: self.get_irqchip(chip_id) for name, chip_id in irqchip_ids().items()}
+
+    def restore_irqchip(self, state: dict) -> None:
+        """Inverse of save_irqchip(); `state` must already be validated."""
+        for name, chip_id in irqchip_ids().items():
+            self.set_irqchip(chip_id, state[name])
+
+    def irq_line(self, irq: int, level: int) -> bool:
+        """KVM_IRQ_LINE_STATUS: drive GSI `irq` to `level`; True if an interrupt was delivered."""
+        line = ffi.new("struct kvm_irq_level *")
+        line.irq, line.level = irq, level
+        kvm_call("KVM_IRQ_LINE_STATUS", kvm.KVM_IRQ_LINE_STATUS, self.fd, line,
+                 context=f"GSI {irq} level {level}")
+        return line.status > 0
+
+    # ---- the dirty ring (an alternative to the bitmap log) --------------------------
+
+    def enable_dirty_ring(self, nbytes: int) -> None:
+        """Give every vCPU a dirty ring of `nbytes` (a power of two, at most what
+        KVM_CAP_DIRTY_LOG_RING reports); must come before the first vCPU.  Then
+        KVM_GET_DIRTY_LOG is refused: each vCPU's ring (Vcpu.dirty_ring) and
+        reset_dirty_rings() replace it."""
+        if self.vcpus:
+            raise KvmliteError("the dirty ring must be enabled before the vCPUs are created")
+        cap_name = "KVM_CAP_DIRTY_LOG_RING_ACQ_REL"
+        limit = self.kvm.check(cap_name)
+        if not limit:
+            cap_name = "KVM_CAP_DIRTY_LOG_RING"
+            limit = self.kvm.check(cap_name)
+        if not limit:
+            raise KvmliteError("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
+        if nbytes <= 0 or nbytes & (nbytes - 1) or nbytes > limit:
+            raise KvmliteError(f"dirty ring of {nbytes} bytes: must be a power of two up to {limit}")
+        cap = ffi.new("struct kvm_enable_cap *", {"cap": getattr(lib, cap_name), "args": [nbytes, 0, 0, 0]})
+        kvm_call("KVM_ENABLE_CAP", kvm.KVM_ENABLE_CAP, self.fd, cap, context=f"{cap_name}, {nbytes} bytes")
+        self.dirty_ring_bytes = nbytes
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: write-protect again every page whose ring entry was
+        harvested (marked reset); returns how many entries KVM reset."""
+        return kvm_call("KVM_RESET_DIRTY_RINGS", kvm.KVM_RESET_DIRTY_RINGS, self.fd)
+
     def close(self) -> None:
         for vcpu in self.vcpus:
             vcpu.close()
@@ -125,4 +201,10 @@ class Vm:
         self.regions.clear()
 
 
-__all__ = ["Vm", "PAGE_SHIFT", "CLEAR_GRANULE"]
+def irqchip_ids() -> dict[str, int]:
+    """The in-kernel chips by the names their saved state has."""
+    return {"pic_master": lib.KVM_IRQCHIP_PIC_MASTER, "pic_slave": lib.KVM_IRQCHIP_PIC_SLAVE,
+            "ioapic": lib.KVM_IRQCHIP_IOAPIC}
+
+
+__all__ = ["Vm", "PAGE_SHIFT", "CLEAR_GRANULE", "irqchip_ids"]

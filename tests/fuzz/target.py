@@ -150,7 +150,7 @@ def machine_state(fph_registration: dict | None = None) -> dict:
     out = fakes._Null()
     devices = {"uart": Uart16550(out), "debugcon": DebugCon(out), "exit": ExitDevice(),
                "fph": FreePageHint(SimpleNamespace(size=RAM_SIZE))}
-    state = {"version": STATE_VERSION, "vcpus": [vcpu_state()],
+    state = {"version": STATE_VERSION, "vcpus": [vcpu_state()], "irqchip": None, "interrupts": None,
              "devices": {name: dev.save_state() for name, dev in devices.items()}}
     if fph_registration is not None:
         state["devices"]["fph"].update(status=1, registration=fph_registration)

@@ -17,7 +17,9 @@ from .helpers import ROOT
 
 GDB = shutil.which("gdb")
 ELF = ROOT / "guest" / "guest.elf"
-BOOT_INFO_MAGIC = 0x4F464E49        # "INFO", docs/boot.md: what the VMM writes at 0x1000
+BOOT_INFO_MAGIC = 0x4F464E49        # "INFO", docs/boot.md: the first bytes of the boot area
+# 256 MiB of RAM (the default): the boot area is its last 32 KiB + 3 pages of page tables
+BOOT_INFO_GPA = (256 << 20) - 0x8000 - 3 * 4096
 
 
 def start_vm(port: int, cmdline: str) -> ChildProcess:
@@ -45,7 +47,7 @@ def test_gdb_breaks_steps_reads_and_the_guest_finishes():
                       "break run_hello", "continue", "print g_cfg.pages", "print g_cfg.workload_name",
                       "continue")
         status = vm.wait(60)
-    assert re.search(r"Breakpoint 1, guest_main \(bi=0x1000,", out), out
+    assert re.search(rf"Breakpoint 1, guest_main \(bi={BOOT_INFO_GPA:#x},", out), out
     assert re.search(r"#0  guest_main \(.*\) at \S*main\.c:\d+", out), out     # `next` moved into main.c
     assert f"= {BOOT_INFO_MAGIC:#x}" in out, out
     assert re.search(r"rip\s+0x[0-9a-f]+\s+0x[0-9a-f]+ <guest_main\+\d+>", out), out
@@ -96,7 +98,7 @@ def test_ctrl_c_interrupts_a_running_guest():
             rip = int.from_bytes(regs[16 * 8:17 * 8], "little")
             cs = int.from_bytes(regs[17 * 8 + 4:17 * 8 + 8], "little")     # after eflags
             assert rip > 0x100000 and cs & 3 == 3
-            assert exchange(b"m1000,4") == BOOT_INFO_MAGIC.to_bytes(4, "little").hex().encode()
+            assert exchange(f"m{BOOT_INFO_GPA:x},4".encode()) == BOOT_INFO_MAGIC.to_bytes(4, "little").hex().encode()
             assert exchange(b"mffffffffff000000,4").startswith(b"E")
             s.sendall(encode_packet(b"k"))
         assert vm.wait(30) == 0, vm.output()

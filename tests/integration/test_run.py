@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 
 from .helpers import assemble, kvmlite, summary
 
@@ -133,8 +134,44 @@ def test_bad_images_give_one_clear_line(tmp_path):
     (tmp_path / "small.bin").write_bytes(b"\xf4")
     _one_line_error(kvmlite("run", str(tmp_path / "small.bin"), "--memory", "16M",
                             "--load", "0x2000000"), "does not fit")
-    _one_line_error(kvmlite("run", str(tmp_path / "small.bin"), "--memory", "16M",
-                            "--load", "0x1000"), "boot area")
+    (tmp_path / "huge.bin").write_bytes(b"\x90" * ((16 << 20) - 4096))
+    _one_line_error(kvmlite("run", str(tmp_path / "huge.bin"), "--memory", "16M",
+                            "--load", "0"), "boot area")
+
+
+HELLO_AT_0 = """
+/* A 64-bit flat binary linked at address 0, like the well-known minimal KVM
+   examples: absolute addresses, a call (so a stack), port 0xE9, HLT. */
+.code64
+.globl _start
+_start:
+    mov     $msg, %esi              /* absolute: right only if loaded at 0 */
+1:  lodsb
+    test    %al, %al
+    jz      2f
+    call    putc
+    jmp     1b
+2:  movq    $42, 0x400              /* the image's own low memory is RAM like any other */
+    hlt
+putc:
+    mov     $0xe9, %dx
+    out     %al, %dx
+    ret
+msg:
+    .asciz  "Hello, world!\n"
+"""
+
+
+def test_flat_binary_linked_at_0_runs(tmp_path):
+    """`kvmlite run hello.bin --load 0 --entry 0`: a binary linked at 0 prints its message and halts with status 0."""
+    src = tmp_path / "hello.S"
+    src.write_text(HELLO_AT_0)
+    subprocess.run(["gcc", "-c", "-o", str(tmp_path / "hello.o"), str(src)], check=True)
+    subprocess.run(["ld", "--oformat", "binary", "-Ttext=0", "-o", str(tmp_path / "hello.bin"),
+                    str(tmp_path / "hello.o")], check=True)
+    r = kvmlite("run", str(tmp_path / "hello.bin"), "--load", "0", "--entry", "0", "--memory", "16M")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "Hello, world!\n"
 
 
 def test_bad_memory_sizes_give_one_clear_line(tmp_path):

@@ -50,6 +50,13 @@ STRUCTS = {
     "kvm_guest_debug": ["control", "arch", "arch.debugreg"],
     "kvm_guest_debug_arch": ["debugreg"],
     "kvm_debug_exit_arch": ["exception", "pc", "dr6", "dr7"],
+    "kvm_irq_level": ["irq", "status", "level"],
+    "kvm_irqchip": ["chip_id", "pad", "chip"],
+    "kvm_pit_config": ["flags"],
+    "kvm_pit_state2": [],
+    "kvm_lapic_state": ["regs"],
+    "kvm_mp_state": ["mp_state"],
+    "kvm_dirty_gfn": ["flags", "slot", "offset"],
 }
 
 # Every integer constant the extension exports (ioctls, KVM_EXIT_*, caps, MADV_*).
@@ -160,6 +167,16 @@ def test_well_known_values(header):
     ("KVM_GET_XSAVE", lambda: _IOR(KVMIO, 0xA4, "struct kvm_xsave")),
     ("KVM_CLEAR_DIRTY_LOG", lambda: _IOWR(KVMIO, 0xC0, "struct kvm_clear_dirty_log")),
     ("KVM_SET_GUEST_DEBUG", lambda: _IOW(KVMIO, 0x9B, "struct kvm_guest_debug")),
+    ("KVM_CREATE_IRQCHIP", lambda: _IO(KVMIO, 0x60)),
+    ("KVM_IRQ_LINE", lambda: _IOW(KVMIO, 0x61, "struct kvm_irq_level")),
+    ("KVM_GET_IRQCHIP", lambda: _IOWR(KVMIO, 0x62, "struct kvm_irqchip")),
+    ("KVM_SET_IRQCHIP", lambda: _IOR(KVMIO, 0x63, "struct kvm_irqchip")),   # sic: _IOR in the header
+    ("KVM_CREATE_PIT2", lambda: _IOW(KVMIO, 0x77, "struct kvm_pit_config")),
+    ("KVM_GET_LAPIC", lambda: _IOR(KVMIO, 0x8E, "struct kvm_lapic_state")),
+    ("KVM_SET_LAPIC", lambda: _IOW(KVMIO, 0x8F, "struct kvm_lapic_state")),
+    ("KVM_GET_MP_STATE", lambda: _IOR(KVMIO, 0x98, "struct kvm_mp_state")),
+    ("KVM_SET_MP_STATE", lambda: _IOW(KVMIO, 0x99, "struct kvm_mp_state")),
+    ("KVM_RESET_DIRTY_RINGS", lambda: _IO(KVMIO, 0xC7)),
 ])
 def test_ioctl_number_computed_from_struct_size(header, name, computed):
     """An ioctl number rebuilt from dir/size/type/nr and ffi.sizeof equals the header's."""
@@ -189,3 +206,12 @@ def test_state_array_lengths_match_header(header):
     assert words == header[("words", "kvm_sregs.interrupt_bitmap")]
     assert words * 64 >= header[("const", "KVM_NR_INTERRUPTS")]
     assert len(ffi.new("struct kvm_xcrs *").xcrs) == header[("const", "KVM_MAX_XCRS")] == MAX_XCRS
+
+
+def test_interrupt_state_sizes_match_header(header):
+    """The LAPIC image is KVM_APIC_REG_SIZE bytes and a chip's state fits the
+    kvm_irqchip union: the blob sizes migration checks (migration/state.py)."""
+    assert ffi.sizeof("struct kvm_lapic_state") == header[("const", "KVM_APIC_REG_SIZE")] == 0x400
+    assert ffi.sizeof("struct kvm_irqchip") - ffi.offsetof("struct kvm_irqchip", "chip") == 512
+    assert header[("const", "KVM_NR_IRQCHIPS")] == 3
+    assert lib.KVM_DIRTY_LOG_PAGE_OFFSET == header[("const", "KVM_DIRTY_LOG_PAGE_OFFSET")] > 0

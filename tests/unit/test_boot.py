@@ -1,4 +1,4 @@
-"""The boot protocol (docs/boot.md): page tables, GDT, boot-info block, boot area.
+"""The boot protocol, version 2 (docs/boot.md): page tables, GDT, boot-info block, boot area.
 
 Checked the way the CPU and a guest would read them, from bytes in guest
 memory, not by re-running kvmlite's own arithmetic.  No /dev/kvm.
@@ -26,30 +26,33 @@ ADDR_MASK = ((1 << 52) - 1) & ~0xFFF         # bits 51:12: next table / 4 KiB fr
 ADDR_MASK_2M = ((1 << 52) - 1) & ~(MIB2 - 1)  # bits 51:21 of a 2 MiB leaf
 
 
-class LowMemory:
-    """Guest memory that claims `size` bytes of RAM but stores only the first MiB
-    (the boot area): enough for write_boot_area, and no host memory for 64 GiB."""
+class TopMemory:
+    """Guest memory that claims `size` bytes of RAM but stores only its last
+    `stored` bytes, where the boot area goes: no host memory for 64 GiB."""
 
     def __init__(self, size: int, stored: int = MIB):
         self.size = size
+        self.base = size - stored
         self.data = bytearray(stored)
 
     def write(self, gpa: int, data: bytes) -> None:
-        assert 0 <= gpa and gpa + len(data) <= len(self.data), f"write at {gpa:#x} outside the boot area"
-        self.data[gpa:gpa + len(data)] = data
+        assert self.base <= gpa and gpa + len(data) <= self.size, f"write at {gpa:#x} outside the top MiB"
+        self.data[gpa - self.base:gpa - self.base + len(data)] = data
 
     def read(self, gpa: int, length: int) -> bytes:
-        assert gpa + length <= len(self.data)
-        return bytes(self.data[gpa:gpa + length])
+        assert self.base <= gpa and gpa + length <= self.size
+        return bytes(self.data[gpa - self.base:gpa - self.base + length])
 
     def u64(self, gpa: int) -> int:
-        return struct.unpack_from("<Q", self.data, gpa)[0]
+        return struct.unpack_from("<Q", self.read(gpa, 8))[0]
 
 
-def boot_area(ram_size: int, cmdline: str = "console=ttyS0") -> LowMemory:
-    mem = LowMemory(ram_size)
-    boot.write_boot_area(mem, cmdline=cmdline, boot_info=b"\xAA" * boot.BOOT_INFO.size)
-    return mem
+def boot_area(ram_size: int, cmdline: str = "console=ttyS0") -> tuple[TopMemory, int]:
+    """A boot area written for an image at 1 MiB: (memory, its GPA)."""
+    mem = TopMemory(ram_size)
+    area = boot.place_boot_area(ram_size, 0x100000, 0x200000)
+    boot.write_boot_area(mem, boot_area=area, cmdline=cmdline, boot_info=b"\xAA" * boot.BOOT_INFO.size)
+    return mem, area
 
 
 def walk_all(mem: LowMemory, cr3: int) -> dict[int, tuple[int, int]]:
@@ -77,33 +80,45 @@ def walk_all(mem: LowMemory, cr3: int) -> dict[int, tuple[int, int]]:
     return maps
 
 
-# ---- page tables -----------------------------------------------------------------
+# ---- page tables and the boot area's place -------------------------------------------
 
 @pytest.mark.parametrize("ram_size", [256 * MIB, GIB + MIB2, 4 * GIB, boot.MAX_RAM],
                          ids=["256M", "1G+2M", "4G", "64G"])
 def test_page_tables_identity_map_exactly_ram(ram_size):
-    """Walking the tables from CR3 = 0x10000 maps each 2 MiB of RAM to itself, P|RW|U/S|PS, and nothing else."""
-    mem = boot_area(ram_size)
-    maps = walk_all(mem, 0x10000)
+    """Walking the tables from CR3 (the boot area's page tables) maps each 2 MiB of RAM to itself, P|RW|U/S|PS, and nothing else."""
+    mem, area = boot_area(ram_size)
+    maps = walk_all(mem, area + 0x8000)
     expected = {gpa: (gpa, P | RW | US | PS) for gpa in range(0, ram_size, MIB2)}
     assert maps == expected
 
 
 @pytest.mark.parametrize("ram_size", [256 * MIB, GIB + MIB2, 4 * GIB, boot.MAX_RAM])
-def test_page_tables_have_documented_size_and_fit_below_the_stack(ram_size):
-    """The tables are PML4 + PDPT + one PD per GiB and end below the boot stack page (0x7f000)."""
-    tables = boot.build_page_tables(ram_size)
+def test_boot_area_is_at_the_top_of_ram_with_documented_size(ram_size):
+    """The boot area is 32 KiB + PML4, PDPT and one PD per GiB, and ends exactly at the end of RAM."""
+    tables = boot.build_page_tables(ram_size, 0)
     npds = -(-ram_size // GIB)
     assert len(tables) == 4096 * (2 + npds) == 4096 * boot.page_table_pages(ram_size)
-    assert boot.PML4_GPA + len(tables) <= 0x7F000
+    assert boot.boot_area_size(ram_size) == 0x8000 + len(tables)
+    area = boot.place_boot_area(ram_size, 0x100000, 0x200000)
+    assert area % 4096 == 0 and area + boot.boot_area_size(ram_size) == ram_size
+
+
+def test_boot_area_goes_below_an_image_at_the_top_and_is_refused_without_room():
+    """An image at the top of RAM gets the boot area right below it; one that leaves no room is refused."""
+    ram, size = 16 * MIB, boot.boot_area_size(16 * MIB)
+    assert boot.place_boot_area(ram, 0, 0x1000) == ram - size          # an image at 0: top of RAM
+    assert boot.place_boot_area(ram, 8 * MIB, ram) == 8 * MIB - size    # an image that ends RAM: below it
+    assert boot.place_boot_area(ram, 8 * MIB + 100, ram) == (8 * MIB + 100 - size) & ~0xFFF
+    with pytest.raises(ConfigError, match="boot area"):
+        boot.place_boot_area(ram, size - 4096, ram)                    # room neither above nor below
 
 
 def test_page_tables_refuse_ram_above_64_gib():
     """RAM above MAX_RAM (64 GiB) is refused with a ConfigError, 64 GiB itself is accepted."""
     assert boot.MAX_RAM == 64 * GIB
-    boot.build_page_tables(boot.MAX_RAM)
+    boot.build_page_tables(boot.MAX_RAM, 0)
     with pytest.raises(ConfigError, match="64 GiB"):
-        boot.build_page_tables(boot.MAX_RAM + 4096)
+        boot.build_page_tables(boot.MAX_RAM + 4096, 0)
     with pytest.raises(ConfigError):
         boot_area(boot.MAX_RAM + MIB2)
 
@@ -111,7 +126,7 @@ def test_page_tables_refuse_ram_above_64_gib():
 def test_page_tables_refuse_ram_that_is_not_whole_2mib_pages():
     """257 MiB cannot be identity-mapped with 2 MiB pages without mapping past RAM: refused."""
     with pytest.raises(ConfigError, match="multiple of 2 MiB"):
-        boot.build_page_tables(257 * MIB)
+        boot.build_page_tables(257 * MIB, 0)
 
 
 # ---- segment descriptors and the GDT ---------------------------------------------------
@@ -194,6 +209,7 @@ BOOT_INFO_TABLE = [
     (0x24, "<H", "exit_port"), (0x26, "<H", "fph_port"), (0x28, "<Q", "tsc_khz"),
     (0x30, "<Q", "image_start"), (0x38, "<Q", "image_end"), (0x40, "<Q", "reserved_end"),
     (0x48, "<Q", "pagetable_gpa"), (0x50, "<H", "idle_port"),
+    (0x58, "<Q", "boot_area_gpa"), (0x60, "<I", "cpu_count"), (0x64, "<H", "cpustart_port"),
 ]
 
 
@@ -204,19 +220,31 @@ def read_boot_info(raw: bytes) -> dict:
 @pytest.mark.parametrize("fph", [True, False])
 def test_boot_info_fields_at_documented_offsets(fph):
     """Each boot-info field reads back from the offset and width in docs/boot.md's table."""
-    raw = boot.boot_info_bytes(ram_size=0x1234_5678_9000, cmdline_len=0x0ABC, fph=fph,
+    area = 0x1234_5677_0000
+    raw = boot.boot_info_bytes(ram_size=0x1234_5678_9000, boot_area=area, cmdline_len=0x0ABC, fph=fph,
                                tsc_khz=2_999_999, image_start=0x100000, image_end=0x1A3000,
                                uart_port=0x3F8, debugcon_port=0xE9, exit_port=0x501, fph_port=0x520,
                                idle_port=0x504)
-    assert len(raw) == 0x58
+    assert len(raw) == 0x68
     assert read_boot_info(raw) == {
-        "magic": 0x4F464E49, "version": 1, "size": 0x58, "ram_size": 0x1234_5678_9000,
-        "cmdline_gpa": 0x2000, "cmdline_len": 0x0ABC, "flags": 1 if fph else 0,
+        "magic": 0x4F464E49, "version": 2, "size": 0x68, "ram_size": 0x1234_5678_9000,
+        "cmdline_gpa": area + 0x1000, "cmdline_len": 0x0ABC, "flags": 1 if fph else 0,
         "uart_port": 0x3F8, "debugcon_port": 0xE9, "exit_port": 0x501, "fph_port": 0x520,
         "tsc_khz": 2_999_999, "image_start": 0x100000, "image_end": 0x1A3000,
-        "reserved_end": 0x80000, "pagetable_gpa": 0x10000, "idle_port": 0x504,
+        "reserved_end": area + boot.boot_area_size(0x1234_5678_9000), "pagetable_gpa": area + 0x8000,
+        "idle_port": 0x504, "boot_area_gpa": area, "cpu_count": 1, "cpustart_port": 0,
     }
     assert raw[:4] == b"INFO"
+
+
+def test_boot_info_smp_fields_and_flags():
+    """cpu_count and cpustart_port land at 0x60 and 0x64; flags bit 1 = LAPIC, bit 2 = CPU-start device."""
+    raw = boot.boot_info_bytes(ram_size=GIB, boot_area=GIB - boot.boot_area_size(GIB), cmdline_len=0,
+                               fph=True, tsc_khz=1, image_start=0, image_end=4096, uart_port=0x3F8,
+                               debugcon_port=0xE9, exit_port=0x501, fph_port=0x520, cpu_count=3,
+                               lapic=True, cpustart_port=0x540)
+    info = read_boot_info(raw)
+    assert (info["cpu_count"], info["cpustart_port"], info["flags"]) == (3, 0x540, 0b111)
 
 
 # ---- the boot area in guest memory ---------------------------------------------------------
@@ -234,33 +262,36 @@ def test_guest_memory_needs_no_kvm():
 
 
 def test_write_boot_area_lays_out_guest_memory():
-    """In a real GuestMemory: GDT at 0x3000, PML4 at 0x10000, NUL-terminated cmdline at 0x2000, boot info at 0x1000."""
+    """In a real GuestMemory: boot info, command line, GDT and page tables at their offsets in the boot area at the top of RAM."""
     mem = GuestMemory(256 * MIB)
     try:
-        info = boot.boot_info_bytes(ram_size=mem.size, cmdline_len=9, fph=True, tsc_khz=0,
+        area = boot.place_boot_area(mem.size, 0x100000, 0x101000)
+        info = boot.boot_info_bytes(ram_size=mem.size, boot_area=area, cmdline_len=9, fph=True, tsc_khz=0,
                                     image_start=0x100000, image_end=0x101000, uart_port=0x3F8,
                                     debugcon_port=0xE9, exit_port=0x501, fph_port=0x520)
-        boot.write_boot_area(mem, cmdline="quiet x=1", boot_info=info)
-        assert mem.read(0x3000, 24) == boot.gdt_bytes()
-        assert mem.read(0x2000, 10) == b"quiet x=1\0"
-        assert read_boot_info(mem.read(0x1000, 0x58))["ram_size"] == 256 * MIB
-        assert mem.read(0x10000, 3 * 4096) == boot.build_page_tables(mem.size)
-        assert mem.read(0, 0x1000) == bytes(0x1000), "the null page stays zero"
+        boot.write_boot_area(mem, boot_area=area, cmdline="quiet x=1", boot_info=info)
+        assert area == 256 * MIB - 0x8000 - 3 * 4096
+        assert mem.read(area + 0x2000, 24) == boot.gdt_bytes()
+        assert mem.read(area + 0x1000, 10) == b"quiet x=1\0"
+        info = read_boot_info(mem.read(area, 0x68))
+        assert info["ram_size"] == 256 * MIB and info["cmdline_gpa"] == area + 0x1000
+        assert mem.read(area + 0x8000, 3 * 4096) == boot.build_page_tables(mem.size, area + 0x8000)
+        assert mem.read(0, 0x100000) == bytes(0x100000), "nothing below the image is touched"
     finally:
         mem.close()
 
 
 def test_write_boot_area_accepts_4095_byte_cmdline():
     """A 4095-byte command line (the documented maximum) fits, NUL included, within its page."""
-    mem = boot_area(256 * MIB, cmdline="x" * 4095)
-    assert mem.read(0x2000, 4096) == b"x" * 4095 + b"\0"
-    assert mem.read(0x3000, 24) == boot.gdt_bytes(), "the GDT after it is intact"
+    mem, area = boot_area(256 * MIB, cmdline="x" * 4095)
+    assert mem.read(area + 0x1000, 4096) == b"x" * 4095 + b"\0"
+    assert mem.read(area + 0x2000, 24) == boot.gdt_bytes(), "the GDT after it is intact"
 
 
 @pytest.mark.parametrize("cmdline", ["x" * 4096, "é" * 2048], ids=["4096-ascii", "4096-utf8-bytes"])
 def test_write_boot_area_refuses_long_cmdline(cmdline):
     """A command line over 4095 bytes (counted in UTF-8) is refused with ConfigError, nothing written."""
-    mem = LowMemory(256 * MIB)
+    mem = TopMemory(256 * MIB)
     with pytest.raises(ConfigError, match="4095"):
-        boot.write_boot_area(mem, cmdline=cmdline, boot_info=b"")
+        boot.write_boot_area(mem, boot_area=256 * MIB - 0xB000, cmdline=cmdline, boot_info=b"")
     assert mem.data == bytes(MIB)

@@ -12,6 +12,7 @@ import pytest
 
 from kvmlite.errors import StreamError
 from kvmlite.migration import destination, wire
+from kvmlite.migration.state import STATE_VERSION
 from kvmlite.vstate.memory import GuestMemory
 
 from tests.fakes import FakeMachine, socketpair_source, vcpu_state
@@ -59,7 +60,8 @@ class TaggedStream:
         return self._struct(wire.zero_record(pfn * PS, 1))
 
     def end(self) -> bytes:
-        state = {"version": 1, "vcpus": [vcpu_state()], "devices": _devices()}
+        state = {"version": STATE_VERSION, "vcpus": [vcpu_state()], "devices": _devices(),
+                 "irqchip": None, "interrupts": None}
         self._struct(wire.state_record(state))
         self.out += wire.end_record(self.pages, self.zeros, self.crc, self.integrity)
         return bytes(self.out)

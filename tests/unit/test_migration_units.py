@@ -20,7 +20,7 @@ from kvmlite.devices import DebugCon, ExitDevice, FreePageHint, Uart16550
 from kvmlite.errors import ConfigError, MigrationError, StreamError
 from kvmlite.kvm import ffi
 from kvmlite.endpoints import FileUri, TcpUri, parse_uri
-from kvmlite.migration.state import restore_devices, validate_state
+from kvmlite.migration.state import STATE_VERSION, restore_devices, validate_state
 from kvmlite.vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
 
 from tests.fakes import FakeMachine, new_migration_for
@@ -155,8 +155,9 @@ def make_vcpu_state() -> dict:
 
 
 def make_state() -> dict:
-    return {"version": 1, "vcpus": [make_vcpu_state()],
-            "devices": {name: dev.save_state() for name, dev in make_devices().items()}}
+    return {"version": STATE_VERSION, "vcpus": [make_vcpu_state()],
+            "devices": {name: dev.save_state() for name, dev in make_devices().items()},
+            "irqchip": None, "interrupts": None}
 
 
 def test_valid_state_accepted_and_restores_devices():
@@ -190,7 +191,7 @@ def _del(path):
 
 V = ("vcpus", 0)
 HOSTILE = [
-    ("version 2", _set(("version",), 2), "state.version"),
+    ("a newer version", _set(("version",), STATE_VERSION + 1), "state.version"),
     ("version string", _set(("version",), "1"), "state.version"),
     ("missing devices", _del(("devices",)), "state"),
     ("missing vcpus", _del(("vcpus",)), "state"),

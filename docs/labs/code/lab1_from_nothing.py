@@ -48,11 +48,13 @@ def main() -> int:
     vcpu.set_cpuid(cpuid)                           # KVM_SET_CPUID2
     print(f"KVM_SET_CPUID2                 -> {cpuid.nent} CPUID leaves")
 
-    # Long mode needs paging, so page tables and a GDT go into guest RAM first.
-    mem.write(boot.GDT_GPA, boot.gdt_bytes())
-    mem.write(boot.PML4_GPA, boot.build_page_tables(RAM))
+    # Long mode needs paging, so page tables and a GDT go into guest RAM first,
+    # in the boot area at the top of RAM (docs/boot.md), out of the image's way.
+    area = boot.place_boot_area(RAM, LOAD, LOAD + len(image))
+    mem.write(area + boot.BA_GDT, boot.gdt_bytes())
+    mem.write(area + boot.BA_PAGE_TABLES, boot.build_page_tables(RAM, area + boot.BA_PAGE_TABLES))
     mem.write(LOAD, image)
-    boot.setup_long_mode(vcpu, LOAD)                # KVM_GET/SET_SREGS, KVM_GET/SET_REGS
+    boot.setup_long_mode(vcpu, LOAD, area)          # KVM_GET/SET_SREGS, KVM_GET/SET_REGS
     s = vcpu.get_sregs()
     print(f"KVM_SET_SREGS                  -> CR0 {s.cr0:#x} CR3 {s.cr3:#x} CR4 {s.cr4:#x} "
           f"EFER {s.efer:#x} CS.L {s.cs.l}")
