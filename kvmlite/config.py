@@ -171,11 +171,13 @@ class MigrationParams:
     timeout: float = DEFAULT_TIMEOUT  # seconds without progress before giving up
     keep_running: bool = False        # file: only: save a snapshot and carry on here
     creds: Credentials = field(default_factory=Credentials)
+    auto_converge: bool = True        # throttle a guest that dirties faster than the link sends
 
     def __post_init__(self):
         target = parse_uri(self.uri)
         _check_bool(self.hint, "hint")
         _check_bool(self.live, "live")
+        _check_bool(self.auto_converge, "auto-converge")
         _check_number(self.downtime_ms, "downtime-ms", 0, MAX_DOWNTIME_MS)
         _check_int(self.bandwidth, "bandwidth", 0, 1 << 50)
         _check_int(self.max_rounds, "max-rounds", 1, MAX_ROUNDS)
@@ -200,24 +202,48 @@ def default_max_memory() -> int:
     return max(min(total - room, MAX_MEMORY), MIN_MEMORY)
 
 
+DEFER = "defer"
+
+
 @dataclass(frozen=True)
 class IncomingConfig:
-    """Waiting for a migration (`run --incoming`), or restoring a snapshot."""
+    """Waiting for a migration (`run --incoming`), or restoring a snapshot.
+    `uri` "defer" (QEMU's -incoming defer): the monitor's migrate-incoming
+    names it later."""
     uri: str
     max_memory: int | None = None     # the largest RAM a stream may ask for; None: default_max_memory()
     insecure: bool = False            # beyond loopback without a key or TLS
     timeout: float = DEFAULT_TIMEOUT
 
     def __post_init__(self):
-        parse_uri(self.uri)
+        if self.uri != DEFER:
+            parse_uri(self.uri)
         if self.max_memory is not None:
             check_memory(self.max_memory, "--max-memory")
         _check_bool(self.insecure, "insecure")
         _check_number(self.timeout, "timeout", 0, MAX_TIMEOUT, lo_open=True)
 
     @property
+    def deferred(self) -> bool:
+        return self.uri == DEFER
+
+    @property
     def target(self) -> Uri:
         return parse_uri(self.uri)
+
+    def check_peers(self, creds: Credentials) -> None:
+        """Refuse to listen where anyone may send a VM, unless a key, TLS or
+        `insecure` says who may; credentials are for tcp: peers only."""
+        target = self.target
+        if isinstance(target, FileUri) and creds.any:
+            raise ConfigError("--auth-key and --tls-* are for tcp: peers, not snapshot files")
+        if isinstance(target, TcpUri) and not creds.any and not self.insecure:
+            from .endpoints import is_loopback
+            if not is_loopback(target.host):
+                raise ConfigError(
+                    f"listening on {target.host} lets anyone who can reach it send this VMM "
+                    "a VM: give --auth-key (and --tls-* on untrusted networks), "
+                    "or --insecure to accept any peer")
 
     @property
     def memory_cap(self) -> int:
@@ -230,11 +256,14 @@ class RunConfig:
     machine: MachineConfig = field(default_factory=MachineConfig)
     boot: BootConfig | None = None
     incoming: IncomingConfig | None = None
-    monitor: str | None = None        # unix socket path of the monitor
+    monitor: str | None = None        # where the QMP monitor listens: unix:PATH or tcp:HOST:PORT
     gdb: str | None = None            # tcp:HOST:PORT for the gdb stub
     stats: bool = False               # page counts from the guest's bitmap at exit
     creds: Credentials = field(default_factory=Credentials)
     timeout: float = DEFAULT_TIMEOUT  # default for migrations started from the monitor
+    # After migrating away the VMM stays (QEMU's postmigrate) until the
+    # monitor's quit; with this, also until so many seconds have passed.
+    postmigrate_timeout: float | None = None
 
     def __post_init__(self):
         if (self.boot is None) == (self.incoming is None):
@@ -247,14 +276,12 @@ class RunConfig:
             raise ConfigError("a booted guest needs a memory size")
         inc = self.incoming
         if inc is not None:
-            target = inc.target
-            if isinstance(target, FileUri) and self.creds.any:
-                raise ConfigError("--auth-key and --tls-* are for tcp: peers, not snapshot files")
-            if isinstance(target, TcpUri) and not self.creds.any and not inc.insecure:
-                from .endpoints import is_loopback
-                if not is_loopback(target.host):
-                    raise ConfigError(
-                        f"listening on {target.host} lets anyone who can reach it send this VMM "
-                        "a VM: give --auth-key (and --tls-* on untrusted networks), "
-                        "or --insecure to accept any peer")
+            if inc.deferred:
+                if not self.monitor:
+                    raise ConfigError("--incoming defer waits for the monitor's migrate-incoming: "
+                                      "give --monitor too")
+            else:
+                inc.check_peers(self.creds)
         _check_number(self.timeout, "timeout", 0, MAX_TIMEOUT, lo_open=True)
+        if self.postmigrate_timeout is not None:
+            _check_number(self.postmigrate_timeout, "--postmigrate-timeout", 0, MAX_TIMEOUT)

@@ -10,6 +10,7 @@ before that, the guest never runs here.  The stream is hostile input.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass, replace
 
@@ -173,6 +174,8 @@ class Incoming:
         self.stats: ReceiveStats | None = None
         self.listener: transport.Listener | None = None
         self.peer: str | None = None
+        self._conn = None               # the source's connection, while receiving
+        self._aborted = False
 
     @property
     def status(self) -> R:
@@ -203,6 +206,10 @@ class Incoming:
                 conn, self.peer, keys = self.listener.accept()
                 self.listener.close()
                 self.hooks.point("dst:handshake")
+            self._conn = conn
+            if self._aborted:
+                conn.close()
+                raise KvmliteError("the incoming migration was abandoned")
         except BaseException:
             self.state.advance(R.FAILED)
             raise
@@ -225,6 +232,7 @@ class Incoming:
             raise KvmliteError(f"incoming migration from {self.peer} failed: {e}; "
                                "the guest was not started") from None
         finally:
+            self._conn = None
             conn.close()
         if isinstance(target, FileUri):
             self.state.advance(R.RUNNING)
@@ -232,6 +240,21 @@ class Incoming:
         log.info(f"migration received: {s.pages} pages with data, {s.zero_pages} zero, "
                  f"{s.bytes} bytes in {s.ms:.0f} ms; guest resumed")
         return self.machine
+
+    def abort(self) -> None:
+        """Give up from another thread (the monitor's quit): stop waiting, or
+        cut the stream being received; `run()` then raises and the guest
+        never runs here.  Once COMMIT has arrived it is too late: the guest
+        is this side's."""
+        self._aborted = True
+        if self.listener is not None:
+            self.listener.close()
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except (OSError, AttributeError):
+                pass
 
     def _handover(self, conn) -> None:
         """READY, then the guest is ours only once COMMIT arrives (docs/wire-format.md)."""

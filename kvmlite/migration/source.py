@@ -82,6 +82,9 @@ class Migration:
         self._first_pass_done = False    # every page has been examined once
         self._examined = 0               # pages examined in the first pass so far
         self._distinct_sent = 0          # pages sent at least once
+        # Called with the sync count at each dirty-log sync (a pre-copy round,
+        # or the last pass): the monitor's MIGRATION_PASS event.
+        self.sync_listeners: list = []
 
     def _on_state(self, old: S, new: S) -> None:
         self.stats.status = new.value
@@ -240,6 +243,8 @@ class Migration:
     def _auto_converge(self, pending: int) -> None:
         """If the guest dirtied at least half of what the last round sent, twice
         running, slow its vCPUs down: 20 % of their time, then 10 % more each time."""
+        if not self.params.auto_converge:
+            return
         if len(self.stats.round_pages) >= 2 and pending * 2 >= self.stats.round_pages[-1]:
             self._not_converging += 1
         else:
@@ -259,6 +264,7 @@ class Migration:
             self.state.advance(S.DEVICE, only_from=(S.ACTIVE,))
         with gc_paused():   # a collection inside the downtime would add milliseconds
             self._marks = [("pause", time.perf_counter())]   # the downtime starts at the pause request
+            self.stats.precopy_bytes = self.stats.bytes_wire
             if not machine.paused:        # a VM the user stopped stays stopped if this fails
                 self._paused_here = True
                 machine.pause_all()
@@ -319,7 +325,7 @@ class Migration:
                                         for (name, a), (_, b) in zip(marks, marks[1:])}
         self.stats.downtime_ms = (now - marks[0][1]) * 1000
         self.stats.total_ms = (now - self._t0) * 1000
-        self.stats.throughput_mbps = self.stats.bytes_wire / (1 << 20) / max(now - self._t0, 1e-9)
+        self.stats.throughput_mib_s = self.stats.bytes_wire / (1 << 20) / max(now - self._t0, 1e-9)
         self.state.advance(S.COMPLETED)
         where = (f"saved in {self.target.path}" if isinstance(self.target, FileUri)
                  else f"running at {self.target}")
@@ -333,7 +339,7 @@ class Migration:
                 self.machine.resume_all()
             log.info(f"{done}, and keeps running here")
         else:
-            log.info(f"{done}; this VMM stops")
+            log.info(done)
             self.machine.quit(RunResult("migrated", 0))
 
     def _describe(self, e: Exception) -> str:
@@ -406,6 +412,9 @@ class Migration:
         chunk just before reading it.
         """
         dirty |= self.machine.vm.get_dirty_log(0)
+        self.stats.dirty_syncs += 1
+        for listener in list(self.sync_listeners):
+            listener(self.stats.dirty_syncs)
 
     def _free_words(self, w0: int, w1: int) -> np.ndarray | None:
         """The guest's free bits for RAM words [w0, w1) as they are now; None without the hint."""

@@ -414,6 +414,8 @@ class Listener:
                 with self._cond:
                     if self._winner is not None:
                         return self._winner
+                    if self._closed:
+                        raise MigrationError(f"stopped waiting on {self.target}")
                 if sel.select(0.05):
                     try:
                         conn, addr = self.sock.accept()
