@@ -3,9 +3,11 @@
     status = runner.run(RunConfig(machine=MachineConfig(memory=256 << 20),
                                   boot=BootConfig("guest/guest.bin", "workload=hello")))
 
-Boot an image or receive one (`incoming`), serve the monitor and the gdb
+Boot an image or receive one (`incoming`), serve the QMP monitor and the gdb
 stub meanwhile, and report how it ended: the exit status `kvmlite run` exits
-with, a crash report on stderr, page counts with `stats`.
+with (kvmlite/exitcodes.py), a crash report on stderr, page counts with
+`stats`.  After migrating the VM away the VMM stays, as QEMU's does in
+`postmigrate`, until the monitor's `quit` (or `postmigrate_timeout`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
-from .config import MigrationParams, RunConfig
+from . import exitcodes
+from .config import RunConfig
 from .hooks import NO_HOOKS, Hooks
 from .log import log
 from .machine import Machine, RunResult
@@ -48,51 +51,118 @@ def run(cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migration_class=None) -> int
             stub.guest_ended(1 if status is None else status)
 
 
+def open_monitor(cfg: RunConfig, machine: Machine | None, *, hooks: Hooks = NO_HOOKS,
+                 migration_class=None, incoming_factory=None):
+    """The QMP monitor `cfg.monitor` asks for, listening, bound to `machine`
+    (None: a destination whose VM has not arrived yet)."""
+    from .control.monitor import Monitor
+
+    def new_migration(params):
+        from .migration.source import Migration
+        return (migration_class or Migration)(monitor.machine, params, hooks=hooks)
+
+    monitor = Monitor(machine, new_migration=new_migration, creds=cfg.creds, timeout=cfg.timeout,
+                      incoming_factory=incoming_factory)
+    monitor.listen(cfg.monitor)
+    return monitor
+
+
 def _run_incoming(cfg: RunConfig, hooks: Hooks, migration_class) -> int:
+    from .errors import KvmliteError
     from .migration.destination import Incoming
-    machine = None
+    premade = None
     if cfg.machine.memory is not None:
         # As QEMU's -m with -mem-prealloc: fault every page in before the
         # stream starts, so receiving is not slowed by first-touch faults.
-        machine = Machine(replace(cfg.machine, prefault=True))
+        premade = Machine(replace(cfg.machine, prefault=True))
+    machine = monitor = None
+
+    def open_incoming(uri: str) -> Incoming:
+        inc_cfg = replace(cfg.incoming, uri=uri)
+        inc_cfg.check_peers(cfg.creds)
+        incoming = Incoming(inc_cfg, cfg.creds, cfg.machine, hooks=hooks, machine=premade)
+        incoming.listen()        # a busy port is said at once
+        return incoming
+
     try:
-        incoming = Incoming(cfg.incoming, cfg.creds, cfg.machine, hooks=hooks, machine=machine)
-        incoming.listen()
-        machine = incoming.run()
-        return serve(machine, cfg, hooks=hooks, migration_class=migration_class)
+        deferred = cfg.incoming.deferred
+        incoming = None if deferred else open_incoming(cfg.incoming.uri)
+        if cfg.monitor:
+            monitor = open_monitor(cfg, None, hooks=hooks, migration_class=migration_class,
+                                   incoming_factory=open_incoming if deferred else None)
+            if incoming is not None:
+                monitor.attach_incoming(incoming)
+        if deferred:
+            log.info("waiting for migrate-incoming on the monitor (--incoming defer)")
+            incoming = monitor.wait_incoming()
+            if incoming is None:          # quit first
+                monitor.shutdown("host-qmp-quit")
+                return exitcodes.OK
+        try:
+            machine = incoming.run()
+        except KvmliteError:
+            if monitor is not None and monitor.quit_requested.is_set():
+                monitor.shutdown("host-qmp-quit")
+                return exitcodes.OK
+            if monitor is not None and not monitor.exit_on_error:
+                # migrate-incoming's exit-on-error false: stay, to be asked why, until quit
+                log.error("the incoming migration failed; waiting for quit on the monitor")
+                monitor.wait_quit()
+                monitor.shutdown("host-qmp-quit")
+            elif monitor is not None:
+                monitor.shutdown("host-error")
+            raise
+        return serve(machine, cfg, hooks=hooks, migration_class=migration_class, monitor=monitor)
     finally:
-        if machine is not None:
-            machine.close()
+        if monitor is not None:
+            monitor.close()
+        for m in {id(x): x for x in (machine, premade) if x is not None}.values():
+            m.close()
 
 
-def serve(machine: Machine, cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migration_class=None) -> int:
-    """Run until the guest ends; serve the monitor meanwhile; report crash and stats."""
-    monitor = None
-    if cfg.monitor:
-        from .monitor import Monitor
-        monitor = Monitor(machine, cfg.monitor,
-                          new_migration=_migration_factory(machine, cfg, hooks, migration_class))
-        monitor.start()
+def serve(machine: Machine, cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migration_class=None,
+          monitor=None) -> int:
+    """Run until the guest ends, or after migrating away until the monitor's
+    quit; serve the monitor meanwhile (`monitor`, or one made here from
+    `cfg.monitor`); report crash and stats.  Returns the exit status."""
+    if monitor is None and cfg.monitor:
+        monitor = open_monitor(cfg, machine, hooks=hooks, migration_class=migration_class)
+    elif monitor is not None:
+        monitor.attach(machine)
+    cause = "host-error"
     try:
-        result = machine.run()
-        if result.reason == "migrated" and monitor:
-            # Let `kvmlite migrate` read the final stats before this process goes.
-            monitor.wait_released()
+        try:
+            result = machine.run()
+        except KeyboardInterrupt:
+            cause = "host-signal"
+            raise
+        if result.reason == "migrated" and monitor is not None:
+            _postmigrate(monitor, cfg.postmigrate_timeout)
+        cause = shutdown_cause(result, monitor)
+        if monitor is not None and monitor.migration is not None:
+            monitor.migration.wait(5.0)      # a migration thread still finishing uses the machine
     finally:
-        if monitor:
-            monitor.stop()
+        if monitor is not None:
+            monitor.shutdown(cause)
     report(machine, result, stats=cfg.stats)
-    return result.status
+    return exitcodes.of_result(result)
 
 
-def _migration_factory(machine: Machine, cfg: RunConfig, hooks: Hooks, migration_class):
-    """What the monitor's `migrate` builds: this VMM's credentials and timeout by default."""
-    def new_migration(uri: str, **params):
-        from .migration.source import Migration
-        params.setdefault("creds", cfg.creds)
-        params.setdefault("timeout", cfg.timeout)
-        return (migration_class or Migration)(machine, MigrationParams(uri, **params), hooks=hooks)
-    return new_migration
+def _postmigrate(monitor, timeout: float | None) -> None:
+    """The VM runs elsewhere now: stay, as QEMU's postmigrate, so that a client
+    can read the final figures, until quit (or `timeout` seconds)."""
+    how = "quit" if timeout is None else f"quit or {timeout:g} s"
+    log.info(f"postmigrate: the VM runs elsewhere now; this VMM waits for {how} on the monitor")
+    if not monitor.wait_quit(timeout):
+        log.info(f"postmigrate: no quit within {timeout:g} s (--postmigrate-timeout); exiting")
+
+
+def shutdown_cause(result: RunResult, monitor=None) -> str:
+    """QAPI ShutdownCause of how a run ended, for the SHUTDOWN event."""
+    if monitor is not None and monitor.quit_requested.is_set():
+        return "host-qmp-quit"
+    return {"exit": "guest-shutdown", "hlt": "guest-shutdown", "crash": "guest-panic",
+            "quit": "host-qmp-quit"}.get(result.reason, "none")
 
 
 def report(machine: Machine, result: RunResult, *, stats: bool) -> None:
@@ -100,6 +170,9 @@ def report(machine: Machine, result: RunResult, *, stats: bool) -> None:
     if result.reason == "crash":
         from .crash import crash_report
         print(crash_report(machine, result.crash, result.vcpu), file=sys.stderr)
+    if result.reason == "exit" and result.status != exitcodes.of_result(result):
+        log.warning(f"the guest's exit status {result.status} is above {exitcodes.GUEST_MAX}: "
+                    f"exiting {exitcodes.GUEST_MAX} (statuses above it are kvmlite's own)")
     if stats:
         print_stats(machine)
 

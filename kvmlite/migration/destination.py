@@ -19,7 +19,7 @@ import numpy as np
 from ..bitmap import PAGE_SHIFT, words_for, words_to_mask
 from ..config import Credentials, IncomingConfig, MachineConfig
 from ..endpoints import FileUri
-from ..errors import KvmliteError, StreamError
+from ..errors import KvmliteError, MigrationError, StreamError
 from ..hooks import NO_HOOKS, Hooks
 from ..log import log
 from ..util import gc_paused
@@ -229,8 +229,10 @@ class Incoming:
                     self._handover(conn)
         except KvmliteError as e:
             self.state.advance(R.FAILED)
-            raise KvmliteError(f"incoming migration from {self.peer} failed: {e}; "
-                               "the guest was not started") from None
+            # a refused stream stays a StreamError: `kvmlite run` exits 65 for it
+            kind = StreamError if isinstance(e, StreamError) else MigrationError
+            raise kind(f"incoming migration from {self.peer} failed: {e}; "
+                       "the guest was not started") from None
         finally:
             self._conn = None
             conn.close()

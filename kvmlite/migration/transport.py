@@ -328,7 +328,7 @@ class FileSource:
         try:
             self.f = open(path, "rb", buffering=0)
         except OSError as e:
-            raise MigrationError(f"cannot read {path}: {e.strerror}") from None
+            raise StreamError(f"cannot read {path}: {e.strerror}") from None
 
     def recv_into(self, view, n: int) -> int:
         return self.f.readinto(memoryview(view)[:n])
