@@ -164,3 +164,15 @@ def start_destination(port: int, memory: str | None = None, *, echo: str | None 
                     env={**os.environ, **env} if env else None, prefix=prefix, vmm=vmm)
     dst.wait_for(r"waiting for a migration", timeout=120, stream="stderr")
     return dst
+
+
+def start_deferred_destination(memory: str | None = None, *, echo: str | None = None, extra=(),
+                               env: dict | None = None, prefix=(), vmm=KVMLITE) -> VmProcess:
+    """`kvmlite run --incoming defer --monitor ...` (QEMU's -incoming defer), returned
+    once it waits for the monitor's migrate-incoming to say where to listen."""
+    args = ["--incoming", "defer", *extra]
+    if memory:
+        args += ["--memory", memory]
+    dst = VmProcess(args, echo=echo, env={**os.environ, **env} if env else None, prefix=prefix, vmm=vmm)
+    dst.wait_for(r"waiting for migrate-incoming", timeout=120, stream="stderr")
+    return dst

@@ -13,6 +13,7 @@ with (kvmlite/exitcodes.py), a crash report on stderr, page counts with
 from __future__ import annotations
 
 import sys
+import threading
 from dataclasses import replace
 
 from . import exitcodes
@@ -64,7 +65,17 @@ def open_monitor(cfg: RunConfig, machine: Machine | None, *, hooks: Hooks = NO_H
     monitor = Monitor(machine, new_migration=new_migration, creds=cfg.creds, timeout=cfg.timeout,
                       incoming_factory=incoming_factory)
     monitor.listen(cfg.monitor)
+    # The migration code is imported when first used, so that a VM without a
+    # monitor starts fast; with one, import it now, beside the guest, rather than
+    # inside the first `migrate` (measured: ~80 ms of its total time).
+    threading.Thread(target=_import_migration, name="warm-up", daemon=True).start()
     return monitor
+
+
+def _import_migration() -> None:
+    import importlib
+    for module in ("kvmlite.migration.source", "kvmlite.migration.destination"):
+        importlib.import_module(module)
 
 
 def _run_incoming(cfg: RunConfig, hooks: Hooks, migration_class) -> int:
