@@ -27,7 +27,6 @@ from typing import Any, Callable
 from ..bitmap import PAGE_SIZE
 from ..config import DEFAULT_TIMEOUT, Credentials, MigrationParams, read_key
 from ..endpoints import FileUri
-from ..log import log
 from ..migration.status import MigrationStatus as S, ReceiveState as R
 from . import schema
 from .arraycodec import encode_array, mask_to_words
@@ -200,7 +199,6 @@ class Monitor:
         is the destination's, and this VMM ends as after `x-migrate-resolve
         destination`)."""
         from ..machine import RunResult
-        log.info("monitor: quit")
         self.quit_requested.set()
         mig = self.migration
         if mig is not None and not mig.status.finished:
