@@ -16,8 +16,13 @@ import re
 import signal
 import sys
 
+from typing import TYPE_CHECKING
+
 from . import __version__, exitcodes
 from .errors import KvmliteError
+
+if TYPE_CHECKING:
+    from .config import RunConfig
 
 DEFAULT_MEMORY = "256M"
 
@@ -257,7 +262,7 @@ def _security_options(p: argparse.ArgumentParser) -> None:
                    help="CA certificate that signed the peer's (TLS is mutual: both sides check)")
 
 
-def run_config(args) -> "RunConfig":
+def run_config(args: argparse.Namespace) -> RunConfig:
     """`kvmlite run`'s arguments as a validated RunConfig (ConfigError on a bad one)."""
     from .config import DEFER, BootConfig, Credentials, IncomingConfig, MachineConfig, RunConfig
     from .endpoints import parse_endpoint

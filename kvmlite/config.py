@@ -35,20 +35,20 @@ MIN_KEY_BYTES = 16
 MAX_KEY_BYTES = 4096
 
 
-def _check_bool(value, what: str) -> bool:
+def _check_bool(value: object, what: str) -> bool:
     if type(value) is not bool:
         raise ConfigError(f"{what} must be true or false, not {value!r}")
     return value
 
 
-def _check_int(value, what: str, lo: int, hi: int) -> int:
+def _check_int(value: object, what: str, lo: int, hi: int) -> int:
     if type(value) is not int or not lo <= value <= hi:
         raise ConfigError(f"{what} must be an integer from {lo} to {hi}, not {value!r}")
     return value
 
 
-def _check_number(value, what: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value) \
+def _check_number(value: object, what: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
             or value < lo or (lo_open and value == lo) or value > hi:
         bound = f"more than {lo:g}" if lo_open else f"from {lo:g}"
         raise ConfigError(f"{what} must be a number {bound} to {hi:g}, not {value!r}")
@@ -77,7 +77,7 @@ class MachineConfig:
     prefault: bool = False        # fault all of RAM in at start (QEMU's -mem-prealloc)
     trace: bool = False           # log every VM exit
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.memory is not None:
             check_memory(self.memory)
         _check_int(self.vcpus, "the vCPU count", 1, MAX_VCPUS)
@@ -93,7 +93,7 @@ class BootConfig:
     load: int | None = None
     entry: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not self.image:
             raise ConfigError("no guest image given (try: kvmlite run guest/guest.bin)")
         if not isinstance(self.cmdline, str):
@@ -173,7 +173,7 @@ class MigrationParams:
     creds: Credentials = field(default_factory=Credentials)
     auto_converge: bool = True        # throttle a guest that dirties faster than the link sends
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         target = parse_uri(self.uri)
         _check_bool(self.hint, "hint")
         _check_bool(self.live, "live")
@@ -215,7 +215,7 @@ class IncomingConfig:
     insecure: bool = False            # beyond loopback without a key or TLS
     timeout: float = DEFAULT_TIMEOUT
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.uri != DEFER:
             parse_uri(self.uri)
         if self.max_memory is not None:
@@ -265,7 +265,7 @@ class RunConfig:
     # monitor's quit; with this, also until so many seconds have passed.
     postmigrate_timeout: float | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if (self.boot is None) == (self.incoming is None):
             raise ConfigError("give either an image or --incoming, not both"
                               if self.boot else

@@ -31,6 +31,11 @@ A script running `kvmlite run` can tell what ended it from the status alone:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .machine import RunResult
+
 OK = 0
 GUEST_MAX = 63
 USAGE = 64
@@ -54,7 +59,7 @@ def guest_status(byte: int) -> int:
     return min(byte, GUEST_MAX)
 
 
-def of_result(result) -> int:
+def of_result(result: RunResult) -> int:
     """The exit status of a finished run (a machine.RunResult)."""
     if result.reason == "exit":
         return guest_status(result.status)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import sys
 import threading
 from dataclasses import replace
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import exitcodes
 from .config import RunConfig
@@ -22,8 +24,16 @@ from .hooks import NO_HOOKS, Hooks
 from .log import log
 from .machine import Machine, RunResult
 
+if TYPE_CHECKING:
+    from .config import MigrationParams
+    from .control.monitor import Monitor
+    from .migration.destination import Incoming
+    from .migration.source import Migration
 
-def run(cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migration_class=None) -> int:
+    MigrationClass = type[Migration] | None
+
+
+def run(cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migration_class: MigrationClass = None) -> int:
     """Run the VM `cfg` describes until it ends; returns its exit status.
 
     `hooks` and `migration_class` are for tests (tests/harness.py): named
@@ -31,7 +41,9 @@ def run(cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migration_class=None) -> int
     if cfg.incoming is not None:
         return _run_incoming(cfg, hooks, migration_class)
     from .loader import read_image
-    read_image(cfg.boot.image)   # a missing image fails before /dev/kvm is opened
+    boot = cfg.boot
+    assert boot is not None          # RunConfig has one or the other
+    read_image(boot.image)       # a missing image fails before /dev/kvm is opened
     if cfg.gdb:
         from .gdbstub import parse_endpoint
         parse_endpoint(cfg.gdb)  # and so does a bad --gdb
@@ -39,7 +51,7 @@ def run(cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migration_class=None) -> int
         from .migration.transport import check_tls
         check_tls(cfg.creds)     # bad certificates fail now, not when a migration starts
     with Machine(cfg.machine) as machine:
-        machine.boot(cfg.boot)
+        machine.boot(boot)
         if not cfg.gdb:
             return serve(machine, cfg, hooks=hooks, migration_class=migration_class)
         from .gdbstub import GdbStub
@@ -53,14 +65,17 @@ def run(cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migration_class=None) -> int
 
 
 def open_monitor(cfg: RunConfig, machine: Machine | None, *, hooks: Hooks = NO_HOOKS,
-                 migration_class=None, incoming_factory=None):
+                 migration_class: MigrationClass = None,
+                 incoming_factory: Callable[[str], Incoming] | None = None) -> Monitor:
     """The QMP monitor `cfg.monitor` asks for, listening, bound to `machine`
     (None: a destination whose VM has not arrived yet)."""
     from .control.monitor import Monitor
 
-    def new_migration(params):
+    def new_migration(params: MigrationParams) -> Migration:
         from .migration.source import Migration
         return (migration_class or Migration)(monitor.machine, params, hooks=hooks)
+
+    assert cfg.monitor is not None
 
     monitor = Monitor(machine, new_migration=new_migration, creds=cfg.creds, timeout=cfg.timeout,
                       incoming_factory=incoming_factory)
@@ -78,7 +93,7 @@ def _import_migration() -> None:
         importlib.import_module(module)
 
 
-def _run_incoming(cfg: RunConfig, hooks: Hooks, migration_class) -> int:
+def _run_incoming(cfg: RunConfig, hooks: Hooks, migration_class: MigrationClass) -> int:
     from .errors import KvmliteError
     from .migration.destination import Incoming
     premade = None
@@ -86,29 +101,34 @@ def _run_incoming(cfg: RunConfig, hooks: Hooks, migration_class) -> int:
         # As QEMU's -m with -mem-prealloc: fault every page in before the
         # stream starts, so receiving is not slowed by first-touch faults.
         premade = Machine(replace(cfg.machine, prefault=True))
-    machine = monitor = None
+    machine: Machine | None = None
+    monitor: Monitor | None = None
+    wanted = cfg.incoming
+    assert wanted is not None
 
     def open_incoming(uri: str) -> Incoming:
-        inc_cfg = replace(cfg.incoming, uri=uri)
+        inc_cfg = replace(wanted, uri=uri)
         inc_cfg.check_peers(cfg.creds)
         incoming = Incoming(inc_cfg, cfg.creds, cfg.machine, hooks=hooks, machine=premade)
         incoming.listen()        # a busy port is said at once
         return incoming
 
     try:
-        deferred = cfg.incoming.deferred
-        incoming = None if deferred else open_incoming(cfg.incoming.uri)
+        deferred = wanted.deferred
+        incoming = None if deferred else open_incoming(wanted.uri)
         if cfg.monitor:
             monitor = open_monitor(cfg, None, hooks=hooks, migration_class=migration_class,
                                    incoming_factory=open_incoming if deferred else None)
             if incoming is not None:
                 monitor.attach_incoming(incoming)
         if deferred:
+            assert monitor is not None       # RunConfig: defer needs --monitor
             log.info("waiting for migrate-incoming on the monitor (--incoming defer)")
             incoming = monitor.wait_incoming()
             if incoming is None:          # quit first
                 monitor.shutdown("host-qmp-quit")
                 return exitcodes.OK
+        assert incoming is not None
         try:
             machine = incoming.run()
         except KvmliteError:
@@ -131,8 +151,8 @@ def _run_incoming(cfg: RunConfig, hooks: Hooks, migration_class) -> int:
             m.close()
 
 
-def serve(machine: Machine, cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migration_class=None,
-          monitor=None) -> int:
+def serve(machine: Machine, cfg: RunConfig, *, hooks: Hooks = NO_HOOKS,
+          migration_class: MigrationClass = None, monitor: Monitor | None = None) -> int:
     """Run until the guest ends, or after migrating away until the monitor's
     quit; serve the monitor meanwhile (`monitor`, or one made here from
     `cfg.monitor`); report crash and stats.  Returns the exit status."""
@@ -159,7 +179,7 @@ def serve(machine: Machine, cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migratio
     return exitcodes.of_result(result)
 
 
-def _postmigrate(monitor, timeout: float | None) -> None:
+def _postmigrate(monitor: Monitor, timeout: float | None) -> None:
     """The VM runs elsewhere now: stay, as QEMU's postmigrate, so that a client
     can read the final figures, until quit (or `timeout` seconds)."""
     how = "quit" if timeout is None else f"quit or {timeout:g} s"
@@ -168,7 +188,7 @@ def _postmigrate(monitor, timeout: float | None) -> None:
         log.info(f"postmigrate: no quit within {timeout:g} s (--postmigrate-timeout); exiting")
 
 
-def shutdown_cause(result: RunResult, monitor=None) -> str:
+def shutdown_cause(result: RunResult, monitor: Monitor | None = None) -> str:
     """QAPI ShutdownCause of how a run ended, for the SHUTDOWN event."""
     if monitor is not None and monitor.quit_requested.is_set():
         return "host-qmp-quit"
@@ -178,7 +198,7 @@ def shutdown_cause(result: RunResult, monitor=None) -> str:
 
 def report(machine: Machine, result: RunResult, *, stats: bool) -> None:
     """A crash report for a crash; page counts with `stats`."""
-    if result.reason == "crash":
+    if result.reason == "crash" and result.crash is not None:
         from .crash import crash_report
         print(crash_report(machine, result.crash, result.vcpu), file=sys.stderr)
     if result.reason == "exit" and result.status != exitcodes.of_result(result):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..bitmap import PAGE_SIZE
 from ..config import DEFAULT_TIMEOUT, Credentials, MigrationParams, read_key
@@ -32,6 +32,9 @@ from . import schema
 from .arraycodec import encode_array, mask_to_words
 from .qapi import ErrorClass, QmpError
 from .qmp import CommandTable, QmpServer, handles
+
+if TYPE_CHECKING:
+    from ..migration.destination import Incoming
 
 __all__ = ["Monitor", "CAPABILITY_DEFAULTS", "PARAMETER_DEFAULTS", "SHUTDOWN_BY_GUEST"]
 
@@ -113,7 +116,7 @@ class Monitor:
         self.incoming = incoming
         incoming.state.listeners.append(self._on_incoming_state)
 
-    def wait_incoming(self):
+    def wait_incoming(self) -> Incoming | None:
         """With `--incoming defer`: wait for migrate-incoming; the Incoming it
         opened, or None if quit came first."""
         with self._wake:

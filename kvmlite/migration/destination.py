@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -27,6 +29,9 @@ from . import transport, wire
 from .state import restore_state, validate_state
 from .status import RECEIVE_TRANSITIONS, ReceiveState as R, StateMachine
 
+if TYPE_CHECKING:
+    from ..machine import Machine
+
 
 @dataclass
 class ReceiveStats:
@@ -37,9 +42,10 @@ class ReceiveStats:
     ms: float = 0.0
 
 
-def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
+def receive(conn: Any, machine: Machine | None, *, keys: wire.StreamKeys | None = None,
             machine_config: MachineConfig | None = None, max_memory: int | None = None,
-            hooks: Hooks = NO_HOOKS, make_machine=None):
+            hooks: Hooks = NO_HOOKS, make_machine: Callable[[MachineConfig], Machine] | None = None,
+            ) -> tuple[Machine, ReceiveStats]:
     """Read a whole stream into `machine` (made from the header if None); restore its
     vCPUs (parked) and devices.  With `keys` the stream must carry integrity
     tags, and does not pass unless every page the guest uses arrived intact.
@@ -79,7 +85,7 @@ def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
     # bring them intact, unless the guest has freed them.
     unverified = np.zeros(mem.npages, dtype=np.uint8) if dec.integrity is not None else None
 
-    def target(gpa: int, nbytes: int):
+    def target(gpa: int, nbytes: int) -> memoryview:
         return mem.slice(gpa, nbytes)
 
     state = None
@@ -119,6 +125,8 @@ def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
                 hooks.point("dst:end")
                 break
     # The END record proved the stream complete and its structure intact.
+    if state is None:
+        raise StreamError("the stream ended without the vCPU and device state (no STATE record)")
     try:
         restore_state(machine, state)
     except KvmliteError as e:
@@ -130,7 +138,7 @@ def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
     return machine, stats
 
 
-def _check_integrity(machine, unverified: np.ndarray, tags_bad: int) -> None:
+def _check_integrity(machine: Machine, unverified: np.ndarray, tags_bad: int) -> None:
     """Every page whose last tag did not match must be free in the guest's own
     bitmap, as it arrived (bitmap pages are never free, so they were checked):
     a page the guest uses arrived intact, or the stream is refused.
@@ -152,7 +160,7 @@ def _check_integrity(machine, unverified: np.ndarray, tags_bad: int) -> None:
                           "did not match): the stream was changed on the way or at rest")
 
 
-def _machine(cfg: MachineConfig):
+def _machine(cfg: MachineConfig) -> Machine:
     from ..machine import Machine
     return Machine(cfg)
 
@@ -164,7 +172,8 @@ class Incoming:
     runs here, on any failure."""
 
     def __init__(self, config: IncomingConfig, creds: Credentials | None = None,
-                 machine_config: MachineConfig | None = None, *, hooks: Hooks = NO_HOOKS, machine=None):
+                 machine_config: MachineConfig | None = None, *, hooks: Hooks = NO_HOOKS,
+                 machine: Machine | None = None) -> None:
         self.config = config
         self.creds = creds or Credentials()
         self.machine_config = machine_config or MachineConfig(memory=None)
@@ -174,7 +183,7 @@ class Incoming:
         self.stats: ReceiveStats | None = None
         self.listener: transport.Listener | None = None
         self.peer: str | None = None
-        self._conn = None               # the source's connection, while receiving
+        self._conn: Any = None          # the source's connection, while receiving
         self._aborted = False
 
     @property
@@ -193,8 +202,10 @@ class Incoming:
         log.info(f"waiting for a migration on {target}"
                  + (" (TLS)" if self.creds.tls else "") + (" (key required)" if self.creds.key else ""))
 
-    def run(self):
+    def run(self) -> Machine:
         target = self.config.target
+        conn: Any
+        keys: wire.StreamKeys | None
         try:
             if isinstance(target, FileUri):
                 conn, self.peer = transport.FileSource(target.path), target.path
@@ -203,6 +214,7 @@ class Incoming:
             else:
                 if self.listener is None:
                     self.listen()
+                assert self.listener is not None
                 conn, self.peer, keys = self.listener.accept()
                 self.listener.close()
                 self.hooks.point("dst:handshake")
@@ -258,7 +270,7 @@ class Incoming:
             except (OSError, AttributeError):
                 pass
 
-    def _handover(self, conn) -> None:
+    def _handover(self, conn: Any) -> None:
         """READY, then the guest is ours only once COMMIT arrives (docs/wire-format.md)."""
         try:
             conn.sendall(wire.encode_frame({"status": wire.READY}))
@@ -281,7 +293,7 @@ class Incoming:
         _send_quietly(conn, {"status": wire.RUNNING})
 
 
-def _send_quietly(conn, frame: dict) -> None:
+def _send_quietly(conn: Any, frame: dict[str, Any]) -> None:
     try:
         conn.settimeout(1.0)
         conn.sendall(wire.encode_frame(frame))

@@ -17,6 +17,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +28,7 @@ from ..endpoints import FileUri
 from ..errors import KvmliteError, MigrationError
 from ..hooks import NO_HOOKS, Hooks
 from ..log import log
-from ..machine import RunResult
+from ..machine import Machine, RunResult
 from ..util import gc_paused
 from . import transport, wire
 from .state import collect_state
@@ -52,7 +54,8 @@ class Migration:
     `sink`: a transport already connected (transport.py's interface), instead
     of connecting to `params.uri`: how tests and other transports plug in."""
 
-    def __init__(self, machine, params: MigrationParams, *, hooks: Hooks = NO_HOOKS, sink=None):
+    def __init__(self, machine: Machine, params: MigrationParams, *, hooks: Hooks = NO_HOOKS,
+                 sink: transport.Sink | None = None) -> None:
         self.machine = machine
         self.params = params
         self.target = params.target
@@ -64,7 +67,7 @@ class Migration:
         self.done = threading.Event()      # the migration thread has finished
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
-        self.sink = None        # where the stream goes: transport.SocketSink, TlsSink or FileSink
+        self.sink: transport.Sink | None = None   # where the stream goes: SocketSink, TlsSink, FileSink
         self._given_sink = sink
         self._connecting: socket.socket | None = None
         self._crc = 0
@@ -84,7 +87,7 @@ class Migration:
         self._distinct_sent = 0          # pages sent at least once
         # Called with the sync count at each dirty-log sync (a pre-copy round,
         # or the last pass): the monitor's MIGRATION_PASS event.
-        self.sync_listeners: list = []
+        self.sync_listeners: list[Callable[[int], None]] = []
 
     def _on_state(self, old: S, new: S) -> None:
         self.stats.status = new.value
@@ -193,9 +196,10 @@ class Migration:
         self.hooks.point("src:connected")
         info = {"page_size": PAGE_SIZE, "ram": [[mem.gpa, mem.size]], "vcpus": self.machine.nvcpus,
                 "hint": self.params.hint, "live": self.params.live, "source": "kvmlite"}
-        if self.sink.keys is not None:
+        keys = self._sink().keys
+        if keys is not None:
             # A keyed link without TLS, or a snapshot file: tag every page record.
-            self._integrity = wire.Integrity(self.sink.keys)
+            self._integrity = wire.Integrity(keys)
             info["integrity"] = wire.INTEGRITY
         self.machine.vm.start_dirty_log()
         dirty = all_set(mem.npages)
@@ -289,7 +293,7 @@ class Migration:
     def _handover(self) -> None:
         """READY from the destination, then COMMIT, then its acknowledgement
         (docs/wire-format.md, "Handover").  A snapshot file needs none of it."""
-        sink = self.sink
+        sink = self._sink()
         self._mark("ready")
         if not sink.expects_reply:
             sink.finish()        # a snapshot is complete once it is on disk
@@ -370,16 +374,20 @@ class Migration:
             reply = wire.read_frame(sink, "the destination's refusal", (wire.ERROR,))
         except (OSError, KvmliteError):
             return None
-        return reply["error"]
+        return str(reply["error"])
 
     def _drain(self) -> None:
         """Wait, with the guest still running, until the destination has taken in
         what was sent: bytes still queued at pause time would count as downtime."""
         deadline = time.perf_counter() + DRAIN_TIMEOUT
         while time.perf_counter() < deadline and not self._cancel.is_set():
-            if self.sink.unacked() == 0:
+            if self._sink().unacked() == 0:
                 return
             time.sleep(0.0002)
+
+    def _sink(self) -> transport.Sink:
+        assert self.sink is not None, "not connected"
+        return self.sink
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
@@ -463,7 +471,7 @@ class Migration:
         self._first_pass_done = True
         return total
 
-    def _dirty_chunks(self, dirty: np.ndarray):
+    def _dirty_chunks(self, dirty: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
         """(w0, w1, a copy of dirty[w0:w1]) for each 256 MiB chunk with dirty pages."""
         step = CHUNK_PAGES // 64
         for w0 in range(0, len(dirty), step):
@@ -551,7 +559,7 @@ class Migration:
             self.stats.pages_sent += int(dl.sum())
         return len(pages)
 
-    def _structure(self, data) -> None:
+    def _structure(self, data: bytes | memoryview) -> None:
         """Structural bytes (all but page payloads and tags): checksummed, and MACed."""
         self._crc = wire.crc(data, self._crc)
         if self._integrity is not None:
@@ -562,10 +570,10 @@ class Migration:
             self._structure(data)
         self._sendall([data])
 
-    def _sendall(self, bufs: list) -> None:
+    def _sendall(self, bufs: list[Any]) -> None:
         """Every buffer onto the wire (a socket with a timeout may send part), at the bandwidth asked."""
         self.stats.bytes_wire += sum(len(b) for b in bufs)
-        self.sink.send(bufs)
+        self._sink().send(bufs)
         bandwidth = self.params.bandwidth
         if bandwidth:
             ahead = self.stats.bytes_wire / bandwidth - (time.perf_counter() - self._t0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -28,17 +29,17 @@ class MigrationStats:
     throughput_mib_s: float = 0.0  # MiB/s (not Mbit/s) of wire bytes over the whole migration
     dirty_rate_pps: float = 0.0   # pages/s the guest dirtied while pre-copy rounds ran
     throttle_pct: int = 0         # share of time the vCPU was made to sit out (auto-converge)
-    round_pages: list = field(default_factory=list)   # pages sent (data or zero) in each round
-    round_ms: list = field(default_factory=list)      # how long each round took
+    round_pages: list[int] = field(default_factory=list)   # pages sent (data or zero) in each round
+    round_ms: list[float] = field(default_factory=list)    # how long each round took
     # where the downtime went: pause, final sync, final pages, state, destination's reply
-    downtime_parts_ms: dict = field(default_factory=dict)
+    downtime_parts_ms: dict[str, float] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 
     @property
     def pages_transferred(self) -> int:
         return self.pages_sent + self.pages_zero
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["pages_transferred"] = self.pages_transferred
         return d

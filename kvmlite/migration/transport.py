@@ -21,6 +21,7 @@ import selectors
 import socket
 import threading
 import time
+from typing import Any, Protocol
 
 from ..config import Credentials
 from ..endpoints import FileUri, TcpUri, parse_uri  # noqa: F401  (re-exported for callers)
@@ -212,6 +213,25 @@ def _after(bufs: list, n: int) -> list:
     if rest and n:
         rest[0] = memoryview(rest[0])[n:]
     return rest
+
+
+class Sink(Protocol):
+    """Where a migration stream goes: SocketSink, TlsSink, FileSink, or a test's
+    fake (Migration's `sink=`).  `keys`: the stream's integrity keys when page
+    records must carry tags (a keyed link without TLS, a snapshot file)."""
+    @property
+    def kind(self) -> str: ...
+    @property
+    def expects_reply(self) -> bool: ...
+    @property
+    def keys(self) -> wire.StreamKeys | None: ...
+
+    def send(self, bufs: list[Any]) -> None: ...
+    def unacked(self) -> int: ...
+    def settimeout(self, t: float) -> None: ...    # a sink that expects_reply also has recv_into
+    def abort(self) -> None: ...
+    def finish(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class SocketSink:

@@ -20,7 +20,7 @@ import pytest
 from qemu.qmp import QMPClient
 
 from kvmlite import exitcodes
-from kvmlite.control.client import QmpClient, QmpCommandError
+from kvmlite.control.client import QmpCommandError
 from kvmlite.procs import VmProcess, free_port, start_deferred_destination, start_destination
 
 from .helpers import GUEST, ROOT, fill_vm, finish_and_check, kvmlite, migrate

@@ -30,7 +30,7 @@ def connect(path: str) -> socket.socket:
         except (FileNotFoundError, ConnectionRefusedError):
             s.close()
             if time.monotonic() > deadline:
-                raise SystemExit(f"monitor.py: nothing answers at {path}")
+                raise SystemExit(f"monitor.py: nothing answers at {path}") from None
             time.sleep(0.05)
 
 
