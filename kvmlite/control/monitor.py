@@ -48,6 +48,10 @@ PARAMETER_DEFAULTS = {"downtime-limit": round(_DEFAULT_PARAMS.downtime_ms),
                       "x-max-rounds": _DEFAULT_PARAMS.max_rounds,
                       "x-stall-timeout": 0, "x-auth-key": ""}
 
+# Seconds the VMM waits, once it has said SHUTDOWN, for its clients to hang up
+# before it does (qmp-shell and qemu.qmp complain when the server goes first)
+LINGER = 1.0
+
 # ShutdownCause values that mean the guest asked (SHUTDOWN's `guest` member)
 SHUTDOWN_BY_GUEST = frozenset({"guest-shutdown", "guest-reset", "guest-panic"})
 
@@ -134,9 +138,11 @@ class Monitor:
         return mig is not None and mig.status is S.COMPLETED and not mig.params.keep_running
 
     def shutdown(self, reason: str) -> None:
-        """SHUTDOWN (after the reply to a quit that caused it), then stop serving."""
+        """SHUTDOWN (after the reply to a quit that caused it), then stop serving,
+        once the clients have hung up or LINGER seconds have passed."""
         self.server.settle()
         self.emit("SHUTDOWN", {"guest": reason in SHUTDOWN_BY_GUEST, "reason": reason})
+        self.server.linger(LINGER)
         self.server.close()
 
     def close(self) -> None:

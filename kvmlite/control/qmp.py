@@ -423,6 +423,18 @@ class QmpServer:
                         return
                     conn._cv.wait(left)
 
+    def linger(self, timeout: float) -> None:
+        """Wait (up to `timeout`) for the clients to hang up first.  A client that
+        sent quit reads the reply and the SHUTDOWN event, then closes: QEMU's
+        clients (qmp-shell, qemu.qmp) report an error if the server closes
+        before they do."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._conns:
+                    return
+            time.sleep(0.01)
+
     def close(self, timeout: float = 2.0) -> None:
         """Stop listening; send what is queued (up to `timeout`), then close
         every connection.  A handler may call it (``quit``): its own reply

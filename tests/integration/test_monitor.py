@@ -287,3 +287,22 @@ def test_sigterm_ends_the_vmm_with_shutdown_and_143():
         vm.proc.send_signal(signal.SIGTERM)
         assert q.wait_event("SHUTDOWN", 10)["data"] == {"guest": False, "reason": "host-signal"}
         assert vm.wait(30) == exitcodes.SIGTERM
+
+
+def test_the_readme_qmp_client_example_migrates_a_vm():
+    """README.md's QmpClient example, run as a user would paste it, against a real VM."""
+    import re
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## The monitor: QMP"):text.index("## From Python")]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    src, live = small_vm()
+    port = free_port()
+    dst = start_destination(port, MEMORY)
+    with src, dst:
+        src.wait_monitor()
+        code = code.replace("/tmp/vm1.sock", src.monitor_path).replace("4444", str(port))
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        assert re.search(r"^[\d.]+ Mbit/s, \d+ pages skipped as free$", r.stdout, re.M), r.stdout
+        assert src.wait(30) == 0
+        finish_and_check(dst, live)
