@@ -349,6 +349,10 @@ class Monitor:
             self._wake.notify_all()
 
     def _on_incoming_state(self, old: R, new: R) -> None:
+        if new is R.RUNNING and self.incoming is not None and self.incoming.machine is not None:
+            # the VM is this side's from now on: commands act on it at once,
+            # not only once the runner has set it going
+            self.attach(self.incoming.machine)
         self._migration_event("MIGRATION", {"status": _INCOMING_STATUS[new]})
         if new is R.RUNNING:
             self.emit("RESUME")
