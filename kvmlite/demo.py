@@ -53,8 +53,8 @@ def main(argv=None) -> int:
                   f"({ram['transferred'] / ram['total']:.1%} of RAM); "
                   f"{ram['x-skipped-free']} free pages never sent")
         if src_rc == 0:
-            con.print("source exited 0 after the destination confirmed it was running, "
-                      "and kvmlite migrate's quit")
+            con.print("source exited 0: the destination confirmed it was running, then the "
+                      "source, in postmigrate, was told to quit")
         else:
             con.print(f"[red]source exited {src_rc}:[/red]\n" + "\n".join(src.stderr_lines[-10:]))
         ok = rc == 0 and summary.get("errors") == 0
