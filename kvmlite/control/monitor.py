@@ -164,7 +164,7 @@ class Monitor:
         if mig is not None:
             if self.postmigrate:
                 return "postmigrate"
-            if mig.status in _HANDOVER:
+            if mig.status in _HANDOVER and (mig.status is not S.CANCELLING or m.paused):
                 return "finish-migrate"
         if self.incoming is not None and self.incoming.status is not R.RUNNING:
             return "inmigrate"
