@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all setup guest demo run test unit integration fuzz bench bench-qemu soak clean
+.PHONY: all setup guest demo run test unit integration lint fuzz bench bench-qemu soak clean
 
 all: setup guest
 
@@ -36,6 +36,16 @@ unit: setup
 
 integration: setup guest
 	$(PY) -m pytest -q tests/integration
+
+# mypy --strict on the public API and ruff on everything; both configured in
+# pyproject.toml, both installed from its [lint] extra.
+LINT_STAMP := $(VENV)/.lint-installed
+$(LINT_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[lint]'
+	touch $@
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Coverage-guided fuzzing of the destination's receive path (tests/fuzz/README.md):
 # FUZZ_RUNS mutated streams from tests/fuzz/corpus; crashing inputs and the

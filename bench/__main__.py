@@ -146,37 +146,15 @@ def bench_guest(reps: int) -> dict:
 
 # ---- 4. migration ---------------------------------------------------------------------
 
-def migrate_once(memory: str, cmdline: str, *, hint: bool, live: bool, downtime_ms: float = 5.0,
+def migrate_once(memory: str, cmdline: str, *, hint: bool, live: bool, downtime_ms: int = 5,
                   src_args=(), dst_args=()) -> dict:
-    from kvmlite.procs import VmProcess, free_port, start_destination
-    port = free_port()
-    dst = start_destination(port, memory, extra=list(dst_args))
-    src = VmProcess([str(GUEST), "--memory", memory, "--cmdline", cmdline, *src_args])
-    try:
-        src.wait_for(r"^fill: ready", timeout=300)
-        c = src.client()
-        c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", hint=hint, live=live,
-                  **{"downtime-ms": downtime_ms})
-        while True:
-            s = c.execute("query-migrate")
-            if s["status"] in ("completed", "failed", "cancelled"):
-                break
-            time.sleep(0.01)
-        c.close()
-        if s["status"] != "completed":
-            raise RuntimeError(f"migration {s['status']}: {s.get('error')}\n{src.output()}\n{dst.output()}")
-        if src.wait(60) != 0:
-            raise RuntimeError(f"source exited {src.proc.returncode}\n{src.output()}")
-        dst.execute("guest-finish")
-        rc = dst.wait(300)
-        summ = dst.summary()
-        if rc != 0 or not summ or summ.get("errors") != 0:
-            raise RuntimeError(f"guest failed after migration ({rc}): {summ}\n{dst.output()}")
-        s["guest_verified"] = summ["verified"]
-        return s
-    finally:
-        src.kill()
-        dst.kill()
+    """One migration between two kvmlite processes, driven over QMP (bench/scaling.py's
+    kvmlite_migrate); kvmlite's own total and downtime."""
+    from kvmlite.units import parse_size
+
+    from bench.scaling import kvmlite_migrate, own_times
+    return own_times(kvmlite_migrate(parse_size(memory) >> 20, cmdline, hint=hint, live=live,
+                                     downtime_ms=downtime_ms, src_args=src_args, dst_args=dst_args))
 
 
 def loopback_sendall(nbytes: int, tls=None) -> float:
@@ -188,7 +166,7 @@ def loopback_sendall(nbytes: int, tls=None) -> float:
     src.write(os.urandom(1 << 20) * 32)
     dst = bytearray(chunk)
     # the same socket buffers as kvmlite's migration (the faster setting here)
-    from kvmlite.migration.source import SOCKET_BUFFER
+    from kvmlite.migration.transport import SOCKET_BUFFER
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
     srv.bind(("127.0.0.1", 0))

@@ -15,11 +15,9 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -54,93 +52,18 @@ def qemu_version(binary: str) -> str:
     return m.group(1) if m else out.strip().splitlines()[0] if out.strip() else "?"
 
 
-class QmpError(RuntimeError):
-    pass
-
-
-class Qmp:
-    """A QMP client: commands one at a time, events collected (with QEMU's timestamps) by a reader thread."""
-
-    def __init__(self, path: str, timeout: float = 30.0):
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError):
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"QMP socket {path} did not come up")
-                time.sleep(0.01)
-        self.f = self.sock.makefile("rb")
-        self.events: list[dict] = []
-        self._replies: list[dict] = []
-        self._cond = threading.Condition()
-        self._lock = threading.Lock()
-        self._closed = False
-        self.greeting = json.loads(self.f.readline())
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-        self.execute("qmp_capabilities")
-
-    def _read(self) -> None:
+def connect_qmp(path: str, timeout: float = 30.0):
+    """kvmlite's QMP client (the one the bench drives kvmlite with), connected to
+    a QEMU's QMP socket once QEMU has created it."""
+    from kvmlite.control.client import QmpClient, QmpClientError
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            for raw in iter(self.f.readline, b""):
-                msg = json.loads(raw)
-                with self._cond:
-                    if "event" in msg:
-                        ts = msg.get("timestamp", {})
-                        msg["t"] = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
-                        self.events.append(msg)
-                    else:
-                        self._replies.append(msg)
-                    self._cond.notify_all()
-        except (OSError, ValueError):
-            pass
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def execute(self, command: str, timeout: float = 60.0, **arguments):
-        req = {"execute": command}
-        if arguments:
-            req["arguments"] = arguments
-        with self._lock:
-            self.sock.sendall(json.dumps(req).encode() + b"\n")
-            deadline = time.monotonic() + timeout
-            with self._cond:
-                while not self._replies:
-                    if self._closed:
-                        raise QmpError(f"{command}: QEMU closed the QMP connection")
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(f"{command}: no QMP reply within {timeout} s")
-                    self._cond.wait(left)
-                resp = self._replies.pop(0)
-        if "error" in resp:
-            raise QmpError(f"{command}: {resp['error'].get('desc')}")
-        return resp.get("return")
-
-    def event(self, name: str, timeout: float = 0.0, after: float = 0.0) -> dict | None:
-        """The first event `name` with a timestamp ≥ `after`, waiting up to `timeout` s for it."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                for ev in self.events:
-                    if ev["event"] == name and ev["t"] >= after:
-                        return ev
-                left = deadline - time.monotonic()
-                if left <= 0 or self._closed:
-                    return None
-                self._cond.wait(left)
-
-    def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+            return QmpClient(f"unix:{path}", timeout=60)
+        except QmpClientError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 class QemuVm(ChildProcess):
@@ -160,7 +83,7 @@ class QemuVm(ChildProcess):
             args.append("-mem-prealloc")
         if incoming:
             args += ["-incoming", "defer"]
-        self._qmp: Qmp | None = None
+        self._qmp = None
         super().__init__(args + list(extra))
 
     @property
@@ -169,9 +92,9 @@ class QemuVm(ChildProcess):
         return self.stdout_lines
 
     @property
-    def qmp(self) -> Qmp:
+    def qmp(self):
         if self._qmp is None:
-            self._qmp = Qmp(self.qmp_path)
+            self._qmp = connect_qmp(self.qmp_path)
         return self._qmp
 
     def wait(self, timeout: float = 60.0) -> int:
@@ -213,21 +136,23 @@ class GuestEndedEarly(RuntimeError):
 
 def migrate_once(binary: str, memory_mib: int, cmdline: str, *, live: bool, setup: dict,
                  ready_timeout: float = 120.0) -> dict:
-    """Boot the guest in QEMU, wait for `fill: ready`, migrate it to a second QEMU,
-    let the guest finish there and check its self-check.  Returns the figures.
+    """Boot the guest in QEMU, wait for `fill: ready`, migrate it to a second QEMU
+    with the code that migrates kvmlite (bench/qmpmig.py), let the guest finish
+    there and check its self-check.  Returns qmpmig's figures.
 
     Without the hint device nobody can tell the guest's fill workload to stop,
     so `cmdline` carries `seconds=N`: long enough for the migration to finish
     first, or GuestEndedEarly is raised.
 
-    Times are end to end, as kvmlite measures its own: total from the
-    `migrate` command (or `stop`, for stop-copy) to the destination's RESUME
-    event, downtime from the source's STOP event to that RESUME (QMP event
-    timestamps, one host clock).  QEMU's own figures end on the source side,
-    before the destination has loaded the last state; they are kept as
-    qemu_total_ms and qemu_downtime_ms."""
+    Times are end to end, for both VMMs alike (qmpmig): total from the migrate
+    command (or `stop`, for stop-copy) to the destination's RESUME event,
+    downtime from the source's STOP event to that RESUME.  QEMU's own
+    query-migrate times end on the source side, before the destination has
+    loaded the last state; they are kept as vmm_total_ms and vmm_downtime_ms."""
+    from kvmlite.control.client import QmpClientError
     from kvmlite.procs import free_port
-    port = free_port()
+
+    from bench import qmpmig
     # stop-copy: the source is paused before `migrate`; without the global state
     # the destination starts the VM as soon as it has it (else it would stay paused).
     extra = [] if live else ["-global", "migration.store-global-state=off"]
@@ -236,65 +161,29 @@ def migrate_once(binary: str, memory_mib: int, cmdline: str, *, live: bool, setu
     from bench.scaling import PeakRss
     dst_rss = PeakRss(dst.proc.pid)
     try:
-        caps = [{"capability": "multifd", "state": bool(setup["multifd"])}]
+        caps = {"multifd": bool(setup["multifd"])}
         params = {"max-bandwidth": UNLIMITED_BW}
         if setup["multifd"]:
             params["multifd-channels"] = 2
         if setup["downtime_ms"] is not None:
             params["downtime-limit"] = int(setup["downtime_ms"])
-        for vm in (dst, src):
-            vm.qmp.execute("migrate-set-capabilities", capabilities=caps)
-            vm.qmp.execute("migrate-set-parameters", **params)
-        dst.qmp.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        dst.qmp.execute("migrate-set-parameters", params)     # multifd-channels: both sides
         src.wait_for(r"fill: ready", timeout=ready_timeout)
-        t_start = time.time()
-        if not live:
-            src.qmp.execute("stop")
-        src.qmp.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                info = src.qmp.execute("query-migrate")
-            except QmpError:
-                time.sleep(0.1)
-                if src.summary():
-                    raise GuestEndedEarly(f"the guest finished on the source first: {src.summary()}")
-                raise
-            if info.get("status") in ("completed", "failed", "cancelled"):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"QEMU migration did not finish: {info}")
-            time.sleep(0.005)
-        if info["status"] != "completed":
+        try:
+            r = qmpmig.migrate(src.qmp, dst.qmp, f"tcp:127.0.0.1:{free_port()}", live=live,
+                               src_capabilities=caps, dst_capabilities=caps, parameters=params,
+                               timeout=120)
+        except (QmpClientError, qmpmig.MigrationFailed) as e:
+            time.sleep(0.1)
             if src.proc.poll() is not None or src.summary():
-                raise GuestEndedEarly(f"the guest finished on the source first: {src.summary()}")
-            raise RuntimeError(f"QEMU migration {info['status']}: {info.get('error-desc')}\n"
-                               f"{src.output()}\n{dst.output()}")
-        resumed = dst.qmp.event("RESUME", timeout=30, after=t_start - 1)
-        stopped = src.qmp.event("STOP", timeout=5, after=t_start - 1)
-        if resumed is None or stopped is None:
-            raise RuntimeError(f"no STOP/RESUME events (stop {stopped}, resume {resumed})")
-        # the source QEMU sits in postmigrate; the guest finishes on the destination
-        src.qmp.execute("quit")
+                raise GuestEndedEarly(f"the guest finished on the source first: {src.summary()}") from None
+            raise RuntimeError(f"QEMU migration failed: {e}\n{src.output()}\n{dst.output()}") from None
         status = dst.wait(300)
         summ = dst.summary()
         if status != 0 or not summ or summ.get("errors") != 0:
             raise RuntimeError(f"guest failed after the QEMU migration (exit {status}): {summ}\n{dst.output()}")
-        ram = info["ram"]
-        return {
-            "total_ms": (resumed["t"] - t_start) * 1000,          # migrate command → destination running
-            "downtime_ms": (resumed["t"] - stopped["t"]) * 1000,  # source paused → destination running
-            "qemu_total_ms": info.get("total-time"),              # QEMU's own figures (source side)
-            "qemu_downtime_ms": info.get("downtime"),
-            "qemu_setup_ms": info.get("setup-time"),
-            "bytes_wire": ram["transferred"],
-            "pages_sent": ram["normal"],
-            "pages_zero": ram["duplicate"],
-            "dirty_sync_count": ram.get("dirty-sync-count"),
-            "multifd_bytes": ram.get("multifd-bytes"),
-            "guest_verified": summ["verified"],
-            "dst_maxrss_kib": dst_rss.stop(),
-        }
+        r.update(guest_verified=summ["verified"], dst_maxrss_kib=dst_rss.stop())
+        return r
     finally:
         src.kill()
         dst.kill()
@@ -325,11 +214,11 @@ def run_config(binary: str, config: str, fill: str, live: bool) -> dict:
     if config.startswith("kvmlite"):
         # idle=0: the guest spins between paced writes, as it must under QEMU,
         # which has no idle device; so both VMMs migrate the same busy guest.
+        # the same client code and the same figures as QEMU's (bench/qmpmig.py)
         r = kvmlite_migrate(MEMORY_MIB, f"workload=fill {fill} dirty={DIRTY} idle=0", hint=config.endswith("on"),
                             live=live, downtime_ms=DOWNTIME_MS, prealloc_dst=True)
-        return {k: r.get(k) for k in ("total_ms", "downtime_ms", "bytes_wire", "pages_sent", "pages_zero",
-                                      "pages_skipped_free", "rounds", "downtime_parts_ms", "guest_verified",
-                                      "src_maxrss_kib", "dst_maxrss_kib")}
+        r.pop("info", None)
+        return r
     setup = SETUPS["best" if config == "QEMU best" else "defaults"]
     for attempt in range(3):
         try:
@@ -461,17 +350,18 @@ def print_qemu(q: dict, console) -> None:
     console.print("QEMU best: destination -mem-prealloc, multifd (2 channels), downtime-limit "
                   f"{q['downtime_limit_ms']:g} ms like kvmlite's; QEMU defaults: downtime-limit 300 ms, "
                   "one stream, destination RAM faulted in as pages arrive; both with max-bandwidth raised.  "
-                  "kvmlite's destination has --memory (pre-faulted).  Times are end to end for both: "
-                  "total from the migrate command to the guest running on the destination, downtime from the "
-                  "source's pause to that (QEMU: STOP and RESUME event timestamps).  QEMU's own figures end on "
-                  "the source side, before the destination has loaded the last state; their medians:",
-                  highlight=False)
+                  "kvmlite's destination has --memory (pre-faulted).  Both VMMs are driven by the same QMP "
+                  "client code (bench/qmpmig.py) and read from the same query-migrate fields; times are end "
+                  "to end for both: total from the migrate command to the destination's RESUME event, "
+                  "downtime from the source's STOP event to it.  Each VMM's own query-migrate times "
+                  "(total-time, downtime; QEMU's end on the source side, before the destination has loaded "
+                  "the last state), medians:", highlight=False)
     for case in q["cases"]:
         parts = []
-        for c in ("QEMU defaults", "QEMU best"):
+        for c in ("QEMU defaults", "QEMU best", "kvmlite hint off", "kvmlite hint on"):
             rs = q["runs"][case][c]
-            parts.append(f"{c.split()[1]} {statistics.median(r['qemu_total_ms'] for r in rs):.0f} ms total, "
-                         f"{statistics.median(r['qemu_downtime_ms'] for r in rs):.0f} ms downtime")
+            parts.append(f"{c} {statistics.median(r['vmm_total_ms'] for r in rs):.0f} ms total, "
+                         f"{statistics.median(r['vmm_downtime_ms'] for r in rs):.1f} ms downtime")
         console.print(f"  {case}: " + "; ".join(parts), highlight=False)
     console.print(f"\nTargets, {q['main_case']}, against QEMU at its best in the same run:", highlight=False)
     for t in q["targets"]:

@@ -352,7 +352,8 @@ uint64_t kvmlite_run_packed(int vcpu_fd, struct kvm_run *run);
 int kvmlite_install_kick_handler(int signo);
 int kvmlite_madvise(void *addr, size_t length, int advice);
 size_t kvmlite_zero_pages(const void *base, size_t npages, size_t page_size, unsigned char *is_zero);
-size_t kvmlite_zero_page_list(const void *base, const int64_t *pages, size_t n, size_t page_size, unsigned char *is_zero);
+size_t kvmlite_zero_page_list(const void *base, const int64_t *pages, size_t n, size_t page_size,
+                              unsigned char *is_zero);
 """
 
 SOURCE = r"""

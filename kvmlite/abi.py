@@ -10,10 +10,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from .bitmap import PAGE_SIZE  # the ABI's page size is the host's: one bit per 4 KiB page
+
 HEADER_MAGIC = 0x48505246        # "FRPH"
 HEADER_VERSION = 1
 HEADER_MIN_SIZE = 64
-from .bitmap import PAGE_SIZE  # the ABI's page size is the host's: one bit per 4 KiB page
 DEVICE_ID = 0x31485046           # "FPH1"
 DEFAULT_PORT = 0x520
 PORT_COUNT = 0x20

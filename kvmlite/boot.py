@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 
-from .errors import ConfigError
+from .errors import ConfigError, ImageError
 
 # ---- layout (docs/boot.md, "Guest-physical memory map") ----
 # Version 2: the VMM's boot structures form one block, the boot area, placed
@@ -102,7 +102,7 @@ def place_boot_area(ram_size: int, image_start: int, image_end: int) -> int:
     below = (image_start - size) & ~(PAGE - 1)
     if below >= 0 and image_start >= size:
         return below
-    raise ConfigError(f"no room for the boot area ({size // 1024} KiB) above or below the image "
+    raise ImageError(f"no room for the boot area ({size // 1024} KiB) above or below the image "
                       f"at {image_start:#x}-{image_end:#x} in {ram_size >> 20} MiB of RAM "
                       f"(use a larger --memory)")
 

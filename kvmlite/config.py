@@ -35,20 +35,20 @@ MIN_KEY_BYTES = 16
 MAX_KEY_BYTES = 4096
 
 
-def _check_bool(value, what: str) -> bool:
+def _check_bool(value: object, what: str) -> bool:
     if type(value) is not bool:
         raise ConfigError(f"{what} must be true or false, not {value!r}")
     return value
 
 
-def _check_int(value, what: str, lo: int, hi: int) -> int:
+def _check_int(value: object, what: str, lo: int, hi: int) -> int:
     if type(value) is not int or not lo <= value <= hi:
         raise ConfigError(f"{what} must be an integer from {lo} to {hi}, not {value!r}")
     return value
 
 
-def _check_number(value, what: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    if type(value) not in (int, float) or not math.isfinite(value) \
+def _check_number(value: object, what: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) \
             or value < lo or (lo_open and value == lo) or value > hi:
         bound = f"more than {lo:g}" if lo_open else f"from {lo:g}"
         raise ConfigError(f"{what} must be a number {bound} to {hi:g}, not {value!r}")
@@ -77,7 +77,7 @@ class MachineConfig:
     prefault: bool = False        # fault all of RAM in at start (QEMU's -mem-prealloc)
     trace: bool = False           # log every VM exit
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.memory is not None:
             check_memory(self.memory)
         if type(self.vcpus) is not int or not 1 <= self.vcpus <= MAX_VCPUS:
@@ -94,7 +94,7 @@ class BootConfig:
     load: int | None = None
     entry: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not isinstance(self.image, str) or not self.image:
             raise ConfigError("no guest image given (try: kvmlite run guest/guest.bin)")
         if not isinstance(self.cmdline, str):
@@ -172,11 +172,13 @@ class MigrationParams:
     timeout: float = DEFAULT_TIMEOUT  # seconds without progress before giving up
     keep_running: bool = False        # file: only: save a snapshot and carry on here
     creds: Credentials = field(default_factory=Credentials)
+    auto_converge: bool = True        # throttle a guest that dirties faster than the link sends
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         target = parse_uri(self.uri)
         _check_bool(self.hint, "hint")
         _check_bool(self.live, "live")
+        _check_bool(self.auto_converge, "auto-converge")
         _check_number(self.downtime_ms, "downtime-ms", 0, MAX_DOWNTIME_MS)
         _check_int(self.bandwidth, "bandwidth", 0, 1 << 50)
         _check_int(self.max_rounds, "max-rounds", 1, MAX_ROUNDS)
@@ -201,24 +203,48 @@ def default_max_memory() -> int:
     return max(min(total - room, MAX_MEMORY), MIN_MEMORY)
 
 
+DEFER = "defer"
+
+
 @dataclass(frozen=True)
 class IncomingConfig:
-    """Waiting for a migration (`run --incoming`), or restoring a snapshot."""
+    """Waiting for a migration (`run --incoming`), or restoring a snapshot.
+    `uri` "defer" (QEMU's -incoming defer): the monitor's migrate-incoming
+    names it later."""
     uri: str
     max_memory: int | None = None     # the largest RAM a stream may ask for; None: default_max_memory()
     insecure: bool = False            # beyond loopback without a key or TLS
     timeout: float = DEFAULT_TIMEOUT
 
-    def __post_init__(self):
-        parse_uri(self.uri)
+    def __post_init__(self) -> None:
+        if self.uri != DEFER:
+            parse_uri(self.uri)
         if self.max_memory is not None:
             check_memory(self.max_memory, "--max-memory")
         _check_bool(self.insecure, "insecure")
         _check_number(self.timeout, "timeout", 0, MAX_TIMEOUT, lo_open=True)
 
     @property
+    def deferred(self) -> bool:
+        return self.uri == DEFER
+
+    @property
     def target(self) -> Uri:
         return parse_uri(self.uri)
+
+    def check_peers(self, creds: Credentials) -> None:
+        """Refuse to listen where anyone may send a VM, unless a key, TLS or
+        `insecure` says who may; credentials are for tcp: peers only."""
+        target = self.target
+        if isinstance(target, FileUri) and creds.any:
+            raise ConfigError("--auth-key and --tls-* are for tcp: peers, not snapshot files")
+        if isinstance(target, TcpUri) and not creds.any and not self.insecure:
+            from .endpoints import is_loopback
+            if not is_loopback(target.host):
+                raise ConfigError(
+                    f"listening on {target.host} lets anyone who can reach it send this VMM "
+                    "a VM: give --auth-key (and --tls-* on untrusted networks), "
+                    "or --insecure to accept any peer")
 
     @property
     def memory_cap(self) -> int:
@@ -231,13 +257,16 @@ class RunConfig:
     machine: MachineConfig = field(default_factory=MachineConfig)
     boot: BootConfig | None = None
     incoming: IncomingConfig | None = None
-    monitor: str | None = None        # unix socket path of the monitor
+    monitor: str | None = None        # where the QMP monitor listens: unix:PATH or tcp:HOST:PORT
     gdb: str | None = None            # tcp:HOST:PORT for the gdb stub
     stats: bool = False               # page counts from the guest's bitmap at exit
     creds: Credentials = field(default_factory=Credentials)
     timeout: float = DEFAULT_TIMEOUT  # default for migrations started from the monitor
+    # After migrating away the VMM stays (QEMU's postmigrate) until the
+    # monitor's quit; with this, also until so many seconds have passed.
+    postmigrate_timeout: float | None = None
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if (self.boot is None) == (self.incoming is None):
             raise ConfigError("give either an image or --incoming, not both"
                               if self.boot else
@@ -250,14 +279,12 @@ class RunConfig:
             raise ConfigError("a booted guest needs a memory size")
         inc = self.incoming
         if inc is not None:
-            target = inc.target
-            if isinstance(target, FileUri) and self.creds.any:
-                raise ConfigError("--auth-key and --tls-* are for tcp: peers, not snapshot files")
-            if isinstance(target, TcpUri) and not self.creds.any and not inc.insecure:
-                from .endpoints import is_loopback
-                if not is_loopback(target.host):
-                    raise ConfigError(
-                        f"listening on {target.host} lets anyone who can reach it send this VMM "
-                        "a VM: give --auth-key (and --tls-* on untrusted networks), "
-                        "or --insecure to accept any peer")
+            if inc.deferred:
+                if not self.monitor:
+                    raise ConfigError("--incoming defer waits for the monitor's migrate-incoming: "
+                                      "give --monitor too")
+            else:
+                inc.check_peers(self.creds)
         _check_number(self.timeout, "timeout", 0, MAX_TIMEOUT, lo_open=True)
+        if self.postmigrate_timeout is not None:
+            _check_number(self.postmigrate_timeout, "--postmigrate-timeout", 0, MAX_TIMEOUT)

@@ -38,21 +38,23 @@ def main(argv=None) -> int:
     src = VmProcess([args.image, "--memory", args.memory, "--cmdline", cmdline], echo="[src] ")
     try:
         src.wait_for(rf"^churn: round {args.migrate_after}/", timeout=300)
-        free = src.execute("query-free-pages")
+        free = src.execute("x-query-free-pages")
         con.print(f"\n[bold]migrating[/bold] at churn round {args.migrate_after}: the guest's bitmap says "
-                  f"{free['active']} pages active, {free['free']} free of {free['pages_total']}\n")
-        stats = migrate(src.monitor_path, f"tcp:127.0.0.1:{port}")
+                  f"{free['active']} pages active, {free['free']} free of {free['pages-total']}\n")
+        # what `kvmlite migrate` does over QMP: migrate, follow query-migrate, quit the source
+        info = migrate(f"unix:{src.monitor_path}", f"tcp:127.0.0.1:{port}")
         src_rc = src.wait(60)
         rc = dst.wait(600)
         con.print()
-        print_stats(stats)
+        print_stats(info)
         summary = dst.summary() or {}
-        ram_mib = stats["pages_total"] * 4096 / (1 << 20)
-        con.print(f"RAM {ram_mib:.0f} MiB; on the wire {stats['bytes_wire'] / (1 << 20):.1f} MiB "
-                  f"({stats['bytes_wire'] / (stats['pages_total'] * 4096):.1%} of RAM); "
-                  f"{stats['pages_skipped_free']} free pages never sent")
+        ram = info["ram"]
+        con.print(f"RAM {ram['total'] / (1 << 20):.0f} MiB; on the wire {ram['transferred'] / (1 << 20):.1f} MiB "
+                  f"({ram['transferred'] / ram['total']:.1%} of RAM); "
+                  f"{ram['x-skipped-free']} free pages never sent")
         if src_rc == 0:
-            con.print("source exited 0 after the destination confirmed it was running")
+            con.print("source exited 0: the destination confirmed it was running, then the "
+                      "source, in postmigrate, was told to quit")
         else:
             con.print(f"[red]source exited {src_rc}:[/red]\n" + "\n".join(src.stderr_lines[-10:]))
         ok = rc == 0 and summary.get("errors") == 0

@@ -1,8 +1,16 @@
-"""Where a migration goes or comes from, as typed values.
+"""Where kvmlite listens, connects, reads or writes, as typed values: one
+parser for every address a user gives (`--incoming`, `--gdb`, `--monitor`,
+`migrate`'s uri), accepting QEMU's spellings.
 
-    tcp:HOST:PORT    a destination VMM (`kvmlite run --incoming tcp:HOST:PORT`)
+    tcp:HOST:PORT    a TCP endpoint; HOST may be a name, an IPv4 address or [IPv6]
     tcp:PORT         the same on 127.0.0.1: listening on loopback is the default
-    file:PATH        a snapshot: the same stream, written to (or read from) a file
+    tcp::PORT        QEMU's spelling of an empty host: also 127.0.0.1 here (QEMU
+                     listens on every interface; give 0.0.0.0 for that)
+    unix:PATH        a Unix socket (the monitor; a bare PATH means the same there)
+    file:PATH        a snapshot: the migration stream, written to (or read from) a file
+
+The monitor also takes QEMU's chardev options after a comma (`server`,
+`server=on`, `wait=off`, `nowait`): they say what kvmlite always does.
 """
 
 from __future__ import annotations
@@ -11,6 +19,10 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
+LOOPBACK = "127.0.0.1"
+# QEMU's -qmp/-monitor chardev options that describe what kvmlite always does
+CHARDEV_OPTIONS = frozenset({"server", "server=on", "wait=off", "nowait"})
+
 
 @dataclass(frozen=True)
 class TcpUri:
@@ -18,7 +30,16 @@ class TcpUri:
     port: int
 
     def __str__(self) -> str:
-        return f"tcp:{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"tcp:{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class UnixUri:
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix:{self.path}"
 
 
 @dataclass(frozen=True)
@@ -30,23 +51,61 @@ class FileUri:
 
 
 Uri = TcpUri | FileUri
+Endpoint = TcpUri | UnixUri | FileUri
+
+_EXAMPLES = {"tcp": "tcp:HOST:PORT", "unix": "unix:PATH", "file": "file:PATH"}
+
+
+def parse_endpoint(text: str, *, what: str = "address", kinds: tuple[str, ...] = ("tcp", "file"),
+                   bare_path: bool = False, chardev_options: bool = False,
+                   port_zero: bool = False) -> Endpoint:
+    """`text` as one of `kinds` ("tcp", "unix", "file"); raises a ConfigError
+    that names `what` (the option, e.g. "--gdb") and quotes `text`.
+
+    `bare_path`: a string with no scheme is a Unix socket path (the monitor).
+    `chardev_options`: QEMU's `,server,wait=off` suffixes are accepted.
+    `port_zero`: port 0 (let the kernel choose) is allowed, for listeners."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} {text!r}: expected {_expected(kinds)}")
+    base = text
+    if chardev_options and "," in text:
+        base, *opts = text.split(",")
+        for opt in opts:
+            if opt not in CHARDEV_OPTIONS:
+                raise ConfigError(f"{what} {text!r}: option {opt!r} is not supported "
+                                  f"(only {', '.join(sorted(CHARDEV_OPTIONS))})")
+    scheme, sep, rest = base.partition(":")
+    if not sep or scheme not in _EXAMPLES:
+        if bare_path and "unix" in kinds and base and not base.startswith(("tcp:", "file:")):
+            return UnixUri(base)
+        raise ConfigError(f"{what} {text!r}: expected {_expected(kinds)}")
+    if scheme not in kinds:
+        raise ConfigError(f"{what} {text!r}: {scheme}: is not accepted here; expected {_expected(kinds)}")
+    if scheme in ("unix", "file"):
+        if not rest:
+            raise ConfigError(f"{what} {text!r}: expected {_EXAMPLES[scheme]}")
+        return UnixUri(rest) if scheme == "unix" else FileUri(rest)
+    host, _, port = rest.rpartition(":")
+    if host.startswith("[") != host.endswith("]"):
+        raise ConfigError(f"{what} {text!r}: expected tcp:HOST:PORT (an IPv6 host in brackets)")
+    host = host[1:-1] if host.startswith("[") else host
+    lowest = 0 if port_zero else 1
+    if not (port.isascii() and port.isdigit()) or not lowest <= int(port) < 65536:
+        raise ConfigError(f"{what} {text!r}: expected tcp:HOST:PORT, tcp:PORT or tcp::PORT "
+                          f"with a port from {lowest} to 65535")
+    return TcpUri(host or LOOPBACK, int(port))
+
+
+def _expected(kinds: tuple[str, ...]) -> str:
+    return " or ".join(_EXAMPLES[k] for k in kinds)
 
 
 def parse_uri(uri: str) -> Uri:
-    """`tcp:HOST:PORT`, `tcp:PORT` (loopback) or `file:PATH`; raises ConfigError."""
-    if not isinstance(uri, str):
-        raise ConfigError(f"{uri!r}: expected tcp:HOST:PORT or file:PATH")
-    if uri.startswith("file:"):
-        if not uri[5:]:
-            raise ConfigError(f"{uri!r}: expected file:PATH")
-        return FileUri(uri[5:])
-    if not uri.startswith("tcp:"):
-        raise ConfigError(f"{uri!r}: expected tcp:HOST:PORT, tcp:PORT or file:PATH")
-    host, _, port = uri[4:].rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise ConfigError(f"{uri!r}: expected tcp:HOST:PORT")
-    return TcpUri(host, int(port))
+    """A migration's destination or source: `tcp:HOST:PORT`, `tcp:PORT`
+    (loopback) or `file:PATH`; raises ConfigError."""
+    target = parse_endpoint(uri, what="migration uri", kinds=("tcp", "file"))
+    assert not isinstance(target, UnixUri)
+    return target
 
 
 def is_loopback(host: str) -> bool:

@@ -42,7 +42,7 @@ import sys
 import threading
 
 from . import exits as ex
-from .errors import ConfigError, GuestMemoryError, KvmliteError
+from .errors import GuestMemoryError, KvmliteError
 from .kvm import lib
 
 INT3 = 0xCC
@@ -186,11 +186,11 @@ def gate_offset(gate: bytes) -> int:
 
 
 def parse_endpoint(text: str) -> tuple[str, int]:
-    """`tcp:HOST:PORT` → (host, port); a bad value is a ConfigError."""
-    host, _, port = text[4:].rpartition(":") if text.startswith("tcp:") else ("", "", "")
-    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
-        raise ConfigError(f"--gdb {text!r}: expected tcp:HOST:PORT, e.g. tcp:127.0.0.1:1234")
-    return host.strip("[]"), int(port)
+    """`tcp:HOST:PORT`, `tcp:PORT` or QEMU's `tcp::PORT` (both on 127.0.0.1)
+    → (host, port); a bad value is a ConfigError naming --gdb."""
+    from .endpoints import parse_endpoint as parse
+    target = parse(text, what="--gdb", kinds=("tcp",))
+    return target.host, target.port
 
 
 class _Fault(Exception):

@@ -12,8 +12,10 @@ import collections
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import boot, exits as ex
 from .abi import DEFAULT_PORT as FPH_PORT, PORT_COUNT as FPH_PORT_COUNT
@@ -27,6 +29,12 @@ from .kvm import lib
 from .log import log, trace_log
 from .vstate import GuestMemory, Kvm, Vm
 from .vstate.vcpu import cpuid_with_apic_id
+
+if TYPE_CHECKING:
+    from .loader import LoadedImage
+    from .vstate.vcpu import Vcpu
+
+T = TypeVar("T")
 
 UART_PORT = 0x3F8
 DEBUGCON_PORT = 0xE9
@@ -58,38 +66,39 @@ class VcpuThread:
     def __init__(self, machine: "Machine", index: int):
         self.machine = machine
         self.index = index
-        self.vcpu = None
+        self.vcpu: Vcpu | None = None     # made on the thread, which owns it
         self.exits = 0
         # Exits by kind, for `kvmlite inspect`: one dict update per exit costs
         # ~35 ns here, against ~28 µs for the exit itself.
         self.exit_counts: dict[type, int] = collections.defaultdict(int)
         self.parked = True
-        self._requests: collections.deque[tuple] = collections.deque()
-        self._ready: Future = Future()
+        self._requests: collections.deque[tuple[Callable[[Vcpu], Any], Future[Any]]] = collections.deque()
+        self._ready: Future[None] = Future()
         self._ident: int | None = None
         self._last_sat_out = 0.0
         self.thread = threading.Thread(target=self._main, name=f"vcpu{index}", daemon=True)
 
     # ---- asked from any thread ------------------------------------------------------
 
-    def call(self, fn, timeout: float | None = None):
+    def call(self, fn: Callable[[Vcpu], T], timeout: float | None = None) -> T:
         """Run `fn(vcpu)` on this vCPU's thread; return its result or raise its exception."""
         if threading.get_ident() == self._ident:
+            assert self.vcpu is not None
             return fn(self.vcpu)
         return self.post(fn).result(timeout)
 
-    def post(self, fn) -> Future:
+    def post(self, fn: Callable[[Vcpu], T]) -> Future[T]:
         """Queue `fn(vcpu)` for this vCPU's thread and return at once (its future).
         For a vCPU thread asking another without waiting on it (CPU_ON)."""
         m = self.machine
-        fut: Future = Future()
+        fut: Future[T] = Future()
         with m._cond:
             if not self.thread.is_alive():
                 raise KvmliteError(f"vCPU {self.index} is gone")
             self._requests.append((fn, fut))
             m._cond.notify_all()      # a parked vCPU waits on the condition
             running = not self.parked
-        if running:
+        if running and self.vcpu is not None:
             self.vcpu.kick()          # out of KVM_RUN, or out of the next one
         return fut
 
@@ -104,10 +113,10 @@ class VcpuThread:
         try:
             # KVM_CREATE_VCPU is a VM ioctl, issued here anyway so that the
             # vCPU's whole life, from its first ioctl to its last, is this thread's.
-            self.vcpu = m.vm.create_vcpu(self.index)
+            self.vcpu = vcpu = m.vm.create_vcpu(self.index)
             # vCPU i has APIC ID i (docs/boot.md)
-            self.vcpu.set_cpuid(cpuid_with_apic_id(m.kvm.supported_cpuid(), self.index))
-            self.vcpu.bind_thread()
+            vcpu.set_cpuid(cpuid_with_apic_id(m.kvm.supported_cpuid(), self.index))
+            vcpu.bind_thread()
         except BaseException as e:
             self._ready.set_exception(e)
             return
@@ -120,7 +129,7 @@ class VcpuThread:
                     m._end(result)
             self._serve_until_closed()
         finally:
-            self.vcpu.close()
+            vcpu.close()
 
     def _serve(self) -> bool:
         """Serve one queued request, if there is one (called without the lock)."""
@@ -131,6 +140,7 @@ class VcpuThread:
             fn, fut = self._requests.popleft()
         if fut.set_running_or_notify_cancel():
             try:
+                assert self.vcpu is not None      # requests are served only once it exists
                 fut.set_result(fn(self.vcpu))
             except BaseException as e:
                 fut.set_exception(e)
@@ -196,8 +206,8 @@ class OnVcpuThread:
     def index(self) -> int:
         return self._vt.index
 
-    def __getattr__(self, name: str):
-        def forward(*args, **kwargs):
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
             return self._vt.call(lambda vcpu: getattr(vcpu, name)(*args, **kwargs))
         return forward
 
@@ -216,7 +226,10 @@ class Machine:
     between exits.  Use it as a context manager, or call close().
     """
 
-    def __init__(self, config: MachineConfig, *, output=None):
+    def __init__(self, config: MachineConfig, *, output: object = None) -> None:
+        """`output`, where the guest's serial and debug-console output goes: None
+        (stdout), a file descriptor, a binary file object, or a callable taking
+        bytes (a line at a time)."""
         if config.memory is None:
             raise ConfigError("the machine needs a memory size")
         self.config = config
@@ -258,13 +271,13 @@ class Machine:
             self.bus.register(EXIT_PORT, 1, self.exit_device)
             self.bus.register(FPH_PORT, FPH_PORT_COUNT, self.fph)
             self.bus.register(IDLE_PORT, 4, self.idle)
-            self.cpustart = None
+            self.cpustart: CpuStart | None = None
             if self.irqchip:
                 self.cpustart = CpuStart(config.vcpus, self._cpu_on, self.memory.contains)
                 self.bus.register(CPUSTART_PORT, CPUSTART_PORT_COUNT, self.cpustart)
-            self.boot_area = None
-            self.image = None
-            self.debugger = None       # a GdbStub while `kvmlite run --gdb` is attached
+            self.boot_area: int | None = None
+            self.image: LoadedImage | None = None
+            self.debugger: Any = None        # a GdbStub while `kvmlite run --gdb` is attached
             for i in range(config.vcpus):
                 vt = VcpuThread(self, i)
                 self.vcpu_threads.append(vt)
@@ -278,12 +291,12 @@ class Machine:
     def __enter__(self) -> "Machine":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # ---- what other modules ask for -----------------------------------------------
 
-    def devices(self) -> dict:
+    def devices(self) -> dict[str, Any]:
         """Devices by name, whose state travels with a migration."""
         devices = {"uart": self.uart, "debugcon": self.debugcon, "exit": self.exit_device,
                    "fph": self.fph}
@@ -292,7 +305,7 @@ class Machine:
         return devices
 
     @property
-    def free_pages(self):
+    def free_pages(self) -> FreePageHint:
         """The FreePageSource a migration asks which pages are free."""
         return self.fph
 
@@ -300,7 +313,7 @@ class Machine:
     def nvcpus(self) -> int:
         return len(self.vcpu_threads)
 
-    def call(self, index: int, fn, timeout: float | None = None):
+    def call(self, index: int, fn: Callable[[Vcpu], T], timeout: float | None = None) -> T:
         """Run `fn(vcpu)` on vCPU `index`'s thread and return what it returns."""
         return self.vcpu_threads[index].call(fn, timeout)
 
@@ -325,17 +338,17 @@ class Machine:
         """Load the image, write the boot area where the image is not, and put
         vCPU 0 at its entry in long mode (the others wait for INIT-SIPI or CPU_ON)."""
         from .loader import load_image
-        self.image = load_image(self.memory, cfg.image, load_addr=cfg.load, entry=cfg.entry)
-        self.boot_area = area = boot.place_boot_area(self.memory.size, self.image.start, self.image.end)
+        self.image = image = load_image(self.memory, cfg.image, load_addr=cfg.load, entry=cfg.entry)
+        self.boot_area = area = boot.place_boot_area(self.memory.size, image.start, image.end)
         tsc_khz = self.call(0, lambda v: v.tsc_khz())
         info = boot.boot_info_bytes(
             ram_size=self.memory.size, boot_area=area, cmdline_len=len(cfg.cmdline.encode()),
-            fph=True, tsc_khz=tsc_khz, image_start=self.image.start, image_end=self.image.end,
+            fph=True, tsc_khz=tsc_khz, image_start=image.start, image_end=image.end,
             uart_port=UART_PORT, debugcon_port=DEBUGCON_PORT, exit_port=EXIT_PORT,
             fph_port=FPH_PORT, idle_port=IDLE_PORT, cpu_count=self.nvcpus, lapic=self.irqchip,
             cpustart_port=CPUSTART_PORT if self.cpustart is not None else 0)
         boot.write_boot_area(self.memory, boot_area=area, cmdline=cfg.cmdline, boot_info=info)
-        entry = self.image.entry
+        entry = image.entry
         self.call(0, lambda v: boot.setup_long_mode(v, entry, area))
 
     def _cpu_on(self, cpu: int, entry: int, stack: int, arg: int) -> None:
@@ -343,8 +356,9 @@ class Machine:
         registers and makes it runnable (it waits in KVM_RUN, uninitialised, until
         then).  Not waited for: the asking vCPU goes on at once."""
         area = self.boot_area
+        assert area is not None, "CPU_ON before boot()"
 
-        def start(vcpu):
+        def start(vcpu: Vcpu) -> None:
             boot.setup_ap(vcpu, cpu, entry=entry, stack=stack, arg=arg, boot_area=area)
             vcpu.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
         self.vcpu_threads[cpu].post(start)
@@ -358,6 +372,7 @@ class Machine:
             self._cond.notify_all()
             self._cond.wait_for(lambda: self._result is not None)
             result = self._result
+        assert result is not None
         result.exits = self.exits
         self.output.flush()
         return result
@@ -375,6 +390,7 @@ class Machine:
     def _run_vcpu(self, vt: VcpuThread) -> RunResult | None:
         """The run loop of one vCPU: until a kick (None) or the end of the VM (a result)."""
         vcpu, bus, trace, counts = vt.vcpu, self.bus, self._trace, vt.exit_counts
+        assert vcpu is not None
         try:
             while True:
                 exit_ = vcpu.run()
@@ -507,11 +523,11 @@ class Machine:
         self.kvm.close()
 
 
-def _tracer(name_vcpus: bool):
+def _tracer(name_vcpus: bool) -> Callable[..., None]:
     """--trace: one numbered line per exit (and per unclaimed port access)."""
     count = [0]
 
-    def trace(what, index: int | None = None) -> None:
+    def trace(what: object, index: int | None = None) -> None:
         count[0] += 1
         who = f"vcpu{index} " if name_vcpus and index is not None else ""
         trace_log.info(f"trace {count[0]}: {who}{what if isinstance(what, str) else repr(what)}")

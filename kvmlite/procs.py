@@ -12,7 +12,7 @@ import tempfile
 import threading
 import time
 
-from .control.client import MonitorClient
+from .control.client import QmpClient
 
 
 def free_port() -> int:
@@ -130,16 +130,17 @@ class VmProcess(ChildProcess):
                 raise TimeoutError("monitor socket did not appear")
             time.sleep(0.01)
 
-    def client(self) -> MonitorClient:
+    def client(self, timeout: float = 10.0) -> QmpClient:
+        """A QMP client connected to this VM's monitor (negotiated)."""
         self.wait_monitor()
-        return MonitorClient(self.monitor_path)
+        return QmpClient(f"unix:{self.monitor_path}", timeout=timeout)
 
-    def execute(self, command: str, **arguments):
-        c = self.client()
-        try:
-            return c.execute(command, **arguments)
-        finally:
-            c.close()
+    def execute(self, command: str, arguments: dict | None = None, **kwargs):
+        """One command on a fresh connection: its return value, or QmpCommandError.
+        Keywords are arguments with `_` for `-` (cpu_index=0 is "cpu-index")."""
+        args = dict(arguments or {}, **{k.replace("_", "-"): v for k, v in kwargs.items()})
+        with self.client() as c:
+            return c.execute(command, args or None)
 
 
 
@@ -162,4 +163,16 @@ def start_destination(port: int, memory: str | None = None, *, echo: str | None 
     dst = VmProcess(args, monitor=monitor, echo=echo,
                     env={**os.environ, **env} if env else None, prefix=prefix, vmm=vmm)
     dst.wait_for(r"waiting for a migration", timeout=120, stream="stderr")
+    return dst
+
+
+def start_deferred_destination(memory: str | None = None, *, echo: str | None = None, extra=(),
+                               env: dict | None = None, prefix=(), vmm=KVMLITE) -> VmProcess:
+    """`kvmlite run --incoming defer --monitor ...` (QEMU's -incoming defer), returned
+    once it waits for the monitor's migrate-incoming to say where to listen."""
+    args = ["--incoming", "defer", *extra]
+    if memory:
+        args += ["--memory", memory]
+    dst = VmProcess(args, echo=echo, env={**os.environ, **env} if env else None, prefix=prefix, vmm=vmm)
+    dst.wait_for(r"waiting for migrate-incoming", timeout=120, stream="stderr")
     return dst

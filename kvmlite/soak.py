@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from .procs import KVMLITE, VmProcess, free_port, start_destination
-from .tools.migrate import follow
+from .tools.migrate import run_migration
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,18 +46,17 @@ def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str 
         nxt = start_destination(free_port(), None, vmm=vmm, extra=extra)
         for i in range(1, migrations + 1):
             uri = nxt.args[nxt.args.index("--incoming") + 1]
-            vm.execute("migrate", uri=uri)
-            s = _wait_migration(vm)
+            s = _migrate(vm, uri)
             if s["status"] == "completed":
                 done += 1
-                downtimes.append(s["downtime_ms"])
-                sent += s["pages_transferred"]
+                downtimes.append(s["x-downtime-ms"])
+                sent += s["ram"]["normal"] + s["ram"]["duplicate"]
                 old.append(vm)
                 vm, nxt = nxt, None
                 vm.wait_monitor()
             else:
                 failed += 1
-                errors.append(s.get("error") or s["status"])
+                errors.append(s.get("error-desc") or s["status"])
                 nxt.kill()
             # the next destination is waiting by the time this one is needed
             nxt = start_destination(free_port(), None, vmm=vmm, extra=extra)
@@ -73,7 +72,7 @@ def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str 
                 log(f"soak: {i}/{migrations} migrations, {failed} failed, "
                     f"{time.perf_counter() - t0:.0f} s")
         nxt.kill()
-        vm.execute("guest-finish")
+        vm.execute("x-guest-finish")
         rc = vm.wait(120)
         summary = vm.summary() or {}
     finally:
@@ -94,12 +93,11 @@ def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str 
     }
 
 
-def _wait_migration(vm: VmProcess, timeout: float = 120.0) -> dict:
-    client = vm.client()
-    try:
-        return follow(client, timeout=timeout, interval=0.005)
-    finally:
-        client.close()
+def _migrate(vm: VmProcess, uri: str, timeout: float = 120.0) -> dict:
+    """Migrate `vm` to `uri` over its monitor and quit it once it is in
+    postmigrate (kvmlite migrate's steps); the final query-migrate."""
+    with vm.client() as client:
+        return run_migration(client, uri, timeout=timeout, interval=0.005)
 
 
 def main(argv=None, *, vmm=KVMLITE, label: str = "", prog: str = "python -m kvmlite.soak",

@@ -187,6 +187,7 @@ class FakeMachine:
     def quit(self, result) -> None:
         self.calls.append(("quit", result.reason, result.status))
         self.result = result
+        self.running = False
         self.quit_event.set()
 
 
@@ -265,13 +266,13 @@ def socketpair_source(data: bytes) -> socket.socket:
     return a
 
 
-def new_migration_for(machine, hooks=None, migration_class=None):
-    """The monitor's migration factory, as runner.py builds it, for a fake machine."""
-    from kvmlite.config import MigrationParams
+def new_migration_for(machine, sink=None, hooks=None):
+    """The monitor's migration factory, as runner.py builds it, for a fake
+    machine: `sink()` makes each migration's transport (a StreamSink by default)."""
     from kvmlite.hooks import NO_HOOKS
     from kvmlite.migration.source import Migration
 
-    def new_migration(uri, **params):
-        return (migration_class or Migration)(machine, MigrationParams(uri, **params),
-                                              hooks=hooks or NO_HOOKS)
+    def new_migration(params):
+        return Migration(machine, params, hooks=hooks or NO_HOOKS,
+                         sink=sink() if sink is not None else StreamSink())
     return new_migration

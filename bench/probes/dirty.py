@@ -144,7 +144,8 @@ def report(res: dict) -> None:
           f"{'ns/page':>8} {'guest write us':>15}")
     for r in res["runs"]:
         print(f"{r['ram_gib']:5.0f}G {r['mode']:>7} {r['enable_ms']:10.1f} {r['pages_per_round']:7.0f} "
-              f"{r['harvest_median_us']:11.0f} {r['reprotect_median_us']:17.0f} {r['harvest_per_page_ns']:8.0f} {r['guest_write_round_us']:15.0f}")
+              f"{r['harvest_median_us']:11.0f} {r['reprotect_median_us']:17.0f} "
+              f"{r['harvest_per_page_ns']:8.0f} {r['guest_write_round_us']:15.0f}")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def ring_transitions(n: int = 2000) -> dict:
         vm.enter(0, "t_null")
         seen = []
 
-        def on_exit(cpu, e):
+        def on_exit(cpu, e, seen=seen):
             if isinstance(e, ex.IoOut) and e.port == 0xF6:
                 seen.append(e.value)
 

@@ -1,4 +1,4 @@
-"""Arrays on the monitor: how `query-pagemap` sends per-page numpy arrays as JSON.
+"""Arrays on the monitor: how `x-query-pagemap` sends per-page numpy arrays as JSON.
 
 Arrays travel as {"dtype", "shape", "zlib_base64"}: the numpy bytes of the
 array, zlib-compressed, base64 text.  Bitmaps are uint64 words, page p in
@@ -44,12 +44,12 @@ def decode_array(obj, what: str = "array") -> np.ndarray:
         if len(raw) != nbytes or not d.eof:
             raise ValueError(f"{len(raw)} bytes where the shape says {nbytes}")
     except (KeyError, TypeError, ValueError, zlib.error) as e:
-        raise KvmliteError(f"query-pagemap: bad {what}: {e}") from None
+        raise KvmliteError(f"x-query-pagemap: bad {what}: {e}") from None
     return np.frombuffer(raw, dtype=dtype)
 
 
 def words_to_mask(words: np.ndarray, npages: int) -> np.ndarray:
     """uint64 bitmap words from a monitor reply -> a bool per page (the first `npages`)."""
     if len(words) * 64 < npages:
-        raise KvmliteError(f"query-pagemap: a bitmap of {len(words) * 64} bits for {npages} pages")
+        raise KvmliteError(f"x-query-pagemap: a bitmap of {len(words) * 64} bits for {npages} pages")
     return bitmap.words_to_mask(words, npages)

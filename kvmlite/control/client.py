@@ -238,29 +238,3 @@ class QmpClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class MonitorClient:
-    """The interface `kvmlite migrate` and friends were written against
-    (``MonitorClient(path).execute(cmd, **args)``), over QmpClient.  It also
-    speaks to the JSON-lines monitor kvmlite had before QMP (greeting
-    ``{"kvmlite": ...}``, no negotiation), until every VMM speaks QMP."""
-
-    def __init__(self, path: str, timeout: float = 10.0):
-        self._qmp = _LegacyTolerant(path, timeout=timeout, negotiate=False)
-        self.greeting = self._qmp.greeting
-        if "QMP" in self.greeting:
-            self._qmp.negotiate()
-
-    def execute(self, command: str, **arguments: Any) -> Any:
-        return self._qmp.execute(command, arguments or None)
-
-    def close(self) -> None:
-        self._qmp.close()
-
-
-class _LegacyTolerant(QmpClient):
-    def _check_greeting(self, greeting: Any) -> None:
-        if isinstance(greeting, dict) and isinstance(greeting.get("kvmlite"), dict):
-            return
-        super()._check_greeting(greeting)

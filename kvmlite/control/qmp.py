@@ -196,23 +196,22 @@ def _check_signature(spec: Command, handler: Callable) -> None:
 # ---- addresses -----------------------------------------------------------------------
 
 def parse_address(address: str) -> tuple:
-    """``unix:PATH`` or a bare path → ("unix", path); ``tcp:HOST:PORT``
-    (HOST may be empty: every interface, or ``[v6]``) → ("tcp", host, port).
-    QEMU's chardev options ``server``, ``server=on``, ``wait=off`` and
-    ``nowait`` are accepted and mean what kvmlite always does."""
-    base, *opts = address.split(",")
-    for opt in opts:
-        if opt not in ("server", "server=on", "wait=off", "nowait"):
-            raise MonitorError(f"monitor address {address!r}: option {opt!r} is not supported")
-    if base.startswith("tcp:"):
-        host, sep, port = base[4:].rpartition(":")
-        if not sep or not port.isdigit() or int(port) > 65535:
-            raise MonitorError(f"monitor address {address!r}: expected tcp:HOST:PORT")
-        return ("tcp", host.strip("[]"), int(port))
-    path = base[5:] if base.startswith("unix:") else base
-    if not path:
-        raise MonitorError(f"monitor address {address!r}: no socket path")
-    return ("unix", path)
+    """``unix:PATH`` or a bare path → ("unix", path); ``tcp:HOST:PORT``,
+    ``tcp:PORT`` or QEMU's ``tcp::PORT`` (both 127.0.0.1; ``[v6]`` hosts in
+    brackets) → ("tcp", host, port).  QEMU's chardev options ``server``,
+    ``server=on``, ``wait=off`` and ``nowait`` are accepted and mean what
+    kvmlite always does.  The parser is kvmlite's one for every address
+    (endpoints.parse_endpoint); a bad one is a MonitorError."""
+    from ..endpoints import TcpUri, parse_endpoint
+    from ..errors import ConfigError
+    try:
+        where = parse_endpoint(address, what="monitor address", kinds=("tcp", "unix"),
+                               bare_path=True, chardev_options=True, port_zero=True)
+    except ConfigError as e:
+        raise MonitorError(str(e)) from None
+    if isinstance(where, TcpUri):
+        return ("tcp", where.host, where.port)
+    return ("unix", where.path)
 
 
 # ---- the server --------------------------------------------------------------------------
@@ -406,6 +405,35 @@ class QmpServer:
         return {"QMP": {"version": self.version_info, "capabilities": []}}
 
     # -- shutting down
+
+    def settle(self, timeout: float = 2.0) -> None:
+        """Wait (up to `timeout`) until every request being handled has its
+        reply queued: so that an event raised because of a command (SHUTDOWN
+        after quit) follows that command's reply, as in QEMU."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            if threading.current_thread() is conn._reader:
+                continue                       # called from a handler: its reply is not due yet
+            with conn._cv:
+                while conn._busy and not conn._dead:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return
+                    conn._cv.wait(left)
+
+    def linger(self, timeout: float) -> None:
+        """Wait (up to `timeout`) for the clients to hang up first.  A client that
+        sent quit reads the reply and the SHUTDOWN event, then closes: QEMU's
+        clients (qmp-shell, qemu.qmp) report an error if the server closes
+        before they do."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._conns:
+                    return
+            time.sleep(0.01)
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop listening; send what is queued (up to `timeout`), then close

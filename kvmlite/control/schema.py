@@ -53,14 +53,16 @@ QUERY_KVM = Command("query-kvm", returns=KVM_INFO,
 # ---- migration: qapi/migration.json --------------------------------------------------
 
 # MigrationStatus.  kvmlite's source goes none → setup → active → device →
-# x-handover → completed (or failed / cancelled / x-unresolved, see
+# handover → completed (or failed / cancelled / unresolved, see
 # docs/architecture.md); its destination reports setup (waiting), active
-# (receiving), x-handover (ready), completed (running) or failed.  The two
-# x- values are kvmlite's handover states, which QEMU does not have.
+# (receiving), handover (ready), completed (running) or failed.  handover and
+# unresolved are kvmlite's handover states, which QEMU does not have; they
+# are the names kvmlite's own state machine uses (migration/status.py), and
+# as values of an enum QEMU may extend they carry no prefix.
 MIGRATION_STATUS = Enum("MigrationStatus", (
     "none", "setup", "cancelling", "cancelled", "active", "postcopy-active", "postcopy-paused",
     "postcopy-recover-setup", "postcopy-recover", "completed", "failed", "colo",
-    "pre-switchover", "device", "wait-unplug", "x-handover", "x-unresolved"))
+    "pre-switchover", "device", "wait-unplug", "handover", "unresolved"))
 
 # MigrationStats: every member QEMU defines is present (zero where kvmlite has
 # no such thing), plus kvmlite's x- members.
@@ -86,7 +88,7 @@ MIGRATION_STATS = Struct("MigrationStats", {
     "x-resent": UINT64,          # pages sent more than once (dirtied again between rounds)
 })
 
-X_ROUND = Struct("x-MigrationRound", {"pages": UINT64, "ms": NUMBER})
+X_ROUND = Struct("x-MigrationRound", {"pages": UINT64, "ms": Nullable(NUMBER)})
 
 # MigrationInfo: QEMU's optional members, kvmlite's x- ones.
 MIGRATION_INFO = Struct("MigrationInfo", {
@@ -100,8 +102,12 @@ MIGRATION_INFO = Struct("MigrationInfo", {
     "*error-desc": STR,                   # why it failed
     "*x-free-page-hint": BOOL,            # whether this migration used the hint
     "*x-live": BOOL,                      # false: the VM was stopped before migrate (stop-copy)
-    "*x-rounds": Array(X_ROUND, max_len=1 << 20),   # pages and ms of each round
-    "*x-downtime-parts": Map(NUMBER),     # ms of the downtime by phase (pause, final-pass, state, ...)
+    "*x-rounds": Array(X_ROUND, max_len=1 << 20),   # pages and ms of each round (the last pass: ms null)
+    "*x-downtime-parts": Map(NUMBER),     # ms of the downtime by phase (pause, sync, pages, state, ...)
+    # QEMU's times are whole milliseconds; kvmlite's downtime is a few of them
+    "*x-total-time-ms": NUMBER,           # total-time, to the microsecond
+    "*x-setup-time-ms": NUMBER,           # setup-time, to the microsecond
+    "*x-downtime-ms": NUMBER,             # downtime, to the microsecond
 })
 
 QUERY_MIGRATE = Command("query-migrate", returns=MIGRATION_INFO,
@@ -110,7 +116,9 @@ QUERY_MIGRATE = Command("query-migrate", returns=MIGRATION_INFO,
 # migrate: QEMU's 'uri' is optional because 'channels' may replace it; kvmlite
 # has no channels, so uri is required.  detach is accepted and ignored, as
 # QEMU does; resume (of a paused post-copy migration) is refused when true.
-MIGRATE = Command("migrate", {"uri": STR, "*detach": BOOL, "*resume": BOOL},
+# x-keep-running (kvmlite's): with a file: uri, the VM carries on here once
+# the snapshot is written, instead of the source entering postmigrate.
+MIGRATE = Command("migrate", {"uri": STR, "*detach": BOOL, "*resume": BOOL, "*x-keep-running": BOOL},
                   doc="Start migrating to uri (tcp:HOST:PORT or file:PATH); returns at once.")
 
 MIGRATE_INCOMING = Command("migrate-incoming", {"uri": STR, "*exit-on-error": BOOL},
@@ -118,6 +126,15 @@ MIGRATE_INCOMING = Command("migrate-incoming", {"uri": STR, "*exit-on-error": BO
 
 MIGRATE_CANCEL = Command("migrate_cancel",
                          doc="Cancel the migration in progress (succeeds if there is none).")
+
+# kvmlite's handover (docs/wire-format.md, "Handover"): when the destination's
+# answer to COMMIT is lost the migration is `unresolved` and the VM paused
+# here; the operator says who owns it now.
+MIGRATION_OWNER = Enum("x-MigrationOwner", ("source", "destination"))
+X_MIGRATE_RESOLVE = Command(
+    "x-migrate-resolve", {"owner": MIGRATION_OWNER},
+    doc="Settle an unresolved migration: 'destination' (the VM runs there: this VMM enters "
+        "postmigrate) or 'source' (it does not: the VM resumes here).")
 
 # MigrationCapability: kvmlite's set.  events (QEMU's, default off as in QEMU)
 # sends MIGRATION and MIGRATION_PASS; auto-converge (QEMU's; kvmlite's default
@@ -136,7 +153,8 @@ QUERY_MIGRATE_CAPABILITIES = Command(
 
 # MigrateSetParameters / MigrationParameters: QEMU's members that kvmlite has,
 # with QEMU's types and ranges (migration/options.c, migrate_params_check),
-# and kvmlite's x- ones.
+# and kvmlite's x- ones.  kvmlite's defaults: downtime-limit 5 ms (QEMU: 300),
+# max-bandwidth 0, no limit (QEMU: 128 MiB/s).
 MAX_MIGRATE_DOWNTIME_MS = 2_000_000       # QEMU's MAX_MIGRATE_DOWNTIME
 MIGRATION_PARAMETERS = {
     "downtime-limit": Int(0, MAX_MIGRATE_DOWNTIME_MS, unit="ms", name="uint64"),
@@ -187,6 +205,11 @@ FREE_PAGES = Struct("x-FreePages", {"pages-total": INT, "registered": BOOL,
 X_QUERY_FREE_PAGES = Command("x-query-free-pages", returns=FREE_PAGES,
                              doc="How many pages the guest's free-page bitmap calls free.")
 
+IMAGE_INFO = Struct("x-ImageInfo", {"loaded": BOOL, "*start": INT, "*end": INT, "*entry": INT})
+X_QUERY_IMAGE = Command("x-query-image", returns=IMAGE_INFO,
+                        doc="Where the guest image booted here was loaded (loaded false on a "
+                            "VMM that received its VM by migration).")
+
 X_GUEST_FINISH = Command("x-guest-finish",
                          doc="Ask the guest's workload to finish (through the free-page-hint "
                              "device's stop flag).")
@@ -220,9 +243,9 @@ EVENTS = (
 COMMANDS = (
     QMP_CAPABILITIES, QUERY_VERSION, QUERY_COMMANDS,
     QUERY_STATUS, STOP, CONT, QUIT, QUERY_KVM,
-    MIGRATE, MIGRATE_INCOMING, MIGRATE_CANCEL, QUERY_MIGRATE,
+    MIGRATE, MIGRATE_INCOMING, MIGRATE_CANCEL, X_MIGRATE_RESOLVE, QUERY_MIGRATE,
     MIGRATE_SET_CAPABILITIES, QUERY_MIGRATE_CAPABILITIES,
     MIGRATE_SET_PARAMETERS, QUERY_MIGRATE_PARAMETERS,
     MIGRATE_START_POSTCOPY, MIGRATE_RECOVER,
-    X_QUERY_PAGEMAP, X_QUERY_FREE_PAGES, X_GUEST_FINISH, X_QUERY_VCPUS,
+    X_QUERY_PAGEMAP, X_QUERY_FREE_PAGES, X_GUEST_FINISH, X_QUERY_VCPUS, X_QUERY_IMAGE,
 )

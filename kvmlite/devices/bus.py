@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..errors import ConfigError
 
 PORT_SPACE = 0x10000
@@ -29,11 +31,11 @@ class IoBus:
     """Port → (device, base).  Unclaimed reads return all ones, writes are dropped,
     as on a PC where nothing drives the bus."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._ranges: list[tuple[int, int, Device]] = []
         self._ports: dict[int, tuple[Device, int]] = {}
         self.unclaimed = 0
-        self.trace = None   # callable(str) when --trace is on
+        self.trace: Callable[[str], None] | None = None   # when --trace is on
 
     def register(self, base: int, length: int, device: Device) -> None:
         if length <= 0 or base < 0 or base + length > PORT_SPACE:

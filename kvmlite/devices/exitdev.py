@@ -1,5 +1,9 @@
 """The exit device: the guest writes a status byte and the run ends with it."""
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
 from .bus import Device
 
 
@@ -29,7 +33,7 @@ class IdleDevice(Device):
     name = "idle"
     MAX_US = 100_000     # a guest cannot park its vCPU for longer than 0.1 s at a time
 
-    def __init__(self, wait):
+    def __init__(self, wait: Callable[[float], None]) -> None:
         self.wait = wait   # callable(seconds)
 
     def io_write(self, offset: int, size: int, value: int) -> None:

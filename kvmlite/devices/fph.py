@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .. import abi
 from ..bitmap import PAGE_SHIFT, mask_to_words, words_to_mask
 from ..log import log
 from .bus import Device
+
+if TYPE_CHECKING:
+    from ..vstate.memory import GuestMemory
 
 ALL_ONES32 = 0xFFFFFFFF
 
@@ -18,7 +23,7 @@ CURRENT = object()
 class FreePageHint(Device):
     name = "free-page-hint"
 
-    def __init__(self, memory):
+    def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory
         self.region_lo = 0
         self.region_hi = 0

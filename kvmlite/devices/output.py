@@ -13,7 +13,7 @@ class SerialOutput:
     file object (its `write`), or a callable taking the line's bytes.
     """
 
-    def __init__(self, to=None):
+    def __init__(self, to: object = None) -> None:
         if to is None:
             to = sys.stdout.fileno()
         if isinstance(to, int):

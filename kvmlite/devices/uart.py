@@ -3,7 +3,12 @@ a hobby kernel's serial_putc) works.  Transmit goes to the VMM's output."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .bus import Device
+
+if TYPE_CHECKING:
+    from .output import SerialOutput
 
 # Register offsets (PC16550D datasheet, Table 2)
 RBR_THR_DLL = 0
@@ -32,7 +37,7 @@ RX_MAX = 16         # a 16550's receive FIFO: loopback bytes past it are dropped
 class Uart16550(Device):
     name = "uart16550"
 
-    def __init__(self, output):
+    def __init__(self, output: SerialOutput) -> None:
         self.output = output          # a SerialOutput
         self.ier = 0
         self.fcr = 0

@@ -10,21 +10,27 @@ before that, the guest never runs here.  The stream is hostile input.
 
 from __future__ import annotations
 
+import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..bitmap import PAGE_SHIFT, words_for, words_to_mask
 from ..config import Credentials, IncomingConfig, MachineConfig
 from ..endpoints import FileUri
-from ..errors import KvmliteError, StreamError
+from ..errors import KvmliteError, MigrationError, StreamError
 from ..hooks import NO_HOOKS, Hooks
 from ..log import log
 from ..util import gc_paused
 from . import transport, wire
 from .state import restore_state, validate_state
 from .status import RECEIVE_TRANSITIONS, ReceiveState as R, StateMachine
+
+if TYPE_CHECKING:
+    from ..machine import Machine
 
 
 @dataclass
@@ -36,9 +42,10 @@ class ReceiveStats:
     ms: float = 0.0
 
 
-def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
+def receive(conn: Any, machine: Machine | None, *, keys: wire.StreamKeys | None = None,
             machine_config: MachineConfig | None = None, max_memory: int | None = None,
-            hooks: Hooks = NO_HOOKS, make_machine=None):
+            hooks: Hooks = NO_HOOKS, make_machine: Callable[[MachineConfig], Machine] | None = None,
+            ) -> tuple[Machine, ReceiveStats]:
     """Read a whole stream into `machine` (made from the header if None); restore its
     vCPUs (parked) and devices.  With `keys` the stream must carry integrity
     tags, and does not pass unless every page the guest uses arrived intact.
@@ -78,7 +85,7 @@ def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
     # bring them intact, unless the guest has freed them.
     unverified = np.zeros(mem.npages, dtype=np.uint8) if dec.integrity is not None else None
 
-    def target(gpa: int, nbytes: int):
+    def target(gpa: int, nbytes: int) -> memoryview:
         return mem.slice(gpa, nbytes)
 
     state = None
@@ -118,6 +125,8 @@ def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
                 hooks.point("dst:end")
                 break
     # The END record proved the stream complete and its structure intact.
+    if state is None:
+        raise StreamError("the stream ended without the vCPU and device state (no STATE record)")
     try:
         restore_state(machine, state)
     except KvmliteError as e:
@@ -129,7 +138,7 @@ def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
     return machine, stats
 
 
-def _check_integrity(machine, unverified: np.ndarray, tags_bad: int) -> None:
+def _check_integrity(machine: Machine, unverified: np.ndarray, tags_bad: int) -> None:
     """Every page whose last tag did not match must be free in the guest's own
     bitmap, as it arrived (bitmap pages are never free, so they were checked):
     a page the guest uses arrived intact, or the stream is refused.
@@ -151,7 +160,7 @@ def _check_integrity(machine, unverified: np.ndarray, tags_bad: int) -> None:
                           "did not match): the stream was changed on the way or at rest")
 
 
-def _machine(cfg: MachineConfig):
+def _machine(cfg: MachineConfig) -> Machine:
     from ..machine import Machine
     return Machine(cfg)
 
@@ -163,7 +172,8 @@ class Incoming:
     runs here, on any failure."""
 
     def __init__(self, config: IncomingConfig, creds: Credentials | None = None,
-                 machine_config: MachineConfig | None = None, *, hooks: Hooks = NO_HOOKS, machine=None):
+                 machine_config: MachineConfig | None = None, *, hooks: Hooks = NO_HOOKS,
+                 machine: Machine | None = None) -> None:
         self.config = config
         self.creds = creds or Credentials()
         self.machine_config = machine_config or MachineConfig(memory=None)
@@ -173,6 +183,8 @@ class Incoming:
         self.stats: ReceiveStats | None = None
         self.listener: transport.Listener | None = None
         self.peer: str | None = None
+        self._conn: Any = None          # the source's connection, while receiving
+        self._aborted = False
 
     @property
     def status(self) -> R:
@@ -190,8 +202,10 @@ class Incoming:
         log.info(f"waiting for a migration on {target}"
                  + (" (TLS)" if self.creds.tls else "") + (" (key required)" if self.creds.key else ""))
 
-    def run(self):
+    def run(self) -> Machine:
         target = self.config.target
+        conn: Any
+        keys: wire.StreamKeys | None
         try:
             if isinstance(target, FileUri):
                 conn, self.peer = transport.FileSource(target.path), target.path
@@ -200,9 +214,14 @@ class Incoming:
             else:
                 if self.listener is None:
                     self.listen()
+                assert self.listener is not None
                 conn, self.peer, keys = self.listener.accept()
                 self.listener.close()
                 self.hooks.point("dst:handshake")
+            self._conn = conn
+            if self._aborted:
+                conn.close()
+                raise KvmliteError("the incoming migration was abandoned")
         except BaseException:
             self.state.advance(R.FAILED)
             raise
@@ -222,9 +241,12 @@ class Incoming:
                     self._handover(conn)
         except KvmliteError as e:
             self.state.advance(R.FAILED)
-            raise KvmliteError(f"incoming migration from {self.peer} failed: {e}; "
-                               "the guest was not started") from None
+            # a refused stream stays a StreamError: `kvmlite run` exits 65 for it
+            kind = StreamError if isinstance(e, StreamError) else MigrationError
+            raise kind(f"incoming migration from {self.peer} failed: {e}; "
+                       "the guest was not started") from None
         finally:
+            self._conn = None
             conn.close()
         if isinstance(target, FileUri):
             self.state.advance(R.RUNNING)
@@ -233,7 +255,22 @@ class Incoming:
                  f"{s.bytes} bytes in {s.ms:.0f} ms; guest resumed")
         return self.machine
 
-    def _handover(self, conn) -> None:
+    def abort(self) -> None:
+        """Give up from another thread (the monitor's quit): stop waiting, or
+        cut the stream being received; `run()` then raises and the guest
+        never runs here.  Once COMMIT has arrived it is too late: the guest
+        is this side's."""
+        self._aborted = True
+        if self.listener is not None:
+            self.listener.close()
+        conn = self._conn
+        if conn is not None:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except (OSError, AttributeError):
+                pass
+
+    def _handover(self, conn: Any) -> None:
         """READY, then the guest is ours only once COMMIT arrives (docs/wire-format.md)."""
         try:
             conn.sendall(wire.encode_frame({"status": wire.READY}))
@@ -256,7 +293,7 @@ class Incoming:
         _send_quietly(conn, {"status": wire.RUNNING})
 
 
-def _send_quietly(conn, frame: dict) -> None:
+def _send_quietly(conn: Any, frame: dict[str, Any]) -> None:
     try:
         conn.settimeout(1.0)
         conn.sendall(wire.encode_frame(frame))

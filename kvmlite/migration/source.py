@@ -17,6 +17,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -26,7 +28,7 @@ from ..endpoints import FileUri
 from ..errors import KvmliteError, MigrationError
 from ..hooks import NO_HOOKS, Hooks
 from ..log import log
-from ..machine import RunResult
+from ..machine import Machine, RunResult
 from ..util import gc_paused
 from . import transport, wire
 from .state import collect_state
@@ -52,7 +54,8 @@ class Migration:
     `sink`: a transport already connected (transport.py's interface), instead
     of connecting to `params.uri`: how tests and other transports plug in."""
 
-    def __init__(self, machine, params: MigrationParams, *, hooks: Hooks = NO_HOOKS, sink=None):
+    def __init__(self, machine: Machine, params: MigrationParams, *, hooks: Hooks = NO_HOOKS,
+                 sink: transport.Sink | None = None) -> None:
         self.machine = machine
         self.params = params
         self.target = params.target
@@ -64,7 +67,7 @@ class Migration:
         self.done = threading.Event()      # the migration thread has finished
         self._cancel = threading.Event()
         self._thread: threading.Thread | None = None
-        self.sink = None        # where the stream goes: transport.SocketSink, TlsSink or FileSink
+        self.sink: transport.Sink | None = None   # where the stream goes: SocketSink, TlsSink, FileSink
         self._given_sink = sink
         self._connecting: socket.socket | None = None
         self._crc = 0
@@ -82,6 +85,9 @@ class Migration:
         self._first_pass_done = False    # every page has been examined once
         self._examined = 0               # pages examined in the first pass so far
         self._distinct_sent = 0          # pages sent at least once
+        # Called with the sync count at each dirty-log sync (a pre-copy round,
+        # or the last pass): the monitor's MIGRATION_PASS event.
+        self.sync_listeners: list[Callable[[int], None]] = []
 
     def _on_state(self, old: S, new: S) -> None:
         self.stats.status = new.value
@@ -190,9 +196,10 @@ class Migration:
         self.hooks.point("src:connected")
         info = {"page_size": PAGE_SIZE, "ram": [[mem.gpa, mem.size]], "vcpus": self.machine.nvcpus,
                 "hint": self.params.hint, "live": self.params.live, "source": "kvmlite"}
-        if self.sink.keys is not None:
+        keys = self._sink().keys
+        if keys is not None:
             # A keyed link without TLS, or a snapshot file: tag every page record.
-            self._integrity = wire.Integrity(self.sink.keys)
+            self._integrity = wire.Integrity(keys)
             info["integrity"] = wire.INTEGRITY
         self.machine.vm.start_dirty_log()
         dirty = all_set(mem.npages)
@@ -240,6 +247,8 @@ class Migration:
     def _auto_converge(self, pending: int) -> None:
         """If the guest dirtied at least half of what the last round sent, twice
         running, slow its vCPUs down: 20 % of their time, then 10 % more each time."""
+        if not self.params.auto_converge:
+            return
         if len(self.stats.round_pages) >= 2 and pending * 2 >= self.stats.round_pages[-1]:
             self._not_converging += 1
         else:
@@ -259,6 +268,7 @@ class Migration:
             self.state.advance(S.DEVICE, only_from=(S.ACTIVE,))
         with gc_paused():   # a collection inside the downtime would add milliseconds
             self._marks = [("pause", time.perf_counter())]   # the downtime starts at the pause request
+            self.stats.precopy_bytes = self.stats.bytes_wire
             if not machine.paused:        # a VM the user stopped stays stopped if this fails
                 self._paused_here = True
                 machine.pause_all()
@@ -287,7 +297,7 @@ class Migration:
     def _handover(self) -> None:
         """READY from the destination, then COMMIT, then its acknowledgement
         (docs/wire-format.md, "Handover").  A snapshot file needs none of it."""
-        sink = self.sink
+        sink = self._sink()
         self._mark("ready")
         if not sink.expects_reply:
             sink.finish()        # a snapshot is complete once it is on disk
@@ -323,7 +333,7 @@ class Migration:
                                         for (name, a), (_, b) in zip(marks, marks[1:])}
         self.stats.downtime_ms = (now - marks[0][1]) * 1000
         self.stats.total_ms = (now - self._t0) * 1000
-        self.stats.throughput_mbps = self.stats.bytes_wire / (1 << 20) / max(now - self._t0, 1e-9)
+        self.stats.throughput_mib_s = self.stats.bytes_wire / (1 << 20) / max(now - self._t0, 1e-9)
         self.state.advance(S.COMPLETED)
         where = (f"saved in {self.target.path}" if isinstance(self.target, FileUri)
                  else f"running at {self.target}")
@@ -337,7 +347,7 @@ class Migration:
                 self.machine.resume_all()
             log.info(f"{done}, and keeps running here")
         else:
-            log.info(f"{done}; this VMM stops")
+            log.info(done)
             self.machine.quit(RunResult("migrated", 0))
 
     def _describe(self, e: Exception) -> str:
@@ -368,16 +378,20 @@ class Migration:
             reply = wire.read_frame(sink, "the destination's refusal", (wire.ERROR,))
         except (OSError, KvmliteError):
             return None
-        return reply["error"]
+        return str(reply["error"])
 
     def _drain(self) -> None:
         """Wait, with the guest still running, until the destination has taken in
         what was sent: bytes still queued at pause time would count as downtime."""
         deadline = time.perf_counter() + DRAIN_TIMEOUT
         while time.perf_counter() < deadline and not self._cancel.is_set():
-            if self.sink.unacked() == 0:
+            if self._sink().unacked() == 0:
                 return
             time.sleep(0.0002)
+
+    def _sink(self) -> transport.Sink:
+        assert self.sink is not None, "not connected"
+        return self.sink
 
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
@@ -410,6 +424,9 @@ class Migration:
         chunk just before reading it.
         """
         dirty |= self.machine.vm.get_dirty_log(0)
+        self.stats.dirty_syncs += 1
+        for listener in list(self.sync_listeners):
+            listener(self.stats.dirty_syncs)
 
     def _free_words(self, w0: int, w1: int) -> np.ndarray | None:
         """The guest's free bits for RAM words [w0, w1) as they are now; None without the hint."""
@@ -458,7 +475,7 @@ class Migration:
         self._first_pass_done = True
         return total
 
-    def _dirty_chunks(self, dirty: np.ndarray):
+    def _dirty_chunks(self, dirty: np.ndarray) -> Iterator[tuple[int, int, np.ndarray]]:
         """(w0, w1, a copy of dirty[w0:w1]) for each 256 MiB chunk with dirty pages."""
         step = CHUNK_PAGES // 64
         for w0 in range(0, len(dirty), step):
@@ -546,7 +563,7 @@ class Migration:
             self.stats.pages_sent += int(dl.sum())
         return len(pages)
 
-    def _structure(self, data) -> None:
+    def _structure(self, data: bytes | memoryview) -> None:
         """Structural bytes (all but page payloads and tags): checksummed, and MACed."""
         self._crc = wire.crc(data, self._crc)
         if self._integrity is not None:
@@ -557,10 +574,10 @@ class Migration:
             self._structure(data)
         self._sendall([data])
 
-    def _sendall(self, bufs: list) -> None:
+    def _sendall(self, bufs: list[Any]) -> None:
         """Every buffer onto the wire (a socket with a timeout may send part), at the bandwidth asked."""
         self.stats.bytes_wire += sum(len(b) for b in bufs)
-        self.sink.send(bufs)
+        self._sink().send(bufs)
         bandwidth = self.params.bandwidth
         if bandwidth:
             ahead = self.stats.bytes_wire / bandwidth - (time.perf_counter() - self._t0)

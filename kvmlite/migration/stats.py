@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass
 class MigrationStats:
-    status: str = "none"          # none, setup, active, completing, completed, failed, cancelled
+    status: str = "none"          # a MigrationStatus value (migration/status.py)
     error: str | None = None
     hint: bool = True
     live: bool = True
@@ -20,23 +21,25 @@ class MigrationStats:
     pages_resent: int = 0         # pages sent (P or Z) more than once: dirtied again during rounds
     pages_remaining: int = 0      # dirty pages still to send, as of the last sync
     bytes_wire: int = 0           # every byte written to the socket
+    precopy_bytes: int = 0        # of those, the bytes written before the guest was paused
+    dirty_syncs: int = 0          # dirty-log syncs: one per round, the last pass's included
     setup_ms: float = 0.0
     total_ms: float = 0.0
     downtime_ms: float = 0.0
-    throughput_mbps: float = 0.0  # MiB/s of wire bytes over the whole migration
+    throughput_mib_s: float = 0.0  # MiB/s (not Mbit/s) of wire bytes over the whole migration
     dirty_rate_pps: float = 0.0   # pages/s the guest dirtied while pre-copy rounds ran
     throttle_pct: int = 0         # share of time the vCPU was made to sit out (auto-converge)
-    round_pages: list = field(default_factory=list)   # pages sent (data or zero) in each round
-    round_ms: list = field(default_factory=list)      # how long each round took
+    round_pages: list[int] = field(default_factory=list)   # pages sent (data or zero) in each round
+    round_ms: list[float] = field(default_factory=list)    # how long each round took
     # where the downtime went: pause, final sync, final pages, state, destination's reply
-    downtime_parts_ms: dict = field(default_factory=dict)
+    downtime_parts_ms: dict[str, float] = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
 
     @property
     def pages_transferred(self) -> int:
         return self.pages_sent + self.pages_zero
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["pages_transferred"] = self.pages_transferred
         return d

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import enum
 import threading
+from collections.abc import Callable, Collection, Mapping
+from typing import Generic, TypeVar
 
 
 class MigrationStatus(str, enum.Enum):
@@ -104,7 +106,10 @@ class IllegalTransition(RuntimeError):
     """A bug: the code tried a state change the table does not allow."""
 
 
-class StateMachine:
+_S = TypeVar("_S", bound=enum.Enum)
+
+
+class StateMachine(Generic[_S]):
     """A state, the table of allowed transitions, and listeners told of each change.
 
     `advance(new)` is the only way to change the state; `advance(new, only_from=...)`
@@ -113,17 +118,18 @@ class StateMachine:
     learn which one won.
     """
 
-    def __init__(self, initial, table: dict):
+    def __init__(self, initial: _S, table: Mapping[_S, frozenset[_S]]) -> None:
         self._state = initial
         self._table = table
         self._lock = threading.Lock()
-        self.listeners: list = []          # callables(old, new), called outside the lock
+        # called with (old, new) after each change, outside the lock
+        self.listeners: list[Callable[[_S, _S], None]] = []
 
     @property
-    def state(self):
+    def state(self) -> _S:
         return self._state
 
-    def advance(self, new, *, only_from=None) -> bool:
+    def advance(self, new: _S, *, only_from: Collection[_S] | None = None) -> bool:
         with self._lock:
             old = self._state
             if only_from is not None and old not in only_from:

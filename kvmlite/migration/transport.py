@@ -21,6 +21,7 @@ import selectors
 import socket
 import threading
 import time
+from typing import Any, Protocol
 
 from ..config import Credentials
 from ..endpoints import FileUri, TcpUri, parse_uri  # noqa: F401  (re-exported for callers)
@@ -214,6 +215,25 @@ def _after(bufs: list, n: int) -> list:
     return rest
 
 
+class Sink(Protocol):
+    """Where a migration stream goes: SocketSink, TlsSink, FileSink, or a test's
+    fake (Migration's `sink=`).  `keys`: the stream's integrity keys when page
+    records must carry tags (a keyed link without TLS, a snapshot file)."""
+    @property
+    def kind(self) -> str: ...
+    @property
+    def expects_reply(self) -> bool: ...
+    @property
+    def keys(self) -> wire.StreamKeys | None: ...
+
+    def send(self, bufs: list[Any]) -> None: ...
+    def unacked(self) -> int: ...
+    def settimeout(self, t: float) -> None: ...    # a sink that expects_reply also has recv_into
+    def abort(self) -> None: ...
+    def finish(self) -> None: ...
+    def close(self) -> None: ...
+
+
 class SocketSink:
     """Plain TCP: `sendmsg` straight from guest memory, no copies.  `keys`:
     the stream's integrity keys on a keyed link (none over TLS, which has its own)."""
@@ -328,7 +348,7 @@ class FileSource:
         try:
             self.f = open(path, "rb", buffering=0)
         except OSError as e:
-            raise MigrationError(f"cannot read {path}: {e.strerror}") from None
+            raise StreamError(f"cannot read {path}: {e.strerror}") from None
 
     def recv_into(self, view, n: int) -> int:
         return self.f.readinto(memoryview(view)[:n])
@@ -414,6 +434,8 @@ class Listener:
                 with self._cond:
                     if self._winner is not None:
                         return self._winner
+                    if self._closed:
+                        raise MigrationError(f"stopped waiting on {self.target}")
                 if sel.select(0.05):
                     try:
                         conn, addr = self.sock.accept()

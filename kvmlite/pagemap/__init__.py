@@ -8,7 +8,7 @@ One idea a module; nothing here imports another's package `__init__`:
 
 * model.py: the kinds of page a picture shows, and a PageMap (one state per
   page, and the round that sent it) built from a running VM's monitor
-  (`query-pagemap`: never touched, free, active, dirty; the round that sent
+  (`x-query-pagemap`: never touched, free, active, dirty; the round that sent
   each page once a migration has run);
 * stream.py: a PageMap of a migration stream saved to a file (`kvmlite
   migrate ... file:PATH`), read with the wire format's own decoder: which

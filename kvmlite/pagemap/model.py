@@ -1,5 +1,5 @@
 """What a pagemap picture shows: the kinds of page, and a PageMap (one kind a
-page, and the round that sent it) built from the monitor's `query-pagemap`."""
+page, and the round that sent it) built from the monitor's `x-query-pagemap`."""
 
 from __future__ import annotations
 
@@ -97,12 +97,12 @@ class PageMap:
 
 
 def from_monitor(resp: dict) -> PageMap:
-    """A PageMap from a `query-pagemap` reply."""
+    """A PageMap from an `x-query-pagemap` reply."""
     try:
         npages = int(resp["pages"])
-        arrays = {k: resp.get(k) for k in ("free", "backed", "dirty", "sent_round")}
+        arrays = {k: resp.get(k) for k in ("free", "backed", "dirty", "sent-round")}
     except (KeyError, TypeError, ValueError) as e:
-        raise KvmliteError(f"query-pagemap: malformed reply ({e})") from None
+        raise KvmliteError(f"x-query-pagemap: malformed reply ({e})") from None
     states = np.full(npages, ACTIVE, dtype=np.uint8)
     free = None
     if arrays["free"] is not None:
@@ -115,14 +115,14 @@ def from_monitor(resp: dict) -> PageMap:
     mig = resp.get("migration") or {}
     if arrays["dirty"] is not None:
         dirty = words_to_mask(decode_array(arrays["dirty"], "dirty bitmap"), npages)
-        if free is not None and mig.get("hint", True):
+        if free is not None and mig.get("x-free-page-hint", True):
             dirty = dirty & ~free      # dirty free pages are skipped, not sent
         states[dirty] = DIRTY
     rounds = None
-    if arrays["sent_round"] is not None:
-        rounds = decode_array(arrays["sent_round"], "sent_round")
+    if arrays["sent-round"] is not None:
+        rounds = decode_array(arrays["sent-round"], "sent-round")
         if len(rounds) != npages:
-            raise KvmliteError(f"query-pagemap: sent_round has {len(rounds)} entries for {npages} pages")
+            raise KvmliteError(f"x-query-pagemap: sent-round has {len(rounds)} entries for {npages} pages")
     title = "guest memory"
     summary = ""
     if free is not None:

@@ -1,4 +1,4 @@
-"""`kvmlite inspect`: a running VM's registers, exits by kind and page counts, over its monitor."""
+"""`kvmlite inspect`: a running VM's registers, exits by kind and page counts, over its QMP monitor."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import sys
 
 from ..bitmap import PAGE_SIZE
-from ..control.client import MonitorClient
+from ..control.client import QmpClient
 from ..units import human_bytes
 
 GENERAL = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
@@ -15,16 +15,25 @@ CONTROL = ("rip", "rflags", "cr0", "cr2", "cr3", "cr4", "efer")
 
 
 def gather(client) -> dict:
-    """What `inspect` shows, from three monitor queries."""
+    """What `inspect` shows, from four monitor queries: the run state,
+    x-query-vcpus (registers and exits of each vCPU), x-query-image and
+    x-query-free-pages; the exits also summed over the vCPUs."""
     status = client.execute("query-status")
-    vcpu = client.execute("query-vcpu")
-    pages = client.execute("query-free-pages")
-    return {"status": status["status"], **vcpu, "pages": pages}
+    vcpus = client.execute("x-query-vcpus")
+    exits: dict[str, int] = {}
+    for v in vcpus:
+        for kind, n in v["exits"].items():
+            exits[kind] = exits.get(kind, 0) + n
+    return {"status": status["status"], "vcpus": vcpus,
+            "exits": dict(sorted(exits.items(), key=lambda kv: (-kv[1], kv[0]))),
+            "exits-total": sum(v["exits-total"] for v in vcpus),
+            "image": client.execute("x-query-image"),
+            "pages": client.execute("x-query-free-pages")}
 
 
 def page_summary(pages: dict) -> list[tuple[str, str, str]]:
     """(what, pages, size) rows of the free-page bitmap summary."""
-    total = pages["pages_total"]
+    total = pages["pages-total"]
     rows = [("total", str(total), human_bytes(total * PAGE_SIZE))]
     if pages.get("registered"):
         for what in ("free", "active"):
@@ -37,11 +46,12 @@ def page_summary(pages: dict) -> list[tuple[str, str, str]]:
 def render(info: dict, console) -> None:
     from rich.columns import Columns
     from rich.table import Table
-    console.print(f"[bold]status[/bold] {info['status']}, {info['exits_total']} VM exits")
+    console.print(f"[bold]status[/bold] {info['status']}, {info['exits-total']} VM exits")
 
-    regs = info.get("registers")
+    first = info["vcpus"][0]
+    regs = first.get("registers")
     if regs is None:
-        console.print(f"registers not read: {info.get('registers_unread')}", highlight=False)
+        console.print(f"registers not read: {first.get('registers-unread')}", highlight=False)
         tables = []
     else:
         general = Table(title="general registers", show_header=False)
@@ -51,7 +61,7 @@ def render(info: dict, console) -> None:
         for name in CONTROL:
             control.add_row(name, f"{regs[name]:#018x}")
         image = info.get("image")
-        if image:
+        if image and image.get("loaded"):
             where = ("inside" if image["start"] <= regs["rip"] < image["end"] else "outside")
             control.add_row("", f"rip is {where} the image {image['start']:#x}..{image['end']:#x}")
         segs = Table(title="segments")
@@ -80,11 +90,8 @@ def render(info: dict, console) -> None:
 def inspect_command(*, monitor: str, as_json: bool = False) -> int:
     """Print what `gather` reads from the VM whose monitor socket is `monitor`:
     tables, or JSON with `as_json`."""
-    client = MonitorClient(monitor)
-    try:
+    with QmpClient(monitor) as client:
         info = gather(client)
-    finally:
-        client.close()
     if as_json:
         print(json.dumps(info, indent=2))
         return 0

@@ -1,4 +1,16 @@
-"""`kvmlite migrate`: drive a source VM's monitor, show progress, print the stats."""
+"""`kvmlite migrate`: drive a source VM's QMP monitor, show progress, print the figures.
+
+It does what a QMP client does by hand (docs/monitor.md, "Migration"):
+
+    migrate-set-capabilities  x-free-page-hint, auto-converge
+    migrate-set-parameters    downtime-limit, max-bandwidth, x-max-rounds, x-stall-timeout, x-auth-key
+    stop                      (--stop-copy: QEMU's way to migrate in one pass)
+    migrate                   uri
+    query-migrate ...         until the status is final
+    quit                      the source, now in postmigrate (--no-quit leaves it there)
+
+and prints the last query-migrate: a table, or its JSON (QAPI MigrationInfo).
+"""
 
 from __future__ import annotations
 
@@ -6,124 +18,105 @@ import json
 import os
 import sys
 import time
+from typing import Any
 
-from ..control.client import MonitorClient
+from .. import exitcodes
+from ..bitmap import PAGE_SIZE
+from ..control.client import QmpClient
 from ..errors import KvmliteError, MigrationError
-from ..units import human_bytes
+from ..units import human_bytes, parse_size
 
 POLL_INTERVAL = 0.05
 FINAL = ("completed", "failed", "cancelled", "unresolved")
+DEFAULT_DOWNTIME_MS = 5
+DEFAULT_MAX_ROUNDS = 30
 
 
-def stats_rows(s: dict) -> list[tuple[str, str]]:
+def _ram(info: dict) -> dict:
+    return info.get("ram") or {}
+
+
+def pages_total(info: dict) -> int:
+    ram = _ram(info)
+    return ram.get("total", 0) // ram.get("page-size", PAGE_SIZE)
+
+
+def stats_rows(info: dict) -> list[tuple[str, str]]:
+    """The table `kvmlite migrate` prints, from a query-migrate reply."""
+    ram = _ram(info)
+    mbps = ram.get("mbps", 0.0)
+    error = info.get("error-desc")
     return [
-        ("status", s["status"] + (f" ({s['error']})" if s.get("error") else "")),
-        ("mode", ("live" if s["live"] else "stop-copy") + (", free page hint on" if s["hint"] else ", hint off")),
-        ("total time", f"{s['total_ms']:.1f} ms"),
-        ("setup time", f"{s['setup_ms']:.1f} ms"),
-        ("downtime", f"{s['downtime_ms']:.2f} ms"),
-        ("rounds", str(s["rounds"])),
-        ("pages total", str(s["pages_total"])),
-        ("pages skipped as free", str(s["pages_skipped_free"])),
-        ("pages zero", str(s["pages_zero"])),
-        ("pages sent (data)", str(s["pages_sent"])),
-        ("pages re-sent", str(s["pages_resent"])),
-        ("bytes on the wire", f"{s['bytes_wire']} ({human_bytes(s['bytes_wire'])})"),
-        ("throughput", f"{s['throughput_mbps']:.0f} MiB/s"),
-        ("dirty rate", f"{s['dirty_rate_pps']:.0f} pages/s"),
-        ("vCPU throttled", f"{s['throttle_pct']} %"),
+        ("status", info.get("status", "none") + (f" ({error})" if error else "")),
+        ("mode", ("live" if info.get("x-live", True) else "stop-copy")
+         + (", free page hint on" if info.get("x-free-page-hint", True) else ", hint off")),
+        ("total time", f"{info.get('x-total-time-ms', info.get('total-time', 0)):.1f} ms"),
+        ("setup time", f"{info.get('x-setup-time-ms', info.get('setup-time', 0)):.1f} ms"),
+        ("downtime", f"{info.get('x-downtime-ms', info.get('downtime', 0)):.2f} ms"),
+        ("rounds", str(len(info.get("x-rounds", ())))),
+        ("pages total", str(pages_total(info))),
+        ("pages skipped as free", str(ram.get("x-skipped-free", 0))),
+        ("pages zero", str(ram.get("duplicate", 0))),
+        ("pages sent (data)", str(ram.get("normal", 0))),
+        ("pages re-sent", str(ram.get("x-resent", 0))),
+        ("bytes on the wire", f"{ram.get('transferred', 0)} ({human_bytes(ram.get('transferred', 0))})"),
+        ("throughput", f"{mbps:,.0f} Mbit/s ({mbps * 1e6 / 8 / (1 << 20):,.0f} MiB/s)"),
+        ("dirty rate", f"{ram.get('dirty-pages-rate', 0)} pages/s"),
+        ("vCPU throttled", f"{info.get('cpu-throttle-percentage', 0)} %"),
     ]
 
 
-def print_stats(s: dict, file=None) -> None:
+def print_stats(info: dict, file=None) -> None:
     from rich.console import Console
     from rich.table import Table
     table = Table(title="kvmlite migration", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value", justify="right")
-    for k, v in stats_rows(s):
+    for k, v in stats_rows(info):
         table.add_row(k, v)
     Console(file=file or sys.stdout).print(table)
 
 
-def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
-                    stop_copy: bool = False, downtime_ms: float = 5.0, bandwidth: str = "0",
-                    max_rounds: int = 30, as_json: bool = False, timeout: float | None = None,
-                    auth_key: str | None = None, keep_running: bool = False,
-                    pagemap: str | None = None, resolve: str | None = None) -> int:
-    """`kvmlite migrate`: start a migration on a VM's monitor, follow it, print its stats.
-    With `resolve` ("source" or "destination"), settle an unresolved one instead."""
-    from ..units import parse_size
-    client = MonitorClient(monitor)
-    png_error = None
+# ---- the steps, for any QMP client (tests, soak, the benchmarks use them too) ----------------
+
+def configure(client: QmpClient, *, hint: bool = True, auto_converge: bool = True,
+              downtime_ms: int = DEFAULT_DOWNTIME_MS, bandwidth: int = 0,
+              max_rounds: int = DEFAULT_MAX_ROUNDS, timeout: float | None = None,
+              auth_key: str | None = None) -> None:
+    """Set the source's migration capabilities and parameters (every one, so
+    that what an earlier client set does not linger)."""
+    client.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "x-free-page-hint", "state": hint},
+        {"capability": "auto-converge", "state": auto_converge}]})
+    client.execute("migrate-set-parameters", {
+        "downtime-limit": downtime_ms, "max-bandwidth": bandwidth, "x-max-rounds": max_rounds,
+        "x-stall-timeout": round(timeout * 1000) if timeout else 0,
+        # the source VMM reads the file: give it a path it can open
+        "x-auth-key": os.path.abspath(auth_key) if auth_key else ""})
+
+
+def start(client: QmpClient, uri: str, *, stop_copy: bool = False, keep_running: bool = False) -> bool:
+    """`migrate` (after `stop` for a stop-copy); returns whether it stopped the VM."""
+    stopped = False
+    if stop_copy and client.execute("query-status")["status"] == "running":
+        client.execute("stop")
+        stopped = True
+    args: dict[str, Any] = {"uri": uri}
+    if keep_running:
+        args["x-keep-running"] = True
     try:
-        if resolve is not None:
-            client.execute("x-migrate-resolve", owner=resolve)
-            s = client.execute("query-migrate")
-            print(f"kvmlite: migration resolved: {s['status']}", file=sys.stderr)
-            return 0
-        if uri is None:
-            raise KvmliteError("give the destination (tcp:HOST:PORT or file:PATH), or --resolve")
-        parse_size(bandwidth, "--bandwidth")
-        if pagemap:
-            _check_writable(pagemap)
-        extra = {"downtime-ms": downtime_ms, "max-rounds": max_rounds}
-        if timeout:
-            extra["timeout"] = timeout
-        if auth_key:
-            # the source VMM reads the file: give it a path it can open
-            extra["auth-key"] = os.path.abspath(auth_key)
-        if keep_running:
-            extra["keep-running"] = True
-        client.execute("migrate", uri=uri, hint=hint, live=not stop_copy,
-                       bandwidth=bandwidth, **extra)
-        s = follow(client, show_progress=not as_json and sys.stderr.isatty(), hold=bool(pagemap))
-        if pagemap:
-            # The source was held: it is still up to be asked for the picture,
-            # and goes only after the plain query-migrate that follows it.
-            png_error = _write_pagemap(client, pagemap)
-            s = client.execute("query-migrate")
-    finally:
-        client.close()
-    if as_json:
-        print(json.dumps(s, indent=2))
-    else:
-        print_stats(s)
-    if s["status"] == "unresolved":
-        print("kvmlite: the destination's answer to COMMIT was lost: the VM is paused at the "
-              "source and may be running at the destination. Check the destination, then: "
-              f"kvmlite migrate --monitor {monitor} --resolve destination|source", file=sys.stderr)
-    if pagemap and png_error:
-        print(f"kvmlite: error: {png_error}", file=sys.stderr)
-        return 1
-    return 0 if s["status"] == "completed" else 1
+        client.execute("migrate", args)
+    except KvmliteError:
+        if stopped:
+            client.execute("cont")
+        raise
+    return stopped
 
 
-def _check_writable(path: str) -> None:
-    """A PNG that cannot be written should stop `migrate` before it starts, not after."""
-    import os
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise KvmliteError(f"--pagemap {path}: cannot write into {folder}")
-
-
-def _write_pagemap(client: MonitorClient, path: str) -> str | None:
-    """Fetch query-pagemap and write its sent-rounds PNG; an error message, or None."""
-    from .pagemap import write_monitor_png
-    try:
-        g = write_monitor_png(client.execute("query-pagemap"), path)
-    except KvmliteError as e:
-        return str(e)
-    print(f"kvmlite: wrote {path}: {g.scale}", file=sys.stderr)
-    return None
-
-
-def follow(client: MonitorClient, show_progress: bool = False, hold: bool = False,
-           timeout: float | None = None, interval: float = POLL_INTERVAL) -> dict:
-    """Poll query-migrate until the migration ends (raising TimeoutError after
-    `timeout` seconds).  `hold`: ask a finished source to stay up for more
-    queries (a plain query-migrate releases it)."""
-    query = {"hold": True} if hold else {}
+def follow(client: QmpClient, show_progress: bool = False, timeout: float | None = None,
+           interval: float = POLL_INTERVAL) -> dict:
+    """Poll query-migrate until the migration ends (TimeoutError after `timeout` s);
+    returns the last reply."""
     deadline = None if timeout is None else time.monotonic() + timeout
     progress = task = None
     if show_progress:
@@ -134,14 +127,15 @@ def follow(client: MonitorClient, show_progress: bool = False, hold: bool = Fals
         task = progress.add_task("", total=1.0)
     try:
         while True:
-            s = client.execute("query-migrate", **query)
+            info = client.execute("query-migrate")
             if progress is not None:
-                done = s["pages_transferred"] + s["pages_skipped_free"]
-                progress.update(task, completed=min(done / max(s["pages_total"], 1), 1.0), description=(
-                    f"round {s['rounds']}  sent {human_bytes(s['bytes_wire'])}  "
-                    f"skipped {s['pages_skipped_free']} free pages  [{s['status']}]"))
-            if s["status"] in FINAL:
-                return s
+                ram = _ram(info)
+                done = ram.get("normal", 0) + ram.get("duplicate", 0) + ram.get("x-skipped-free", 0)
+                progress.update(task, completed=min(done / max(pages_total(info), 1), 1.0), description=(
+                    f"round {ram.get('dirty-sync-count', 0)}  sent {human_bytes(ram.get('transferred', 0))}"
+                    f"  skipped {ram.get('x-skipped-free', 0)} free pages  [{info.get('status')}]"))
+            if info.get("status") in FINAL:
+                return info
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"the migration did not finish within {timeout:g} s")
             time.sleep(interval)
@@ -150,14 +144,97 @@ def follow(client: MonitorClient, show_progress: bool = False, hold: bool = Fals
             progress.stop()
 
 
-def migrate(monitor_path: str, uri: str, **kwargs) -> dict:
-    """Library entry point: migrate and return the final stats (raises on failure)."""
-    client = MonitorClient(monitor_path)
+def finish(client: QmpClient, info: dict, *, stopped: bool = False, quit: bool = True) -> None:
+    """After the migration: `quit` a source left in postmigrate; `cont` a VM this
+    client stopped for a stop-copy that did not complete (it runs on here)."""
+    status = client.execute("query-status")["status"]
+    if status == "postmigrate" and quit:
+        client.execute("quit")
+    elif stopped and info.get("status") in ("failed", "cancelled") and status == "paused":
+        client.execute("cont")
+
+
+def run_migration(client: QmpClient, uri: str, *, stop_copy: bool = False, keep_running: bool = False,
+                  quit: bool = True, timeout: float | None = None, interval: float = POLL_INTERVAL,
+                  **settings: Any) -> dict:
+    """configure, start, follow, finish: one migration through `client`, whatever
+    its outcome; returns the last query-migrate."""
+    configure(client, **settings)
+    stopped = start(client, uri, stop_copy=stop_copy, keep_running=keep_running)
+    info = follow(client, timeout=timeout, interval=interval)
+    finish(client, info, stopped=stopped, quit=quit)
+    return info
+
+
+def migrate(monitor: str, uri: str, **kwargs: Any) -> dict:
+    """Library entry point: migrate the VM whose monitor is at `monitor` (a
+    socket path, unix:PATH or tcp:HOST:PORT); returns the final query-migrate,
+    or raises MigrationError.  Keywords as run_migration and configure."""
+    with QmpClient(monitor) as client:
+        info = run_migration(client, uri, **kwargs)
+    if info["status"] != "completed":
+        raise MigrationError(info.get("error-desc") or info["status"])
+    return info
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
+                    stop_copy: bool = False, downtime_ms: int = DEFAULT_DOWNTIME_MS,
+                    bandwidth: str = "0", max_rounds: int = DEFAULT_MAX_ROUNDS, as_json: bool = False,
+                    timeout: float | None = None, auth_key: str | None = None,
+                    keep_running: bool = False, pagemap: str | None = None,
+                    resolve: str | None = None, quit: bool = True) -> int:
+    """`kvmlite migrate`: start a migration on a VM's monitor, follow it, print its
+    figures, quit the source it left in postmigrate.  With `resolve` ("source"
+    or "destination"), settle an unresolved one instead.  Returns the exit status."""
+    rate = parse_size(bandwidth, "--bandwidth")
+    with QmpClient(monitor) as client:
+        if resolve is not None:
+            client.execute("x-migrate-resolve", {"owner": resolve})
+            info = client.execute("query-migrate")
+            print(f"kvmlite: migration resolved: {info['status']}", file=sys.stderr)
+            finish(client, info, quit=quit)
+            return exitcodes.OK
+        if uri is None:
+            raise KvmliteError("give the destination (tcp:HOST:PORT or file:PATH), or --resolve")
+        if pagemap:
+            _check_writable(pagemap)
+        configure(client, hint=hint, downtime_ms=downtime_ms, bandwidth=rate, max_rounds=max_rounds,
+                  timeout=timeout, auth_key=auth_key)
+        stopped = start(client, uri, stop_copy=stop_copy, keep_running=keep_running)
+        info = follow(client, show_progress=not as_json and sys.stderr.isatty())
+        # the source is in postmigrate: still there to be asked for the picture
+        png_error = _write_pagemap(client, pagemap) if pagemap else None
+        finish(client, info, stopped=stopped, quit=quit)
+    if as_json:
+        print(json.dumps(info, indent=2))
+    else:
+        print_stats(info)
+    if info["status"] == "unresolved":
+        print("kvmlite: the destination's answer to COMMIT was lost: the VM is paused at the "
+              "source and may be running at the destination. Check the destination, then: "
+              f"kvmlite migrate --monitor {monitor} --resolve destination|source", file=sys.stderr)
+        return exitcodes.PROTOCOL
+    if png_error:
+        print(f"kvmlite: error: {png_error}", file=sys.stderr)
+        return exitcodes.CANTCREAT
+    return exitcodes.OK if info["status"] == "completed" else exitcodes.TEMPFAIL
+
+
+def _check_writable(path: str) -> None:
+    """A PNG that cannot be written should stop `migrate` before it starts, not after."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise KvmliteError(f"--pagemap {path}: cannot write into {folder}")
+
+
+def _write_pagemap(client: QmpClient, path: str) -> str | None:
+    """Fetch x-query-pagemap and write its sent-rounds PNG; an error message, or None."""
+    from .pagemap import write_monitor_png
     try:
-        client.execute("migrate", uri=uri, **kwargs)
-        s = follow(client, show_progress=False)
-    finally:
-        client.close()
-    if s["status"] != "completed":
-        raise MigrationError(s.get("error") or s["status"])
-    return s
+        g = write_monitor_png(client.execute("x-query-pagemap", timeout=60), path)
+    except KvmliteError as e:
+        return str(e)
+    print(f"kvmlite: wrote {path}: {g.scale}", file=sys.stderr)
+    return None

@@ -3,7 +3,7 @@ on the terminal or into a PNG (the pictures: kvmlite/pagemap/)."""
 
 from __future__ import annotations
 
-from ..control.client import MonitorClient
+from ..control.client import QmpClient
 from ..errors import ConfigError
 from ..pagemap.grid import Grid, grid
 from ..pagemap.model import PageMap, from_monitor
@@ -15,12 +15,10 @@ TERMINAL_MAX_ROWS = 64     # 32 lines of half blocks
 PNG_COLUMNS = 256
 
 
-def fetch(monitor_path: str) -> PageMap:
-    client = MonitorClient(monitor_path)
-    try:
-        return from_monitor(client.execute("query-pagemap"))
-    finally:
-        client.close()
+def fetch(monitor: str) -> PageMap:
+    """The page map of the VM whose monitor is at `monitor` (x-query-pagemap)."""
+    with QmpClient(monitor) as client:
+        return from_monitor(client.execute("x-query-pagemap", timeout=60))
 
 
 def pagemap_command(*, source: str | None = None, monitor: str | None = None,
@@ -55,7 +53,7 @@ def pagemap_command(*, source: str | None = None, monitor: str | None = None,
 
 
 def write_monitor_png(resp: dict, path: str, columns: int = PNG_COLUMNS) -> Grid:
-    """The sent-rounds picture of a `query-pagemap` reply, as `kvmlite migrate --pagemap` writes it."""
+    """The sent-rounds picture of an `x-query-pagemap` reply, as `kvmlite migrate --pagemap` writes it."""
     pm = from_monitor(resp)
     g = grid(pm, columns, columns, sent_rounds=pm.rounds is not None)
     write_png(g, path)

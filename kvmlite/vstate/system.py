@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from typing import Any
 
 from .. import kvm
 from ..errors import KvmError, KvmUnavailable
@@ -72,7 +73,7 @@ class Kvm:
     def vcpu_mmap_size(self) -> int:
         return kvm_call("KVM_GET_VCPU_MMAP_SIZE", kvm.KVM_GET_VCPU_MMAP_SIZE, self.fd)
 
-    def supported_cpuid(self):
+    def supported_cpuid(self) -> Any:
         """`struct kvm_cpuid2 *` with every CPUID leaf KVM can give a guest."""
         if self._cpuid is None:
             n = 64

@@ -25,7 +25,6 @@ from types import SimpleNamespace
 from tests import fakes
 from tests.fakes import vcpu_state
 
-from kvmlite import msr
 from kvmlite.devices.debugcon import DebugCon
 from kvmlite.devices.exitdev import ExitDevice
 from kvmlite.devices.fph import FreePageHint

@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kvmlite.control.client import QmpClient
 from kvmlite.procs import VmProcess, parse_summary
-from kvmlite.tools.migrate import FINAL, follow  # noqa: F401  (FINAL: for tests that poll)
+from kvmlite.tools.migrate import FINAL, configure, follow, run_migration, start  # noqa: F401
 
 from tests.harness import vmm_command
 
@@ -52,21 +53,37 @@ def fill_vm(memory: str = "256M", live: int = 20, stale: int = 50, dirty: int = 
     return vm, {"live": int(m.group(1)), "stale": int(m.group(2))}
 
 
-def migrate(src: VmProcess, port: int | str, timeout: float = 120, **args) -> dict:
-    """Start a migration through the source's monitor (to tcp:127.0.0.1:PORT, or
-    a URI) and return its final stats, whatever its outcome."""
-    uri = port if isinstance(port, str) else f"tcp:127.0.0.1:{port}"
+def _uri(port: int | str) -> str:
+    return port if isinstance(port, str) else f"tcp:127.0.0.1:{port}"
+
+
+def migrate(src: VmProcess, port: int | str, timeout: float = 120, **settings) -> dict:
+    """Migrate through the source's QMP monitor as `kvmlite migrate` does (to
+    tcp:127.0.0.1:PORT, or a URI) and return the final query-migrate, whatever
+    its outcome.  `settings`: stop_copy, keep_running, quit (of the source left
+    in postmigrate: on by default) and tools.migrate.configure's (hint,
+    bandwidth in bytes/s, downtime_ms, max_rounds, timeout)."""
+    with src.client() as c:
+        return run_migration(c, _uri(port), timeout=timeout, interval=0.02, **settings)
+
+
+def begin(src: VmProcess, port: int | str, **settings) -> QmpClient:
+    """Start a migration (configure's settings) and return the open client, for
+    a test that watches or cancels it."""
     c = src.client()
-    try:
-        c.execute("migrate", uri=uri, **args)
-        return follow(c, timeout=timeout, interval=0.02)
-    finally:
-        c.close()
+    configure(c, **settings)
+    c.execute("migrate", {"uri": _uri(port)})
+    return c
+
+
+def pages_transferred(info: dict) -> int:
+    """Pages sent with their data or as zero, from a query-migrate."""
+    return info["ram"]["normal"] + info["ram"]["duplicate"]
 
 
 def finish_and_check(vm: VmProcess, min_verified: int) -> dict:
     """Ask the fill workload to finish; it must verify its memory and exit 0."""
-    vm.execute("guest-finish")
+    vm.execute("x-guest-finish")
     assert vm.wait(120) == 0, vm.output()
     s = vm.summary()
     assert s["errors"] == 0 and s["status"] == "ok", s

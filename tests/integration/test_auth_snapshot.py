@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from kvmlite import exitcodes
 from kvmlite.errors import KvmliteError
 from kvmlite.pki import make_pki, tls_args
 from kvmlite.procs import VmProcess, free_port, start_destination
 
-from .helpers import FINAL, finish_and_check, kvmlite, migrate
+from .helpers import finish_and_check, kvmlite, migrate, pages_transferred
 from .test_reliability import FILL_ARGS, busy_vm
 
 
@@ -48,10 +49,10 @@ def test_shared_key_admits_only_the_keyed_source(keys):
     right, live = _vm_with_key(good)
     with dst, wrong, nokey, right:
         s = migrate(wrong, port)
-        assert s["status"] == "failed" and "authentication failed" in s["error"], s
+        assert s["status"] == "failed" and "authentication failed" in s["error-desc"], s
         dst.wait_for("refused a connection .*the source's key does not match", stream="stderr")
         s = migrate(nokey, port)
-        assert s["status"] == "failed" and "requires authentication" in s["error"], s
+        assert s["status"] == "failed" and "requires authentication" in s["error-desc"], s
         dst.wait_for("refused a connection .*the source has no key", stream="stderr")
         for vm in (wrong, nokey):
             assert vm.execute("query-status")["status"] == "running"
@@ -73,7 +74,7 @@ def test_keyed_source_refuses_an_unauthenticated_destination(keys):
     src, live = _vm_with_key(keys[0])
     with src, dst:
         s = migrate(src, port)
-        assert s["status"] == "failed" and "does not authenticate" in s["error"], s
+        assert s["status"] == "failed" and "does not authenticate" in s["error-desc"], s
         assert src.execute("query-status")["status"] == "running"
         finish_and_check(src, live)
 
@@ -82,7 +83,8 @@ def test_short_key_file_is_a_clear_error(tmp_path):
     """A key shorter than 16 bytes is refused at start-up with one line."""
     r = kvmlite("run", "--incoming", "tcp:127.0.0.1:1", "--auth-key",
                 str(write_key(tmp_path / "k", "short")))
-    assert r.returncode == 1 and "a key must be 16 to" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == exitcodes.CONFIG and "a key must be 16 to" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_mutual_tls_migrates_and_refuses_a_foreign_certificate(tmp_path):
@@ -96,7 +98,7 @@ def test_mutual_tls_migrates_and_refuses_a_foreign_certificate(tmp_path):
     with dst, bad, src:
         bad.wait_for(r"^fill: ready", timeout=60)
         s = migrate(bad, port)
-        assert s["status"] == "failed" and "TLS" in s["error"], s
+        assert s["status"] == "failed" and "TLS" in s["error-desc"], s
         dst.wait_for("refused a connection .*TLS handshake failed", stream="stderr")
         assert bad.execute("query-status")["status"] == "running"
         live = int(src.wait_for(r"^fill: ready live=(\d+)", timeout=60).group(1))
@@ -111,17 +113,13 @@ def test_snapshot_to_file_and_restore(tmp_path):
     src, live = busy_vm()
     with src:
         src.execute("stop")
-        active = src.execute("query-free-pages")["active"]
-        s = src.execute("migrate", uri=f"file:{snap}", live=False)
-        c = src.client()
-        while (s := c.execute("query-migrate"))["status"] not in FINAL:
-            pass
-        c.close()
+        active = src.execute("x-query-free-pages")["active"]
+        s = migrate(src, f"file:{snap}")
         assert s["status"] == "completed", s
         assert src.wait(30) == 0
-    assert s["pages_sent"] + s["pages_zero"] == active
-    assert snap.stat().st_size == s["bytes_wire"]
-    assert s["pages_sent"] * 4096 < snap.stat().st_size < s["pages_sent"] * 4096 + (1 << 20)
+    assert pages_transferred(s) == active
+    assert snap.stat().st_size == s["ram"]["transferred"]
+    assert s["ram"]["normal-bytes"] < snap.stat().st_size < s["ram"]["normal-bytes"] + (1 << 20)
     assert not (tmp_path / "vm.snap.part").exists()
     dst = VmProcess(["--incoming", f"file:{snap}"])
     with dst:
@@ -134,12 +132,12 @@ def test_truncated_snapshot_is_refused(tmp_path):
     snap = tmp_path / "vm.snap"
     src, _ = busy_vm()
     with src:
-        src.execute("migrate", uri=f"file:{snap}", live=False)
+        assert migrate(src, f"file:{snap}", stop_copy=True)["status"] == "completed"
         assert src.wait(60) == 0
     data = snap.read_bytes()
     (tmp_path / "cut.snap").write_bytes(data[:len(data) // 2])
     r = kvmlite("run", "--incoming", f"file:{tmp_path / 'cut.snap'}")
-    assert r.returncode == 1
+    assert r.returncode == exitcodes.DATAERR
     assert "truncated" in r.stderr and "the guest was not started" in r.stderr
     assert "Traceback" not in r.stderr and "KVMLITE-SUMMARY" not in r.stdout
 
@@ -162,7 +160,7 @@ def test_a_silent_peer_does_not_hold_the_port():
 def test_listening_beyond_loopback_needs_a_key_or_insecure():
     """--incoming on a non-loopback address without a key or TLS is refused unless --insecure says so."""
     r = kvmlite("run", "--incoming", f"tcp:0.0.0.0:{free_port()}", timeout=30)
-    assert r.returncode == 1 and "--auth-key" in r.stderr and "--insecure" in r.stderr, r.stderr
+    assert r.returncode == exitcodes.CONFIG and "--auth-key" in r.stderr and "--insecure" in r.stderr, r.stderr
     port = free_port()
     dst = start_destination(port, host="0.0.0.0", extra=["--insecure"])
     with dst:
@@ -182,9 +180,9 @@ def test_snapshot_keep_running_leaves_two_good_copies(tmp_path):
                            capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert r.returncode == 0, r.stderr
         assert src.execute("query-status")["status"] == "running"
-        assert "keeps running here" in "\n".join(src.stderr_lines)
+        src.wait_for("keeps running here", timeout=10, stream="stderr")    # stderr is read by a thread
         with pytest.raises(KvmliteError, match="keep-running is for snapshots"):
-            src.execute("migrate", uri="tcp:127.0.0.1:1", **{"keep-running": True})
+            src.execute("migrate", {"uri": "tcp:127.0.0.1:1", "x-keep-running": True})
         finish_and_check(src, live)
     dst = VmProcess(["--incoming", f"file:{snap}"])
     with dst:

@@ -32,14 +32,14 @@ def test_inspect_shows_rip_in_the_image_and_the_exits_the_guest_makes(guest_imag
         out = kvmlite("inspect", "--monitor", vm.monitor_path, "--json")
         assert out.returncode == 0, out.stderr
         info = json.loads(out.stdout)
-        regs = info["registers"]
+        regs = info["vcpus"][0]["registers"]
         image_end = LOAD_ADDR + guest_image.stat().st_size
         assert LOAD_ADDR <= regs["rip"] < image_end, hex(regs["rip"])
         assert regs["cs"]["dpl"] == 3 and regs["cs"]["l"] == 1     # the guest works in 64-bit ring 3
         assert info["exits"]["IoOut"] > 0 and info["exits"]["IoIn"] > 0   # serial output, idle device
         assert sum(info["exits"].values()) > 0 and info["status"] == "running"
         pages = info["pages"]
-        assert pages["pages_total"] == PAGES and pages["free"] + pages["active"] == PAGES
+        assert pages["pages-total"] == PAGES and pages["free"] + pages["active"] == PAGES
         assert vm.execute("query-status")["status"] == "running"     # inspect paused it and resumed it
 
         table = kvmlite("inspect", "--monitor", vm.monitor_path)
@@ -54,10 +54,10 @@ def test_inspect_leaves_a_stopped_vm_stopped(guest_image):
         first = json.loads(kvmlite("inspect", "--monitor", vm.monitor_path, "--json").stdout)
         again = json.loads(kvmlite("inspect", "--monitor", vm.monitor_path, "--json").stdout)
         assert first["status"] == again["status"] == "paused"
-        assert first["registers"]["rip"] == again["registers"]["rip"]    # it did not move
+        assert first["vcpus"][0]["registers"]["rip"] == again["vcpus"][0]["registers"]["rip"]  # it did not move
         assert vm.execute("query-status")["status"] == "paused"
         vm.execute("cont")
-        vm.execute("guest-finish")
+        vm.execute("x-guest-finish")
         assert vm.wait(60) == 0, vm.output()
 
 
@@ -65,7 +65,7 @@ def test_pagemap_free_cells_equal_query_free_pages(guest_image, tmp_path):
     """The picture's free cells (never touched + stale) are the bitmap's free pages."""
     with small_fill_vm() as vm:
         vm.execute("stop")                 # hold the bitmap still between the two looks
-        free = vm.execute("query-free-pages")
+        free = vm.execute("x-query-free-pages")
         png = tmp_path / "vm.png"
         out = kvmlite("pagemap", "--monitor", vm.monitor_path, "--png", str(png), "--width", "128")
         assert out.returncode == 0, out.stderr
@@ -94,10 +94,10 @@ def test_migrate_pagemap_png_marks_every_page_sent(guest_image, tmp_path):
         meta, counts = cell_counts(str(png))
         assert meta["pages_per_cell"] == 1
         sent = sum(n for name, n in counts.items() if name.startswith("sent in round"))
-        assert sent == s["pages_sent"] + s["pages_zero"] - s["pages_resent"]
-        assert f"sent in round {s['rounds']} (final pass, vCPU paused)" in counts
+        assert sent == s["ram"]["normal"] + s["ram"]["duplicate"] - s["ram"]["x-resent"]
+        assert f"sent in round {len(s['x-rounds'])} (final pass, vCPU paused)" in counts
         assert src.wait(30) == 0, src.output()
-        dst.execute("guest-finish")
+        dst.execute("x-guest-finish")
         assert dst.wait(60) == 0, dst.output()
 
 
@@ -114,6 +114,6 @@ def test_pagemap_of_a_saved_stream_counts_its_pages(guest_image, tmp_path):
     assert shown.returncode == 0, shown.stderr
     meta, counts = cell_counts(str(png))
     names = [k.name for k in STREAM_KINDS]
-    assert counts[names[DATA]] == s["pages_sent"] and counts[names[ZERO]] == s["pages_zero"]
+    assert counts[names[DATA]] == s["ram"]["normal"] and counts[names[ZERO]] == s["ram"]["duplicate"]
     rounds = kvmlite("pagemap", f"file:{stream}", "--sent-rounds")
     assert rounds.returncode == 0 and "sent in round 1" in rounds.stdout

@@ -9,10 +9,11 @@ import threading
 
 import pytest
 
+from kvmlite import exitcodes
 from kvmlite.migration import wire
 from kvmlite.procs import free_port, start_destination
 
-from .helpers import FINAL, finish_and_check, kvmlite, migrate
+from .helpers import finish_and_check, kvmlite, migrate
 from .test_reliability import busy_vm
 
 
@@ -56,7 +57,7 @@ def snapshot(tmp_path_factory):
     path = tmp_path_factory.mktemp("snap") / "vm.snap"
     src, live = busy_vm()
     with src:
-        s = migrate(src, f"file:{path}", live=False)
+        s = migrate(src, f"file:{path}", stop_copy=True)
         assert s["status"] == "completed", s
         assert src.wait(60) == 0
     return path, live
@@ -84,7 +85,7 @@ def test_a_bit_flipped_in_any_region_of_a_snapshot_is_refused(snapshot, tmp_path
         bad = tmp_path / f"{name.replace(' ', '-')}.snap"
         bad.write_bytes(flipped)
         r = kvmlite("run", "--incoming", f"file:{bad}", timeout=60)
-        assert r.returncode == 1, (name, r.stderr)
+        assert r.returncode == exitcodes.DATAERR, (name, r.stderr)
         assert "the guest was not started" in r.stderr and "Traceback" not in r.stderr, (name, r.stderr)
         assert "KVMLITE-SUMMARY" not in r.stdout and not r.stdout.strip(), name
         if name in ("PAGES payload", "PAGES tag"):
@@ -155,9 +156,9 @@ def test_a_keyed_link_refuses_a_tampered_stream(tmp_path, how):
                                     "drop bytes mid-stream": {"drop": (300_000, 4096 + 13 + 16)}}[how])
     src, live = busy_vm(extra=("--auth-key", str(key)))
     with dst, src:
-        s = migrate(src, relay.port, live=False)
+        s = migrate(src, relay.port, stop_copy=True)
         assert s["status"] == "failed", s
-        assert dst.wait(30) == 1
+        assert dst.wait(30) == exitcodes.DATAERR
         err = "\n".join(dst.stderr_lines)
         assert "the guest was not started" in err and "Traceback" not in err, err
         if how == "flip page data":

@@ -11,10 +11,11 @@ import time
 
 import pytest
 
+from kvmlite import exitcodes
 from kvmlite.migration import transport, wire
 from kvmlite.procs import VmProcess, free_port, start_destination
 
-from .helpers import FINAL, ROOT, fill_vm, finish_and_check, migrate
+from .helpers import FINAL, ROOT, begin, fill_vm, finish_and_check, migrate, pages_transferred
 
 def error_lines(lines: list[str]) -> list[str]:
     """Guest lines reporting a non-zero error count.  A line the migration cut in
@@ -30,18 +31,19 @@ def test_stop_copy_sends_exactly_the_active_pages(guest_image):
     src, fill = fill_vm()
     with src, dst:
         src.execute("stop")
-        at_pause = src.execute("query-free-pages")
+        at_pause = src.execute("x-query-free-pages")
         out = subprocess.run([sys.executable, "-m", "kvmlite", "migrate", "--monitor", src.monitor_path,
                               f"tcp:127.0.0.1:{port}", "--stop-copy", "--json"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert out.returncode == 0, out.stderr
         s = json.loads(out.stdout)
-        assert s["status"] == "completed" and s["rounds"] == 1
-        assert s["pages_sent"] + s["pages_zero"] == at_pause["active"]
-        assert s["pages_skipped_free"] == at_pause["free"]
-        assert s["pages_resent"] == 0
+        ram = s["ram"]
+        assert s["status"] == "completed" and len(s["x-rounds"]) == 1 and s["x-live"] is False
+        assert pages_transferred(s) == at_pause["active"]
+        assert ram["x-skipped-free"] == at_pause["free"]
+        assert ram["x-resent"] == 0
         # the wire carries the pages plus a few bytes of framing per run and the state
-        assert s["pages_sent"] * 4096 < s["bytes_wire"] < s["pages_sent"] * 4096 + (1 << 20)
+        assert ram["normal-bytes"] < ram["transferred"] < ram["normal-bytes"] + (1 << 20)
         assert src.wait(30) == 0, src.output()
         finish_and_check(dst, fill["live"])
 
@@ -54,16 +56,16 @@ def test_hint_off_sends_the_free_pages_too(guest_image):
         dst = start_destination(port, "256M")
         src, fill = fill_vm(live=20, stale=50)
         with src, dst:
-            results[hint] = migrate(src, port, hint=hint, live=False)
+            results[hint] = migrate(src, port, hint=hint, stop_copy=True)
             assert results[hint]["status"] == "completed", results[hint]
             assert src.wait(30) == 0
             finish_and_check(dst, fill["live"])
-    on, off = results[True], results[False]
-    extra = off["bytes_wire"] - on["bytes_wire"]
+    on, off = results[True]["ram"], results[False]["ram"]
+    extra = off["transferred"] - on["transferred"]
     stale_bytes = fill["stale"] * 4096
     assert abs(extra - stale_bytes) < 0.02 * stale_bytes, (extra, stale_bytes)
-    assert off["pages_skipped_free"] == 0
-    assert on["pages_skipped_free"] >= fill["stale"]
+    assert off["x-skipped-free"] == 0
+    assert on["x-skipped-free"] >= fill["stale"]
 
 
 def test_live_ping_pong_under_churn_keeps_memory_intact(guest_image):
@@ -81,7 +83,7 @@ def test_live_ping_pong_under_churn_keeps_memory_intact(guest_image):
             procs.append(nxt)
             s = migrate(vm, port)
             assert s["status"] == "completed", (s, vm.output(), nxt.output())
-            assert s["rounds"] >= 2 and s["pages_skipped_free"] > 0
+            assert len(s["x-rounds"]) >= 2 and s["ram"]["x-skipped-free"] > 0
             assert vm.wait(30) == 0
             assert not error_lines(vm.stdout_lines[n:])
             vm = nxt
@@ -103,8 +105,7 @@ def test_destination_killed_mid_stream_source_keeps_running(guest_image):
     dst = start_destination(port, "256M")
     src, fill = fill_vm(live=50, stale=10)
     with src, dst:
-        c = src.client()
-        c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", bandwidth="16M")
+        c = begin(src, port, bandwidth=16 << 20)
         time.sleep(1.0)
         assert c.execute("query-migrate")["status"] == "active"
         dst.kill()
@@ -112,11 +113,11 @@ def test_destination_killed_mid_stream_source_keeps_running(guest_image):
         while (s := c.execute("query-migrate"))["status"] not in FINAL:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert s["status"] == "failed" and s["error"], s
+        assert s["status"] == "failed" and s["error-desc"], s
         assert c.execute("query-status")["status"] == "running"
         c.close()
         finish_and_check(src, fill["live"])
-    assert "keeps running here" in "\n".join(src.stderr_lines)
+    src.wait_for("keeps running here", timeout=10, stream="stderr")
 
 
 def test_cancel_and_unreachable_destination_keep_the_vm(guest_image):
@@ -124,20 +125,19 @@ def test_cancel_and_unreachable_destination_keep_the_vm(guest_image):
     src, fill = fill_vm(live=50, stale=0)
     with src:
         s = migrate(src, free_port())      # nothing listens there
-        assert s["status"] == "failed" and "nothing listens" in s["error"]
+        assert s["status"] == "failed" and "nothing listens" in s["error-desc"]
         port = free_port()
         dst = start_destination(port, "256M")
         with dst:
-            c = src.client()
-            c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", bandwidth="16M")
+            c = begin(src, port, bandwidth=16 << 20)
             time.sleep(0.5)
-            c.execute("migrate-cancel")
+            c.execute("migrate_cancel")
             while (s := c.execute("query-migrate"))["status"] not in FINAL:
                 time.sleep(0.05)
             assert s["status"] == "cancelled"
             assert c.execute("query-status")["status"] == "running"
             c.close()
-            assert dst.wait(30) == 1
+            assert dst.wait(30) == exitcodes.DATAERR
             assert "the guest was not started" in "\n".join(dst.stderr_lines)
         finish_and_check(src, fill["live"])
 
@@ -181,7 +181,7 @@ def test_hostile_or_truncated_streams_are_refused(payload, message):
     """Garbage, truncation, out-of-RAM pages, mismatched RAM: the destination refuses and never runs a guest."""
     dst = _send_to_destination(payload)
     with dst:
-        assert dst.wait(30) == 1
+        assert dst.wait(30) == exitcodes.DATAERR
         err = "\n".join(dst.stderr_lines)
         assert message in err and "the guest was not started" in err, err
         assert "Traceback" not in err
@@ -198,8 +198,8 @@ def test_destination_refusal_reaches_the_source(guest_image):
     with src, dst:
         s = migrate(src, port)
         assert s["status"] == "failed"
-        assert "refused" in s["error"] and "--memory must match" in s["error"], s["error"]
-        assert dst.wait(30) == 1
+        assert "refused" in s["error-desc"] and "--memory must match" in s["error-desc"], s
+        assert dst.wait(30) == exitcodes.DATAERR
         assert "the guest was not started" in "\n".join(dst.stderr_lines)
         finish_and_check(src, fill["live"])
 
@@ -212,9 +212,9 @@ def test_auto_converge_throttles_a_guest_that_outruns_the_link(guest_image):
                      "workload=churn pages=20000 rounds=100000 free=50"])
     with src, dst:
         src.wait_for(r"^churn: round 3/", timeout=60)
-        s = migrate(src, port, bandwidth="64M", **{"max-rounds": 6})
+        s = migrate(src, port, bandwidth=64 << 20, max_rounds=6)
         assert s["status"] == "completed", s
-        assert s["throttle_pct"] >= 20, s
+        assert s.get("cpu-throttle-percentage", 0) >= 20, s
         assert src.wait(30) == 0
         dst.wait_for(r"^churn: round \d+", timeout=60)      # carries on at the destination
         dst.execute("quit")
@@ -231,6 +231,6 @@ def test_destination_caps_the_ram_a_stream_may_ask_for():
         s.settimeout(10)
         transport.client_handshake(s, transport.Credentials())
         s.sendall(wire.encode_preamble({"page_size": 4096, "ram": [[0, 1 << 30]], "vcpus": 1}))
-        assert dst.wait(30) == 1
+        assert dst.wait(30) == exitcodes.DATAERR
         err = "\n".join(dst.stderr_lines)
         assert "exceeds this destination's limit of 32 MiB" in err and "not started" in err, err

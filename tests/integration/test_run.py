@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import subprocess
 
+from kvmlite import exitcodes
+
 from .helpers import assemble, kvmlite, summary
 
 
@@ -79,10 +81,15 @@ def test_flat_binary_crash_is_disassembled(tmp_path):
 
 
 def test_exit_device_status_and_hlt(tmp_path):
-    """The exit device's byte becomes the status; HLT with interrupts off exits 0."""
+    """The exit device's byte becomes the status (up to 63: above are kvmlite's own, a guest's
+    200 exits 63 and says so); HLT with interrupts off exits 0."""
     img = assemble(tmp_path, "exit42", ".code64\n.globl _start\n_start:\n  mov $42, %al\n"
                    "  mov $0x501, %dx\n  out %al, %dx\n  hlt\n")
     assert kvmlite("run", str(img), "--memory", "16M").returncode == 42
+    img = assemble(tmp_path, "exit200", ".code64\n.globl _start\n_start:\n  mov $200, %al\n"
+                   "  mov $0x501, %dx\n  out %al, %dx\n  hlt\n")
+    r = kvmlite("run", str(img), "--memory", "16M")
+    assert r.returncode == exitcodes.GUEST_MAX and "exit status 200 is above 63" in r.stderr, r.stderr
     img = assemble(tmp_path, "halt", ".code64\n.globl _start\n_start:\n  hlt\n")
     assert kvmlite("run", str(img), "--memory", "16M").returncode == 0
 
@@ -114,8 +121,8 @@ def test_trace_logs_every_exit(tmp_path):
     assert "IoOut(port=233" in lines[0] and "Hlt" in lines[2]
 
 
-def _one_line_error(r, *needles):
-    assert r.returncode == 1, (r.returncode, r.stderr)
+def _one_line_error(r, *needles, status: int = exitcodes.CONFIG):
+    assert r.returncode == status, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("kvmlite: error:"), r.stderr
     for n in needles:
@@ -123,20 +130,21 @@ def _one_line_error(r, *needles):
 
 
 def test_bad_images_give_one_clear_line(tmp_path):
-    """Missing, empty, corrupt-ELF, oversized and misplaced images: one line, status 1."""
-    _one_line_error(kvmlite("run", str(tmp_path / "nope.bin")), "no such file")
+    """Missing, empty, corrupt-ELF, oversized and misplaced images: one line, status 66 (EX_NOINPUT)."""
+    bad_image = {"status": exitcodes.NOINPUT}
+    _one_line_error(kvmlite("run", str(tmp_path / "nope.bin")), "no such file", **bad_image)
     (tmp_path / "empty.bin").write_bytes(b"")
-    _one_line_error(kvmlite("run", str(tmp_path / "empty.bin")), "empty")
+    _one_line_error(kvmlite("run", str(tmp_path / "empty.bin")), "empty", **bad_image)
     (tmp_path / "bad.elf").write_bytes(b"\x7fELF" + b"\x02\x01\x01" + b"\xff" * 100)
-    _one_line_error(kvmlite("run", str(tmp_path / "bad.elf")), "ELF")
+    _one_line_error(kvmlite("run", str(tmp_path / "bad.elf")), "ELF", **bad_image)
     (tmp_path / "big.bin").write_bytes(b"\x90" * (20 << 20))
-    _one_line_error(kvmlite("run", str(tmp_path / "big.bin"), "--memory", "16M"), "does not fit")
+    _one_line_error(kvmlite("run", str(tmp_path / "big.bin"), "--memory", "16M"), "does not fit", **bad_image)
     (tmp_path / "small.bin").write_bytes(b"\xf4")
     _one_line_error(kvmlite("run", str(tmp_path / "small.bin"), "--memory", "16M",
-                            "--load", "0x2000000"), "does not fit")
+                            "--load", "0x2000000"), "does not fit", **bad_image)
     (tmp_path / "huge.bin").write_bytes(b"\x90" * ((16 << 20) - 4096))
     _one_line_error(kvmlite("run", str(tmp_path / "huge.bin"), "--memory", "16M",
-                            "--load", "0"), "boot area")
+                            "--load", "0"), "boot area", **bad_image)
 
 
 HELLO_AT_0 = """
@@ -175,7 +183,7 @@ def test_flat_binary_linked_at_0_runs(tmp_path):
 
 
 def test_bad_memory_sizes_give_one_clear_line(tmp_path):
-    """--memory must parse, be page-aligned and within limits."""
+    """--memory must parse, be page-aligned and within limits: status 78 (EX_CONFIG)."""
     (tmp_path / "g.bin").write_bytes(b"\xf4")
     _one_line_error(kvmlite("run", str(tmp_path / "g.bin"), "--memory", "lots"), "--memory")
     _one_line_error(kvmlite("run", str(tmp_path / "g.bin"), "--memory", "1M"), "at least")

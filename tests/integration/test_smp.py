@@ -13,6 +13,8 @@ import subprocess
 
 import pytest
 
+from kvmlite import exitcodes
+
 from .helpers import kvmlite, summary
 
 
@@ -98,9 +100,9 @@ def test_fill_shares_its_pages_and_dirtying_among_cpus(guest_image):
 def test_smp_options_are_checked(guest_image):
     """--smp 0 and --smp with --gdb give one clear line; more vCPUs than host CPUs says so."""
     r = kvmlite("run", str(guest_image), "--smp", "0")
-    assert r.returncode == 1 and "--smp 0" in r.stderr
+    assert r.returncode == exitcodes.CONFIG and "--smp 0" in r.stderr
     r = kvmlite("run", str(guest_image), "--smp", "2", "--gdb", "tcp:127.0.0.1:1")
-    assert r.returncode == 1 and "not supported yet" in r.stderr
+    assert r.returncode == exitcodes.CONFIG and "not supported yet" in r.stderr
     n = (os.cpu_count() or 1) + 1
     r = kvmlite("run", str(guest_image), "--smp", str(n), "--cmdline", "workload=hello")
     assert r.returncode == 0, r.stderr

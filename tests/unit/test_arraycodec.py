@@ -1,4 +1,4 @@
-"""kvmlite.control.arraycodec: how query-pagemap's per-page arrays travel as JSON."""
+"""kvmlite.control.arraycodec: how x-query-pagemap's per-page arrays travel as JSON."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvmlite import boot
-from kvmlite.errors import ConfigError, GuestMemoryError
+from kvmlite.errors import ConfigError, GuestMemoryError, ImageError
 from kvmlite.vstate.memory import GuestMemory
 
 MIB, GIB = 1 << 20, 1 << 30
@@ -55,7 +55,7 @@ def boot_area(ram_size: int, cmdline: str = "console=ttyS0") -> tuple[TopMemory,
     return mem, area
 
 
-def walk_all(mem: LowMemory, cr3: int) -> dict[int, tuple[int, int]]:
+def walk_all(mem: TopMemory, cr3: int) -> dict[int, tuple[int, int]]:
     """Every present leaf mapping under CR3, as the MMU finds them with 4-level paging:
     {virtual address: (physical address, effective flags P/RW/US of all levels + PS of the leaf)}."""
     maps = {}
@@ -109,7 +109,7 @@ def test_boot_area_goes_below_an_image_at_the_top_and_is_refused_without_room():
     assert boot.place_boot_area(ram, 0, 0x1000) == ram - size          # an image at 0: top of RAM
     assert boot.place_boot_area(ram, 8 * MIB, ram) == 8 * MIB - size    # an image that ends RAM: below it
     assert boot.place_boot_area(ram, 8 * MIB + 100, ram) == (8 * MIB + 100 - size) & ~0xFFF
-    with pytest.raises(ConfigError, match="boot area"):
+    with pytest.raises(ImageError, match="boot area"):
         boot.place_boot_area(ram, size - 4096, ram)                    # room neither above nor below
 
 

@@ -112,13 +112,16 @@ def test_gate_offset_reassembles_handler_address():
 
 
 @pytest.mark.parametrize("good,expected", [("tcp:127.0.0.1:1234", ("127.0.0.1", 1234)),
-                                           ("tcp:[::1]:9", ("::1", 9))])
+                                           ("tcp:[::1]:9", ("::1", 9)),
+                                           ("tcp::1234", ("127.0.0.1", 1234)),     # QEMU's -gdb tcp::1234
+                                           ("tcp:1234", ("127.0.0.1", 1234))])
 def test_parse_endpoint_accepts_tcp_host_port(good, expected):
-    """tcp:HOST:PORT, with IPv6 hosts in brackets."""
+    """tcp:HOST:PORT, with IPv6 hosts in brackets; QEMU's tcp::PORT and tcp:PORT on loopback."""
     assert parse_endpoint(good) == expected
 
 
-@pytest.mark.parametrize("bad", ["1234", "tcp:1234", "tcp:host:0", "tcp:host:99999", "udp:h:1", "tcp:h:x"])
+@pytest.mark.parametrize("bad", ["1234", "tcp:host:0", "tcp:host:99999", "udp:h:1", "tcp:h:x",
+                                 "unix:/tmp/gdb.sock", "tcp:[::1:9"])
 def test_parse_endpoint_rejects_bad_values_with_one_line(bad):
     """A bad --gdb value is a ConfigError naming the option."""
     with pytest.raises(ConfigError, match="--gdb"):

@@ -1,29 +1,27 @@
-"""Migration helpers, the STATE record's validation, and the monitor's request handling.
+"""Migration helpers and the STATE record's validation.
 
 The state dicts are built by hand in the shapes Vcpu.save_state and the
-devices' save_state produce; the monitor runs against a fake machine.  No /dev/kvm.
+devices' save_state produce.  No /dev/kvm.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvmlite import abi, msr
+from kvmlite import msr
 from kvmlite.bitmap import expand_runs, list_runs, page_runs
 from kvmlite.devices import DebugCon, ExitDevice, FreePageHint, Uart16550
-from kvmlite.errors import ConfigError, MigrationError, StreamError
+from kvmlite.errors import ConfigError, StreamError
 from kvmlite.kvm import ffi
 from kvmlite.endpoints import FileUri, TcpUri, parse_uri
 from kvmlite.migration.state import STATE_VERSION, restore_devices, validate_state
 from kvmlite.vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
 
-from tests.fakes import FakeMachine, new_migration_for
 
 # ---- page_runs / list_runs / expand_runs ------------------------------------------------------
 
@@ -282,154 +280,3 @@ def test_restore_devices_turns_bad_device_state_into_stream_error(device, bad):
     state["devices"][device] = bad
     with pytest.raises(StreamError, match=f"state.devices.{device}"):
         restore_devices(state, make_devices())
-
-
-# ---- the monitor ----------------------------------------------------------------------------
-
-@pytest.fixture
-def machine():
-    return FakeMachine(FakeMemory())
-
-
-@pytest.fixture
-def monitor(machine, tmp_path):
-    from kvmlite.monitor import Monitor
-    m = Monitor(machine, f"unix:{tmp_path}/mon.sock", new_migration=new_migration_for(machine))
-    yield m
-    m.stop()
-
-
-def ask(monitor, obj) -> dict:
-    line = obj if isinstance(obj, bytes) else json.dumps(obj).encode() + b"\n"
-    resp = monitor.handle_line(line)
-    json.dumps(resp)        # always serialisable
-    return resp
-
-
-def test_monitor_binds_its_socket(monitor, tmp_path):
-    """The monitor listens on the UNIX socket path given (unix: prefix stripped) and removes it on stop()."""
-    import os
-    import stat
-    path = tmp_path / "mon.sock"
-    assert stat.S_ISSOCK(os.stat(path).st_mode)
-    monitor.stop()
-    assert not path.exists()
-
-
-def test_query_status_running(monitor, machine):
-    """query-status returns status 'running' with the exit count."""
-    machine.exits = 17
-    assert ask(monitor, {"execute": "query-status"}) == {
-        "return": {"status": "running", "running": True, "exits": 17}}
-
-
-def test_query_status_paused_and_shutdown(monitor, machine):
-    """query-status says 'paused' after stop and 'shutdown' once the guest ended."""
-    assert ask(monitor, {"execute": "stop"}) == {"return": {}}
-    assert machine.calls == ["pause"]
-    assert ask(monitor, {"execute": "query-status"})["return"]["status"] == "paused"
-    assert ask(monitor, {"execute": "cont"}) == {"return": {}}
-    machine.running = False
-    assert ask(monitor, {"execute": "query-status"})["return"]["status"] == "shutdown"
-    assert ask(monitor, {"execute": "stop"})["error"]["desc"] == "the guest is not running"
-
-
-def test_id_echoed(monitor):
-    """The request's id is echoed on success and on error."""
-    assert ask(monitor, {"execute": "query-status", "id": 42})["id"] == 42
-    assert ask(monitor, {"execute": "nope", "id": "abc"})["id"] == "abc"
-    assert "id" not in ask(monitor, {"execute": "query-status"})
-
-
-@pytest.mark.parametrize("line", [b"not json\n", b"{\"execute\": \n", b"\xff\xfe\n", b"[1, 2]\n",
-                                  b"\"query-status\"\n", b"null\n"])
-def test_bad_lines_get_error_object(monitor, line):
-    """A line that is not a JSON object gets {"error": {"class": "GenericError", ...}} back, no exception."""
-    resp = ask(monitor, line)
-    assert set(resp) == {"error"} and resp["error"]["class"] == "GenericError" and resp["error"]["desc"]
-
-
-def test_unknown_command(monitor):
-    """An unknown command gets class CommandNotFound and is named in the description."""
-    resp = ask(monitor, {"execute": "rm-rf"})
-    assert resp["error"]["class"] == "CommandNotFound" and "rm-rf" in resp["error"]["desc"]
-
-
-@pytest.mark.parametrize("req", [{}, {"exec": "query-status"}, {"execute": 5}, {"execute": None}])
-def test_missing_execute(monitor, req):
-    """A request without a string "execute" gets an error explaining the expected shape."""
-    resp = ask(monitor, req)
-    assert resp["error"]["class"] == "GenericError" and '"execute"' in resp["error"]["desc"]
-
-
-@pytest.mark.parametrize("req", [
-    {"execute": "query-status", "arguments": {"verbose": True}},
-    {"execute": "query-status", "arguments": [1]},
-    {"execute": "migrate", "arguments": {}},
-    {"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1", "downtime-ms": "fast"}},
-    {"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1", "max-rounds": "many"}},
-    {"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1", "max-rounds": 1e999}},
-    {"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1", "bandwidth": "lots"}},
-    {"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1", "speed": 1}},
-    {"execute": "migrate", "arguments": {"uri": "ftp://x"}},
-    {"execute": "migrate", "arguments": {"uri": "tcp:host:²"}},
-])
-def test_bad_arguments_get_error_object(monitor, req):
-    """Wrong, unknown or malformed arguments give an error response, never an exception or a started migration."""
-    resp = ask(monitor, req)
-    assert resp["error"]["class"] == "GenericError" and resp["error"]["desc"]
-    assert monitor.migration is None
-
-
-def test_long_line_refused(monitor):
-    """A request longer than MAX_LINE gets an error without being parsed."""
-    from kvmlite.monitor import MAX_LINE
-    resp = ask(monitor, b'{"execute": "query-status", "pad": "' + b"x" * MAX_LINE + b'"}\n')
-    assert "longer than" in resp["error"]["desc"]
-
-
-def test_other_commands(monitor, machine):
-    """query-commands, query-migrate, query-free-pages, guest-finish and quit answer as documented."""
-    cmds = ask(monitor, {"execute": "query-commands"})["return"]["commands"]
-    assert {"query-status", "stop", "cont", "migrate", "quit"} <= set(cmds)
-    assert ask(monitor, {"execute": "query-migrate"}) == {"return": {"status": "none"}}
-    assert ask(monitor, {"execute": "query-free-pages"}) == {
-        "return": {"pages_total": FakeMemory.npages, "registered": False}}
-    assert ask(monitor, {"execute": "guest-finish"}) == {"return": {}}
-    assert machine.fph.host_events & abi.HOST_EVENT_STOP
-    assert ask(monitor, {"execute": "quit"}) == {"return": {}}
-    assert machine.calls[-1] == ("quit", "quit", 0)
-
-
-JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
-                    | st.text(max_size=8),
-                    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids,
-                                                                               max_size=3),
-                    max_leaves=8)
-SAFE_COMMANDS = st.sampled_from(["query-status", "query-migrate", "query-free-pages", "query-commands",
-                                 "cont", "stop", "guest-finish", "migrate-cancel", "bogus", ""])
-
-
-@pytest.fixture(scope="module")
-def shared_monitor(tmp_path_factory):
-    from kvmlite.monitor import Monitor
-    m = Monitor(FakeMachine(FakeMemory()), str(tmp_path_factory.mktemp("mon") / "m.sock"))
-    yield m
-    m.stop()
-
-
-@given(line=st.one_of(
-    st.binary(max_size=64),
-    JSON.map(lambda v: json.dumps(v).encode()),
-    st.fixed_dictionaries({"execute": SAFE_COMMANDS}, optional={"arguments": JSON, "id": JSON})
-      .map(lambda v: json.dumps(v).encode()),
-))
-@settings(max_examples=300, deadline=None)
-def test_handle_line_never_raises(shared_monitor, line):
-    """Any line gets exactly one of {"return": ...} or {"error": {"class", "desc"}}, never an exception."""
-    shared_monitor.machine = FakeMachine(FakeMemory())
-    resp = shared_monitor.handle_line(line)
-    assert ("return" in resp) != ("error" in resp)
-    if "error" in resp:
-        assert set(resp["error"]) == {"class", "desc"}
-    json.dumps(resp)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from tests.fakes import FakeMachine
+from kvmlite import exitcodes
 from kvmlite.cli import main
-from kvmlite.control.arraycodec import decode_array, encode_array, mask_to_words, words_to_mask
+from kvmlite.control.arraycodec import encode_array, mask_to_words
 from kvmlite.pagemap.grid import grid
 from kvmlite.pagemap.model import (ACTIVE, DATA, DIRTY, FREE, NOT_SENT, UNTOUCHED, VM_KINDS, ZERO,
                                    PageMap, from_monitor, round_colour)
@@ -151,14 +151,14 @@ def test_from_monitor_orders_the_states():
     sent = np.array([0, 0, 2, 0, 1, 1, 0, 0], dtype=np.uint8)
     resp = {"pages": n, "free": encode_array(mask_to_words(free)),
             "backed": encode_array(mask_to_words(backed)),
-            "dirty": encode_array(mask_to_words(dirty)), "sent_round": encode_array(sent),
-            "migration": {"status": "active", "hint": True, "rounds": 2}}
+            "dirty": encode_array(mask_to_words(dirty)), "sent-round": encode_array(sent),
+            "migration": {"status": "active", "x-free-page-hint": True, "rounds": 2}}
     got = from_monitor(json.loads(json.dumps(resp)))
     assert got.states.tolist() == [FREE, UNTOUCHED, ACTIVE, ACTIVE,
                                    FREE, DIRTY, ACTIVE, ACTIVE]
     assert got.rounds.tolist() == sent.tolist()
     assert "3 pages free" in got.summary and "5 active" in got.summary
-    resp["migration"]["hint"] = False
+    resp["migration"]["x-free-page-hint"] = False
     assert from_monitor(resp).states[4] == DIRTY
     no_bitmap = from_monitor({"pages": n, "backed": resp["backed"]})
     assert no_bitmap.states.tolist() == [ACTIVE, UNTOUCHED, ACTIVE, UNTOUCHED] + [ACTIVE] * 4
@@ -209,15 +209,34 @@ def test_write_png_and_read_png_cells(tmp_path):
 
 def small_stream() -> bytes:
     """8 pages of RAM: round 1 sends pages 0-1 as data and 4 as zero; round 2 sends
-    page 1 again and page 6 as zero; then state and END."""
+    page 1 again and page 6 as zero; then state and END.  Tagged with the file
+    keys, as every snapshot is (docs/wire-format.md, "Integrity")."""
+    integrity = wire.Integrity(wire.FILE_KEYS)
     crc = wire.Crc()
-    out = [crc.add(wire.encode_preamble({"page_size": 4096, "ram": [[0, 8 * 4096]], "vcpus": 1,
-                                         "hint": True, "live": True, "source": "test"}))]
-    out += [crc.add(wire.pages_header(0, 2)), b"\x11" * 8192]
-    out += [crc.add(wire.zero_record(4 * 4096, 1)), crc.add(wire.round_record(1))]
-    out += [crc.add(wire.pages_header(4096, 1)), b"\x22" * 4096]
-    out += [crc.add(wire.zero_record(6 * 4096, 1)), crc.add(wire.round_record(2))]
-    out += [crc.add(wire.state_record({"version": 1})), wire.end_record(3, 2, crc.value)]
+    out = []
+
+    def struct(b: bytes) -> None:
+        crc.add(b)
+        integrity.structure(b)
+        out.append(b)
+
+    def pages(gpa: int, payload: bytes) -> None:
+        head = wire.pages_header(gpa, len(payload) // 4096)
+        tags = integrity.tags(head, np.frombuffer(payload, np.uint8).ctypes.data, np.array([0]),
+                              np.array([len(payload) // 4096]))
+        struct(head)
+        out.extend([payload, tags])
+
+    struct(wire.encode_preamble({"page_size": 4096, "ram": [[0, 8 * 4096]], "vcpus": 1, "hint": True,
+                                 "live": True, "source": "test", "integrity": wire.INTEGRITY}))
+    pages(0, b"\x11" * 8192)
+    struct(wire.zero_record(4 * 4096, 1))
+    struct(wire.round_record(1))
+    pages(4096, b"\x22" * 4096)
+    struct(wire.zero_record(6 * 4096, 1))
+    struct(wire.round_record(2))
+    struct(wire.state_record({"version": 1}))
+    out.append(wire.end_record(3, 2, crc.value, integrity))
     return b"".join(out)
 
 
@@ -253,21 +272,21 @@ def test_truncated_stream_file_is_a_one_line_error(tmp_path, capsys):
     path.write_bytes(small_stream()[:-30])
     with pytest.raises(StreamError, match="cut.mig"):
         from_stream(str(path))
-    assert main(["pagemap", f"file:{path}"]) == 1
+    assert main(["pagemap", f"file:{path}"]) == exitcodes.DATAERR
     err = capsys.readouterr().err
     assert err.startswith("kvmlite: error:") and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["pagemap"], "either --monitor"),
-    (["pagemap", "vm.mig"], "expected file:PATH"),
-    (["pagemap", "file:/nonexistent/vm.mig"], "No such file"),
-    (["pagemap", "--monitor", "/nonexistent.sock"], "cannot connect"),
-    (["inspect", "--monitor", "/nonexistent.sock"], "cannot connect"),
+@pytest.mark.parametrize("argv, message, status", [
+    (["pagemap"], "either --monitor", exitcodes.CONFIG),
+    (["pagemap", "vm.mig"], "expected file:PATH", exitcodes.CONFIG),
+    (["pagemap", "file:/nonexistent/vm.mig"], "No such file", exitcodes.DATAERR),
+    (["pagemap", "--monitor", "/nonexistent.sock"], "cannot connect", exitcodes.UNAVAILABLE),
+    (["inspect", "--monitor", "/nonexistent.sock"], "cannot connect", exitcodes.UNAVAILABLE),
 ])
-def test_bad_pagemap_and_inspect_input_is_one_line(argv, message, capsys):
-    """Bad sources and missing monitors give one clear line and status 1."""
-    assert main(argv) == 1
+def test_bad_pagemap_and_inspect_input_is_one_line(argv, message, status, capsys):
+    """Bad sources and missing monitors give one clear line and an exit status that says which."""
+    assert main(argv) == status
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
 
@@ -283,114 +302,3 @@ def test_terminal_in_colour_draws_two_cell_rows_per_line():
     top_on_bottom = "\x1b[38;2;{};{};{};48;2;{};{};{}m".format(*untouched, *active)
     assert lines[2].count(top_on_bottom) == 4 and lines[2].count(UPPER_HALF) == 4
     assert "\x1b[38;2;{};{};{}m".format(*dirty) in lines[3] and lines[3].count(UPPER_HALF) == 1
-
-
-# ---- the monitor's side: query-vcpu's pause policy, query-pagemap's arrays ---------------------
-
-
-@pytest.fixture
-def monitor_for(tmp_path):
-    from kvmlite.monitor import Monitor
-    made = []
-
-    def make(machine):
-        made.append(Monitor(machine, f"unix:{tmp_path}/m{len(made)}.sock"))
-        return made[-1]
-    yield make
-    for m in made:
-        m.stop()
-
-
-def test_query_vcpu_pauses_a_running_vm_and_resumes_it(monitor_for):
-    """A running VM is paused for the read and resumed; the reply has rip, cs and the exits."""
-    m = FakeMachine()
-    r = monitor_for(m).handle_line(b'{"execute": "query-vcpu"}\n')["return"]
-    assert m.calls == ["pause", "resume"] and not m.paused
-    assert r["registers"]["rip"] == 0x101000 and r["registers"]["cs"]["dpl"] == 3
-    assert r["exits"] == {"IoOut": 4, "IoIn": 1} and r["exits_total"] == 5
-
-
-def test_query_vcpu_leaves_a_stopped_vm_stopped(monitor_for):
-    """A VM already paused is read as it is: no pause, no resume."""
-    m = FakeMachine(paused=True)
-    r = monitor_for(m).handle_line(b'{"execute": "query-vcpu"}\n')["return"]
-    assert m.calls == [] and m.paused and r["registers"]["rip"] == 0x101000
-
-
-def test_query_vcpu_does_not_touch_a_migrating_vm(monitor_for):
-    """While a migration runs, registers are not read: its pause is not ours to undo."""
-    import threading
-    m = FakeMachine()
-    mon = monitor_for(m)
-    mon.migration = type("Mig", (), {"done": threading.Event()})()
-    r = mon.handle_line(b'{"execute": "query-vcpu"}\n')["return"]
-    assert m.calls == [] and r["registers"] is None and "migration" in r["registers_unread"]
-
-
-def test_query_pagemap_arrays_decode_to_the_machine_bitmaps(monitor_for):
-    """query-pagemap's free, backed, dirty and sent_round arrays decode to what the machine holds."""
-    import threading
-    from types import SimpleNamespace
-    n = 100
-    free = np.zeros(n, dtype=bool)
-    free[10:60] = True
-    backed = np.ones(n, dtype=bool)
-    backed[40:] = False
-    m = FakeMachine()
-    m.fph = SimpleNamespace(free_mask=lambda: free)
-    m.memory = SimpleNamespace(npages=n, backed_pages=lambda first, count: backed[first:first + count])
-    mon = monitor_for(m)
-    sent = np.zeros(n, dtype=np.uint8)
-    sent[:5] = 1
-    dirty = mask_to_words(np.arange(n) == 70)
-    mon.migration = SimpleNamespace(done=threading.Event(), dirty_words=dirty, sent_round=sent,
-                                    stats=SimpleNamespace(status="active", hint=True, rounds=1))
-    r = json.loads(json.dumps(mon.handle_line(b'{"execute": "query-pagemap"}\n')["return"]))
-    assert np.array_equal(words_to_mask(decode_array(r["free"]), n), free)
-    assert np.array_equal(words_to_mask(decode_array(r["backed"]), n), backed)
-    assert np.flatnonzero(words_to_mask(decode_array(r["dirty"]), n)).tolist() == [70]
-    got = from_monitor(r)
-    assert got.rounds[:6].tolist() == [1] * 5 + [0]
-    assert got.states[70] == DIRTY and got.states[50] == UNTOUCHED and got.states[20] == FREE
-    mon.migration.done.set()
-    assert mon.handle_line(b'{"execute": "query-pagemap"}\n')["return"]["dirty"] is None
-
-
-def test_query_migrate_hold_keeps_a_finished_source(monitor_for):
-    """query-migrate with hold does not release a finished source; a plain one does."""
-    import threading
-    from types import SimpleNamespace
-    mon = monitor_for(FakeMachine())
-    done = threading.Event()
-    done.set()
-    mon.migration = SimpleNamespace(done=done, stats=SimpleNamespace(as_dict=lambda: {"status": "completed"}))
-    mon.handle_line(b'{"execute": "query-migrate", "arguments": {"hold": true}}\n')
-    assert mon.held.is_set() and not mon.final_seen.is_set()
-    mon.handle_line(b'{"execute": "query-migrate"}\n')
-    assert mon.final_seen.is_set()
-
-
-def test_the_tools_take_keyword_arguments_not_a_command_line(monitor_for, capsys):
-    """inspect_command and pagemap_command called from Python against a live monitor: no argparse."""
-    from types import SimpleNamespace
-
-    from kvmlite.tools.inspect import inspect_command
-    from kvmlite.tools.pagemap import pagemap_command
-    n = 100
-    free = np.zeros(n, dtype=bool)
-    free[10:60] = True
-    backed = np.arange(n) < 40
-    m = FakeMachine()
-    m.fph = SimpleNamespace(registration=object(), count_free=lambda: int(free.sum()),
-                            free_mask=lambda: free)
-    m.memory = SimpleNamespace(npages=n, backed_pages=lambda first, count: backed[first:first + count])
-    mon = monitor_for(m)
-    mon.start()
-    assert inspect_command(monitor=mon.path, as_json=True) == 0
-    info = json.loads(capsys.readouterr().out)
-    assert info["registers"]["rip"] == 0x101000 and info["pages"]["free"] == 50
-    assert m.calls == ["pause", "resume"]
-    assert pagemap_command(monitor=mon.path, width=10) == 0
-    out = capsys.readouterr().out        # no colour on a captured stdout: a letter a page
-    rows = [line for line in out.splitlines() if line and set(line) <= set("#-.D")]
-    assert rows == ["#" * 10] + ["-" * 10] * 3 + ["." * 10] * 2 + ["#" * 10] * 4

@@ -19,7 +19,7 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 
 from kvmlite.control import qmp, schema
-from kvmlite.control.client import (MonitorClient, QmpClient, QmpClientError, QmpCommandError,
+from kvmlite.control.client import (QmpClient, QmpClientError, QmpCommandError,
                                     QmpDisconnected, QmpTimeout)
 from kvmlite.control.qapi import ErrorClass, QmpError
 from kvmlite.control.qmp import CommandTable, MonitorError, QmpServer, handles
@@ -94,7 +94,7 @@ class FakeVM:
         return dict(self.params)
 
     @handles("migrate")
-    def migrate(self, uri, detach=False, resume=False):
+    def migrate(self, uri, detach=False, resume=False, x_keep_running=False):
         # Handlers run one at a time, so this check-then-start cannot race
         # a second client's migrate.
         if self.mig["status"] in ("setup", "active", "device"):
@@ -659,35 +659,6 @@ def test_client_connection_errors(tmp_path):
     threading.Thread(target=speak_http, daemon=True).start()
     with pytest.raises(QmpClientError, match="is not a QMP server"):
         QmpClient(f"unix:{tmp_path}/http")
-    srv.close()
-
-
-def test_monitor_client_shim_speaks_qmp_and_the_old_json_lines(vm_server, tmp_path):
-    vm, server, path = vm_server
-    m = MonitorClient(path)
-    assert m.execute("query-status") == {"status": "running", "running": True}
-    with pytest.raises(QmpCommandError, match="^migrate: Parameter 'uri' is missing$"):
-        m.execute("migrate")
-    m.close()
-    # the JSON-lines monitor kvmlite had before: no negotiation, newline-framed
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(f"{tmp_path}/old")
-    srv.listen(1)
-    seen = []
-
-    def old_monitor():
-        conn, _ = srv.accept()
-        f = conn.makefile("rwb", buffering=0)
-        f.write(b'{"kvmlite": {"version": "0.1.0"}}\n')
-        req = json.loads(f.readline())
-        seen.append(req)
-        f.write(json.dumps({"return": {"status": "running"}, "id": req["id"]}).encode() + b"\n")
-        conn.close()
-    threading.Thread(target=old_monitor, daemon=True).start()
-    old = MonitorClient(f"{tmp_path}/old")
-    assert old.execute("query-migrate", hold=True) == {"status": "running"}
-    assert seen[0]["execute"] == "query-migrate" and seen[0]["arguments"] == {"hold": True}
-    old.close()
     srv.close()
 
 

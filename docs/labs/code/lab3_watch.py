@@ -51,7 +51,7 @@ def main() -> int:
         print(f"registered: header at {reg.region_gpa:#x}, bitmap at {reg.bitmap_gpa:#x}, "
               f"{reg.npages} pages from GPA {reg.base_gpa:#x}")
         seen = set()
-        for i in range(SNAPSHOTS):
+        for _ in range(SNAPSHOTS):
             machine.pause_all()                       # the bitmap cannot change under us now
             words = machine.fph.bitmap_words().copy()
             free = machine.fph.count_free()

@@ -7,7 +7,8 @@
 It runs the same three commands you would type in three terminals (printed
 with the terminal's number, exactly as it runs them: a fresh monitor socket
 for each VM and a free port), waits for the right moments, and prints the
-figures that `kvmlite migrate --json` reports (--json: all of them).  The
+figures that `kvmlite migrate --json` reports: QMP's query-migrate, QEMU's
+MigrationInfo with kvmlite's own figures as x- members (--json: all of it).  The
 guest runs workload=fill: live% of RAM holds data it keeps re-writing, stale%
 was written and freed (the bitmap says free), the rest was never touched.  At
 the end the guest checks every live page on the destination and its exit
@@ -49,9 +50,9 @@ def main() -> int:
     with src, dst:
         ready = src.wait_for(r"^fill: ready.*", timeout=60)
         print(f"source guest: {ready.group(0)}")
-        before = src.execute("query-free-pages")
+        before = src.execute("x-query-free-pages")
         print(f"source bitmap: {before['active']} pages active, {before['free']} free, "
-              f"of {before['pages_total']}")
+              f"of {before['pages-total']}")
 
         migrate = ["python", "-m", "kvmlite", "migrate", "--monitor", src.monitor_path, uri, "--json"]
         migrate += ["--stop-copy"] * args.stop_copy + ["--no-free-page-hint"] * args.no_free_page_hint
@@ -63,25 +64,28 @@ def main() -> int:
         if out.returncode != 0:
             print(out.stdout + out.stderr)
             return 1
-        s = json.loads(out.stdout)
-        print(f"  status {s['status']}, {'live' if s['live'] else 'stop-copy'}, "
-              f"hint {'on' if s['hint'] else 'off'}, {s['rounds']} round(s): {s['round_pages']}")
-        print(f"  pages: {s['pages_sent']} with data + {s['pages_zero']} zero = {s['pages_transferred']} "
-              f"transferred, {s['pages_resent']} of them more than once, "
-              f"{s['pages_skipped_free']} skipped as free")
-        print(f"  on the wire {s['bytes_wire'] / (1 << 20):.1f} MiB; total {s['total_ms']:.0f} ms, "
-              f"downtime {s['downtime_ms']:.1f} ms")
-        parts = ", ".join(f"{name} {ms:.1f}" for name, ms in s["downtime_parts_ms"].items())
+        s = json.loads(out.stdout)                # QMP's query-migrate (docs/monitor.md)
+        ram = s["ram"]
+        rounds = [r["pages"] for r in s["x-rounds"]]
+        transferred = ram["normal"] + ram["duplicate"]
+        print(f"  status {s['status']}, {'live' if s['x-live'] else 'stop-copy'}, "
+              f"hint {'on' if s['x-free-page-hint'] else 'off'}, {len(rounds)} round(s): {rounds}")
+        print(f"  pages: {ram['normal']} with data + {ram['duplicate']} zero = {transferred} "
+              f"transferred, {ram['x-resent']} of them more than once, "
+              f"{ram['x-skipped-free']} skipped as free")
+        print(f"  on the wire {ram['transferred'] / (1 << 20):.1f} MiB; total {s['x-total-time-ms']:.0f} ms, "
+              f"downtime {s['x-downtime-ms']:.1f} ms")
+        parts = ", ".join(f"{name} {ms:.1f}" for name, ms in s["x-downtime-parts"].items())
         print(f"  downtime in ms: {parts}")
-        if s["throttle_pct"]:
-            print(f"  the vCPU was throttled to sit out {s['throttle_pct']} % of its time")
-        distinct = s["pages_transferred"] - s["pages_resent"]
+        if s.get("cpu-throttle-percentage"):
+            print(f"  the vCPU was throttled to sit out {s['cpu-throttle-percentage']} % of its time")
+        distinct = transferred - ram["x-resent"]
         print(f"  distinct pages transferred = active pages before: {distinct == before['active']}")
         if args.json:
             print(json.dumps(s, indent=1))
 
         source_status = src.wait(30)
-        dst.execute("guest-finish")              # fill runs until the host asks it to stop
+        dst.execute("x-guest-finish")            # fill runs until the host asks it to stop
         status = dst.wait(60)
         summary = dst.summary() or {}
         print(f"source exited {source_status}; destination guest exited {status}: "

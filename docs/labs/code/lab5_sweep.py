@@ -46,7 +46,7 @@ def migrate_once(memory: str, live: int, stale: int, hint: bool, stop_copy: bool
         if out.returncode != 0:
             raise SystemExit(f"migration failed:\n{out.stdout}{out.stderr}")
         src.wait(30)
-        dst.execute("guest-finish")
+        dst.execute("x-guest-finish")
         if dst.wait(60) != 0:
             raise SystemExit(f"the guest failed its check on the destination:\n{dst.output()}")
         return fill, json.loads(out.stdout)
@@ -67,8 +67,8 @@ def main() -> int:
     for stale in args.stale:
         fill, s_on = migrate_once(args.memory, args.live, stale, True, not args.live_mode)
         _, s_off = migrate_once(args.memory, args.live, stale, False, not args.live_mode)
-        on.append(s_on["bytes_wire"])
-        off.append(s_off["bytes_wire"])
+        on.append(s_on["ram"]["transferred"])       # query-migrate's bytes on the wire
+        off.append(s_off["ram"]["transferred"])
         predicted_on = fill["live"] * PAGE / MIB
         predicted_off = (fill["live"] + fill["stale"]) * PAGE / MIB
         print(f"{stale:7d}   {predicted_on:9.1f} / {predicted_off:6.1f}   {on[-1] / MIB:16.1f}   "

@@ -1,0 +1,518 @@
+"""kvmlite's QMP monitor (kvmlite/control/monitor.py) bound to a fake machine,
+as a QMP client sees it: run states and their events, a migration's events
+and figures in QEMU's shapes, parameters feeding the migration, the handover's
+operator command, a destination's monitor, and the inspection commands.
+No /dev/kvm: the migrations go to a fake sink (tests/fakes.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvmlite import abi
+from kvmlite.bitmap import PAGE_SIZE
+from kvmlite.control.arraycodec import decode_array, mask_to_words, words_to_mask
+from kvmlite.control.client import QmpClient, QmpCommandError
+from kvmlite.control.monitor import Monitor
+from kvmlite.migration.status import ReceiveState as R, RECEIVE_TRANSITIONS, StateMachine
+from kvmlite.pagemap.model import DIRTY, FREE, UNTOUCHED, from_monitor
+from kvmlite.vstate.memory import GuestMemory
+
+from tests.fakes import FakeMachine, StreamSink, new_migration_for
+
+NPAGES = 1024                   # 4 MiB
+
+
+@pytest.fixture
+def machine():
+    mem = GuestMemory(NPAGES * PAGE_SIZE)
+    for p in range(0, NPAGES, 4):                 # every fourth page holds data
+        mem.write(p * PAGE_SIZE, (p + 1).to_bytes(4, "little") * (PAGE_SIZE // 4))
+    m = FakeMachine(mem)
+    yield m
+    mem.close()
+
+
+@pytest.fixture
+def make_monitor(tmp_path):
+    """A monitor on a fresh socket, its replies checked against the schema."""
+    made = []
+
+    def make(machine, **kw):
+        kw.setdefault("new_migration", new_migration_for(machine) if machine is not None else None)
+        mon = Monitor(machine, check_returns=True, **kw)
+        mon.path = f"{tmp_path}/m{len(made)}.sock"
+        mon.listen(f"unix:{mon.path}")
+        made.append(mon)
+        return mon
+    yield make
+    for mon in made:
+        mon.close()
+
+
+def client(mon) -> QmpClient:
+    return QmpClient(f"unix:{mon.path}", timeout=10)
+
+
+def ask(mon, command: str, arguments: dict | None = None) -> dict:
+    """One request straight to the engine, as if from a negotiated client: the whole reply."""
+    req = {"execute": command}
+    if arguments is not None:
+        req["arguments"] = arguments
+    reply = mon.server.handle(None, req)
+    json.dumps(reply)           # always JSON
+    return reply
+
+
+def events(q: QmpClient, n: int = 0) -> list:
+    """(name, data) of the events received so far, after `n` more seconds."""
+    time.sleep(n)
+    return [(e["event"], e.get("data")) for e in q.events()]
+
+
+def wait_status(q: QmpClient, *final: str) -> dict:
+    deadline = time.monotonic() + 30
+    while (info := q.execute("query-migrate")).get("status") not in final:
+        assert time.monotonic() < deadline, info
+        time.sleep(0.01)
+    return info
+
+
+# ---- the socket and the run state -----------------------------------------------------------
+
+
+def test_the_monitor_listens_on_a_private_socket_and_removes_it(machine, make_monitor):
+    mon = make_monitor(machine)
+    assert stat.S_ISSOCK(os.stat(mon.path).st_mode) and stat.S_IMODE(os.stat(mon.path).st_mode) == 0o600
+    mon.close()
+    assert not os.path.exists(mon.path)
+
+
+def test_stop_and_cont_change_the_run_state_and_say_so(machine, make_monitor):
+    mon = make_monitor(machine)
+    with client(mon) as q:
+        assert q.execute("query-status") == {"status": "running", "running": True}
+        q.execute("stop")
+        assert q.execute("query-status") == {"status": "paused", "running": False}
+        q.execute("stop")                                   # already paused: nothing, no event
+        assert machine.calls == ["pause"]
+        q.execute("cont")
+        assert machine.calls == ["pause", "resume"]
+        assert events(q) == [("STOP", None), ("RESUME", None)]
+        machine.running = False
+        assert q.execute("query-status")["status"] == "shutdown"
+        with pytest.raises(QmpCommandError, match="^stop: the guest is not running$"):
+            q.execute("stop")
+
+
+def test_shutdown_follows_the_reply_to_quit(machine, make_monitor):
+    """quit: the reply, then SHUTDOWN (the runner's), then the connection closes."""
+    mon = make_monitor(machine)
+    with client(mon) as q:
+        done = threading.Event()
+
+        def runner():                      # what runner.serve does once the machine has quit
+            machine.quit_event.wait(10)
+            mon.shutdown("host-qmp-quit")
+            done.set()
+        threading.Thread(target=runner, daemon=True).start()
+        assert q.execute("quit") == {}
+        assert done.wait(10)
+        assert q.wait_event("SHUTDOWN", 5)["data"] == {"guest": False, "reason": "host-qmp-quit"}
+        assert machine.calls[-1] == ("quit", "quit", 0)
+
+
+# ---- a migration as a QMP client sees it --------------------------------------------------------
+
+
+def test_a_live_migration_events_figures_and_postmigrate(machine, make_monitor):
+    mon = make_monitor(machine)
+    with client(mon) as q:
+        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})
+        info = wait_status(q, "completed")
+        seen = events(q, 0.05)
+        assert seen[0] == ("MIGRATION", {"status": "setup"})
+        assert seen[1] == ("MIGRATION", {"status": "active"})
+        passes = [d["pass"] for name, d in seen if name == "MIGRATION_PASS"]
+        assert passes == list(range(1, len(passes) + 1)) and len(passes) >= 2
+        tail = [e for e in seen if e[0] != "MIGRATION_PASS"][2:]
+        assert tail == [("STOP", None), ("MIGRATION", {"status": "device"}),
+                        ("MIGRATION", {"status": "handover"}), ("MIGRATION", {"status": "completed"})]
+        ram = info["ram"]
+        data_pages = NPAGES // 4
+        assert ram["normal"] == data_pages and ram["normal"] + ram["duplicate"] == NPAGES
+        assert ram["normal-bytes"] == data_pages * PAGE_SIZE and ram["total"] == NPAGES * PAGE_SIZE
+        assert ram["page-size"] == PAGE_SIZE and ram["dirty-sync-count"] == len(passes)
+        assert ram["transferred"] > ram["normal-bytes"]
+        assert ram["precopy-bytes"] + ram["downtime-bytes"] == ram["transferred"]
+        # megabits per second, QEMU's unit: bytes * 8 / 10^6 over the whole migration
+        expected = ram["transferred"] * 8 / 1e6 / (info["x-total-time-ms"] / 1000)
+        assert ram["mbps"] == pytest.approx(expected, rel=0.01)
+        assert info["x-live"] is True and info["x-free-page-hint"] is True
+        # a pass is a dirty-log sync (QEMU's MIGRATION_PASS); x-rounds are the rounds that sent
+        assert len(info["x-rounds"]) <= len(passes) and info["x-rounds"][0]["pages"] == NPAGES
+        assert info["downtime"] == round(info["x-downtime-ms"]) and info["x-downtime-parts"]
+        # the VM runs elsewhere now: it stays here, paused for good, until quit
+        assert q.execute("query-status") == {"status": "postmigrate", "running": False}
+        for command in ("cont", "stop"):
+            with pytest.raises(QmpCommandError, match="migrated to tcp:127.0.0.1:9 and runs there now"):
+                q.execute(command)
+        with pytest.raises(QmpCommandError, match="migrated to tcp:127.0.0.1:9"):
+            q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})
+        assert q.execute("query-migrate")["status"] == "completed"     # as often as asked
+        q.execute("quit")
+        assert mon.quit_requested.is_set()
+
+
+def test_stop_then_migrate_is_one_pass(machine, make_monitor):
+    """QEMU's stop-copy: a VM the user stopped goes in one pass, and stays stopped meanwhile."""
+    mon = make_monitor(machine)
+    with client(mon) as q:
+        q.execute("stop")
+        q.execute("migrate", {"uri": "file:/dev/null"})
+        info = wait_status(q, "completed")
+        assert info["x-live"] is False and len(info["x-rounds"]) == 1
+        assert info["ram"]["dirty-sync-count"] == 1
+        assert events(q, 0.05) == [("STOP", None)]          # the user's; the migration paused nothing
+        assert machine.calls.count("pause") == 1 and "resume" not in machine.calls
+
+
+@pytest.mark.parametrize("answers,error", [(("error",), "destination refused the VM: test"),
+                                           (("ready", "aborted"), "gave up before COMMIT arrived")])
+def test_a_failed_migration_resumes_the_guest_here_and_says_why(machine, make_monitor, answers, error):
+    mon = make_monitor(machine, new_migration=new_migration_for(machine, lambda: StreamSink(answers=answers)))
+    with client(mon) as q:
+        q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})
+        info = wait_status(q, "failed")
+        assert error in info["error-desc"]
+        assert events(q, 0.05) == [("STOP", None), ("RESUME", None)]   # MIGRATION needs the capability
+        assert q.execute("query-status")["status"] == "running"
+        q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})                 # and it may try again
+
+
+@pytest.mark.parametrize("owner,status,state", [("source", "failed", "running"),
+                                                ("destination", "completed", "postmigrate")])
+def test_an_unresolved_handover_waits_for_the_operator(machine, make_monitor, owner, status, state):
+    """No answer to COMMIT: paused here, cont and cancel refused, until x-migrate-resolve."""
+    mon = make_monitor(machine, new_migration=new_migration_for(machine, lambda: StreamSink(answers=("ready",))))
+    with client(mon) as q:
+        q.execute("migrate-set-parameters", {"x-stall-timeout": 300})
+        q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})
+        info = wait_status(q, "unresolved")
+        assert "error-desc" in info
+        assert q.execute("query-status") == {"status": "finish-migrate", "running": False}
+        with pytest.raises(QmpCommandError, match="a migration is unresolved: the VM is paused"):
+            q.execute("cont")
+        with pytest.raises(QmpCommandError, match="too late to cancel: the migration is unresolved"):
+            q.execute("migrate_cancel")
+        with pytest.raises(QmpCommandError, match="There's a migration process in progress"):
+            q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})
+        with pytest.raises(QmpCommandError, match="Parameter 'owner' does not accept value 'both'"):
+            q.execute("x-migrate-resolve", {"owner": "both"})
+        q.execute("x-migrate-resolve", {"owner": owner})
+        assert q.execute("query-migrate")["status"] == status
+        assert q.execute("query-status")["status"] == state
+        assert events(q, 0.05) == [("STOP", None)] + [("RESUME", None)] * (owner == "source")
+        with pytest.raises(QmpCommandError, match="nothing to resolve"):
+            q.execute("x-migrate-resolve", {"owner": owner})
+
+
+def test_capabilities_and_parameters_become_the_migrations_params(machine, make_monitor, tmp_path):
+    made = []
+    factory = new_migration_for(machine)
+
+    def recording(params):
+        made.append(params)
+        return factory(params)
+    mon = make_monitor(machine, new_migration=recording, timeout=12.0)
+    key = tmp_path / "key"
+    key.write_text("sixteen bytes or more of key\n")
+    key.chmod(0o600)
+    with client(mon) as q:
+        defaults = q.execute("query-migrate-parameters")
+        assert defaults == {"downtime-limit": 5, "max-bandwidth": 0, "x-max-rounds": 30,
+                            "x-stall-timeout": 0, "x-auth-key": ""}
+        q.execute("migrate", {"uri": "file:/dev/null"})
+        wait_status(q, "completed")
+        p = made[-1]
+        assert (p.hint, p.auto_converge, p.downtime_ms, p.bandwidth, p.max_rounds, p.timeout) == \
+            (True, True, 5.0, 0, 30, 12.0)               # the VMM's own --timeout by default
+        assert p.creds.key is None
+
+    machine2 = FakeMachine(machine.memory)
+    factory = new_migration_for(machine2)
+    mon = make_monitor(machine2, new_migration=recording)
+    with client(mon) as q:
+        q.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-free-page-hint", "state": False},
+            {"capability": "auto-converge", "state": False}]})
+        q.execute("migrate-set-parameters", {"downtime-limit": 50, "max-bandwidth": 1 << 30,
+                                             "x-max-rounds": 7, "x-stall-timeout": 2500,
+                                             "x-auth-key": str(key)})
+        assert q.execute("query-migrate-parameters")["x-auth-key"] == str(key)
+        assert {c["capability"]: c["state"] for c in q.execute("query-migrate-capabilities")} == \
+            {"events": False, "auto-converge": False, "x-free-page-hint": False}
+        # refused as a whole: nothing changes
+        with pytest.raises(QmpCommandError, match="downtime-ms must be a number from 0 to 60000"):
+            q.execute("migrate-set-parameters", {"downtime-limit": 100_000, "x-max-rounds": 8})
+        with pytest.raises(QmpCommandError, match="--auth-key /nonexistent: No such file"):
+            q.execute("migrate-set-parameters", {"x-auth-key": "/nonexistent"})
+        assert q.execute("query-migrate-parameters")["x-max-rounds"] == 7
+        q.execute("migrate", {"uri": "file:/dev/null"})
+        wait_status(q, "completed")
+        p = made[-1]
+        assert (p.hint, p.auto_converge, p.downtime_ms, p.bandwidth, p.max_rounds, p.timeout) == \
+            (False, False, 50.0, 1 << 30, 7, 2.5)
+        assert p.creds.key == b"sixteen bytes or more of key"
+
+
+def test_settings_are_refused_while_a_migration_runs(machine, make_monitor):
+    gate = threading.Event()
+
+    class SlowSink(StreamSink):
+        def send(self, bufs):
+            gate.wait(10)
+            super().send(bufs)
+    mon = make_monitor(machine, new_migration=new_migration_for(machine, SlowSink))
+    with client(mon) as q:
+        q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})
+        for command, args in (("migrate", {"uri": "tcp:127.0.0.1:9"}),
+                              ("migrate-set-capabilities",
+                               {"capabilities": [{"capability": "events", "state": True}]})):
+            with pytest.raises(QmpCommandError, match="There's a migration process in progress"):
+                q.execute(command, args)
+        assert q.execute("query-migrate")["status"] in ("setup", "active")
+        q.execute("migrate_cancel")
+        gate.set()
+        assert wait_status(q, "cancelled")["error-desc"] == "cancelled by the user"
+        assert q.execute("query-status")["status"] == "running"
+
+
+@pytest.mark.parametrize("command,arguments,desc", [
+    ("migrate", {}, "Parameter 'uri' is missing"),
+    ("migrate", {"uri": "tcp:127.0.0.1:1", "hint": False}, "Parameter 'hint' is unexpected"),
+    ("migrate", {"uri": "tcp:127.0.0.1:1", "x-keep-running": "yes"},
+     "Invalid parameter type for 'x-keep-running', expected: boolean"),
+    ("migrate", {"uri": "ftp://x"}, "migration uri 'ftp://x': expected tcp:HOST:PORT or file:PATH"),
+    ("migrate", {"uri": "tcp:host:²"}, "migration uri 'tcp:host:²'"),
+    ("migrate", {"uri": "tcp:127.0.0.1:1", "x-keep-running": True}, "keep-running is for snapshots"),
+    ("migrate", {"uri": "tcp:127.0.0.1:1", "resume": True}, "no paused post-copy migration"),
+    ("migrate-set-parameters", {"downtime-limit": "fast"}, "Parameter 'downtime-limit' expects uint64"),
+    ("migrate-set-parameters", {"max-bandwidth": "100M"}, "Parameter 'max-bandwidth' expects uint64"),
+    ("migrate-set-parameters", {"x-max-rounds": 0},
+     "Parameter 'x-max-rounds' expects an integer in the range of 1 to 10000"),
+    ("migrate-set-capabilities", {"capabilities": [{"capability": "x-free-page-hint", "state": "false"}]},
+     "Invalid parameter type for 'capabilities[0].state', expected: boolean"),
+    ("query-status", {"verbose": True}, "Parameter 'verbose' is unexpected"),
+])
+def test_bad_arguments_are_refused_before_anything_happens(machine, make_monitor, command, arguments, desc):
+    mon = make_monitor(machine)
+    reply = ask(mon, command, arguments)
+    assert reply["error"]["class"] == "GenericError" and desc in reply["error"]["desc"], reply
+    assert mon.migration is None and mon.parameters["x-max-rounds"] == 30
+    assert machine.calls == []
+
+
+def test_the_other_commands(machine, make_monitor):
+    mon = make_monitor(machine)
+    names = {c["name"] for c in ask(mon, "query-commands")["return"]}
+    assert {"query-status", "stop", "cont", "migrate", "migrate_cancel", "quit", "query-migrate",
+            "migrate-set-parameters", "x-migrate-resolve", "x-query-vcpus", "migrate-incoming"} <= names
+    assert "migrate-start-postcopy" not in names                 # declared for later, not served
+    assert ask(mon, "query-migrate") == {"return": {}}           # QEMU's answer before any migration
+    assert ask(mon, "query-kvm") == {"return": {"enabled": True, "present": True}}
+    assert ask(mon, "x-query-free-pages") == {"return": {"pages-total": NPAGES, "registered": False}}
+    assert ask(mon, "x-query-image") == {"return": {"loaded": False}}
+    assert ask(mon, "migrate-incoming", {"uri": "tcp:127.0.0.1:1"})["error"]["desc"] == \
+        "'-incoming' was not specified on the command line"
+    assert ask(mon, "x-guest-finish") == {"return": {}}
+    assert machine.fph.host_events & abi.HOST_EVENT_STOP
+    assert ask(mon, "migrate_cancel") == {"return": {}}          # nothing to cancel: fine, as QEMU
+    assert ask(mon, "quit") == {"return": {}}
+    assert machine.calls[-1] == ("quit", "quit", 0)
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                    | st.text(max_size=8),
+                    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=8), kids,
+                                                                               max_size=3),
+                    max_leaves=8)
+SAFE_COMMANDS = st.sampled_from(["query-status", "query-migrate", "x-query-free-pages", "query-commands",
+                                 "cont", "stop", "x-guest-finish", "migrate_cancel", "x-query-vcpus",
+                                 "query-migrate-parameters", "migrate-set-parameters",
+                                 "x-migrate-resolve", "bogus", ""])
+
+
+@given(req=st.one_of(JSON, st.fixed_dictionaries({"execute": SAFE_COMMANDS},
+                                                 optional={"arguments": JSON, "id": JSON})))
+@settings(max_examples=300, deadline=None)
+def test_any_request_gets_exactly_one_return_or_error(req):
+    """Whatever arrives: {"return": ...} or {"error": {"class", "desc"}}, never an exception."""
+    mon = Monitor(FakeMachine(GuestMemory(1 << 20)), check_returns=True)
+    try:
+        reply = mon.server.handle(None, req)
+    finally:
+        mon.machine.memory.close()
+    assert ("return" in reply) != ("error" in reply)
+    if "error" in reply:
+        assert set(reply["error"]) == {"class", "desc"} and "Traceback" not in reply["error"]["desc"]
+    json.dumps(reply)
+
+
+# ---- a destination's monitor ----------------------------------------------------------------
+
+
+class FakeIncoming:
+    def __init__(self):
+        self.state = StateMachine(R.WAITING, RECEIVE_TRANSITIONS)
+        self.stats = None
+        self.machine = None
+        self.aborted = False
+
+    @property
+    def status(self):
+        return self.state.state
+
+    def abort(self):
+        self.aborted = True
+
+
+def test_a_destination_answers_before_its_vm_arrives(make_monitor):
+    opened = []
+
+    def factory(uri):
+        opened.append(uri)
+        return FakeIncoming()
+    mon = make_monitor(None, incoming_factory=factory)
+    with client(mon) as q:
+        assert q.execute("query-status") == {"status": "inmigrate", "running": False}
+        assert q.execute("query-migrate") == {}
+        with pytest.raises(QmpCommandError, match="no VM here yet"):
+            q.execute("x-query-free-pages")
+        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(mon.wait_incoming()))
+        waiter.start()
+        q.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:4444"})
+        waiter.join(5)
+        assert opened == ["tcp:127.0.0.1:4444"] and got == [mon.incoming]
+        with pytest.raises(QmpCommandError, match="already been started"):
+            q.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:4445"})
+        inc = mon.incoming
+        inc.state.advance(R.RECEIVING)
+        assert q.execute("query-migrate") == {"status": "active"}
+        inc.state.advance(R.READY)
+        assert q.execute("query-migrate") == {"status": "handover"}
+        inc.stats = SimpleNamespace(pages=10, zero_pages=5, bytes=50_000, rounds=2, ms=4.0)
+        inc.state.advance(R.RUNNING)
+        m = FakeMachine(GuestMemory(1 << 20))
+        try:
+            inc.machine = m
+            mon.attach(m)
+            info = q.execute("query-migrate")
+            assert info["status"] == "completed" and info["ram"]["normal"] == 10
+            assert info["ram"]["duplicate"] == 5 and info["ram"]["transferred"] == 50_000
+            assert q.execute("query-status")["status"] == "running"
+            assert events(q, 0.05) == [("MIGRATION", {"status": "active"}),
+                                       ("MIGRATION", {"status": "handover"}),
+                                       ("MIGRATION", {"status": "completed"}), ("RESUME", None)]
+        finally:
+            m.memory.close()
+
+
+def test_quit_on_a_waiting_destination_abandons_the_incoming_migration(make_monitor):
+    mon = make_monitor(None)
+    inc = FakeIncoming()
+    mon.attach_incoming(inc)
+    assert ask(mon, "quit") == {"return": {}}
+    assert inc.aborted and mon.quit_requested.is_set()
+    assert mon.wait_incoming() is None          # the runner's wait for migrate-incoming ends
+
+
+# ---- inspection: x-query-vcpus' pause policy, x-query-pagemap's arrays ------------------------------
+
+
+def test_query_vcpus_pauses_a_running_vm_and_resumes_it(make_monitor):
+    m = FakeMachine()
+    r = ask(make_monitor(m), "x-query-vcpus")["return"]
+    assert m.calls == ["pause", "resume"] and not m.paused
+    assert r[0]["cpu-index"] == 0 and r[0]["registers"]["rip"] == 0x101000
+    assert r[0]["registers"]["cs"]["dpl"] == 3
+    assert r[0]["exits"] == {"IoOut": 4, "IoIn": 1} and r[0]["exits-total"] == 5
+
+
+def test_query_vcpus_leaves_a_stopped_vm_stopped(make_monitor):
+    m = FakeMachine(paused=True)
+    r = ask(make_monitor(m), "x-query-vcpus", {"cpu-index": 0})["return"]
+    assert m.calls == [] and m.paused and r[0]["registers"]["rip"] == 0x101000
+    assert ask(make_monitor(m), "x-query-vcpus", {"cpu-index": 3})["error"]["desc"] == \
+        "Invalid CPU index 3: the VM has 1 vCPU(s)"
+
+
+def test_query_vcpus_does_not_touch_a_migrating_vm(make_monitor):
+    m = FakeMachine()
+    mon = make_monitor(m)
+    mon.migration = SimpleNamespace(done=threading.Event())
+    r = ask(mon, "x-query-vcpus")["return"]
+    assert m.calls == [] and r[0]["registers"] is None and "migration" in r[0]["registers-unread"]
+
+
+def test_query_pagemap_arrays_decode_to_the_machine_bitmaps(make_monitor):
+    n = 100
+    free = np.zeros(n, dtype=bool)
+    free[10:60] = True
+    backed = np.ones(n, dtype=bool)
+    backed[40:] = False
+    m = FakeMachine()
+    m.fph = SimpleNamespace(free_mask=lambda: free)
+    m.memory = SimpleNamespace(npages=n, backed_pages=lambda first, count: backed[first:first + count])
+    mon = make_monitor(m)
+    sent = np.zeros(n, dtype=np.uint8)
+    sent[:5] = 1
+    dirty = mask_to_words(np.arange(n) == 70)
+    mon.migration = SimpleNamespace(done=threading.Event(), dirty_words=dirty, sent_round=sent,
+                                    status=SimpleNamespace(value="active"),
+                                    params=SimpleNamespace(hint=True), stats=SimpleNamespace(rounds=1))
+    r = ask(mon, "x-query-pagemap")["return"]
+    assert np.array_equal(words_to_mask(decode_array(r["free"]), n), free)
+    assert np.array_equal(words_to_mask(decode_array(r["backed"]), n), backed)
+    assert np.flatnonzero(words_to_mask(decode_array(r["dirty"]), n)).tolist() == [70]
+    got = from_monitor(r)
+    assert got.rounds[:6].tolist() == [1] * 5 + [0]
+    assert got.states[70] == DIRTY and got.states[50] == UNTOUCHED and got.states[20] == FREE
+    mon.migration.done.set()
+    assert ask(mon, "x-query-pagemap")["return"]["dirty"] is None
+
+
+def test_the_tools_take_keyword_arguments_not_a_command_line(make_monitor, capsys):
+    """inspect_command and pagemap_command called from Python against a live monitor: no argparse."""
+    from kvmlite.tools.inspect import inspect_command
+    from kvmlite.tools.pagemap import pagemap_command
+    n = 100
+    free = np.zeros(n, dtype=bool)
+    free[10:60] = True
+    backed = np.arange(n) < 40
+    m = FakeMachine()
+    m.fph = SimpleNamespace(registration=object(), count_free=lambda: int(free.sum()),
+                            free_mask=lambda: free)
+    m.memory = SimpleNamespace(npages=n, backed_pages=lambda first, count: backed[first:first + count])
+    mon = make_monitor(m)
+    assert inspect_command(monitor=mon.path, as_json=True) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["vcpus"][0]["registers"]["rip"] == 0x101000 and info["pages"]["free"] == 50
+    assert info["exits"] == {"IoOut": 4, "IoIn": 1} and info["status"] == "running"
+    assert m.calls == ["pause", "resume"]
+    assert pagemap_command(monitor=mon.path, width=10) == 0
+    out = capsys.readouterr().out        # no colour on a captured stdout: a letter a page
+    rows = [line for line in out.splitlines() if line and set(line) <= set("#-.D")]
+    assert rows == ["#" * 10] + ["-" * 10] * 3 + ["." * 10] * 2 + ["#" * 10] * 4
