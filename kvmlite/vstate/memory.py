@@ -36,6 +36,11 @@ class GuestMemory:
         self.host_addr = int(ffi.cast("uintptr_t", self._cbuf))
         self._ptr = ffi.cast("char *", self.host_addr)
         self._pagemap: int | None = None
+        # Post-copy sets this: a function(offset, length) that brings those
+        # bytes' pages in without the GIL, called before Python reads guest
+        # memory (a Python thread that faulted on a missing page while it
+        # held the GIL would stop every other thread, the recovery's too).
+        self.before_read = None
         if prefault:
             self.prefault()
 
@@ -62,6 +67,8 @@ class GuestMemory:
 
     def read(self, gpa: int, length: int) -> bytes:
         off = self._offset(gpa, length)
+        if self.before_read is not None:
+            self.before_read(off, length)
         return self._map[off:off + length]
 
     def write(self, gpa: int, data: bytes) -> None:
@@ -71,6 +78,8 @@ class GuestMemory:
     def slice(self, gpa: int, length: int) -> memoryview:
         """A zero-copy view of guest memory (for sendmsg / recv_into)."""
         off = self._offset(gpa, length)
+        if self.before_read is not None:
+            self.before_read(off, length)
         return self.view[off:off + length]
 
     def read_u32(self, gpa: int) -> int:
