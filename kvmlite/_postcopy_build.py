@@ -203,6 +203,7 @@ kvmlite_pcs *kvmlite_pcs_new(const uint8_t *ram, uint64_t ram_gpa, uint64_t npag
 int kvmlite_pcs_run(kvmlite_pcs *s, int sock, uint32_t push_batch, uint32_t max_inflight,
                     int push, int timeout_ms, const uint8_t *key, uint64_t seq0);
 void kvmlite_pcs_cancel(kvmlite_pcs *s);
+size_t kvmlite_pcs_leftover(kvmlite_pcs *s, uint8_t *out, size_t cap);
 void kvmlite_pcs_stats(kvmlite_pcs *s, struct kvmlite_pcs_stats *out);
 size_t kvmlite_pcs_error(kvmlite_pcs *s, char *out, size_t cap);
 void kvmlite_pcs_free(kvmlite_pcs *s);
@@ -1151,7 +1152,7 @@ typedef struct kvmlite_pcs {
     uint64_t cursor, crc, pages, zero;
     int end_sent;
     uint8_t rbuf[PCS_RBUF];
-    size_t rlen;
+    size_t rlen, left_pos;
     uint64_t last_progress_ns;
     int timeout_ms;
 } kvmlite_pcs;
@@ -1389,8 +1390,9 @@ static int pcs_read_returns(kvmlite_pcs *s)
                     return pcs_fail(s, EPROTO, "the destination says DONE for %llu pages; %llu "
                                     "were still to come", (unsigned long long)pages,
                                     (unsigned long long)s->st.pending_total);
-                if (s->rlen - pos != done_size)
-                    return pcs_fail(s, EPROTO, "return path: bytes after DONE");
+                /* What follows DONE (the destination's stats frame) is Python's
+                   to read: kvmlite_pcs_leftover hands over what came with it. */
+                s->left_pos = pos + done_size;
                 return 1;
             } else {
                 return pcs_fail(s, EPROTO, "return path: unknown record type %#04x", type);
@@ -1452,7 +1454,7 @@ static int kvmlite_pcs_run(kvmlite_pcs *s, int sock, uint32_t push_batch, uint32
     s->crc = 0;
     s->pages = s->zero = 0;
     s->end_sent = 0;
-    s->rlen = 0;
+    s->rlen = s->left_pos = 0;
     s->cancel = 0;
     s->error[0] = 0;
     s->st.link = KVMLITE_PC_LINK_UP;
@@ -1510,6 +1512,16 @@ static int kvmlite_pcs_run(kvmlite_pcs *s, int sock, uint32_t push_batch, uint32
                              : "no DONE from the destination %d ms after the last page",
                              s->timeout_ms), KVMLITE_PC_LINK_BROKEN);
     }
+}
+
+/* The bytes that came after DONE in the same read (the start of the stats frame). */
+static size_t kvmlite_pcs_leftover(kvmlite_pcs *s, uint8_t *out, size_t cap)
+{
+    size_t n = s->rlen > s->left_pos ? s->rlen - s->left_pos : 0;
+    if (n > cap)
+        n = cap;
+    memcpy(out, s->rbuf + s->left_pos, n);
+    return n;
 }
 
 /* From another thread: make kvmlite_pcs_run return (the caller also shuts the socket down). */

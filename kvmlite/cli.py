@@ -11,6 +11,15 @@ from .errors import KvmliteError
 
 DEFAULT_MEMORY = "256M"
 
+EPILOG_MIGRATE = """post-copy (--postcopy, --postcopy-after, --postcopy-now): the guest moves
+first and its pages follow on demand; pages the guest's bitmap calls free are
+never fetched.  After the switch the VM is split between the two VMMs: if
+either VMM dies (killed, host lost), the VM is lost, as with QEMU's post-copy;
+the source then refuses to resume a guest whose newer state it no longer has.
+A broken link loses nothing: both sides pause and keep their halves, and
+`kvmlite migrate --monitor SOCKET URI --resume` reconnects and finishes
+(docs/postcopy.md)."""
+
 EPILOG_RUN = """exit status: the guest's status byte (exit device, port 0x501); 0 when the
 guest halts; 125 when the guest crashes (triple fault, failed VM entry, KVM
 internal error); 1 when kvmlite cannot run it (bad image, no /dev/kvm, ...)."""
@@ -57,7 +66,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("info", help="what /dev/kvm offers here")
 
-    mig = sub.add_parser("migrate", help="live-migrate a running VM to a destination, or save it to a file")
+    mig = sub.add_parser("migrate", help="live-migrate a running VM to a destination, or save it to a file",
+                         epilog=EPILOG_MIGRATE)
     mig.add_argument("--monitor", required=True, metavar="PATH", help="the source VM's monitor socket")
     mig.add_argument("uri", nargs="?", metavar="tcp:HOST:PORT|file:PATH",
                      help="destination (kvmlite run --incoming), or a snapshot file to write")
@@ -76,6 +86,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="with file:PATH: save a snapshot and let the VM carry on here")
     mig.add_argument("--pagemap", metavar="FILE.png",
                      help="when it ends, draw which round sent each page into this PNG")
+    mig.add_argument("--postcopy", action="store_true",
+                     help="switch to post-copy when pre-copy stops converging (or at max-rounds): "
+                     "the guest moves, its pages follow")
+    mig.add_argument("--postcopy-after", type=int, metavar="N",
+                     help="switch to post-copy after N pre-copy rounds (implies --postcopy)")
+    mig.add_argument("--postcopy-now", action="store_true",
+                     help="switch to post-copy at once, with no pre-copy round (implies --postcopy)")
+    mig.add_argument("--resume", action="store_true",
+                     help="reconnect a post-copy migration whose link broke (postcopy-paused) to URI, "
+                     "and finish it")
     mig.add_argument("--resolve", choices=("source", "destination"),
                      help="settle a migration left unresolved (the destination's answer to COMMIT "
                      "was lost): where the VM runs now; 'source' resumes it here")
@@ -154,7 +174,10 @@ def main(argv=None, *, hooks=None, migration_class=None) -> int:
                 monitor=args.monitor, uri=args.uri, hint=args.hint, stop_copy=args.stop_copy,
                 downtime_ms=args.downtime_ms, bandwidth=args.bandwidth, max_rounds=args.max_rounds,
                 as_json=args.json, timeout=args.timeout, auth_key=args.auth_key,
-                keep_running=args.keep_running, pagemap=args.pagemap, resolve=args.resolve)
+                keep_running=args.keep_running, pagemap=args.pagemap, resolve=args.resolve,
+                postcopy=args.postcopy or args.postcopy_now or args.postcopy_after is not None,
+                postcopy_after=args.postcopy_after or 0, postcopy_now=args.postcopy_now,
+                resume=args.resume)
         if args.command == "pagemap":
             from .tools.pagemap import pagemap_command
             return pagemap_command(source=args.source, monitor=args.monitor, png=args.png,

@@ -17,6 +17,11 @@ the VMM reads, instead of its own `--auth-key`) and, with `file:`,
 running here) until the handover has begun.  One migration at a time.
 `x-migrate-resolve` with `owner` "source" or "destination" settles a
 migration left `unresolved` (docs/wire-format.md, "Handover").
+Post-copy (docs/postcopy.md): `migrate` also takes `postcopy`,
+`postcopy-after` (rounds) and `postcopy-now`, and `resume: true` to reconnect
+a migration in postcopy-paused; `migrate-start-postcopy` switches a running
+pre-copy; on a destination, `migrate-recover` with `uri` moves where it waits
+for the resume, and `query-migrate` shows the incoming migration.
 
 Inspection (`kvmlite inspect`, `kvmlite pagemap`):
 
@@ -64,8 +69,9 @@ class CommandError(Exception):
 
 
 class Monitor:
-    def __init__(self, machine, address: str, *, new_migration=None):
+    def __init__(self, machine, address: str, *, new_migration=None, incoming=None):
         self.machine = machine
+        self.incoming = incoming      # the Incoming this VM arrived by (post-copy's figures)
         self.path = address[5:] if address.startswith("unix:") else address
         self.migration = None
         # new_migration(uri, **params) -> a Migration with this VMM's credentials
@@ -95,6 +101,8 @@ class Monitor:
             "query-migrate": self.query_migrate,
             "migrate-cancel": self.migrate_cancel,
             "x-migrate-resolve": self.migrate_resolve,
+            "migrate-start-postcopy": self.migrate_start_postcopy,
+            "migrate-recover": self.migrate_recover,
             "query-free-pages": self.query_free_pages,
             "query-pagemap": self.query_pagemap,
             "query-vcpu": self.query_vcpu,
@@ -211,12 +219,19 @@ class Monitor:
         return {}
 
     def migrate(self, uri: str, hint: bool = True, live: bool = True, bandwidth: str = "0",
-                **kw) -> dict:
+                resume: bool = False, **kw) -> dict:
+        if resume is True:
+            mig = self.migration
+            if mig is None:
+                raise CommandError("no post-copy migration to resume")
+            mig.resume(uri)
+            return {}
         self._require_running()
         if self.new_migration is None:
             raise CommandError("this VMM cannot start migrations")
         allowed = {"downtime-ms": "downtime_ms", "max-rounds": "max_rounds", "timeout": "timeout",
-                   "keep-running": "keep_running"}
+                   "keep-running": "keep_running", "postcopy": "postcopy",
+                   "postcopy-after": "postcopy_after", "postcopy-now": "postcopy_now"}
         params = {"hint": hint, "live": live}
         for k, v in kw.items():
             if k == "auth-key":
@@ -250,7 +265,7 @@ class Monitor:
     def query_migrate(self, hold: bool = False) -> dict:
         mig = self.migration
         if mig is None:
-            return {"status": "none"}
+            return self.incoming.query() if self.incoming is not None else {"status": "none"}
         d = mig.stats.as_dict()
         if mig.done.is_set():
             (self.held if hold else self.final_seen).set()
@@ -267,6 +282,19 @@ class Monitor:
         if mig is not None and not mig.status.finished and not mig.cancel():
             raise CommandError(f"too late to cancel: the migration is {mig.status.value} "
                                "(the destination may be running the guest)")
+        return {}
+
+    def migrate_start_postcopy(self) -> dict:
+        mig = self.migration
+        if mig is None:
+            raise CommandError("no migration to switch to post-copy")
+        mig.start_postcopy()
+        return {}
+
+    def migrate_recover(self, uri: str) -> dict:
+        if self.incoming is None:
+            raise CommandError("no incoming migration to recover")
+        self.incoming.recover(uri)
         return {}
 
     def migrate_resolve(self, owner: str) -> dict:
@@ -300,9 +328,14 @@ class Monitor:
             "backed": encode_array(mask_to_words(backed)) if backed is not None else None,
             "dirty": encode_array(dirty) if dirty is not None else None,
             "sent_round": encode_array(sent) if sent is not None else None,
+            "postcopy": encode_array(pcs) if (pcs := self._postcopy_states()) is not None else None,
             "migration": None if mig is None else {
                 "status": mig.stats.status, "hint": mig.stats.hint, "rounds": mig.stats.rounds},
         }
+
+    def _postcopy_states(self):
+        inc = self.incoming
+        return None if inc is None else inc.page_states()
 
     def query_vcpu(self) -> dict:
         m = self.machine

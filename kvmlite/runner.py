@@ -55,26 +55,34 @@ def _run_incoming(cfg: RunConfig, hooks: Hooks, migration_class) -> int:
         # As QEMU's -m with -mem-prealloc: fault every page in before the
         # stream starts, so receiving is not slowed by first-touch faults.
         machine = Machine(replace(cfg.machine, prefault=True))
+    incoming = None
     try:
         incoming = Incoming(cfg.incoming, cfg.creds, cfg.machine, hooks=hooks, machine=machine)
         incoming.listen()
         machine = incoming.run()
-        return serve(machine, cfg, hooks=hooks, migration_class=migration_class)
+        return serve(machine, cfg, hooks=hooks, migration_class=migration_class, incoming=incoming)
     finally:
+        if incoming is not None:
+            incoming.close()       # post-copy's threads stop before guest RAM goes
         if machine is not None:
             machine.close()
 
 
-def serve(machine: Machine, cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migration_class=None) -> int:
-    """Run until the guest ends; serve the monitor meanwhile; report crash and stats."""
+def serve(machine: Machine, cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migration_class=None,
+          incoming=None) -> int:
+    """Run until the guest ends; serve the monitor meanwhile; report crash and stats.
+    `incoming`: the migration this VM arrived by (post-copy may still be bringing pages)."""
     monitor = None
     if cfg.monitor:
         from .monitor import Monitor
         monitor = Monitor(machine, cfg.monitor,
-                          new_migration=_migration_factory(machine, cfg, hooks, migration_class))
+                          new_migration=_migration_factory(machine, cfg, hooks, migration_class),
+                          incoming=incoming)
         monitor.start()
     try:
         result = machine.run()
+        if incoming is not None and incoming.postcopy is not None:
+            _finish_postcopy(incoming, cfg.timeout)
         if result.reason == "migrated" and monitor:
             # Let `kvmlite migrate` read the final stats before this process goes.
             monitor.wait_released()
@@ -83,6 +91,16 @@ def serve(machine: Machine, cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migratio
             monitor.stop()
     report(machine, result, stats=cfg.stats)
     return result.status
+
+
+def _finish_postcopy(incoming, timeout: float) -> None:
+    """The guest ended while post-copy still brought pages: let the source finish
+    (it would otherwise find the link broken and wait for a resume) while the link
+    is up; a paused one is not waited for."""
+    from .migration.status import ReceiveState as R
+    if incoming.status is R.POSTCOPY_ACTIVE:
+        log.info("the guest ended during post-copy: waiting for the last pages")
+        incoming.wait_postcopy(timeout)
 
 
 def _migration_factory(machine: Machine, cfg: RunConfig, hooks: Hooks, migration_class):

@@ -168,6 +168,7 @@ class SenderStats:
     bytes_received: int = 0
     connections: int = 0            # 1, plus one per recovery
     switch_to_done_ms: float = 0.0
+    to_send_left: int = 0           # pages still to send on this connection
     error: str = ""
 
 
@@ -264,7 +265,14 @@ class PostcopySender:
             requests_already_sent=st.requests_already_sent,
             requests_for_free=st.requests_for_free, requests_not_pending=st.requests_not_pending,
             bytes_sent=st.bytes_sent, bytes_received=st.bytes_received,
-            connections=self.connections, switch_to_done_ms=round(done, 3), error=self.error)
+            connections=self.connections, switch_to_done_ms=round(done, 3),
+            to_send_left=st.to_send_left, error=self.error)
+
+    def leftover(self) -> bytes:
+        """What the destination sent after DONE that the page server read with it."""
+        buf = ffi.new("uint8_t[]", 65536)
+        n = lib.kvmlite_pcs_leftover(self._s, buf, 65536)
+        return bytes(ffi.buffer(buf, n))
 
 
 # ---- the destination -------------------------------------------------------------------
@@ -472,3 +480,20 @@ class PostcopyIncoming:
 
 def stats_dict(stats) -> dict:
     return asdict(stats)
+
+
+class Leftover:
+    """A socket read as `recv_into` expects, starting with bytes already read."""
+
+    def __init__(self, sock, first: bytes):
+        self._sock = sock
+        self._first = bytearray(first)
+
+    def recv_into(self, view, n: int = 0) -> int:
+        n = n or len(view)
+        if self._first:
+            k = min(n, len(self._first))
+            view[:k] = self._first[:k]
+            del self._first[:k]
+            return k
+        return self._sock.recv_into(view, n)

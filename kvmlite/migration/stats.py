@@ -31,12 +31,21 @@ class MigrationStats:
     # where the downtime went: pause, final sync, final pages, state, destination's reply
     downtime_parts_ms: dict = field(default_factory=dict)
     started_at: float = field(default_factory=time.time)
+    # Post-copy, once switched (docs/postcopy.md, "Stats"): why it switched, the
+    # switch's sets, the page server's counters (pages pushed and sent on
+    # request, requests, requests for free pages: 0), and at the end, under
+    # "destination", the destination's own: faults served remotely, locally
+    # with a zero page, avoided; remote-fault latency; switch to last page.
+    postcopy: dict = field(default_factory=dict)
 
     @property
     def pages_transferred(self) -> int:
         return self.pages_sent + self.pages_zero
 
     def as_dict(self) -> dict:
+        refresh = getattr(self, "_refresh", None)     # live counters (post-copy's page server)
+        if refresh is not None:
+            refresh(self)
         d = asdict(self)
         d["pages_transferred"] = self.pages_transferred
         return d

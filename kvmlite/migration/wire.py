@@ -355,6 +355,7 @@ ERROR = "error"                 # destination: the stream was refused (before RE
 # made and userfaultfd works), and to a recovery's RESUME frame.
 PREPARED = "prepared"
 OK = "ok"
+POSTCOPY_STATS = "postcopy-stats"   # destination -> source after DONE: its figures, informational
 DEST_ANSWERS_TO_HEADER = (PREPARED, ERROR)
 DEST_ANSWERS_TO_RESUME = (OK, ERROR)
 DEST_ANSWERS_TO_END = (READY, ERROR)

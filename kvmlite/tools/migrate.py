@@ -12,7 +12,8 @@ from ..errors import KvmliteError, MigrationError
 from ..units import human_bytes
 
 POLL_INTERVAL = 0.05
-FINAL = ("completed", "failed", "cancelled", "unresolved")
+# where `kvmlite migrate` stops following: over, or waiting for an operator
+FINAL = ("completed", "failed", "cancelled", "unresolved", "postcopy-paused")
 
 
 def stats_rows(s: dict) -> list[tuple[str, str]]:
@@ -32,7 +33,30 @@ def stats_rows(s: dict) -> list[tuple[str, str]]:
         ("throughput", f"{s['throughput_mbps']:.0f} MiB/s"),
         ("dirty rate", f"{s['dirty_rate_pps']:.0f} pages/s"),
         ("vCPU throttled", f"{s['throttle_pct']} %"),
-    ]
+    ] + postcopy_rows(s.get("postcopy") or {})
+
+
+def postcopy_rows(pc: dict) -> list[tuple[str, str]]:
+    """The post-copy part of the table: the source's page server, then the destination's faults."""
+    if not pc:
+        return []
+    rows = [("post-copy switch", str(pc.get("switch"))),
+            ("pages still to come at the switch", str(pc.get("pages_pending", 0))),
+            ("pages free at the switch (never sent)", str(pc.get("pages_free", 0))),
+            ("pages pushed / sent on request", f"{pc.get('pages_pushed', 0)} / {pc.get('pages_on_request', 0)}"),
+            ("requests for free pages", str(pc.get("requests_for_free", 0)))]
+    if pc.get("recoveries"):
+        rows.append(("recoveries", str(pc["recoveries"])))
+    d = pc.get("destination") or {}
+    if d:
+        lat = d.get("remote_latency_us") or {}
+        rows += [("faults served remotely", str(d.get("faults_remote", 0))),
+                 ("faults served here with a zero page (free)", str(d.get("faults_zero_free", 0))),
+                 ("faults avoided (page arrived first)", str(d.get("faults_already_arrived", 0))),
+                 ("remote fault latency p50 / p99 / max",
+                  f"{lat.get('p50', '-')} / {lat.get('p99', '-')} / {lat.get('max', '-')} us"),
+                 ("switch to last page", f"{d.get('switch_to_last_page_ms')} ms")]
+    return rows
 
 
 def print_stats(s: dict, file=None) -> None:
@@ -50,9 +74,12 @@ def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
                     stop_copy: bool = False, downtime_ms: float = 5.0, bandwidth: str = "0",
                     max_rounds: int = 30, as_json: bool = False, timeout: float | None = None,
                     auth_key: str | None = None, keep_running: bool = False,
-                    pagemap: str | None = None, resolve: str | None = None) -> int:
+                    pagemap: str | None = None, resolve: str | None = None,
+                    postcopy: bool = False, postcopy_after: int = 0, postcopy_now: bool = False,
+                    resume: bool = False) -> int:
     """`kvmlite migrate`: start a migration on a VM's monitor, follow it, print its stats.
-    With `resolve` ("source" or "destination"), settle an unresolved one instead."""
+    With `resolve` ("source" or "destination"), settle an unresolved one instead;
+    with `resume`, reconnect a post-copy migration in postcopy-paused to `uri`."""
     from ..units import parse_size
     client = MonitorClient(monitor)
     png_error = None
@@ -75,8 +102,17 @@ def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
             extra["auth-key"] = os.path.abspath(auth_key)
         if keep_running:
             extra["keep-running"] = True
-        client.execute("migrate", uri=uri, hint=hint, live=not stop_copy,
-                       bandwidth=bandwidth, **extra)
+        if postcopy:
+            extra["postcopy"] = True
+            if postcopy_after:
+                extra["postcopy-after"] = postcopy_after
+            if postcopy_now:
+                extra["postcopy-now"] = True
+        if resume:
+            client.execute("migrate", uri=uri, resume=True)
+        else:
+            client.execute("migrate", uri=uri, hint=hint, live=not stop_copy,
+                           bandwidth=bandwidth, **extra)
         s = follow(client, show_progress=not as_json and sys.stderr.isatty(), hold=bool(pagemap))
         if pagemap:
             # The source was held: it is still up to be asked for the picture,
@@ -93,6 +129,10 @@ def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
         print("kvmlite: the destination's answer to COMMIT was lost: the VM is paused at the "
               "source and may be running at the destination. Check the destination, then: "
               f"kvmlite migrate --monitor {monitor} --resolve destination|source", file=sys.stderr)
+    if s["status"] == "postcopy-paused":
+        print("kvmlite: the post-copy link broke: the VM runs at the destination and its "
+              "remaining pages wait here; nothing is lost while both VMMs live. Reconnect: "
+              f"kvmlite migrate --monitor {monitor} {uri} --resume", file=sys.stderr)
     if pagemap and png_error:
         print(f"kvmlite: error: {png_error}", file=sys.stderr)
         return 1
