@@ -201,7 +201,8 @@ typedef struct kvmlite_pcs kvmlite_pcs;
 kvmlite_pcs *kvmlite_pcs_new(const uint8_t *ram, uint64_t ram_gpa, uint64_t npages, uint8_t *flags,
                              const struct kvmlite_pc_wire *wire);
 int kvmlite_pcs_run(kvmlite_pcs *s, int sock, uint32_t push_batch, uint32_t max_inflight,
-                    int push, int timeout_ms, const uint8_t *key, uint64_t seq0);
+                    int push, int timeout_ms, const uint8_t *key, uint64_t seq0,
+                    uint64_t bandwidth);
 void kvmlite_pcs_cancel(kvmlite_pcs *s);
 size_t kvmlite_pcs_leftover(kvmlite_pcs *s, uint8_t *out, size_t cap);
 void kvmlite_pcs_stats(kvmlite_pcs *s, struct kvmlite_pcs_stats *out);
@@ -1435,7 +1436,8 @@ static void pcs_wait_readable(kvmlite_pcs *s, long ns)
    TO_SEND are sent; after a broken link Python sets them from the NEED record and
    calls this again with the new connection. */
 static int kvmlite_pcs_run(kvmlite_pcs *s, int sock, uint32_t push_batch, uint32_t max_inflight,
-                           int push, int timeout_ms, const uint8_t *key, uint64_t seq0)
+                           int push, int timeout_ms, const uint8_t *key, uint64_t seq0,
+                           uint64_t bandwidth)
 {
     if (s->gmac) {
         kvmlite_gmac_free(s->gmac);
@@ -1465,6 +1467,9 @@ static int kvmlite_pcs_run(kvmlite_pcs *s, int sock, uint32_t push_batch, uint32
     if (!s->st.t_start_ns)
         s->st.t_start_ns = kvmlite_pc_now_ns();
     s->last_progress_ns = kvmlite_pc_now_ns();
+    /* bandwidth (bytes/s, 0: none): the push waits while this connection has sent
+       more than that allows; requested pages go at once and count against it. */
+    uint64_t bw_t0 = kvmlite_pc_now_ns(), bw_bytes0 = s->st.bytes_sent;
     int last_outq = -1;
     for (;;) {
         if (s->cancel)
@@ -1484,9 +1489,17 @@ static int kvmlite_pcs_run(kvmlite_pcs *s, int sock, uint32_t push_batch, uint32
             s->last_progress_ns = kvmlite_pc_now_ns();
 
         last_outq = outq;
+        uint64_t ahead_ns = 0;
+        if (bandwidth) {
+            uint64_t sent = s->st.bytes_sent - bw_bytes0;
+            uint64_t due = (uint64_t)((double)sent * 1e9 / (double)bandwidth);
+            uint64_t spent = kvmlite_pc_now_ns() - bw_t0;
+            ahead_ns = due > spent ? due - spent : 0;
+        }
         if (s->st.to_send_left && push) {
-            if ((uint32_t)outq > max_inflight) {
-                pcs_wait_readable(s, 100000);            /* 100 us, or at once on a request */
+            if ((uint32_t)outq > max_inflight || ahead_ns) {
+                /* 100 us (or until the bandwidth allows more), or at once on a request */
+                pcs_wait_readable(s, ahead_ns && ahead_ns < 100000 ? (long)ahead_ns : 100000);
             } else if (pcs_push(s, push_batch) < 0) {
                 return KVMLITE_PC_LINK_BROKEN;
             }

@@ -190,12 +190,14 @@ class PostcopySender:
 
     def __init__(self, memory, sink, pending: np.ndarray, free: np.ndarray | None = None, *,
                  push_batch: int = PUSH_BATCH, max_inflight: int = MAX_INFLIGHT,
-                 timeout: float = IO_TIMEOUT, push: bool = True, seq0: int = 0):
+                 timeout: float = IO_TIMEOUT, push: bool = True, seq0: int = 0,
+                 bandwidth: int = 0):
         n = memory.npages
         self.memory = memory
         self.sink = sink
         self.integrity = getattr(sink, "keys", None) is not None
         self._seq0 = seq0
+        self.bandwidth = bandwidth        # bytes/s for the push (requests too count), 0: none
         pend = _bits(pending, n)
         fr = _bits(free, n) if free is not None else np.zeros(n, dtype=bool)
         self.flags = (pend * lib.KVMLITE_PCS_PENDING | fr * lib.KVMLITE_PCS_FREE
@@ -218,7 +220,7 @@ class PostcopySender:
             raise PostcopyLinkError("a post-copy link must keep its integrity setting across a recovery")
         link = lib.kvmlite_pcs_run(self._s, self.sink.sock.fileno(), self.push_batch,
                                    self.max_inflight, int(self.push), int(self.timeout * 1000),
-                                   _key(keys), self._seq0)
+                                   _key(keys), self._seq0, self.bandwidth)
         if link != lib.KVMLITE_PC_LINK_DONE:
             hooks.point("src:postcopy:paused")
             raise PostcopyLinkError(self.error or "post-copy link broken")

@@ -453,7 +453,7 @@ class Migration:
         self._seq0 = self._integrity.seq if self._integrity is not None else 0
         self._precopy_bytes = self.stats.bytes_wire
         self.sender = PostcopySender(mem, self.sink, pending, free, timeout=self.params.timeout,
-                                     seq0=self._seq0)
+                                     seq0=self._seq0, bandwidth=self.params.bandwidth)
         free_mask = words_to_mask(free, mem.npages)
         # free at the switch and never sent by a round: skipped for good
         self.stats.pages_skipped_free = int(np.count_nonzero(free_mask & (self.sent_round == 0)))
