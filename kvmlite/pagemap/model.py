@@ -48,15 +48,15 @@ STREAM_KINDS = (
 # shown if any page of a cell has them).
 PC_HERE, PC_FREE, PC_ZERO_OTHER, PC_PENDING, PC_PUSHED, PC_ZERO_FREE, PC_REQUESTED, PC_FAULTED = range(8)
 POSTCOPY_KINDS = (
-    Kind("here before the switch (sent by pre-copy, or never used)", (64, 120, 84), "="),
+    Kind("here before the switch: sent by pre-copy, or never used", (64, 120, 84), "="),
     Kind("free at the switch, not touched since: never sent", (60, 62, 78), "."),
-    Kind("zero page made here (never written, not to come)", (150, 150, 120), "o", hide_if_none=True),
+    Kind("zeroed here: never written, and not to come", (150, 150, 120), "o", hide_if_none=True),
     Kind("still to come from the source", (222, 56, 48), "?", hide_if_none=True),
-    Kind("came by the push", (70, 130, 220), "p"),
-    Kind("free at the switch, taken since: a zero page made here, no round trip", (240, 210, 0),
-         "z", any_page=True),
-    Kind("requested by a fault, not here yet", (200, 60, 200), "r", any_page=True, hide_if_none=True),
-    Kind("came by fault: requested when the guest touched it", (255, 140, 0), "F", any_page=True),
+    Kind("pushed: came by the background push", (70, 130, 220), "p"),
+    Kind("zero page here: free at the switch, then taken by the guest (no round trip)",
+         (240, 210, 0), "z", any_page=True),
+    Kind("requested: a fault waits for it", (200, 60, 200), "r", any_page=True, hide_if_none=True),
+    Kind("by fault: requested when the guest touched it", (255, 140, 0), "F", any_page=True),
 )
 # The destination's page state codes (kvmlite._postcopy's KVMLITE_PC_*; a unit
 # test holds them to it) -> the kinds above.
