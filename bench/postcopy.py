@@ -1,6 +1,7 @@
-"""Post-copy: remote-fault latency over loopback and faults resolved locally as zero pages.
+"""Post-copy: `make bench-postcopy` (docs/postcopy.md; issue 13's table).
 
-    python -m bench.postcopy                 # both tables
+    python -m bench.postcopy                 # all three tables
+    python -m bench.postcopy --only 3        # the comparison only
     python -m bench.postcopy --quick         # smaller, for a smoke run
 
 Table 1, the fault machinery alone (no vCPU, no /dev/kvm): a source process
@@ -17,11 +18,17 @@ Latency is what the touching thread saw (fault to return, its wake-up
 included); "engine" is the C fault thread's own timing (request sent to page
 placed).  Every page's contents are checked afterwards.
 
-Table 2, the real guest: tests/postcopy_pair.py (SCAFFOLDING until the core
-has post-copy) boots guest/guest.bin (churn) in one process and moves it by
-post-copy into another; the guest's self-check must pass.  Printed: the
-destination's faults by kind and the remote-fault latency, and on the source
-the requests for pages free at the switch (always 0).
+Table 2, the real guest: `kvmlite run` twice and `kvmlite migrate` move the
+churning guest by post-copy, at once and after two rounds; its self-check
+must pass.  The destination's faults by kind, the remote-fault latency, the
+downtime in parts, and the source's requests for pages free at the switch
+(always 0).
+
+Table 3, the issue's comparison: a 1 GiB guest, 25 % live + 50 % stale,
+re-writing its live pages faster than a 64 MiB/s link carries them, so that
+pre-copy cannot converge; kvmlite post-copy (hint on, hint off, at once or
+when not converging), kvmlite pre-copy with auto-converge, and QEMU 7.2's
+post-copy (when qemu-system-x86_64 is installed), interleaved, medians.
 
 Figures are printed, never asserted: timings on this shared machine are noisy.
 """
@@ -32,6 +39,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -184,55 +192,163 @@ def table1(quick: bool) -> list[dict]:
     return rows
 
 
-# ---- table 2: the real guest --------------------------------------------------------------
+# ---- kvmlite between two processes ------------------------------------------------------
 
-def pair(memory: str, cmdline: str, after: float, rounds: int) -> dict:
-    from tests.postcopy_pair import STATS_TAG
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dst = subprocess.Popen([PY, "-m", "tests.postcopy_pair", "dest", "--listen", f"127.0.0.1:{port}"],
-                           cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    src = subprocess.run([PY, "-m", "tests.postcopy_pair", "src", "guest/guest.bin", "--memory", memory,
-                          "--cmdline", cmdline, "--to", f"127.0.0.1:{port}", "--after", str(after),
-                          "--precopy-rounds", str(rounds)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    out, err = dst.communicate(timeout=300)
-
-    def stats(text):
-        for line in text.splitlines():
-            if line.startswith(STATS_TAG):
-                return json.loads(line[len(STATS_TAG):])
-        return {}
-    summary = next((ln for ln in out.splitlines() if ln.startswith("KVMLITE-SUMMARY")), "")
-    return {"source": stats(src.stderr), "destination": stats(err), "summary": summary,
-            "guest_status": dst.returncode, "memory": memory, "cmdline": cmdline, "rounds": rounds}
+def kvmlite_run(memory: str, cmdline: str, migrate_args: list[str], ready: str,
+                finish: bool = True) -> dict:
+    """`kvmlite run` twice and `kvmlite migrate --json ARGS`; the guest finishes on the
+    destination and must pass its self-check.  Returns the source's stats, with the
+    guest's summary and the destination's query-migrate under "destination_query"."""
+    from kvmlite.procs import VmProcess, free_port, start_destination
+    port = free_port()
+    dst = start_destination(port)
+    src = VmProcess(["guest/guest.bin", "--memory", memory, "--cmdline", cmdline])
+    with src, dst:
+        src.wait_for(ready, timeout=300)
+        r = subprocess.run([PY, "-m", "kvmlite", "migrate", "--monitor", src.monitor_path,
+                            f"tcp:127.0.0.1:{port}", "--json", *migrate_args],
+                           cwd=ROOT, capture_output=True, text=True, timeout=900)
+        s = json.loads(r.stdout)
+        if s["status"] != "completed":
+            raise RuntimeError(f"kvmlite migration {s['status']}: {s.get('error')}\n{r.stderr}")
+        s["destination_query"] = dst.execute("query-migrate")
+        src.wait(60)
+        if finish:
+            dst.execute("guest-finish")
+        rc = dst.wait(300)
+        g = dst.summary() or {}
+        if rc != 0 or g.get("errors") != 0 or g.get("corrupted", 0) != 0:
+            raise RuntimeError(f"the guest failed on the destination ({rc}): {g}\n{dst.output()}")
+        s["guest"] = g
+        return s
 
 
 def table2(quick: bool) -> list[dict]:
+    """The real guest (churn, flat out) moved by post-copy at once and after two rounds."""
     memory = "256M" if quick else "1G"
-    pages = 40000 if quick else 160000
-    rounds = 60 if quick else 30
-    cmd = f"workload=churn pages={pages} rounds={rounds}"
-    rows = [pair(memory, cmd, 1.0 if quick else 2.0, r) for r in (0, 2)]
+    pages = 12000 if quick else 40000
+    cmd = f"workload=churn pages={pages} rounds=0 free=50"
+    rows = []
+    for label, args in (("at once", ["--postcopy-now"]), ("after 2 rounds", ["--postcopy-after", "2"])):
+        s = kvmlite_run(memory, cmd, args, r"^churn: pages=")
+        s["label"] = label
+        rows.append(s)
     t = Table(title=f"Post-copy of the real guest ({memory}, {cmd}), loopback, one connection")
-    for col in ("pre-copy rounds", "guest", "pages to come", "free at switch", "downtime ms",
+    for col in ("switch", "guest", "pages to come", "free at switch", "downtime ms", "downtime parts ms",
                 "remote faults", "p50 µs", "p99 µs", "max µs", "local zero-page faults",
                 "free pages requested", "switch → last page ms"):
         t.add_column(col, justify="right")
     for r in rows:
-        s, d = r["source"], r["destination"]
-        inc = d.get("incoming", {})
-        lat = inc.get("remote_latency_us", {})
-        ok = "ok" if "status=ok" in r["summary"] and r["guest_status"] == 0 else f"FAIL {r['guest_status']}"
-        t.add_row(str(r["rounds"]), ok, str(s.get("pending")), str(s.get("free")),
-                  str(s.get("downtime_ms")), str(inc.get("faults_remote")), str(lat.get("p50")),
-                  str(lat.get("p99")), str(lat.get("max")), str(inc.get("faults_zero_free")),
-                  str(s.get("sender", {}).get("requests_for_free")),
-                  str(inc.get("switch_to_last_page_ms")))
+        pc = r["postcopy"]
+        d = pc["destination"]
+        lat = d["remote_latency_us"]
+        parts = " ".join(f"{k} {v:.1f}" for k, v in r["downtime_parts_ms"].items())
+        t.add_row(r["label"], f"ok, {r['guest']['corrupted']} corrupted", str(pc["pages_pending"]),
+                  str(pc["pages_free"]), f"{r['downtime_ms']:.1f}", parts, str(d["faults_remote"]),
+                  str(lat.get("p50")), str(lat.get("p99")), str(lat.get("max")),
+                  str(d["faults_zero_free"]), str(pc["requests_for_free"]),
+                  str(d["switch_to_last_page_ms"]))
     console.print(t)
-    return rows
+    return [{k: v for k, v in r.items() if k != "destination_query"} for r in rows]
+
+
+# ---- table 3: the issue's comparison -------------------------------------------------------
+
+MEMORY_MIB = 1024
+FILL = "live=25 stale=50"
+DIRTY = 25000                  # pages/s the guest re-writes: ~98 MiB/s
+BANDWIDTH_MIB = 64             # the link: the guest dirties faster than it carries
+QEMU_SECONDS = 60              # the guest's lifetime under QEMU (no hint device to stop it)
+
+
+def table3(quick: bool, reps: int) -> dict:
+    """1 GiB, 25 % live + 50 % stale, re-writing its live pages faster than the link
+    carries them: pre-copy cannot converge.  kvmlite post-copy (hint on and off,
+    at once and when not converging), kvmlite pre-copy with auto-converge, and
+    QEMU 7.2's post-copy at once, same guest image and link limit, interleaved."""
+    from bench.qemu import migrate_postcopy_once, qemu_binary
+    from bench.scaling import median_range
+    mib = 256 if quick else MEMORY_MIB
+    bw = f"{BANDWIDTH_MIB}M"
+    cmd = f"workload=fill {FILL} dirty={DIRTY} idle=0"
+    configs = {
+        "kvmlite post-copy at once, hint on": ["--postcopy-now", "--bandwidth", bw],
+        "kvmlite post-copy at once, hint off": ["--postcopy-now", "--bandwidth", bw,
+                                                "--no-free-page-hint"],
+        "kvmlite --postcopy (switch when not converging)": ["--postcopy", "--bandwidth", bw],
+        "kvmlite pre-copy, auto-converge": ["--bandwidth", bw, "--max-rounds", "12"],
+    }
+    binary = qemu_binary()
+    if binary:
+        configs["QEMU 7.2 post-copy at once"] = None
+    runs = {c: [] for c in configs}
+    for _ in range(reps):
+        for c, args in configs.items():
+            if args is None:
+                r = migrate_postcopy_once(binary, mib, f"{cmd} seconds={QEMU_SECONDS}",
+                                          bandwidth=BANDWIDTH_MIB << 20)
+                r.update(remote_faults=r.get("postcopy_requests"), slowed_ms=0.0, throttle_pct=0)
+            else:
+                s = kvmlite_run(f"{mib}M", cmd, args, r"^fill: ready")
+                pc = s.get("postcopy") or {}
+                d = pc.get("destination") or {}
+                lat = d.get("remote_latency_us") or {}
+                r = {"total_ms": s["total_ms"], "downtime_ms": s["downtime_ms"],
+                     "bytes_wire": s["bytes_wire"], "rounds": s["rounds"],
+                     "pages": s["pages_transferred"] + pc.get("pages_pushed", 0)
+                     + pc.get("pages_on_request", 0),
+                     "remote_faults": d.get("faults_remote"), "zero_faults": d.get("faults_zero_free"),
+                     "p50": lat.get("p50"), "p99": lat.get("p99"), "max": lat.get("max"),
+                     "requests_for_free": pc.get("requests_for_free"), "switch": pc.get("switch"),
+                     "slowed_ms": s.get("throttled_ms", 0.0), "throttle_pct": s["throttle_pct"]}
+            runs[c].append(r)
+            console.print(f"  {c:50s} total {r['total_ms']:8.0f} ms  downtime {r['downtime_ms']:7.2f} ms  "
+                          f"{r['bytes_wire'] / (1 << 20):7.1f} MiB", highlight=False)
+    med = {c: {k: median_range(r[k] for r in rs) for k in ("total_ms", "downtime_ms", "bytes_wire")}
+           for c, rs in runs.items()}
+    base = "QEMU 7.2 post-copy at once" if binary else "kvmlite post-copy at once, hint off"
+    pre = "kvmlite pre-copy, auto-converge"
+    t = Table(title=f"{mib} MiB guest, {FILL}, re-writing {DIRTY} pages/s; link {BANDWIDTH_MIB} MiB/s; "
+                    f"medians of {reps} (min–max); ×… against {base}")
+    for col in ("migration", "total ms", "downtime ms", "MiB sent", "×total", "×bytes",
+                "remote faults", "p50 µs", "p99 µs", "local zero pages", "free requested",
+                "guest slowed ms (throttle)", "switch"):
+        t.add_column(col, justify="left" if col in ("migration", "switch") else "right")
+    for c, rs in runs.items():
+        m, last = med[c], rs[-1]
+        t.add_row(c, _r(m["total_ms"], 0), _r(m["downtime_ms"], 1), f"{m['bytes_wire'][0] / (1 << 20):.0f}",
+                  f"{m['total_ms'][0] / med[base]['total_ms'][0]:.2f}",
+                  f"{m['bytes_wire'][0] / med[base]['bytes_wire'][0]:.2f}",
+                  str(last.get("remote_faults")), str(last.get("p50", "")), str(last.get("p99", "")),
+                  str(last.get("zero_faults", "")), str(last.get("requests_for_free", "")),
+                  f"{last['slowed_ms']:.0f} ({last['throttle_pct']} %)", str(last.get("switch") or ""))
+    console.print(t)
+    on = med["kvmlite post-copy at once, hint on"]
+    lat = [r["p50"] for r in runs["kvmlite post-copy at once, hint on"] if r["p50"] is not None]
+    lat99 = [r["p99"] for r in runs["kvmlite post-copy at once, hint on"] if r["p99"] is not None]
+    targets = [("remote fault p50 ≤ 250 µs (loopback)", statistics.median(lat) if lat else float("nan"), 250),
+               ("remote fault p99 ≤ 2000 µs (loopback)", statistics.median(lat99) if lat99 else float("nan"), 2000),
+               ("downtime ≤ 5 ms", on["downtime_ms"][0], 5.0)]
+    if binary:
+        targets[:0] = [("total ≤ 0.5× QEMU post-copy", on["total_ms"][0] / med[base]["total_ms"][0], 0.5),
+                       ("bytes ≤ 0.35× QEMU post-copy", on["bytes_wire"][0] / med[base]["bytes_wire"][0], 0.35)]
+    console.print("Targets (kvmlite post-copy at once, hint on):", highlight=False)
+    for name, v, lim in targets:
+        console.print(f"  {name}: {v:.2f} → {'met' if v <= lim else 'NOT met'}", highlight=False)
+    p = med[pre]
+    console.print(f"Against kvmlite pre-copy with auto-converge on the same guest: total "
+                  f"{on['total_ms'][0]:.0f} ms against {p['total_ms'][0]:.0f} ms "
+                  f"({on['total_ms'][0] / p['total_ms'][0]:.2f}×); the guest slowed 0 ms against "
+                  f"{statistics.median(r['slowed_ms'] for r in runs[pre]):.0f} ms "
+                  f"(throttled to {runs[pre][-1]['throttle_pct']} % at the end), downtime "
+                  f"{on['downtime_ms'][0]:.1f} ms against {p['downtime_ms'][0]:.0f} ms", highlight=False)
+    return {"memory_mib": mib, "fill": FILL, "dirty": DIRTY, "bandwidth_mib": BANDWIDTH_MIB,
+            "reps": reps, "runs": runs, "medians": med,
+            "targets": [{"target": n, "value": v, "limit": lim, "met": v <= lim} for n, v, lim in targets]}
+
+
+def _r(v, d=1):
+    return f"{v[0]:.{d}f} ({v[1]:.{d}f}–{v[2]:.{d}f})"
 
 
 def main(argv=None) -> int:
@@ -244,16 +360,20 @@ def main(argv=None) -> int:
     s.add_argument("--push", type=int, required=True)
     s.add_argument("--batch", type=int, default=32)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--only", choices=("1", "2"))
+    p.add_argument("--only", choices=("1", "2", "3"), action="append")
+    p.add_argument("--reps", type=int, default=3, help="runs of table 3 per row (medians)")
     args = p.parse_args(argv)
     if args.cmd == "serve":
         return serve(args)
     OUT.mkdir(parents=True, exist_ok=True)
     results = {}
-    if args.only in (None, "1"):
+    which = args.only or ["1", "2", "3"]
+    if "1" in which:
         results["machinery"] = table1(args.quick)
-    if args.only in (None, "2"):
+    if "2" in which:
         results["guest"] = table2(args.quick)
+    if "3" in which:
+        results["comparison"] = table3(args.quick, args.reps)
     (OUT / "postcopy.json").write_text(json.dumps(results, indent=1))
     return 0
 

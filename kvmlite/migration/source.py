@@ -108,6 +108,7 @@ class Migration:
         self._resume_uri: str | None = None      # set by resume(), taken by the migration thread
         self._seq0 = 0                   # page tags the pre-copy part numbered (integrity)
         self._precopy_bytes = 0          # bytes_wire up to END; post-copy's are the page server's
+        self._throttled_since: float | None = None   # auto-converge's first throttle
         self.stats._refresh = self._refresh_stats
 
     def _on_state(self, old: S, new: S) -> None:
@@ -225,6 +226,8 @@ class Migration:
             log.error(f"post-copy migration to {self.params.uri}: {self.stats.error}")
         finally:
             self.machine.set_throttle(0)      # back to full speed, here or (after failure) still here
+            if self._throttled_since is not None and not self.stats.throttled_ms:
+                self.stats.throttled_ms = round((time.perf_counter() - self._throttled_since) * 1000, 1)
             if self.sink is not None:
                 self.sink.close()
                 self.sink = None
@@ -239,6 +242,7 @@ class Migration:
             self.state.advance(S.UNRESOLVED, only_from=(S.HANDOVER,))
             also = ""
             if self.sender is not None:
+                self._switch_stats()
                 # post-copy: should the destination have the VM, it waits for its pages
                 also = ("; if it does (post-copy), `kvmlite migrate --monitor SOCKET URI --resume` "
                         "reconnects and finishes")
@@ -385,6 +389,8 @@ class Migration:
             share = 0.2 if not self.stats.throttle_pct else self.stats.throttle_pct / 100 + 0.1
             self.machine.set_throttle(share)
             self.stats.throttle_pct = round(min(share, 0.95) * 100)
+            if self._throttled_since is None:
+                self._throttled_since = time.perf_counter()
             self._not_converging = 0
 
     def _complete(self, dirty: np.ndarray) -> None:
@@ -399,6 +405,8 @@ class Migration:
             if not machine.paused:        # a VM the user stopped stays stopped if this fails
                 self._paused_here = True
                 machine.pause_all()
+            if self._throttled_since is not None:      # slowed from the first throttle to the pause
+                self.stats.throttled_ms = round((time.perf_counter() - self._throttled_since) * 1000, 1)
             if not machine.running:
                 # Parked because the guest ended (exit, crash, quit), not for us:
                 # its state is not a guest to carry on anywhere.
@@ -454,7 +462,12 @@ class Migration:
         self._precopy_bytes = self.stats.bytes_wire
         self.sender = PostcopySender(mem, self.sink, pending, free, timeout=self.params.timeout,
                                      seq0=self._seq0, bandwidth=self.params.bandwidth)
-        free_mask = words_to_mask(free, mem.npages)
+        self._switch_sets = (pending, free)
+
+    def _switch_stats(self) -> None:
+        """The switch's figures, once the downtime is over."""
+        pending, free = self._switch_sets
+        free_mask = words_to_mask(free, self.machine.memory.npages)
         # free at the switch and never sent by a round: skipped for good
         self.stats.pages_skipped_free = int(np.count_nonzero(free_mask & (self.sent_round == 0)))
         self.stats.postcopy = {"switch": self._switch_reason,
@@ -496,6 +509,7 @@ class Migration:
         if self.sender is not None:
             # Post-copy: the guest runs there now; its pages still to come are served from here.
             self._end_downtime()
+            self._switch_stats()
             self.state.advance(S.POSTCOPY_ACTIVE, only_from=(S.HANDOVER,))
             log.info(f"post-copy: the VM runs at {self.target} (downtime "
                      f"{self.stats.downtime_ms:.2f} ms); {self.stats.postcopy['pages_pending']} "
