@@ -52,7 +52,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
 PY = sys.executable
-console = Console(width=150)
+console = Console(width=max(Console().width, 200))
 FREE_EVERY = 4                  # page i is free at the switch when i % 4 == 3
 PATTERN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -296,6 +296,7 @@ def table3(quick: bool, reps: int) -> dict:
                 d = pc.get("destination") or {}
                 lat = d.get("remote_latency_us") or {}
                 r = {"total_ms": s["total_ms"], "downtime_ms": s["downtime_ms"],
+                     "downtime_parts_ms": s["downtime_parts_ms"],
                      "bytes_wire": s["bytes_wire"], "rounds": s["rounds"],
                      "pages": s["pages_transferred"] + pc.get("pages_pushed", 0)
                      + pc.get("pages_on_request", 0),
@@ -312,9 +313,8 @@ def table3(quick: bool, reps: int) -> dict:
     pre = PRE
     t = Table(title=f"{mib} MiB guest, {FILL}, re-writing {DIRTY} pages/s; link {BANDWIDTH_MIB} MiB/s; "
                     f"medians of {reps} (min–max); ×… against {base}")
-    for col in ("migration", "total ms", "downtime ms", "MiB sent", "×total", "×bytes",
-                "remote faults", "p50 µs", "p99 µs", "local zero pages", "free requested",
-                "guest slowed ms (throttle)"):
+    for col in ("migration", "total ms", "downtime ms", "MiB", "×total", "×bytes",
+                "remote faults", "p50 µs", "p99 µs", "zero here", "free asked", "slowed ms (throttle)"):
         t.add_column(col, justify="left" if col == "migration" else "right", no_wrap=True)
     for c, rs in runs.items():
         m, last = med[c], rs[-1]

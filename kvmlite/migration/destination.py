@@ -414,6 +414,10 @@ class Incoming:
                 time.sleep(1.0)
                 continue
             self._recover_listener = listener
+            if (self._recover_uri or self.config.uri) != uri or self._closing:
+                listener.close()             # recover() moved it while it was being opened
+                self._recover_listener = None
+                continue
             log.info(f"post-copy: waiting for the source to resume on {uri}")
             try:
                 conn, peer, keys = listener.accept()

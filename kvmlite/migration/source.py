@@ -103,7 +103,8 @@ class Migration:
         self._switch_asked = threading.Event()
         self._switch_reason: str | None = None   # why the switch happened; None: pre-copy
         self._in_rounds = False
-        self.sender = None               # the PostcopySender, from the switch on
+        self.switched = False            # the switch to post-copy happened (the sets went out)
+        self.sender = None               # the PostcopySender, once the downtime is over
         self._operator = threading.Condition()
         self._resume_uri: str | None = None      # set by resume(), taken by the migration thread
         self._seq0 = 0                   # page tags the pre-copy part numbered (integrity)
@@ -164,7 +165,7 @@ class Migration:
             from ..endpoints import TcpUri, parse_uri
             if not isinstance(parse_uri(uri), TcpUri):
                 raise MigrationError(f"resume: {uri} is not a tcp: address")
-        if self.sender is None:
+        if not self.switched:
             raise MigrationError(f"nothing to resume: the migration is {self.status.value}"
                                  + ("" if self.status in (S.POSTCOPY_PAUSED, S.UNRESOLVED)
                                     else "; resume recovers a post-copy migration whose link broke"))
@@ -219,7 +220,7 @@ class Migration:
         except Exception as e:
             self._fail(e)
         try:
-            if self.status in POSTCOPY_STATES or (self.status is S.UNRESOLVED and self.sender):
+            if self.status in POSTCOPY_STATES or (self.status is S.UNRESOLVED and self.switched):
                 self._postcopy()
         except Exception as e:     # a bug: never resume the guest here, say why
             self.stats.error = self._describe(e)
@@ -241,8 +242,8 @@ class Migration:
             # It stays paused here until the destination's answer or an operator.
             self.state.advance(S.UNRESOLVED, only_from=(S.HANDOVER,))
             also = ""
-            if self.sender is not None:
-                self._switch_stats()
+            if self.switched:
+                self._after_switch()
                 # post-copy: should the destination have the VM, it waits for its pages
                 also = ("; if it does (post-copy), `kvmlite migrate --monitor SOCKET URI --resume` "
                         "reconnects and finishes")
@@ -419,9 +420,7 @@ class Migration:
             self.stats.rounds += 1
             self._send(wire.round_record(self.stats.rounds), structural=True)
             self._mark("state")
-            _st = collect_state(machine)
-            self._mark("statesend")
-            self._send(wire.state_record(_st), structural=True)
+            self._send(wire.state_record(collect_state(machine)), structural=True)
             # END's crc covers every structural byte sent before it, and END's own head.
             self._sendall([wire.end_record(self.stats.pages_sent, self.stats.pages_zero, self._crc,
                                            self._integrity)])
@@ -431,7 +430,7 @@ class Migration:
     def _switch(self, dirty: np.ndarray) -> None:
         """The switch to post-copy (docs/postcopy.md): pause, the two page sets in
         claim 2's order, STATE and END; no page travels in the downtime."""
-        from .postcopy import PostcopySender, switch_records, switch_sets
+        from .postcopy import switch_records, switch_sets
         machine, mem = self.machine, self.machine.memory
         self._drain()
         self._check_cancel()
@@ -457,16 +456,20 @@ class Migration:
                                            self._integrity)])
             self._check_cancel()
             self.hooks.point("src:end")
-        # While the destination restores and answers (the "ready" part of the downtime):
+        self.switched = True
         self._seq0 = self._integrity.seq if self._integrity is not None else 0
         self._precopy_bytes = self.stats.bytes_wire
-        self.sender = PostcopySender(mem, self.sink, pending, free, timeout=self.params.timeout,
-                                     seq0=self._seq0, bandwidth=self.params.bandwidth)
         self._switch_sets = (pending, free)
 
-    def _switch_stats(self) -> None:
-        """The switch's figures, once the downtime is over."""
+    def _after_switch(self) -> None:
+        """Once the downtime is over (the guest runs at the destination, or may): the
+        page server (~0.5 ms for 1 GiB: the guest's first remote fault waits for it,
+        not the whole downtime) and the switch's figures."""
+        from .postcopy import PostcopySender
         pending, free = self._switch_sets
+        self.sender = PostcopySender(self.machine.memory, self.sink, pending, free,
+                                     timeout=self.params.timeout, seq0=self._seq0,
+                                     bandwidth=self.params.bandwidth)
         free_mask = words_to_mask(free, self.machine.memory.npages)
         # free at the switch and never sent by a round: skipped for good
         self.stats.pages_skipped_free = int(np.count_nonzero(free_mask & (self.sent_round == 0)))
@@ -506,10 +509,10 @@ class Migration:
             log.info(f"migration to {self.params.uri} failed: {self.stats.error}; "
                      "the VM keeps running here")
             return
-        if self.sender is not None:
+        if self.switched:
             # Post-copy: the guest runs there now; its pages still to come are served from here.
             self._end_downtime()
-            self._switch_stats()
+            self._after_switch()
             self.state.advance(S.POSTCOPY_ACTIVE, only_from=(S.HANDOVER,))
             log.info(f"post-copy: the VM runs at {self.target} (downtime "
                      f"{self.stats.downtime_ms:.2f} ms); {self.stats.postcopy['pages_pending']} "
@@ -527,7 +530,7 @@ class Migration:
 
     def _completed(self, keep_running: bool) -> None:
         now = time.perf_counter()
-        if self.sender is None:
+        if not self.switched:
             self._end_downtime()
         self.stats.total_ms = (now - self._t0) * 1000
         self.stats.throughput_mbps = self.stats.bytes_wire / (1 << 20) / max(now - self._t0, 1e-9)
@@ -598,8 +601,12 @@ class Migration:
         self.stats.postcopy = {**self.stats.postcopy,
                                "recoveries": self.stats.postcopy.get("recoveries", 0) + 1}
         target = parse_uri(uri)
-        sink = transport.connect(target, self.params.creds, connect_timeout=CONNECT_TIMEOUT,
-                                 io_timeout=self.params.timeout)
+        try:
+            sink = transport.connect(target, self.params.creds, connect_timeout=CONNECT_TIMEOUT,
+                                     io_timeout=self.params.timeout)
+        except ConnectionRefusedError:
+            raise MigrationError(f"nothing listens on {uri} (the destination waits for the resume "
+                                 "on its --incoming address, or where migrate-recover said)") from None
         try:
             if not sink.offers.get("postcopy"):
                 raise MigrationError(f"{uri} cannot take a post-copy migration")

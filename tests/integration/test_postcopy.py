@@ -201,8 +201,10 @@ def test_a_cut_link_pauses_both_halves_and_resume_finishes(tmp_path):
         with pytest.raises(Exception, match="not ours to undo"):
             refused.execute("cont")
         refused.close()
-        # resume, straight to the destination's own address this time
-        rc, s, err = migrate_cli(src, f"tcp:127.0.0.1:{port}", "--resume")
+        # the destination waits on its own address; migrate-recover moves it (QEMU's name)
+        port2 = free_port()
+        dst.execute("migrate-recover", uri=f"tcp:127.0.0.1:{port2}")
+        rc, s, err = migrate_cli(src, f"tcp:127.0.0.1:{port2}", "--resume")
         assert rc == 0 and s["status"] == "completed", (s, err)
         pc = s["postcopy"]
         assert pc["recoveries"] == 1 and pc["connections"] == 2
