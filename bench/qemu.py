@@ -584,13 +584,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.qemu", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3, help="runs per figure (default 3; medians and min–max)")
-    ap.add_argument("--only", choices=("qemu", "scaling"), action="append", help="run only this part")
+    ap.add_argument("--only", choices=("qemu", "postcopy", "scaling"), action="append",
+                    help="run only this part (postcopy: bench/postcopy.py's table 3, QEMU's post-copy "
+                    "against kvmlite's)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args()
     console = Console(width=max(Console().width, 160))
-    which = args.only or ["qemu", "scaling"]
+    which = args.only or ["qemu", "postcopy", "scaling"]
     binary = qemu_binary()
-    if "qemu" in which and binary is None:
+    if ("qemu" in which or "postcopy" in which) and binary is None:
         console.print(HOW_TO_INSTALL, highlight=False)
         return 2
     if not GUEST.exists():
@@ -607,13 +609,19 @@ def main() -> int:
     if json_path.exists():          # keep a part not re-run this time, for the plot
         try:
             old = json.loads(json_path.read_text())
-            results.update({k: old[k] for k in ("qemu", "scaling") if k in old and k not in which})
+            results.update({k: old[k] for k in ("qemu", "postcopy", "scaling")
+                            if k in old and k not in which})
         except ValueError:
             pass
     t = time.monotonic()
     if "qemu" in which:
         results["qemu"] = compare(binary, args.reps, console)
         print_qemu(results["qemu"], console)
+    if "postcopy" in which:
+        # A guest pre-copy cannot move (it dirties faster than the link carries):
+        # kvmlite's post-copy with the hint against QEMU 7.2's (docs/postcopy.md).
+        from bench.postcopy import table3
+        results["postcopy"] = table3(False, args.reps)
     if "scaling" in which:
         from bench.scaling import print_scaling, run as run_scaling
         results["scaling"] = run_scaling(args.reps, console=console)
