@@ -20,6 +20,12 @@ class GuestMemory:
     the guest (or `prefault`) writes to it.  Accessors check every GPA range.
     """
 
+    # Post-copy sets this: a function(offset, length) that brings those bytes'
+    # pages in without the GIL, called before Python reads guest memory (a
+    # Python thread that faulted on a missing page while it held the GIL would
+    # stop every other thread, the recovery's too).
+    before_read = None
+
     def __init__(self, size: int, gpa: int = 0, *, prefault: bool = False):
         if size <= 0 or size % PAGE_SIZE:
             raise KvmliteError(f"guest memory size {size} is not a positive multiple of {PAGE_SIZE}")
@@ -36,11 +42,6 @@ class GuestMemory:
         self.host_addr = int(ffi.cast("uintptr_t", self._cbuf))
         self._ptr = ffi.cast("char *", self.host_addr)
         self._pagemap: int | None = None
-        # Post-copy sets this: a function(offset, length) that brings those
-        # bytes' pages in without the GIL, called before Python reads guest
-        # memory (a Python thread that faulted on a missing page while it
-        # held the GIL would stop every other thread, the recovery's too).
-        self.before_read = None
         if prefault:
             self.prefault()
 
