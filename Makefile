@@ -4,14 +4,16 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all setup guest demo run test unit integration lint fuzz bench bench-qemu soak clean
+.PHONY: all setup guest demo run test unit integration lint fuzz bench bench-qemu bench-postcopy soak clean
 
 all: setup guest
 
 # A venv with kvmlite installed editable; cffi compiles kvmlite._kvm against
-# this machine's <linux/kvm.h> during the install.
+# this machine's <linux/kvm.h>, and kvmlite._postcopy against <linux/userfaultfd.h>,
+# during the install.
 setup: $(STAMP)
-$(STAMP): pyproject.toml setup.py kvmlite/_kvm_build.py kvmlite/migration/_wire_build.py
+$(STAMP): pyproject.toml setup.py kvmlite/_kvm_build.py kvmlite/migration/_wire_build.py \
+		kvmlite/_postcopy_build.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,fuzz]'
@@ -66,6 +68,11 @@ bench-qemu: setup guest
 	$(PY) -c "import matplotlib" 2>/dev/null || $(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) -m bench.qemu
 
+# Post-copy: remote-fault latency over loopback, local zero-page faults, and the
+# real guest moved by post-copy (docs/postcopy.md); tables on stdout, bench/out/postcopy.json.
+bench-postcopy: setup guest
+	$(PY) -m bench.postcopy
+
 # The claim-2 race under stress: 1000 live migrations of a guest churning flat
 # out, each to a fresh destination process; 0 corrupted pages or it fails.
 soak: setup guest
@@ -73,4 +80,4 @@ soak: setup guest
 
 clean:
 	$(MAKE) -C guest clean
-	rm -rf build *.egg-info kvmlite/_kvm.c kvmlite/migration/_wire.c kvmlite/*.so kvmlite/migration/*.so kvmlite/*.o bench/out
+	rm -rf build *.egg-info kvmlite/_kvm.c kvmlite/_postcopy.c kvmlite/migration/_wire.c kvmlite/*.so kvmlite/migration/*.so kvmlite/*.o bench/out

@@ -189,6 +189,84 @@ def migrate_once(binary: str, memory_mib: int, cmdline: str, *, live: bool, setu
         dst.kill()
 
 
+# ---- post-copy -------------------------------------------------------------------------
+
+def migrate_postcopy_once(binary: str, memory_mib: int, cmdline: str, *, bandwidth: int,
+                          switch_after_rounds: int = 0, ready_timeout: float = 120.0) -> dict:
+    """QEMU's post-copy (the `postcopy-ram` capability on both sides, then
+    `migrate-start-postcopy`): at once (`switch_after_rounds` 0: right after
+    `migrate`), or once QEMU has synced the dirty bitmap that many times more.
+    `bandwidth` bytes/s for the pre-copy part and the post-copy push alike
+    (max-bandwidth, max-postcopy-bandwidth).  The guest must finish on the
+    destination with its self-check passing.
+
+    Times end to end from QMP event timestamps: total from `migrate` to the
+    source's MIGRATION completed (every page sent), downtime from the source's
+    STOP to the destination's RESUME (the guest runs there before its pages do)."""
+    from kvmlite.procs import free_port
+    port = free_port()
+    dst = QemuVm(binary, memory_mib, cmdline, incoming=True)
+    src = QemuVm(binary, memory_mib, cmdline)
+    try:
+        caps = [{"capability": "postcopy-ram", "state": True}, {"capability": "events", "state": True}]
+        for vm in (dst, src):
+            vm.qmp.execute("migrate-set-capabilities", capabilities=caps)
+        src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": bandwidth,
+                                                     "max-postcopy-bandwidth": bandwidth,
+                                                     "downtime-limit": DOWNTIME_MS})
+        dst.qmp.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        src.wait_for(r"fill: ready", timeout=ready_timeout)
+        t_start = time.time()
+        src.qmp.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
+        if switch_after_rounds:
+            deadline = time.monotonic() + 300
+            while (src.qmp.execute("query-migrate").get("ram") or {}).get("dirty-sync-count", 0) \
+                    < 1 + switch_after_rounds:
+                if time.monotonic() > deadline:
+                    raise TimeoutError("QEMU's pre-copy rounds did not come")
+                time.sleep(0.01)
+        src.qmp.execute("migrate-start-postcopy")
+        deadline = time.monotonic() + 600
+        while True:
+            info = src.qmp.execute("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"QEMU post-copy did not finish: {info}")
+            time.sleep(0.01)
+        if info["status"] != "completed":
+            if src.proc.poll() is not None or src.summary() or dst.summary():
+                raise GuestEndedEarly(f"the guest finished first: {src.summary() or dst.summary()}")
+            raise RuntimeError(f"QEMU post-copy {info['status']}: {info.get('error-desc')}\n"
+                               f"{src.output()}\n{dst.output()}")
+        done = next((e for e in src.qmp.events if e["event"] == "MIGRATION"
+                     and e.get("data", {}).get("status") == "completed"), None)
+        switched = next((e for e in src.qmp.events if e["event"] == "MIGRATION"
+                         and e.get("data", {}).get("status") == "postcopy-active"), None)
+        resumed = dst.qmp.event("RESUME", timeout=30, after=t_start - 1)
+        stopped = src.qmp.event("STOP", timeout=5, after=t_start - 1)
+        if None in (done, resumed, stopped):
+            raise RuntimeError(f"missing events: done {done}, resume {resumed}, stop {stopped}")
+        src.qmp.execute("quit")
+        status = dst.wait(300)
+        summ = dst.summary()
+        if status != 0 or not summ or summ.get("errors") != 0:
+            raise RuntimeError(f"guest failed after QEMU post-copy (exit {status}): {summ}\n{dst.output()}")
+        ram = info["ram"]
+        return {
+            "total_ms": (done["t"] - t_start) * 1000,
+            "downtime_ms": (resumed["t"] - stopped["t"]) * 1000,
+            "switch_to_done_ms": (done["t"] - switched["t"]) * 1000 if switched else None,
+            "qemu_total_ms": info.get("total-time"), "qemu_downtime_ms": info.get("downtime"),
+            "bytes_wire": ram["transferred"], "pages_sent": ram["normal"], "pages_zero": ram["duplicate"],
+            "postcopy_requests": ram.get("postcopy-requests"),
+            "dirty_sync_count": ram.get("dirty-sync-count"), "guest_verified": summ["verified"],
+        }
+    finally:
+        src.kill()
+        dst.kill()
+
+
 # ---- the comparison ----------------------------------------------------------------
 
 MEMORY_MIB = 1024
@@ -396,13 +474,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.qemu", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3, help="runs per figure (default 3; medians and min–max)")
-    ap.add_argument("--only", choices=("qemu", "scaling"), action="append", help="run only this part")
+    ap.add_argument("--only", choices=("qemu", "postcopy", "scaling"), action="append",
+                    help="run only this part (postcopy: bench/postcopy.py's table 3, QEMU's post-copy "
+                    "against kvmlite's)")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args()
     console = Console(width=max(Console().width, 160))
-    which = args.only or ["qemu", "scaling"]
+    which = args.only or ["qemu", "postcopy", "scaling"]
     binary = qemu_binary()
-    if "qemu" in which and binary is None:
+    if ("qemu" in which or "postcopy" in which) and binary is None:
         console.print(HOW_TO_INSTALL, highlight=False)
         return 2
     if not GUEST.exists():
@@ -419,13 +499,19 @@ def main() -> int:
     if json_path.exists():          # keep a part not re-run this time, for the plot
         try:
             old = json.loads(json_path.read_text())
-            results.update({k: old[k] for k in ("qemu", "scaling") if k in old and k not in which})
+            results.update({k: old[k] for k in ("qemu", "postcopy", "scaling")
+                            if k in old and k not in which})
         except ValueError:
             pass
     t = time.monotonic()
     if "qemu" in which:
         results["qemu"] = compare(binary, args.reps, console)
         print_qemu(results["qemu"], console)
+    if "postcopy" in which:
+        # A guest pre-copy cannot move (it dirties faster than the link carries):
+        # kvmlite's post-copy with the hint against QEMU 7.2's (docs/postcopy.md).
+        from bench.postcopy import table3
+        results["postcopy"] = table3(False, args.reps)
     if "scaling" in which:
         from bench.scaling import print_scaling, run as run_scaling
         results["scaling"] = run_scaling(args.reps, console=console)

@@ -51,7 +51,18 @@ exit status:
 EPILOG_CLIENT = """\
 exit status: 0 done; 64 bad command line; 69 the monitor does not answer;
 75 the migration failed or was cancelled, or the VM refused a command;
-76 the handover is unresolved (resolve it with --resolve); 78 a bad option value."""
+76 the handover is unresolved (--resolve), or a post-copy migration's link broke
+(postcopy-paused: --resume); 78 a bad option value."""
+
+EPILOG_POSTCOPY = """\
+post-copy (--postcopy, --postcopy-after, --postcopy-now): the guest moves first
+and its pages follow on demand; pages the guest's bitmap calls free are never
+fetched.  After the switch the VM is split between the two VMMs: if either VMM
+dies (killed, host lost), the VM is lost, as with QEMU's post-copy; the source
+then refuses to resume a guest whose newer state it no longer has.  A broken
+link loses nothing: both sides pause and keep their halves (postcopy-paused),
+and `kvmlite migrate --monitor SOCKET URI --resume` reconnects and finishes
+(docs/postcopy.md)."""
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -187,7 +198,7 @@ def _parser() -> Parser:
 
     mig = sub.add_parser(
         "migrate", help="live-migrate a running VM to a destination, or save it to a file",
-        epilog=EPILOG_CLIENT,
+        epilog=EPILOG_POSTCOPY + "\n\n" + EPILOG_CLIENT,
         description="Live-migrate the VM whose QMP monitor is --monitor to a destination "
         "(kvmlite run --incoming) or into a snapshot file, following it with a progress bar, "
         "then print its figures (the final query-migrate) and quit the source, which the "
@@ -217,6 +228,16 @@ def _parser() -> Parser:
                      help="when it ends, draw which round sent each page into this PNG")
     mig.add_argument("--no-quit", dest="quit", action="store_false",
                      help="leave the source VMM in postmigrate (QEMU's way) instead of quitting it")
+    mig.add_argument("--postcopy", action="store_true",
+                     help="switch to post-copy when pre-copy stops converging (or at max-rounds): "
+                     "the guest moves, its pages follow")
+    mig.add_argument("--postcopy-after", type=int, metavar="N",
+                     help="switch to post-copy after N pre-copy rounds (implies --postcopy)")
+    mig.add_argument("--postcopy-now", action="store_true",
+                     help="switch to post-copy at once, with no pre-copy round (implies --postcopy)")
+    mig.add_argument("--resume", action="store_true",
+                     help="reconnect a post-copy migration whose link broke (postcopy-paused) to URI, "
+                     "and finish it")
     mig.add_argument("--resolve", choices=("source", "destination"),
                      help="settle a migration left unresolved (the destination's answer to COMMIT "
                      "was lost): where the VM runs now; 'source' resumes it here")
@@ -484,7 +505,10 @@ def main(argv=None, *, hooks=None, migration_class=None) -> int:
                 downtime_ms=args.downtime_ms, bandwidth=args.bandwidth, max_rounds=args.max_rounds,
                 as_json=args.json, timeout=args.timeout, auth_key=args.auth_key,
                 keep_running=args.keep_running, pagemap=args.pagemap, resolve=args.resolve,
-                quit=args.quit)
+                quit=args.quit,
+                postcopy=args.postcopy or args.postcopy_now or args.postcopy_after is not None,
+                postcopy_after=args.postcopy_after or 0, postcopy_now=args.postcopy_now,
+                resume=args.resume)
         if args.command == "pagemap":
             from .tools.pagemap import pagemap_command
             return pagemap_command(source=args.source, monitor=args.monitor, png=args.png,

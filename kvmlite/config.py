@@ -173,6 +173,12 @@ class MigrationParams:
     keep_running: bool = False        # file: only: save a snapshot and carry on here
     creds: Credentials = field(default_factory=Credentials)
     auto_converge: bool = True        # throttle a guest that dirties faster than the link sends
+    # Post-copy (docs/postcopy.md; QEMU's postcopy-ram capability): switch when
+    # pre-copy stops converging, after `postcopy_after` rounds (0: only then, or
+    # at max-rounds, or when asked), or at once (`postcopy_now`).
+    postcopy: bool = False
+    postcopy_after: int = 0
+    postcopy_now: bool = False
 
     def __post_init__(self) -> None:
         target = parse_uri(self.uri)
@@ -189,6 +195,22 @@ class MigrationParams:
                               "the VM runs at the destination, not in two places")
         if not isinstance(self.creds, Credentials):
             raise ConfigError("creds must be Credentials")
+        _check_bool(self.postcopy, "postcopy")
+        _check_int(self.postcopy_after, "postcopy-after", 0, MAX_ROUNDS)
+        _check_bool(self.postcopy_now, "postcopy-now")
+        if (self.postcopy_after or self.postcopy_now) and not self.postcopy:
+            raise ConfigError("postcopy-after and postcopy-now need postcopy on")
+        if self.postcopy:
+            if not isinstance(target, TcpUri):
+                raise ConfigError("post-copy moves a running VM to a destination VMM, not to a "
+                                  "snapshot file")
+            if not self.live:
+                raise ConfigError("post-copy moves a running guest; stop-copy pauses it first: "
+                                  "choose one (--postcopy-now switches at once)")
+            if self.creds.tls:
+                raise ConfigError("post-copy does not run over TLS here (its C threads use the "
+                                  "socket itself; kernel TLS is not built): use --auth-key, whose "
+                                  "page tags protect the post-copy records too")
 
     @property
     def target(self) -> Uri:

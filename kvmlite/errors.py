@@ -50,3 +50,12 @@ class MigrationError(KvmliteError):
 
 class StreamError(MigrationError):
     """An incoming migration stream is malformed, truncated or hostile."""
+
+
+class UserfaultError(KvmliteError):
+    """userfaultfd is unavailable here, or one of its ioctls failed (post-copy)."""
+
+
+class PostcopyLinkError(MigrationError):
+    """The link broke after the switch to post-copy.  The VM is split between the
+    two VMMs: neither may run it alone; both wait for `migrate --resume`."""

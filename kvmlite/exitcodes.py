@@ -19,7 +19,8 @@ A script running `kvmlite run` can tell what ended it from the status alone:
             75 tempfail     a migration failed or was cancelled (the VM runs on at the
                             source), or the monitor refused a command; try again
             76 protocol     a migration's handover is unresolved: an operator decides
-                            (`kvmlite migrate --resolve`)
+                            (`kvmlite migrate --resolve`); or a post-copy migration's
+                            link broke (postcopy-paused): `kvmlite migrate --resume`
             78 config       an option's value is wrong (a size, a key file, an address)
     125     the guest crashed (triple fault, failed VM entry, KVM internal error):
             the crash report is on stderr

@@ -103,6 +103,7 @@ def _run_incoming(cfg: RunConfig, hooks: Hooks, migration_class: MigrationClass)
         premade = Machine(replace(cfg.machine, prefault=True))
     machine: Machine | None = None
     monitor: Monitor | None = None
+    incoming: Incoming | None = None
     wanted = cfg.incoming
     assert wanted is not None
 
@@ -143,8 +144,11 @@ def _run_incoming(cfg: RunConfig, hooks: Hooks, migration_class: MigrationClass)
             elif monitor is not None:
                 monitor.shutdown("host-error")
             raise
-        return serve(machine, cfg, hooks=hooks, migration_class=migration_class, monitor=monitor)
+        return serve(machine, cfg, hooks=hooks, migration_class=migration_class, monitor=monitor,
+                     incoming=incoming)
     finally:
+        if incoming is not None:
+            incoming.close()       # post-copy's threads stop before guest RAM goes
         if monitor is not None:
             monitor.close()
         for m in {id(x): x for x in (machine, premade) if x is not None}.values():
@@ -152,10 +156,13 @@ def _run_incoming(cfg: RunConfig, hooks: Hooks, migration_class: MigrationClass)
 
 
 def serve(machine: Machine, cfg: RunConfig, *, hooks: Hooks = NO_HOOKS,
-          migration_class: MigrationClass = None, monitor: Monitor | None = None) -> int:
+          migration_class: MigrationClass = None, monitor: Monitor | None = None,
+          incoming: Incoming | None = None) -> int:
     """Run until the guest ends, or after migrating away until the monitor's
     quit; serve the monitor meanwhile (`monitor`, or one made here from
-    `cfg.monitor`); report crash and stats.  Returns the exit status."""
+    `cfg.monitor`); report crash and stats.  Returns the exit status.
+    `incoming`: the migration this VM arrived by (post-copy may still be
+    bringing its pages)."""
     if monitor is None and cfg.monitor:
         monitor = open_monitor(cfg, machine, hooks=hooks, migration_class=migration_class)
     elif monitor is not None:
@@ -167,6 +174,8 @@ def serve(machine: Machine, cfg: RunConfig, *, hooks: Hooks = NO_HOOKS,
         except KeyboardInterrupt:
             cause = "host-signal"
             raise
+        if incoming is not None and incoming.postcopy is not None:
+            _finish_postcopy(incoming, cfg.timeout)
         if result.reason == "migrated" and monitor is not None:
             _postmigrate(monitor, cfg.postmigrate_timeout)
         cause = shutdown_cause(result, monitor)
@@ -186,6 +195,16 @@ def _postmigrate(monitor: Monitor, timeout: float | None) -> None:
     log.info(f"postmigrate: the VM runs elsewhere now; this VMM waits for {how} on the monitor")
     if not monitor.wait_quit(timeout):
         log.info(f"postmigrate: no quit within {timeout:g} s (--postmigrate-timeout); exiting")
+
+
+def _finish_postcopy(incoming: Incoming, timeout: float) -> None:
+    """The guest ended while post-copy still brought pages: let the source finish
+    (it would otherwise find the link broken and wait for a resume) while the link
+    is up; a paused one is not waited for."""
+    from .migration.status import ReceiveState as R
+    if incoming.status is R.POSTCOPY_ACTIVE:
+        log.info("the guest ended during post-copy: waiting for the last pages")
+        incoming.wait_postcopy(timeout)
 
 
 def shutdown_cause(result: RunResult, monitor: Monitor | None = None) -> str:

@@ -7,7 +7,12 @@ process, which becomes the next source.  At the end the guest checks every
 live page once more and reports how many pages it ever found corrupted.
 
     python -m kvmlite.soak --migrations 1000
+    python -m kvmlite.soak --migrations 100 --postcopy   # each one switches to post-copy at once
     python -m tests.harness soak --migrations 5 --broken-order   # the race claim 2 prevents
+
+With --postcopy every migration moves the vCPU at once (--postcopy-now) and
+its pages follow under userfaultfd (docs/postcopy.md); the soak also counts
+requests for pages that were free at the switch, which must stay 0.
 
 The broken order lives with the tests (tests/harness.py), not in kvmlite: its
 soak starts every VMM through the harness, which gives it a sender that reads
@@ -32,25 +37,37 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str | None = None,
-         log=print, vmm=KVMLITE, label: str = "", extra=()) -> dict:
+         log=print, vmm=KVMLITE, label: str = "", extra=(), postcopy: bool = False) -> dict:
     """Run the soak; returns its figures (see main for their meaning).  `vmm` is
-    the command that starts each VMM (the test harness injects a sender there)."""
+    the command that starts each VMM (the test harness injects a sender there).
+    `postcopy`: every migration switches to post-copy at once."""
     image = image or str(ROOT / "guest" / "guest.bin")
     cmdline = f"workload=churn pages={pages} rounds=0 free=50"
     vm = VmProcess([image, "--memory", memory, "--cmdline", cmdline, *extra], vmm=vmm)
     t0 = time.perf_counter()
     done, failed, downtimes, sent, errors = 0, 0, [], 0, []
+    # post-copy's counters, summed over the migrations (query-migrate's names)
+    pc = {"pages-pending": 0, "requests": 0, "requests-for-free": 0, "faults-zero-free": 0,
+          "faults-remote": 0}
     old = []
     try:
         vm.wait_for(r"^churn: pages=", timeout=60)
         nxt = start_destination(free_port(), None, vmm=vmm, extra=extra)
         for i in range(1, migrations + 1):
             uri = nxt.args[nxt.args.index("--incoming") + 1]
-            s = _migrate(vm, uri)
+            s = _migrate(vm, uri, postcopy=postcopy)
             if s["status"] == "completed":
                 done += 1
                 downtimes.append(s["x-downtime-ms"])
                 sent += s["ram"]["normal"] + s["ram"]["duplicate"]
+                p = s.get("x-postcopy") or {}
+                if postcopy and not p:
+                    errors.append(f"migration {i}: completed without switching to post-copy")
+                for k in ("pages-pending", "requests-for-free"):
+                    pc[k] += p.get(k, 0)
+                pc["requests"] += s["ram"].get("postcopy-requests", 0)
+                for k in ("faults-zero-free", "faults-remote"):
+                    pc[k] += (p.get("destination") or {}).get(k, 0)
                 old.append(vm)
                 vm, nxt = nxt, None
                 vm.wait_monitor()
@@ -90,14 +107,17 @@ def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str 
         "guest_errors": summary.get("errors"),
         "corrupted_pages": summary.get("corrupted"),
         "vmm": label or "kvmlite",
+        **({f"postcopy_{k.replace('-', '_')}": v for k, v in pc.items()} if postcopy else {}),
     }
 
 
-def _migrate(vm: VmProcess, uri: str, timeout: float = 120.0) -> dict:
+def _migrate(vm: VmProcess, uri: str, timeout: float = 120.0, postcopy: bool = False) -> dict:
     """Migrate `vm` to `uri` over its monitor and quit it once it is in
-    postmigrate (kvmlite migrate's steps); the final query-migrate."""
+    postmigrate (kvmlite migrate's steps); the final query-migrate.
+    `postcopy`: switch to post-copy at once (postcopy-ram, x-postcopy-now)."""
     with vm.client() as client:
-        return run_migration(client, uri, timeout=timeout, interval=0.005)
+        return run_migration(client, uri, timeout=timeout, interval=0.005,
+                             postcopy=postcopy, postcopy_now=postcopy)
 
 
 def main(argv=None, *, vmm=KVMLITE, label: str = "", prog: str = "python -m kvmlite.soak",
@@ -111,6 +131,8 @@ def main(argv=None, *, vmm=KVMLITE, label: str = "", prog: str = "python -m kvml
     ap.add_argument("--auth-key", metavar="FILE",
                     help="every VMM holds this key: the links are keyed, and page data carries "
                     "integrity tags (docs/wire-format.md)")
+    ap.add_argument("--postcopy", action="store_true",
+                    help="every migration switches to post-copy at once (docs/postcopy.md)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     if extra_options:
         extra_options(ap)
@@ -119,7 +141,8 @@ def main(argv=None, *, vmm=KVMLITE, label: str = "", prog: str = "python -m kvml
         vmm, label = vmm(args)
     extra = ("--auth-key", args.auth_key) if args.auth_key else ()
     r = soak(args.migrations, memory=args.memory, pages=args.pages, vmm=vmm, label=label, extra=extra,
-             log=None if args.json else lambda m: print(m, file=sys.stderr, flush=True))
+             log=None if args.json else lambda m: print(m, file=sys.stderr, flush=True),
+             postcopy=args.postcopy)
     if args.json:
         print(json.dumps(r, indent=2))
     else:
@@ -133,7 +156,8 @@ def main(argv=None, *, vmm=KVMLITE, label: str = "", prog: str = "python -m kvml
         Console().print(t)
         print(f"corrupted pages: {r['corrupted_pages']}")
     ok = r["corrupted_pages"] == 0 and r["guest_errors"] == 0 and r["failed"] == 0 \
-        and r["guest_exit_status"] == 0 and not r["failures"]
+        and r["guest_exit_status"] == 0 and not r["failures"] \
+        and r.get("postcopy_requests_for_free", 0) == 0
     return 0 if ok else 1
 
 

@@ -16,6 +16,12 @@ A destination VMM has a monitor before it has a VM: it answers
 migration's state, and `migrate-incoming` starts one when the VMM was run
 with `--incoming defer`.  After a migration away the source stays in
 `postmigrate` until `quit` (the runner may give up waiting after a timeout).
+
+Post-copy (docs/postcopy.md) uses QEMU's names: the `postcopy-ram`
+capability, `migrate-start-postcopy`, `migrate` with `resume: true` on the
+source and `migrate-recover` on the destination after a broken link;
+kvmlite's own switch policies are the parameters `x-postcopy-after` and
+`x-postcopy-now`, and its figures the `x-postcopy` members of query-migrate.
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..bitmap import PAGE_SIZE
 from ..config import DEFAULT_TIMEOUT, Credentials, MigrationParams, read_key
 from ..endpoints import FileUri
-from ..migration.status import MigrationStatus as S, ReceiveState as R
+from ..migration.status import POSTCOPY_STATES, MigrationStatus as S, ReceiveState as R
 from . import schema
 from .arraycodec import encode_array, mask_to_words
-from .qapi import ErrorClass, QmpError
+from .qapi import ErrorClass, Nullable, QmpError, Struct
 from .qmp import CommandTable, QmpServer, handles
 
 if TYPE_CHECKING:
@@ -42,11 +48,14 @@ __all__ = ["Monitor", "CAPABILITY_DEFAULTS", "PARAMETER_DEFAULTS", "SHUTDOWN_BY_
 # kvmlite's defaults, which differ from QEMU's where kvmlite's design does.
 _DEFAULT_PARAMS = MigrationParams("file:-")
 CAPABILITY_DEFAULTS = {"events": False, "auto-converge": _DEFAULT_PARAMS.auto_converge,
+                       "postcopy-ram": _DEFAULT_PARAMS.postcopy,
                        "x-free-page-hint": _DEFAULT_PARAMS.hint}
 PARAMETER_DEFAULTS = {"downtime-limit": round(_DEFAULT_PARAMS.downtime_ms),
                       "max-bandwidth": _DEFAULT_PARAMS.bandwidth,
                       "x-max-rounds": _DEFAULT_PARAMS.max_rounds,
-                      "x-stall-timeout": 0, "x-auth-key": ""}
+                      "x-stall-timeout": 0, "x-auth-key": "",
+                      "x-postcopy-after": _DEFAULT_PARAMS.postcopy_after,
+                      "x-postcopy-now": _DEFAULT_PARAMS.postcopy_now}
 
 # Seconds the VMM waits, once it has said SHUTDOWN, for its clients to hang up
 # before it does (qmp-shell and qemu.qmp complain when the server goes first)
@@ -62,7 +71,13 @@ _INCOMING_STATUS = {R.WAITING: "setup", R.RECEIVING: "active", R.READY: "handove
                     R.POSTCOPY_RECOVER: "postcopy-recover"}
 
 # A migration holds the VM paused in these: only its own end may resume it
-_HANDOVER = (S.DEVICE, S.HANDOVER, S.UNRESOLVED, S.CANCELLING)
+_HANDOVER = (S.DEVICE, S.HANDOVER, S.UNRESOLVED, S.CANCELLING, *POSTCOPY_STATES)
+
+# A destination's states in which the guest runs here (all its pages here, or
+# post-copy still bringing them)
+_GUEST_HERE = (R.RUNNING, R.POSTCOPY_ACTIVE, R.POSTCOPY_PAUSED, R.POSTCOPY_RECOVER)
+# A destination's states before the VM is this side's: quit abandons the migration
+_BEFORE_COMMIT = (R.WAITING, R.RECEIVING, R.READY)
 
 
 def _generic(desc: str) -> QmpError:
@@ -166,7 +181,7 @@ class Monitor:
                 return "postmigrate"
             if mig.status in _HANDOVER and (mig.status is not S.CANCELLING or m.paused):
                 return "finish-migrate"
-        if self.incoming is not None and self.incoming.status is not R.RUNNING:
+        if self.incoming is not None and self.incoming.status not in _GUEST_HERE:
             return "inmigrate"
         if not m.running:
             return "shutdown"
@@ -193,6 +208,9 @@ class Monitor:
         mig = self.migration
         if self.postmigrate:
             raise _generic(self._migrated_away(mig))
+        if mig is not None and mig.status in POSTCOPY_STATES:
+            raise _generic(f"the migration is {mig.status.value}: the VM has run at the destination "
+                           "since the switch to post-copy, and its newer state is there, not here")
         if mig is not None and mig.status in _HANDOVER:
             raise _generic(f"a migration is {mig.status.value}: the VM is paused for its "
                            "handover, which only the migration may undo")
@@ -212,7 +230,7 @@ class Monitor:
         mig = self.migration
         if mig is not None and not mig.status.finished:
             mig.cancel()
-        if self.incoming is not None and self.incoming.status is not R.RUNNING:
+        if self.incoming is not None and self.incoming.status in _BEFORE_COMMIT:
             self.incoming.abort()
         m = self.machine
         if m is not None and m.running:
@@ -254,21 +272,33 @@ class Monitor:
         if key is not None:
             from dataclasses import replace
             creds = replace(creds, key=key)
+        # x-postcopy-after and x-postcopy-now mean something only with
+        # postcopy-ram on (as QEMU's postcopy parameters); set_parameters
+        # checks them with it off ("file:-"), by their declared range alone.
+        postcopy = self.capabilities["postcopy-ram"] and uri != "file:-"
         return MigrationParams(
             uri, hint=self.capabilities["x-free-page-hint"], live=live,
             downtime_ms=float(p["downtime-limit"]), bandwidth=p["max-bandwidth"],
             max_rounds=p["x-max-rounds"],
             timeout=p["x-stall-timeout"] / 1000 if p["x-stall-timeout"] else self.timeout,
             keep_running=keep_running, creds=creds,
-            auto_converge=self.capabilities["auto-converge"])
+            auto_converge=self.capabilities["auto-converge"],
+            postcopy=postcopy, postcopy_after=p["x-postcopy-after"] if postcopy else 0,
+            postcopy_now=p["x-postcopy-now"] if postcopy else False)
 
     @handles("migrate")
     def migrate(self, uri: str, detach: bool = False, resume: bool = False,
                 x_keep_running: bool = False) -> None:
         """Start a migration on its own thread and return at once.  A VM the
-        user stopped goes in one pass (stop-copy, as QEMU's stop + migrate)."""
+        user stopped goes in one pass (stop-copy, as QEMU's stop + migrate).
+        With `resume`, reconnect the post-copy migration in postcopy-paused
+        (or unresolved after its switch) to `uri` instead."""
         if resume:
-            raise _generic("kvmlite has no paused post-copy migration to resume")
+            mig = self.migration
+            if mig is None:
+                raise _generic("Cannot resume if there is no paused migration")
+            mig.resume(uri)          # MigrationError (a GenericError) if it is not paused
+            return
         if self.new_migration is None:
             raise _generic("this VMM cannot start migrations")
         self._no_migration_running()
@@ -290,6 +320,18 @@ class Monitor:
         if mig is not None and not mig.status.finished and not mig.cancel():
             raise _generic(f"too late to cancel: the migration is {mig.status.value} "
                            "(the destination may be running the guest)")
+
+    @handles("migrate-start-postcopy")
+    def migrate_start_postcopy(self) -> None:
+        """Switch at the next chance (between two 256 MiB chunks of the round in
+        progress, or before the next); a switch already under way is left be."""
+        mig = self.migration
+        if mig is None or mig.status.finished:
+            if not self.capabilities["postcopy-ram"]:
+                raise _generic("Enable postcopy with migrate_set_capability before the start "
+                               "of migration")
+            raise _generic("Postcopy must be started after migration has been started")
+        mig.start_postcopy()
 
     @handles("x-migrate-resolve")
     def migrate_resolve(self, owner: str) -> None:
@@ -335,6 +377,14 @@ class Monitor:
 
     # ---- incoming migration -------------------------------------------------------------------
 
+    @handles("migrate-recover")
+    def migrate_recover(self, uri: str) -> None:
+        """A destination in postcopy-paused waits for the source's resume on `uri`."""
+        inc = self.incoming
+        if inc is None or inc.status is not R.POSTCOPY_PAUSED:
+            raise _generic("Migrate recover can only be run when postcopy is paused.")
+        inc.recover(uri)
+
     @handles("migrate-incoming")
     def migrate_incoming(self, uri: str, exit_on_error: bool = True) -> None:
         """Open the incoming migration `--incoming defer` left for later."""
@@ -349,12 +399,14 @@ class Monitor:
             self._wake.notify_all()
 
     def _on_incoming_state(self, old: R, new: R) -> None:
-        if new is R.RUNNING and self.incoming is not None and self.incoming.machine is not None:
+        # COMMIT: the guest runs here now (post-copy: its pages still coming)
+        committed = new in (R.RUNNING, R.POSTCOPY_ACTIVE) and old not in _GUEST_HERE
+        if committed and self.incoming is not None and self.incoming.machine is not None:
             # the VM is this side's from now on: commands act on it at once,
             # not only once the runner has set it going
             self.attach(self.incoming.machine)
         self._migration_event("MIGRATION", {"status": _INCOMING_STATUS[new]})
-        if new is R.RUNNING:
+        if committed:
             self.emit("RESUME")
 
     def _incoming_info(self) -> dict:
@@ -370,6 +422,20 @@ class Monitor:
                                total=m.memory.size if m is not None else 0,
                                duplicate=s.zero_pages, normal=s.pages, seconds=seconds,
                                syncs=s.rounds)
+        pc = inc.postcopy_stats()
+        if pc is not None:
+            dest = _qmp_members(pc, schema.X_POSTCOPY_INCOMING)
+            if dest is not None:
+                info["x-postcopy-incoming"] = dest
+            blocktime = _blocktime(dest, inc.machine)
+            if blocktime is not None:
+                info["postcopy-blocktime"] = blocktime
+            ram = info.get("ram")
+            if ram is not None:
+                received = int(pc.get("bytes_received", 0))
+                ram["transferred"] += received
+                ram["postcopy-bytes"] = received
+                ram["precopy-bytes"] = s.bytes if s is not None else 0
         return info
 
     # ---- kvmlite's own ---------------------------------------------------------------------------
@@ -393,6 +459,7 @@ class Monitor:
         if mig is not None and not mig.done.is_set() and mig.dirty_words is not None:
             dirty = mig.dirty_words.copy()    # the migration thread keeps changing it
         sent = mig.sent_round.copy() if mig is not None else None
+        states = self.incoming.page_states() if self.incoming is not None else None
         return {
             "page-size": PAGE_SIZE, "pages": m.memory.npages,
             "registered": free is not None,
@@ -400,6 +467,7 @@ class Monitor:
             "backed": encode_array(mask_to_words(backed)) if backed is not None else None,
             "dirty": encode_array(dirty) if dirty is not None else None,
             "sent-round": encode_array(sent) if sent is not None else None,
+            "postcopy-state": encode_array(states) if states is not None else None,
             "migration": None if mig is None else {
                 "status": mig.status.value, "x-free-page-hint": mig.params.hint,
                 "rounds": mig.stats.rounds},
@@ -481,18 +549,20 @@ def _registers(vcpu) -> dict:
 
 def _ram(*, transferred: int, remaining: int, total: int, duplicate: int, normal: int,
          seconds: float, syncs: int, precopy: int | None = None, dirty_rate: float = 0.0,
-         skipped: int = 0, resent: int = 0) -> dict:
-    """QAPI MigrationStats: QEMU's units (bytes, pages, Mbit/s), kvmlite's x- members."""
+         skipped: int = 0, resent: int = 0, postcopy: int = 0, requests: int = 0) -> dict:
+    """QAPI MigrationStats: QEMU's units (bytes, pages, Mbit/s), kvmlite's x- members.
+    `transferred` is split into `precopy` (sent while the guest ran here),
+    `postcopy` (after the switch) and the rest, sent in the downtime."""
     return {
         "transferred": transferred, "remaining": remaining, "total": total,
         "duplicate": duplicate, "normal": normal, "normal-bytes": normal * PAGE_SIZE,
         "dirty-pages-rate": round(dirty_rate),
         "mbps": round(transferred * 8 / 1e6 / seconds, 3),      # megabits: QEMU's unit, not MiB/s
-        "dirty-sync-count": syncs, "postcopy-requests": 0, "page-size": PAGE_SIZE,
+        "dirty-sync-count": syncs, "postcopy-requests": requests, "page-size": PAGE_SIZE,
         "multifd-bytes": 0, "pages-per-second": round((normal + duplicate) / seconds),
         "precopy-bytes": transferred if precopy is None else precopy,
-        "downtime-bytes": 0 if precopy is None else transferred - precopy,
-        "postcopy-bytes": 0, "dirty-sync-missed-zero-copy": 0,
+        "downtime-bytes": 0 if precopy is None else transferred - precopy - postcopy,
+        "postcopy-bytes": postcopy, "dirty-sync-missed-zero-copy": 0,
         "x-skipped-free": skipped, "x-resent": resent,
     }
 
@@ -501,6 +571,7 @@ def migration_info(mig) -> dict:
     """QAPI MigrationInfo of an outgoing migration: QEMU's members in QEMU's
     units, kvmlite's figures as x- members (docs/monitor.md)."""
     s = mig.stats
+    s.update()                  # post-copy's page server counts in C: bring its figures in
     status = mig.status
     info: dict = {"status": status.value}
     ended = status.finished or status is S.UNRESOLVED
@@ -514,24 +585,40 @@ def migration_info(mig) -> dict:
     info["setup-time"] = round(s.setup_ms)
     info["x-setup-time-ms"] = round(s.setup_ms, 3)
     seconds = max(total_ms / 1000, 1e-9)
-    info["ram"] = _ram(transferred=s.bytes_wire, remaining=s.pages_remaining * PAGE_SIZE,
-                       total=s.pages_total * PAGE_SIZE, duplicate=s.pages_zero, normal=s.pages_sent,
+    pc = s.postcopy
+    # after the switch: the pages the page server sent count as sent, and what
+    # is left is what it has still to send
+    pc_sent = int(pc.get("pages_pushed", 0)) + int(pc.get("pages_on_request", 0))
+    pc_zero = int(pc.get("zero_pages", 0))
+    remaining = int(pc.get("pages_left", 0)) if pc else s.pages_remaining
+    info["ram"] = _ram(transferred=s.bytes_wire, remaining=remaining * PAGE_SIZE,
+                       total=s.pages_total * PAGE_SIZE, duplicate=s.pages_zero + pc_zero,
+                       normal=s.pages_sent + pc_sent - pc_zero,
                        seconds=seconds, syncs=s.dirty_syncs,
                        precopy=s.precopy_bytes or None,
                        dirty_rate=s.dirty_rate_pps, skipped=s.pages_skipped_free,
-                       resent=s.pages_resent)
+                       resent=s.pages_resent, postcopy=int(pc.get("bytes", 0)),
+                       requests=int(pc.get("requests", 0)))
     if status is S.ACTIVE:
         rate = s.bytes_wire / seconds
         if rate > 0:
             info["expected-downtime"] = round(s.pages_remaining * PAGE_SIZE / rate * 1000)
     if s.throttle_pct:
         info["cpu-throttle-percentage"] = s.throttle_pct
-    if status is S.COMPLETED:
+    if status is S.COMPLETED or (pc and status in POSTCOPY_STATES):
+        # post-copy's downtime ended at COMMIT: known from postcopy-active on
         info["downtime"] = round(s.downtime_ms)
         info["x-downtime-ms"] = round(s.downtime_ms, 3)
         info["x-downtime-parts"] = dict(s.downtime_parts_ms)
-    if s.error and status in (S.FAILED, S.CANCELLED, S.UNRESOLVED):
+    if s.error and status in (S.FAILED, S.CANCELLED, S.UNRESOLVED, S.POSTCOPY_PAUSED):
         info["error-desc"] = s.error
+    if pc:
+        xpc = _qmp_members(pc, schema.X_POSTCOPY) or {}
+        if xpc:
+            info["x-postcopy"] = xpc
+        blocktime = _blocktime(xpc.get("destination"), mig.machine)
+        if blocktime is not None:
+            info["postcopy-blocktime"] = blocktime
     rounds = [{"pages": int(p), "ms": ms} for p, ms in zip(s.round_pages, s.round_ms)]
     for p in s.round_pages[len(s.round_ms):]:
         # the last pass, with the vCPUs paused: its time is in the downtime's parts
@@ -541,3 +628,37 @@ def migration_info(mig) -> dict:
     info["x-rounds"] = rounds
     return info
 
+
+
+def _qmp_members(figures: dict, struct: Struct) -> dict | None:
+    """kvmlite's figures (a dict with snake_case keys) as the members `struct`
+    declares (kebab-case), recursively.  An optional figure that is missing,
+    or not of its declared type, is left out; a required one makes the whole
+    None.  The destination's part comes from the peer, whose bytes are not to
+    be trusted."""
+    out: dict = {}
+    for m in struct.fields:
+        key = m.name.replace("-", "_")
+        value = figures.get(key)
+        kind = m.type.of if isinstance(m.type, Nullable) and value is not None else m.type
+        if isinstance(kind, Struct) and isinstance(value, dict):
+            value = _qmp_members(value, kind)
+        if key in figures and (value is not None or isinstance(m.type, Nullable)):
+            try:
+                out[m.name] = m.type.check(value, m.name)
+                continue
+            except QmpError:
+                pass
+        if not m.optional:
+            return None
+    return out
+
+
+def _blocktime(dest: dict | None, machine) -> int | None:
+    """QEMU's postcopy-blocktime (ms the vCPUs waited for remote pages) from the
+    destination's figures: the sum of its remote faults' latencies, which is
+    the vCPU's blocked time only on a guest with one vCPU (QEMU counts the time
+    all vCPUs were blocked at once, which a per-fault sum cannot tell)."""
+    if not dest or "remote-wait-ms" not in dest or machine is None or machine.nvcpus != 1:
+        return None
+    return min(round(dest["remote-wait-ms"]), (1 << 32) - 1)

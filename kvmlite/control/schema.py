@@ -12,7 +12,7 @@ in megabits (10^6 bits) per second.
 
 from __future__ import annotations
 
-from .qapi import (ANY, BOOL, INT, NUMBER, SIZE, STR, UINT64, Array, Command, Enum, Event, Int,
+from .qapi import (ANY, BOOL, INT, NUMBER, SIZE, STR, UINT32, UINT64, Array, Command, Enum, Event, Int,
                    Map, Nullable, Str, Struct)
 from .qmp import BUILTIN_COMMANDS, QMP_CAPABILITIES, QUERY_COMMANDS, QUERY_VERSION  # noqa: F401
 
@@ -54,8 +54,11 @@ QUERY_KVM = Command("query-kvm", returns=KVM_INFO,
 
 # MigrationStatus.  kvmlite's source goes none → setup → active → device →
 # handover → completed (or failed / cancelled / unresolved, see
-# docs/architecture.md); its destination reports setup (waiting), active
-# (receiving), handover (ready), completed (running) or failed.  handover and
+# docs/architecture.md), or after a switch to post-copy handover →
+# postcopy-active → completed, with postcopy-paused → postcopy-recover →
+# postcopy-active when the link breaks and is recovered; its destination
+# reports setup (waiting), active (receiving), handover (ready), completed
+# (running), failed, or the same three postcopy-* states.  handover and
 # unresolved are kvmlite's handover states, which QEMU does not have; they
 # are the names kvmlite's own state machine uses (migration/status.py), and
 # as values of an enum QEMU may extend they carry no prefix.
@@ -76,19 +79,65 @@ MIGRATION_STATS = Struct("MigrationStats", {
     "dirty-pages-rate": INT,     # pages/s the guest dirtied during the pre-copy rounds
     "mbps": NUMBER,              # throughput in megabits (10^6 bits) per second: NOT MiB/s
     "dirty-sync-count": INT,     # dirty-log syncs: one per round
-    "postcopy-requests": INT,    # 0: kvmlite has no post-copy yet
+    "postcopy-requests": INT,    # pages the destination asked for on a fault, after the switch
     "page-size": INT,            # 4096
     "multifd-bytes": UINT64,     # 0
     "pages-per-second": UINT64,  # pages (normal + duplicate) sent per second
     "precopy-bytes": UINT64,     # bytes sent while the guest ran
     "downtime-bytes": UINT64,    # bytes sent while the guest was paused
-    "postcopy-bytes": UINT64,    # 0
+    "postcopy-bytes": UINT64,    # bytes sent after the switch to post-copy (the page server's)
     "dirty-sync-missed-zero-copy": UINT64,   # 0
     "x-skipped-free": UINT64,    # pages never sent because the guest's free-page hint called them free
     "x-resent": UINT64,          # pages sent more than once (dirtied again between rounds)
 })
 
 X_ROUND = Struct("x-MigrationRound", {"pages": UINT64, "ms": Nullable(NUMBER)})
+
+# Post-copy's figures (docs/postcopy.md, "Stats"): kvmlite's own, under
+# x-postcopy.  The destination's, on its query-migrate and (once every page
+# is there) in the source's as `destination`:
+X_POSTCOPY_LATENCY = Struct("x-PostcopyLatency", {
+    "n": INT, "*p50": NUMBER, "*p99": NUMBER, "*max": NUMBER})   # µs, fault read to page placed
+X_POSTCOPY_INCOMING = Struct("x-PostcopyIncomingInfo", {
+    "pages-pending": INT,            # pages still to come at the switch
+    "pages-left": INT,               # of those, not here yet
+    "faults": INT,                   # fault events read from the userfaultfd
+    "faults-remote": INT,            # resolved by a request to the source
+    "faults-zero-free": INT,         # resolved here with a zero page: free at the switch (no round trip)
+    "faults-zero-other": INT,        # resolved here with a zero page: never written, not to come
+    "faults-already-arrived": INT,   # the page arrived between the fault and its handling
+    "faults-joined": INT,            # a second fault on a page already requested
+    "faults-outside-ram": INT,       # fault events outside guest RAM: must stay 0
+    "requests-while-down": INT,      # requests made while the link was broken (sent again on recovery)
+    "pages-received": INT, "zero-received": INT, "duplicates": INT,
+    "bytes-received": INT, "bytes-sent": INT,
+    "remote-latency-us": X_POSTCOPY_LATENCY,
+    "remote-wait-ms": NUMBER,        # the remote faults' latencies, summed
+    "switch-to-last-page-ms": Nullable(NUMBER),
+    "link": Enum("x-PostcopyLink", ("none", "up", "broken", "done")),
+    "error": STR,                    # why the link broke ("" while it is up)
+    "recoveries-ms": Array(NUMBER, max_len=1 << 16),   # broken link to recovered, each time
+})
+# The source's, from the switch on:
+X_POSTCOPY = Struct("x-PostcopyInfo", {
+    "switch": STR,                   # why it switched (at once, after N rounds, not converging, asked)
+    "pages-pending": INT,            # pages still to come at the switch
+    "pages-free": INT,               # pages free at the switch: never sent
+    "*pages-pushed": INT,            # sent by the background push
+    "*pages-on-request": INT,        # sent because the destination asked
+    "*pages-left": INT,              # still to send on this connection
+    "*zero-pages": INT,              # of those sent, all-zero pages
+    "*pages-resent": INT,            # sent again after a recovery
+    "*requests-already-sent": INT,   # requests for a page already on its way
+    "*requests-for-free": INT,       # requests for a page free at the switch: must stay 0
+    "*requests-not-pending": INT,    # requests for a page not still to come: must stay 0
+    "*bytes-return": INT,            # bytes the destination sent back (requests)
+    "*connections": INT,             # 1, plus one per recovery
+    "*switch-to-done-ms": NUMBER,    # the switch to the destination's DONE
+    "*recoveries": INT,              # migrate with resume: true, each attempt
+    "*pages-needed-at-recovery": INT,   # what the destination still needed at the last one
+    "*destination": X_POSTCOPY_INCOMING,  # the destination's own, sent after DONE
+})
 
 # MigrationInfo: QEMU's optional members, kvmlite's x- ones.
 MIGRATION_INFO = Struct("MigrationInfo", {
@@ -108,6 +157,12 @@ MIGRATION_INFO = Struct("MigrationInfo", {
     "*x-total-time-ms": NUMBER,           # total-time, to the microsecond
     "*x-setup-time-ms": NUMBER,           # setup-time, to the microsecond
     "*x-downtime-ms": NUMBER,             # downtime, to the microsecond
+    # Post-copy.  postcopy-blocktime (QEMU's, ms): how long the guest's vCPU
+    # waited for pages fetched from the source, on a one-vCPU guest (the
+    # destination's; on the source once the destination has sent its figures)
+    "*postcopy-blocktime": UINT32,
+    "*x-postcopy": X_POSTCOPY,            # the source's figures, from the switch on
+    "*x-postcopy-incoming": X_POSTCOPY_INCOMING,   # a post-copy destination's own
 })
 
 QUERY_MIGRATE = Command("query-migrate", returns=MIGRATION_INFO,
@@ -115,11 +170,15 @@ QUERY_MIGRATE = Command("query-migrate", returns=MIGRATION_INFO,
 
 # migrate: QEMU's 'uri' is optional because 'channels' may replace it; kvmlite
 # has no channels, so uri is required.  detach is accepted and ignored, as
-# QEMU does; resume (of a paused post-copy migration) is refused when true.
+# QEMU does; resume: true reconnects a post-copy migration in postcopy-paused
+# (QEMU's recovery) to uri, where the destination listens (its --incoming
+# address, or where migrate-recover told it).
 # x-keep-running (kvmlite's): with a file: uri, the VM carries on here once
 # the snapshot is written, instead of the source entering postmigrate.
 MIGRATE = Command("migrate", {"uri": STR, "*detach": BOOL, "*resume": BOOL, "*x-keep-running": BOOL},
-                  doc="Start migrating to uri (tcp:HOST:PORT or file:PATH); returns at once.")
+                  doc="Start migrating to uri (tcp:HOST:PORT or file:PATH); returns at once.  "
+                      "With resume: true, reconnect a post-copy migration whose link broke "
+                      "(postcopy-paused) to uri.")
 
 MIGRATE_INCOMING = Command("migrate-incoming", {"uri": STR, "*exit-on-error": BOOL},
                            doc="Start listening for an incoming migration (run --incoming defer).")
@@ -138,9 +197,12 @@ X_MIGRATE_RESOLVE = Command(
 
 # MigrationCapability: kvmlite's set.  events (QEMU's, default off as in QEMU)
 # sends MIGRATION and MIGRATION_PASS; auto-converge (QEMU's; kvmlite's default
-# is on) throttles a guest that dirties faster than the link; x-free-page-hint
-# (default on) skips the pages the guest's free-page bitmap calls free.
-MIGRATION_CAPABILITY = Enum("MigrationCapability", ("events", "auto-converge", "x-free-page-hint"))
+# is on) throttles a guest that dirties faster than the link; postcopy-ram
+# (QEMU's, default off) lets the migration switch to post-copy
+# (docs/postcopy.md); x-free-page-hint (default on) skips the pages the
+# guest's free-page bitmap calls free.
+MIGRATION_CAPABILITY = Enum("MigrationCapability",
+                            ("events", "auto-converge", "postcopy-ram", "x-free-page-hint"))
 MIGRATION_CAPABILITY_STATUS = Struct("MigrationCapabilityStatus",
                                      {"capability": MIGRATION_CAPABILITY, "state": BOOL})
 
@@ -163,6 +225,12 @@ MIGRATION_PARAMETERS = {
     # give up after this long without progress; 0: kvmlite's default
     "x-stall-timeout": Int(0, 86_400_000, unit="ms", name="uint64"),
     "x-auth-key": STR,                                # path of a key file the VMM reads; "": none
+    # With postcopy-ram on: switch after this many pre-copy rounds (0: when
+    # pre-copy stops converging, at x-max-rounds, or on migrate-start-postcopy)
+    "x-postcopy-after": Int(0, 10_000, name="uint32"),
+    # With postcopy-ram on: switch at once, before any pre-copy round (QEMU's
+    # way, migrate then migrate-start-postcopy, races the first round)
+    "x-postcopy-now": BOOL,
 }
 MIGRATE_SET_PARAMETERS = Command(
     "migrate-set-parameters", Struct("MigrateSetParameters",
@@ -173,11 +241,16 @@ QUERY_MIGRATE_PARAMETERS = Command(
     returns=Struct("MigrationParameters", dict(MIGRATION_PARAMETERS)),
     doc="Every migration parameter and its value.")
 
-# Post-copy, when it lands: QEMU's names (qapi/migration.json).
+# Post-copy: QEMU's names (qapi/migration.json).  migrate-start-postcopy
+# needs postcopy-ram on for the migration; it switches between two 256 MiB
+# chunks of the round in progress, or before the next.
 MIGRATE_START_POSTCOPY = Command("migrate-start-postcopy",
-                                 doc="Switch the running migration to post-copy.")
+                                 doc="Switch the running migration to post-copy (postcopy-ram on).")
+# On a destination in postcopy-paused: listen for the source's resume on uri
+# instead of the --incoming address.
 MIGRATE_RECOVER = Command("migrate-recover", {"uri": STR},
-                          doc="Give a paused post-copy migration a new stream to recover on.")
+                          doc="On a destination in postcopy-paused: wait for the source's resume "
+                              "on uri (tcp:HOST:PORT).")
 
 # ---- kvmlite's own: x- commands ----------------------------------------------------------
 
@@ -194,6 +267,9 @@ PAGEMAP = Struct("x-Pagemap", {
     "backed": WORDS,          # set: the host has backed it (clear: never touched)
     "dirty": WORDS,           # set: still to send as of the last sync (null: no migration running)
     "sent-round": WORDS,      # uint8 per page: the round that last sent it (0: never; null: none ran)
+    # uint8 per page on a post-copy destination: how the page came since the
+    # switch (docs/postcopy.md, "Page states"); null elsewhere
+    "postcopy-state": WORDS,
     "migration": Nullable(Struct("x-PagemapMigration", {
         "status": MIGRATION_STATUS, "x-free-page-hint": BOOL, "rounds": INT})),
 })

@@ -31,9 +31,13 @@ size_t kvmlite_scatter_pages(const uint8_t *buf, size_t len, uint8_t rec_type, s
                              uint8_t *heads, size_t heads_cap, uint64_t *counts);
 """
 
-SOURCE = r"""
+# The page tags' C code, shared with kvmlite._postcopy (whose page server and
+# receive thread tag and check post-copy records the same way): one place for
+# the IV layout.  _postcopy_build.py reads GMAC_SOURCE from this file.
+GMAC_SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#include <openssl/crypto.h>
 #include <openssl/evp.h>
 
 #define TAG_LEN 16
@@ -73,7 +77,7 @@ static int gmac_tag(EVP_CIPHER_CTX *ctx, uint64_t seq, uint32_t index, const uin
     memcpy(iv + sizeof seq, &index, sizeof index);
     if (EVP_EncryptInit_ex(ctx, NULL, NULL, NULL, iv) != 1
         || EVP_EncryptUpdate(ctx, NULL, &outl, head, (int)head_len) != 1
-        || EVP_EncryptUpdate(ctx, NULL, &outl, payload, (int)len) != 1
+        || (len && EVP_EncryptUpdate(ctx, NULL, &outl, payload, (int)len) != 1)
         || EVP_EncryptFinal_ex(ctx, NULL, &outl) != 1
         || EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, TAG_LEN, tag) != 1)
         return -1;
@@ -113,7 +117,9 @@ static int64_t kvmlite_gmac_check(void *gmac, uint64_t seq, const uint8_t *head,
     }
     return nbad;
 }
+"""
 
+SOURCE = GMAC_SOURCE + r"""
 /* The decoder's fast path (kvmlite/migration/wire.py): copy the consecutive,
    complete PAGES records at the start of buf into RAM: a head (type, gpa u64
    at gpa_off, npages u32 at npages_off, little-endian), npages pages, and

@@ -10,22 +10,32 @@ The handover (docs/wire-format.md) gives the VM one owner at every instant:
 after END the source waits for READY, sends COMMIT, and from then on never
 resumes the guest on its own; only the destination's answer or an operator
 decides (`resolve`).
+
+Post-copy (docs/postcopy.md): when the rounds stop converging, after
+`postcopy_after` rounds, at once (`postcopy_now`) or when asked
+(`start_postcopy`), the last pass sends no pages: the switch sends the set of
+pages still to come and the set of pages free, then STATE and END, and the
+same handover follows.  After COMMIT the guest runs at the destination and
+this side only serves its pages (postcopy-active); a broken link pauses both
+halves until `resume`.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..bitmap import PAGE_SHIFT, PAGE_SIZE, all_set, count, expand_runs, list_runs, page_runs
+from ..bitmap import (PAGE_SHIFT, PAGE_SIZE, all_set, count, expand_runs, list_runs, page_runs,
+                      words_to_mask)
 from ..config import MigrationParams
 from ..endpoints import FileUri
-from ..errors import KvmliteError, MigrationError
+from ..errors import KvmliteError, MigrationError, PostcopyLinkError
 from ..hooks import NO_HOOKS, Hooks
 from ..log import log
 from ..machine import Machine, RunResult
@@ -33,7 +43,10 @@ from ..util import gc_paused
 from . import transport, wire
 from .state import collect_state
 from .stats import MigrationStats
-from .status import SOURCE_TRANSITIONS, MigrationStatus as S, StateMachine
+from .status import POSTCOPY_STATES, SOURCE_TRANSITIONS, MigrationStatus as S, StateMachine
+
+if TYPE_CHECKING:
+    from .postcopy import PostcopySender
 
 CHUNK_PAGES = 1 << 16            # 256 MiB of RAM per dirty-log clear and bitmap read
 assert CHUNK_PAGES <= wire.MAX_RUN_PAGES   # so a run inside a chunk fits one record
@@ -46,6 +59,12 @@ PAGEMAP_MIN_PAGES = 4096
 # While the guest runs, wait up to this long for the destination to take in
 # what was sent: bytes still queued at the pause would count as downtime.
 DRAIN_TIMEOUT = 1.0
+# How long the source waits for the destination's post-copy stats after DONE.
+POSTCOPY_STATS_WAIT = 2.0
+
+
+class _SwitchNow(Exception):
+    """Raised between chunks of a round when the switch to post-copy was asked for."""
 
 
 class Migration:
@@ -88,6 +107,19 @@ class Migration:
         # Called with the sync count at each dirty-log sync (a pre-copy round,
         # or the last pass): the monitor's MIGRATION_PASS event.
         self.sync_listeners: list[Callable[[int], None]] = []
+        # post-copy
+        self.migration_id = os.urandom(wire.MIGRATION_ID_SIZE)
+        self._switch_asked = threading.Event()
+        self._switch_reason: str | None = None   # why the switch happened; None: pre-copy
+        self._in_rounds = False
+        self.switched = False            # the switch to post-copy happened (the sets went out)
+        self.sender: PostcopySender | None = None   # the page server, once the downtime is over
+        self._operator = threading.Condition()
+        self._resume_uri: str | None = None      # set by resume(), taken by the migration thread
+        self._seq0 = 0                   # page tags the pre-copy part numbered (integrity)
+        self._precopy_bytes = 0          # bytes_wire up to END; post-copy's are the page server's
+        self._throttled_since: float | None = None   # auto-converge's first throttle
+        self.stats.refresh = self._refresh_stats
 
     def _on_state(self, old: S, new: S) -> None:
         self.stats.status = new.value
@@ -123,15 +155,57 @@ class Migration:
     def wait(self, timeout: float | None = None) -> bool:
         return self.done.wait(timeout)
 
+    def start_postcopy(self) -> None:
+        """Switch to post-copy at the next chance (QEMU's migrate-start-postcopy):
+        between two 256 MiB chunks of the round in progress, or before the next."""
+        if not self.params.postcopy:
+            raise MigrationError("this migration may not switch to post-copy (start it with "
+                                 "the postcopy-ram capability on: kvmlite migrate --postcopy)")
+        if self.switched or self._switch_reason is not None or self.status in POSTCOPY_STATES:
+            return                 # switching already (as QEMU, asking again is no error)
+        if self.status not in (S.SETUP, S.ACTIVE):
+            raise MigrationError(f"too late to switch to post-copy: the migration is {self.status.value}")
+        self._switch_asked.set()
+
+    def resume(self, uri: str | None = None) -> None:
+        """Reconnect a post-copy migration whose link broke (QEMU's migrate with
+        resume: true), to `uri` or where it went before.  Returns at once, in
+        postcopy-recover; the migration thread connects, and the state moves to
+        postcopy-active, or back to postcopy-paused (unresolved) if it fails."""
+        if uri is not None:
+            from ..endpoints import TcpUri, parse_uri
+            if not isinstance(parse_uri(uri), TcpUri):
+                raise MigrationError(f"resume: {uri} is not a tcp: address")
+        if not self.switched:
+            raise MigrationError(f"nothing to resume: the migration is {self.status.value}"
+                                 + ("" if self.status in (S.POSTCOPY_PAUSED, S.UNRESOLVED)
+                                    else "; resume recovers a post-copy migration whose link broke"))
+        with self._operator:
+            if not self.state.advance(S.POSTCOPY_RECOVER, only_from=(S.POSTCOPY_PAUSED, S.UNRESOLVED)):
+                raise MigrationError(f"nothing to resume: the migration is {self.status.value} "
+                                     "(resume recovers a post-copy migration whose link broke)")
+            self._resume_uri = uri or self.params.uri
+            self._operator.notify_all()
+
     def resolve(self, owner: str) -> None:
         """An operator's decision after a lost answer (state unresolved):
         "destination" (the VM runs there: stop here) or "source" (it does not:
         resume here).  Refused in any other state."""
         if owner not in ("source", "destination"):
             raise MigrationError(f"resolve: owner must be 'source' or 'destination', not {owner!r}")
+        if self.status in POSTCOPY_STATES:
+            # The guest ran at the destination after the switch: its newer state
+            # (vCPUs, devices, every page written since) exists only there.
+            raise MigrationError(
+                f"the migration is {self.status.value}: the VM has run at the destination since "
+                "the switch to post-copy, and its newer state is there, not here, so this VMM "
+                "cannot resume it.  Recover the link (kvmlite migrate --resume); if the "
+                "destination is gone, the VM is lost (quit this VMM)")
         new = S.FAILED if owner == "source" else S.COMPLETED
-        if not self.state.advance(new, only_from=(S.UNRESOLVED,)):
-            raise MigrationError(f"nothing to resolve: the migration is {self.status.value}")
+        with self._operator:
+            if not self.state.advance(new, only_from=(S.UNRESOLVED,)):
+                raise MigrationError(f"nothing to resolve: the migration is {self.status.value}")
+            self._operator.notify_all()
         if owner == "source":
             self.stats.error = "resolved by the operator: the VM resumes here"
             log.info("operator: the VM was not started at the destination; it resumes here")
@@ -145,14 +219,27 @@ class Migration:
     def _run(self) -> None:
         try:
             dirty = self._setup()
-            if self.params.live:
+            if self.params.postcopy_now:
+                self._switch_reason = "at once (--postcopy-now)"
+            elif self.params.live:
                 self._iterate(dirty)
-            self._complete(dirty)
+            if self._switch_reason is None:
+                self._complete(dirty)
+            else:
+                self._switch(dirty)
             self._handover()
         except Exception as e:
             self._fail(e)
+        try:
+            if self.status in POSTCOPY_STATES or (self.status is S.UNRESOLVED and self.switched):
+                self._postcopy()
+        except Exception as e:     # a bug: never resume the guest here, say why
+            self.stats.error = self._describe(e)
+            log.error(f"post-copy migration to {self.params.uri}: {self.stats.error}")
         finally:
             self.machine.set_throttle(0)      # back to full speed, here or (after failure) still here
+            if self._throttled_since is not None and not self.stats.throttled_ms:
+                self.stats.throttled_ms = round((time.perf_counter() - self._throttled_since) * 1000, 1)
             if self.sink is not None:
                 self.sink.close()
                 self.sink = None
@@ -165,11 +252,20 @@ class Migration:
             # COMMIT may have reached the destination: the guest may run there.
             # It stays paused here until the destination's answer or an operator.
             self.state.advance(S.UNRESOLVED, only_from=(S.HANDOVER,))
+            also = ""
+            if self.switched:
+                self._after_switch()
+                # post-copy: should the destination have the VM, it waits for its pages
+                also = ("; if it does (post-copy), `kvmlite migrate --monitor SOCKET URI --resume` "
+                        "reconnects and finishes")
+                self._drop_sink()
             log.error(f"migration to {self.params.uri}: {self.stats.error}; COMMIT was sent, so "
                       "the VM may be running there: it stays paused here. Resolve with "
                       "`kvmlite migrate --monitor SOCKET --resolve source|destination` "
-                      "(docs/wire-format.md, \"Handover\")")
+                      f"(docs/wire-format.md, \"Handover\"){also}")
             return
+        if self.status in POSTCOPY_STATES:
+            return          # never resumed here: _postcopy() handles the link
         # Resumed before the state says so: whoever reads "failed" or
         # "cancelled" finds the guest running again.
         self._resume_here()
@@ -201,19 +297,60 @@ class Migration:
             # A keyed link without TLS, or a snapshot file: tag every page record.
             self._integrity = wire.Integrity(keys)
             info["integrity"] = wire.INTEGRITY
+        if self.params.postcopy:
+            self._check_postcopy_peer()
+            info["postcopy"] = True
+            info["migration_id"] = self.migration_id
         self.machine.vm.start_dirty_log()
         dirty = all_set(mem.npages)
         self.dirty_words = dirty
         self._send(wire.encode_preamble(info), structural=True)
+        if self.params.postcopy:
+            # The destination makes its VM from the header and says so: at the
+            # switch its set-up is done, and the downtime is the switch's alone.
+            sink = self._sink()
+            sink.settimeout(self.params.timeout)
+            answer = wire.read_frame(sink, "the destination's answer to the header",
+                                     wire.DEST_ANSWERS_TO_HEADER)
+            if answer["status"] == wire.ERROR:
+                raise MigrationError(f"destination refused the VM: {answer['error']}")
         self.stats.setup_ms = (time.perf_counter() - self._t0) * 1000
         self._check_cancel()
         self.state.advance(S.ACTIVE if self.params.live else S.DEVICE, only_from=(S.SETUP,))
         return dirty
 
+    def _check_postcopy_peer(self) -> None:
+        offers = getattr(self.sink, "offers", {})
+        if self._sink().kind == "tls":
+            raise MigrationError("post-copy does not run over TLS here (its C threads use the "
+                                 "socket itself; kernel TLS is not built): use --auth-key, whose "
+                                 "page tags protect post-copy records too")
+        if not offers.get("postcopy"):
+            raise MigrationError("the destination cannot take a post-copy migration (it has no "
+                                 "userfaultfd for faults KVM takes, or is an older kvmlite): "
+                                 "migrate without --postcopy")
+
     def _iterate(self, dirty: np.ndarray) -> None:
-        """Pre-copy rounds while the guest runs, until what is left fits the downtime limit."""
+        """Pre-copy rounds while the guest runs, until what is left fits the downtime
+        limit, or (post-copy) until it is time to switch."""
+        self._in_rounds = True
+        try:
+            self._rounds(dirty)
+        except _SwitchNow:
+            self._switch_reason = "asked (migrate-start-postcopy)"
+        finally:
+            self._in_rounds = False
+
+    def _rounds(self, dirty: np.ndarray) -> None:
         while True:
             self._check_cancel()
+            self._check_switch()
+            if self.params.postcopy and self.stats.rounds and \
+                    self.stats.rounds >= (self.params.postcopy_after or self.params.max_rounds):
+                self._switch_reason = (f"after {self.stats.rounds} rounds (--postcopy-after)"
+                                       if self.params.postcopy_after else
+                                       f"after {self.stats.rounds} rounds (max-rounds)")
+                return
             self._sync(dirty)
             pending = self._count_pending(dirty)
             self.stats.pages_remaining = pending
@@ -226,7 +363,14 @@ class Migration:
                 self.stats.dirty_rate_pps = self._dirtied / max(now - self._first_sync, 1e-9)
             if self.converged(pending):
                 return
-            self._auto_converge(pending)
+            self._count_not_converging(pending)
+            if self.params.postcopy:
+                if self._not_converging >= 2:
+                    self._switch_reason = (f"not converging (round {self.stats.rounds}: "
+                                           f"{pending} pages dirty again)")
+                    return
+            else:
+                self._auto_converge(pending)
             r0 = time.perf_counter()
             sent = self._send_dirty(dirty)
             self.stats.round_ms.append(round((time.perf_counter() - r0) * 1000, 3))
@@ -237,26 +381,30 @@ class Migration:
 
     def converged(self, pending: int) -> bool:
         """After at least one round: what is left fits the downtime limit at the
-        measured bandwidth, or the rounds are used up."""
+        measured bandwidth, or the rounds are used up (without post-copy, which
+        switches instead)."""
         if self.stats.rounds == 0:
             return False
         limit = self.params.downtime_ms / 1000
         return (pending * PAGE_SIZE <= self._bandwidth_estimate() * limit
-                or self.stats.rounds >= self.params.max_rounds)
+                or (self.stats.rounds >= self.params.max_rounds and not self.params.postcopy))
 
-    def _auto_converge(self, pending: int) -> None:
-        """If the guest dirtied at least half of what the last round sent, twice
-        running, slow its vCPUs down: 20 % of their time, then 10 % more each time."""
-        if not self.params.auto_converge:
-            return
+    def _count_not_converging(self, pending: int) -> None:
+        """Rounds in a row in which the guest dirtied at least half of what the last round sent."""
         if len(self.stats.round_pages) >= 2 and pending * 2 >= self.stats.round_pages[-1]:
             self._not_converging += 1
         else:
             self._not_converging = 0
-        if self._not_converging >= 2:
+
+    def _auto_converge(self, pending: int) -> None:
+        """If the guest dirtied at least half of what the last round sent, twice
+        running, slow its vCPUs down: 20 % of their time, then 10 % more each time."""
+        if self.params.auto_converge and self._not_converging >= 2:
             share = 0.2 if not self.stats.throttle_pct else self.stats.throttle_pct / 100 + 0.1
             self.machine.set_throttle(share)
             self.stats.throttle_pct = round(min(share, 0.95) * 100)
+            if self._throttled_since is None:
+                self._throttled_since = time.perf_counter()
             self._not_converging = 0
 
     def _complete(self, dirty: np.ndarray) -> None:
@@ -272,6 +420,8 @@ class Migration:
             if not machine.paused:        # a VM the user stopped stays stopped if this fails
                 self._paused_here = True
                 machine.pause_all()
+            if self._throttled_since is not None:      # slowed from the first throttle to the pause
+                self.stats.throttled_ms = round((time.perf_counter() - self._throttled_since) * 1000, 1)
             if not machine.running:
                 # Parked because the guest ended (exit, crash, quit), not for us:
                 # its state is not a guest to carry on anywhere.
@@ -290,6 +440,57 @@ class Migration:
                                            self._integrity)])
             self._check_cancel()
             self.hooks.point("src:end")
+
+    def _switch(self, dirty: np.ndarray) -> None:
+        """The switch to post-copy (docs/postcopy.md): pause, the two page sets in
+        claim 2's order, STATE and END; no page travels in the downtime."""
+        from .postcopy import switch_records, switch_sets
+        machine, mem = self.machine, self.machine.memory
+        self._drain()
+        self._check_cancel()
+        self.state.advance(S.DEVICE, only_from=(S.ACTIVE,))
+        if self._free_pages is not None:
+            self._free_pages.free_view()   # a new registration's view is built now, not paused
+        log.info(f"switching to post-copy: {self._switch_reason}")
+        with gc_paused():
+            self._marks = [("pause", time.perf_counter())]
+            self.stats.precopy_bytes = self.stats.bytes_wire
+            if not machine.paused:
+                self._paused_here = True
+                machine.pause_all()
+            if not machine.running:
+                raise MigrationError("the guest ended before the migration could complete")
+            self.hooks.point("src:paused")
+            self._mark("sets")
+            # fetch and clear the dirty log, then read the free bits (claim 2)
+            pending, free = switch_sets(machine.vm, dirty, self._free_words)
+            self._mark("state")
+            self._send(switch_records(mem.gpa, mem.npages, pending, free), structural=True)
+            self._send(wire.state_record(collect_state(machine)), structural=True)
+            self._sendall([wire.end_record(self.stats.pages_sent, self.stats.pages_zero, self._crc,
+                                           self._integrity)])
+            self._check_cancel()
+            self.hooks.point("src:end")
+        self.switched = True
+        self._seq0 = self._integrity.seq if self._integrity is not None else 0
+        self._precopy_bytes = self.stats.bytes_wire
+        self._switch_sets = (pending, free)
+
+    def _after_switch(self) -> None:
+        """Once the downtime is over (the guest runs at the destination, or may): the
+        page server (~0.5 ms for 1 GiB: the guest's first remote fault waits for it,
+        not the whole downtime) and the switch's figures."""
+        from .postcopy import PostcopySender
+        pending, free = self._switch_sets
+        self.sender = PostcopySender(self.machine.memory, self.sink, pending, free,
+                                     timeout=self.params.timeout, seq0=self._seq0,
+                                     bandwidth=self.params.bandwidth)
+        free_mask = words_to_mask(free, self.machine.memory.npages)
+        # free at the switch and never sent by a round: skipped for good
+        self.stats.pages_skipped_free = int(np.count_nonzero(free_mask & (self.sent_round == 0)))
+        self.stats.postcopy = {"switch": self._switch_reason,
+                               "pages_pending": int(np.bitwise_count(pending).sum()),
+                               "pages_free": int(np.count_nonzero(free_mask))}
 
     def _mark(self, name: str) -> None:
         self._marks.append((name, time.perf_counter()))
@@ -323,15 +524,29 @@ class Migration:
             log.info(f"migration to {self.params.uri} failed: {self.stats.error}; "
                      "the VM keeps running here")
             return
+        if self.switched:
+            # Post-copy: the guest runs there now; its pages still to come are served from here.
+            self._end_downtime()
+            self._after_switch()
+            self.state.advance(S.POSTCOPY_ACTIVE, only_from=(S.HANDOVER,))
+            log.info(f"post-copy: the VM runs at {self.target} (downtime "
+                     f"{self.stats.downtime_ms:.2f} ms); {self.stats.postcopy['pages_pending']} "
+                     "pages follow")
+            return
         self._completed(keep_running=False)
 
-    def _completed(self, keep_running: bool) -> None:
+    def _end_downtime(self) -> None:
         now = time.perf_counter()
         self._mark("end")
         marks = self._marks
         self.stats.downtime_parts_ms = {name: round((b - a) * 1000, 3)
                                         for (name, a), (_, b) in zip(marks, marks[1:])}
         self.stats.downtime_ms = (now - marks[0][1]) * 1000
+
+    def _completed(self, keep_running: bool) -> None:
+        now = time.perf_counter()
+        if not self.switched:
+            self._end_downtime()
         self.stats.total_ms = (now - self._t0) * 1000
         self.stats.throughput_mib_s = self.stats.bytes_wire / (1 << 20) / max(now - self._t0, 1e-9)
         self.state.advance(S.COMPLETED)
@@ -349,6 +564,130 @@ class Migration:
         else:
             log.info(done)
             self.machine.quit(RunResult("migrated", 0))
+
+    # ---- post-copy: serving the destination's pages ------------------------------------
+
+    def _postcopy(self) -> None:
+        """Serve the pages still to come until the destination has them all.  A broken
+        link pauses (both halves wait); resume() reconnects.  Never resumes the guest."""
+        while True:
+            if self.status is S.POSTCOPY_ACTIVE:
+                try:
+                    self._sender().run(self.hooks)
+                except PostcopyLinkError as e:
+                    self.stats.error = f"post-copy link broken: {e}"
+                    self._drop_sink()
+                    self.state.advance(S.POSTCOPY_PAUSED, only_from=(S.POSTCOPY_ACTIVE,))
+                    log.error(f"migration to {self.params.uri}: {self.stats.error}; postcopy-paused: "
+                              "the VM is split between the two VMMs and waits: `kvmlite migrate "
+                              "--monitor SOCKET URI --resume` reconnects and finishes")
+                    continue
+                self._postcopy_done()
+                return
+            asked = self._wait_for_operator()
+            if asked is None:
+                return                      # resolved by the operator (unresolved only)
+            uri, back = asked
+            try:
+                self._recover(uri)
+            except (KvmliteError, OSError) as e:
+                self.stats.error = f"recovery failed: {self._describe(e)}"
+                self._drop_sink()
+                self.state.advance(back, only_from=(S.POSTCOPY_RECOVER,))
+                log.error(f"migration to {uri}: {self.stats.error}; still {back.value}")
+
+    def _wait_for_operator(self) -> tuple[str, S] | None:
+        """Paused (or unresolved): wait for resume() or resolve().  (uri, the state
+        a failed recovery goes back to), or None once resolved."""
+        with self._operator:
+            back = S.UNRESOLVED if self.status is S.UNRESOLVED else S.POSTCOPY_PAUSED
+            while self._resume_uri is None:
+                if self.status.finished:
+                    return None
+                self._operator.wait()
+            uri, self._resume_uri = self._resume_uri, None
+            return uri, back
+
+    def _recover(self, uri: str) -> None:
+        """postcopy-recover: connect and authenticate as before, name the migration,
+        read what the destination still needs, and serve it (docs/wire-format.md,
+        "Recovery")."""
+        from ..endpoints import TcpUri, parse_uri
+        self.hooks.point("src:postcopy:recover")
+        self.stats.postcopy = {**self.stats.postcopy,
+                               "recoveries": self.stats.postcopy.get("recoveries", 0) + 1}
+        target = parse_uri(uri)
+        if not isinstance(target, TcpUri):       # resume() checks it
+            raise MigrationError(f"resume: {uri} is not a tcp: address")
+        try:
+            sink = transport.connect(target, self.params.creds, connect_timeout=CONNECT_TIMEOUT,
+                                     io_timeout=self.params.timeout)
+        except ConnectionRefusedError:
+            raise MigrationError(f"nothing listens on {uri} (the destination waits for the resume "
+                                 "on its --incoming address, or where migrate-recover said)") from None
+        try:
+            if not sink.offers.get("postcopy"):
+                raise MigrationError(f"{uri} cannot take a post-copy migration")
+            sink.send([wire.encode_frame({"resume": 1, "migration": self.migration_id})])
+            answer = wire.read_frame(sink, "the destination's answer to RESUME",
+                                     wire.DEST_ANSWERS_TO_RESUME)
+            if answer["status"] == wire.ERROR:
+                raise MigrationError(f"the destination refused to resume: {answer['error']}")
+            mem = self.machine.memory
+            _, _, need = wire.read_need(sink, [(mem.gpa, mem.size)], sink.keys)
+            self._sender().resume(sink, need)
+        except BaseException:
+            sink.close()
+            raise
+        self.sink = sink
+        self.stats.postcopy = {**self.stats.postcopy,
+                               "pages_needed_at_recovery": int(np.bitwise_count(need).sum())}
+        self.state.advance(S.POSTCOPY_ACTIVE, only_from=(S.POSTCOPY_RECOVER,))
+        self.stats.error = None
+        log.info(f"post-copy recovered: {uri} needs "
+                 f"{self.stats.postcopy['pages_needed_at_recovery']} more pages")
+
+    def _drop_sink(self) -> None:
+        """Close the connection now: a destination still reading sees the link break
+        and listens for the recovery."""
+        if self.sink is not None:
+            self.sink.abort()
+            self.sink.close()
+            self.sink = None
+
+    def _postcopy_done(self) -> None:
+        """DONE came: every page is at the destination.  Its own figures follow in a frame."""
+        self._refresh_stats(self.stats)
+        try:
+            self.stats.postcopy = {**self.stats.postcopy, "destination": self._destination_stats()}
+        except (KvmliteError, OSError) as e:
+            log.debug(f"no post-copy stats from the destination: {e}")
+        self._completed(keep_running=False)
+
+    def _destination_stats(self) -> dict[str, Any]:
+        """The destination's post-copy stats frame, which follows DONE (informational)."""
+        from .postcopy import Leftover
+        sink = self._sink()
+        sock = Leftover(sink, self._sender().leftover())
+        sink.settimeout(POSTCOPY_STATS_WAIT)
+        frame = wire.read_frame(sock, "the destination's post-copy stats", (wire.POSTCOPY_STATS,))
+        stats = frame.get("stats")
+        return stats if isinstance(stats, dict) else {}
+
+    def _refresh_stats(self, stats: MigrationStats) -> None:
+        """query-migrate during post-copy: the page server's counters, as they are now."""
+        sender = self.sender
+        if sender is None or self.status not in POSTCOPY_STATES | {S.COMPLETED}:
+            return
+        st = sender.stats()
+        stats.postcopy = dict(stats.postcopy,
+            pages_pushed=st.pages_pushed, pages_on_request=st.pages_on_request,
+            pages_left=st.to_send_left, zero_pages=st.zero_pages, pages_resent=st.pages_resent,
+            requests=st.requests, requests_already_sent=st.requests_already_sent,
+            requests_for_free=st.requests_for_free, requests_not_pending=st.requests_not_pending,
+            bytes=st.bytes_sent, bytes_return=st.bytes_received, connections=st.connections,
+            switch_to_done_ms=st.switch_to_done_ms)
+        stats.bytes_wire = self._precopy_bytes + st.bytes_sent
 
     def _describe(self, e: Exception) -> str:
         if self._cancel.is_set():
@@ -393,9 +732,17 @@ class Migration:
         assert self.sink is not None, "not connected"
         return self.sink
 
+    def _sender(self) -> PostcopySender:
+        assert self.sender is not None, "not switched to post-copy"
+        return self.sender
+
     def _check_cancel(self) -> None:
         if self._cancel.is_set():
             raise MigrationError("cancelled")
+
+    def _check_switch(self) -> None:
+        if self._in_rounds and self._switch_asked.is_set():
+            raise _SwitchNow()
 
     def _connect(self) -> None:
         if self._given_sink is not None:
@@ -483,6 +830,7 @@ class Migration:
             chunk = dirty[w0:w1].copy()
             if chunk.any():
                 self._check_cancel()
+                self._check_switch()
                 if not self._first_pass_done:
                     self._examined += count(chunk)
                 yield w0, w1, chunk

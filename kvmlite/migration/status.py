@@ -27,9 +27,11 @@ class MigrationStatus(str, enum.Enum):
     CANCELLING = "cancelling"       # cancel asked; stops at the next check
     CANCELLED = "cancelled"         # cancelled before COMMIT: the guest resumed here
     UNRESOLVED = "unresolved"       # COMMIT sent, no answer: paused here until an operator decides
-    POSTCOPY_ACTIVE = "postcopy-active"
-    POSTCOPY_PAUSED = "postcopy-paused"
-    POSTCOPY_RECOVER = "postcopy-recover"
+    # Post-copy (docs/postcopy.md): after COMMIT the guest runs at the destination
+    # and this side serves the pages still to come.  It never resumes the guest.
+    POSTCOPY_ACTIVE = "postcopy-active"     # serving pages: requests first, then the push
+    POSTCOPY_PAUSED = "postcopy-paused"     # the link broke: both halves wait for a resume
+    POSTCOPY_RECOVER = "postcopy-recover"   # reconnecting (migrate with resume: true)
 
     def __str__(self) -> str:
         return self.value
@@ -53,21 +55,26 @@ class MigrationStatus(str, enum.Enum):
 
 S = MigrationStatus
 _FINISHED = frozenset({S.COMPLETED, S.FAILED, S.CANCELLED})
+POSTCOPY_STATES = frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.POSTCOPY_RECOVER})
 
 SOURCE_TRANSITIONS: dict[MigrationStatus, frozenset[MigrationStatus]] = {
     S.NONE: frozenset({S.SETUP}),
     S.SETUP: frozenset({S.ACTIVE, S.DEVICE, S.FAILED, S.CANCELLING}),
-    S.ACTIVE: frozenset({S.DEVICE, S.FAILED, S.CANCELLING, S.POSTCOPY_ACTIVE}),
-    S.DEVICE: frozenset({S.HANDOVER, S.COMPLETED, S.FAILED, S.CANCELLING, S.POSTCOPY_ACTIVE}),
+    S.ACTIVE: frozenset({S.DEVICE, S.FAILED, S.CANCELLING}),
+    S.DEVICE: frozenset({S.HANDOVER, S.COMPLETED, S.FAILED, S.CANCELLING}),
     S.CANCELLING: frozenset({S.CANCELLED, S.FAILED}),
     # Once COMMIT may have reached the destination, only its answer (ACK:
-    # completed; ABORT, its promise never to run the guest: failed) or an
-    # operator (resolve) can end the migration.  Nothing else resumes here.
-    S.HANDOVER: frozenset({S.COMPLETED, S.FAILED, S.UNRESOLVED}),
-    S.UNRESOLVED: frozenset({S.COMPLETED, S.FAILED}),
+    # completed, or post-copy begins; ABORT, its promise never to run the
+    # guest: failed) or an operator (resolve) can end the migration.
+    # Nothing else resumes here.
+    S.HANDOVER: frozenset({S.COMPLETED, S.FAILED, S.UNRESOLVED, S.POSTCOPY_ACTIVE}),
+    # A post-copy migration whose answer to COMMIT was lost may find the
+    # destination in post-copy: a resume tries, and falls back here if it cannot.
+    S.UNRESOLVED: frozenset({S.COMPLETED, S.FAILED, S.POSTCOPY_RECOVER}),
+    # Post-copy: the guest has run at the destination; this side never resumes it.
     S.POSTCOPY_ACTIVE: frozenset({S.COMPLETED, S.POSTCOPY_PAUSED}),
     S.POSTCOPY_PAUSED: frozenset({S.POSTCOPY_RECOVER}),
-    S.POSTCOPY_RECOVER: frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED}),
+    S.POSTCOPY_RECOVER: frozenset({S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.UNRESOLVED}),
     S.COMPLETED: frozenset(),
     S.FAILED: frozenset(),
     S.CANCELLED: frozenset(),
@@ -79,11 +86,12 @@ class ReceiveState(str, enum.Enum):
     WAITING = "waiting"             # listening; refused peers do not end it
     RECEIVING = "receiving"         # pages, STATE, END; then vCPUs and devices restored, parked
     READY = "ready"                 # READY sent, waiting for COMMIT; the guest does not run
-    RUNNING = "running"             # COMMIT received: the guest runs here
+    RUNNING = "running"             # COMMIT received: the guest runs here (every page is here)
     FAILED = "failed"               # the guest never ran here
-    POSTCOPY_ACTIVE = "postcopy-active"
-    POSTCOPY_PAUSED = "postcopy-paused"
-    POSTCOPY_RECOVER = "postcopy-recover"
+    # Post-copy: COMMIT received, the guest runs here, pages still arrive.
+    POSTCOPY_ACTIVE = "postcopy-active"     # faults served, pages arriving
+    POSTCOPY_PAUSED = "postcopy-paused"     # the link broke: listening for the source's resume
+    POSTCOPY_RECOVER = "postcopy-recover"   # a source reconnected and named this migration
 
     def __str__(self) -> str:
         return self.value
@@ -92,8 +100,8 @@ class ReceiveState(str, enum.Enum):
 R = ReceiveState
 RECEIVE_TRANSITIONS: dict[ReceiveState, frozenset[ReceiveState]] = {
     R.WAITING: frozenset({R.RECEIVING, R.FAILED}),
-    R.RECEIVING: frozenset({R.READY, R.RUNNING, R.FAILED, R.POSTCOPY_ACTIVE}),
-    R.READY: frozenset({R.RUNNING, R.FAILED}),
+    R.RECEIVING: frozenset({R.READY, R.RUNNING, R.FAILED}),
+    R.READY: frozenset({R.RUNNING, R.FAILED, R.POSTCOPY_ACTIVE}),
     R.POSTCOPY_ACTIVE: frozenset({R.RUNNING, R.POSTCOPY_PAUSED}),
     R.POSTCOPY_PAUSED: frozenset({R.POSTCOPY_RECOVER}),
     R.POSTCOPY_RECOVER: frozenset({R.POSTCOPY_ACTIVE, R.POSTCOPY_PAUSED}),

@@ -32,6 +32,7 @@ from . import wire
 HANDSHAKE_VERSION = 1
 NONCE_SIZE = 32
 MAX_FRAME = 4096                 # handshake frames: small, and read before authentication
+OFFERS = ("postcopy",)           # what a destination's HELLO may say it can take
 AUTH_NONE = "none"
 AUTH_HMAC = "hmac-sha256"
 # Domain separation: a source's proof can never pass as a destination's.
@@ -118,15 +119,17 @@ def _mac(key: bytes, label: bytes, *nonces: bytes) -> bytes:
     return hmac.new(key, label + b"".join(nonces), hashlib.sha256).digest()
 
 
-def server_handshake(sock, creds: Credentials) -> None:
+def server_handshake(sock, creds: Credentials, offers: dict | None = None) -> None:
     """Destination side: HELLO, then (with a key) check the source's proof and prove ours.
 
+    `offers`: what this destination can take, added to HELLO (`{"postcopy": 1}`).
     Raises StreamError if the source cannot prove it holds the key; by then
     the destination has read only handshake frames, no VM state.
     """
     nonce_d = os.urandom(NONCE_SIZE)
     auth = AUTH_HMAC if creds.key else AUTH_NONE
-    sock.sendall(_encode({"kvmlite": HANDSHAKE_VERSION, "auth": auth, "nonce": nonce_d}))
+    sock.sendall(_encode({**(offers or {}), "kvmlite": HANDSHAKE_VERSION, "auth": auth,
+                          "nonce": nonce_d}))
     what = "handshake from the source"
     reply = _read_frame(sock, what)
     if reply.get("kvmlite") != HANDSHAKE_VERSION:
@@ -148,14 +151,18 @@ def server_handshake(sock, creds: Credentials) -> None:
     return _stream_keys(creds, nonce_d, nonce_s)
 
 
-def client_handshake(sock, creds: Credentials) -> None:
+def client_handshake(sock, creds: Credentials, offers: dict | None = None) -> None:
     """Source side: read HELLO, prove the key if asked, check the destination's proof.
 
     A source that holds a key refuses a destination that does not ask for
     one: it would otherwise hand the VM to whoever listens on the port.
+    `offers`, if given, gets what the destination said it can take (HELLO's
+    `postcopy`); on a keyed link, trust it only once the proofs matched.
     """
     what = "handshake from the destination"
     hello = _read_frame(sock, what)
+    if offers is not None:
+        offers.update({k: hello[k] for k in OFFERS if hello.get(k) == 1})
     if hello.get("kvmlite") != HANDSHAKE_VERSION:
         raise MigrationError(f"{what}: not a kvmlite destination speaking handshake "
                              f"version {HANDSHAKE_VERSION}")
@@ -236,13 +243,15 @@ class Sink(Protocol):
 
 class SocketSink:
     """Plain TCP: `sendmsg` straight from guest memory, no copies.  `keys`:
-    the stream's integrity keys on a keyed link (none over TLS, which has its own)."""
+    the stream's integrity keys on a keyed link (none over TLS, which has its own).
+    `offers`: what the destination said in the handshake it can take."""
     kind = "tcp"
     expects_reply = True
 
-    def __init__(self, sock: socket.socket, keys=None):
+    def __init__(self, sock: socket.socket, keys=None, offers: dict | None = None):
         self.sock = sock
         self.keys = keys
+        self.offers = offers or {}
 
     def send(self, bufs: list) -> None:
         while bufs:
@@ -302,6 +311,7 @@ class FileSink:
     failed or cancelled save never leaves a file that looks like a snapshot."""
     kind = "file"
     expects_reply = False
+    offers: dict = {}
     keys = wire.FILE_KEYS      # a snapshot carries tags: a changed bit anywhere is found
 
     def __init__(self, path: str):
@@ -382,11 +392,12 @@ def connect(uri: TcpUri, creds: Credentials, *, connect_timeout: float, io_timeo
                 sock = tls_context(creds, server=False).wrap_socket(sock, server_hostname=uri.host)
             except ssl.SSLError as e:
                 raise MigrationError(f"TLS with {uri} failed: {e.reason or e}") from None
-        keys = client_handshake(sock, creds)
+        offers: dict = {}
+        keys = client_handshake(sock, creds, offers)
     except BaseException:
         sock.close()
         raise
-    return TlsSink(sock) if creds.tls else SocketSink(sock, keys)
+    return TlsSink(sock, None, offers) if creds.tls else SocketSink(sock, keys, offers)
 
 
 class Listener:
@@ -398,9 +409,10 @@ class Listener:
 
     def __init__(self, target: TcpUri, creds: Credentials, *,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT, io_timeout: float = 30.0,
-                 max_pending: int = MAX_PENDING, hooks=None):
+                 max_pending: int = MAX_PENDING, hooks=None, offers: dict | None = None):
         self.target = target
         self.creds = creds
+        self.offers = offers
         self.handshake_timeout = handshake_timeout
         self.io_timeout = io_timeout
         self.max_pending = max_pending
@@ -462,7 +474,7 @@ class Listener:
             sock = conn
             if self.creds.tls:
                 sock = _accept_tls(conn, self.creds, deadline)
-            keys = server_handshake(_Deadline(sock, deadline), self.creds)
+            keys = server_handshake(_Deadline(sock, deadline), self.creds, self.offers)
             sock.settimeout(self.io_timeout)
         except (StreamError, ConfigError) as e:
             self._refuse(conn, peer, str(e))

@@ -1,4 +1,4 @@
-"""The migration wire format, version 1 (docs/wire-format.md is the contract).
+"""The migration wire format, version 2 (docs/wire-format.md is the contract).
 
 Sending side: small pure functions that return the bytes of one piece of the
 stream.  Page payloads never pass through this module: the sender hands them to
@@ -34,8 +34,26 @@ REC_ZERO = 0x5A   # 'Z'
 REC_ROUND = 0x52  # 'R'
 REC_STATE = 0x53  # 'S'
 REC_END = 0x45    # 'E'
+REC_PAGESET = 0x4D  # 'M': post-copy, the sets of pages at the switch
 RECORD_NAMES = {REC_PAGES: "PAGES", REC_ZERO: "ZERO", REC_ROUND: "ROUND",
-                REC_STATE: "STATE", REC_END: "END"}
+                REC_STATE: "STATE", REC_END: "END", REC_PAGESET: "PAGESET"}
+
+# Post-copy (docs/wire-format.md, "Post-copy").  After the handover the source
+# sends PAGES and ZERO records, then POSTCOPY-END; the destination answers on
+# the same connection with REQUEST records and, once every page is here, DONE.
+REC_POSTCOPY_END = 0x46  # 'F'
+REC_REQUEST = 0x51       # 'Q'  destination -> source
+REC_DONE = 0x44          # 'D'  destination -> source
+REC_NEED = 0x4E          # 'N'  destination -> source, when a broken link is recovered
+PAGESET_PENDING = 1      # PAGESET kinds: pages still to come after the switch
+PAGESET_FREE = 2         #                pages free at the switch
+PAGESET_KINDS = {PAGESET_PENDING: "pending", PAGESET_FREE: "free"}
+# PAGES and ZERO records of the post-copy stream carry at most this many pages:
+# the destination's C receive thread checks a whole record (and its tags) in
+# its buffer before any of it reaches guest memory.
+MAX_POSTCOPY_RUN = 256
+# With integrity, DONE's tag and NEED's MAC use IVs / labels no record can have.
+DONE_TAG_SEQ = (1 << 64) - 1
 
 # Limits a destination enforces.
 MAX_HEADER_LEN = 64 * 1024
@@ -52,6 +70,9 @@ _TYPE_U32 = struct.Struct("<BI")     # type, u32: 5 bytes (ROUND, STATE)
 _END_HEAD = struct.Struct("<BQQ")    # type, pages, zero_pages: the checksummed 17 bytes
 _END = struct.Struct("<BQQI32s")     # ... + crc32 + structure MAC: 53 bytes
 _U32 = struct.Struct("<I")
+_PAGESET = struct.Struct("<BBQI")    # type, kind, gpa, npages: 14 bytes, then the bitmap
+_NEED = struct.Struct("<BQI")        # type, gpa, npages: 13 bytes, then the bitmap (and a MAC)
+_DONE = struct.Struct("<BQ")         # type, pages: 9 bytes (and a tag)
 
 PAGES_HEADER_SIZE = _RUN.size
 
@@ -62,6 +83,7 @@ INTEGRITY = "gmac-aes128"        # the header's `integrity` value
 TAG_SIZE = 16
 MAC_SIZE = 32
 _NO_MAC = bytes(MAC_SIZE)
+MIGRATION_ID_SIZE = 16           # the header's `migration_id`: a recovery names it
 
 
 # --------------------------------------------------------------------------
@@ -120,6 +142,7 @@ class Integrity:
         if ctx == ffi.NULL:
             raise StreamError("libcrypto could not set up AES-128-GCM")
         self._gmac = ffi.gc(ctx, lib.kvmlite_gmac_free)
+        self._keys = keys
         self._mac = hmac.new(keys.structure, digestmod=hashlib.sha256)
         self.seq = 0                  # PAGES records tagged (or checked) so far
 
@@ -134,6 +157,10 @@ class Integrity:
         mac = self._mac.copy()
         mac.update(end_head)
         return mac.digest()
+
+    @property
+    def keys(self) -> StreamKeys:
+        return self._keys
 
     def tags(self, heads, ram_pointer, offsets: np.ndarray, npages: np.ndarray) -> bytes:
         """The page tags of len(offsets) records, whose heads are `heads` (13 bytes
@@ -241,6 +268,76 @@ def end_record(pages: int, zero_pages: int, crc: int, integrity: Integrity | Non
     return head + _U32.pack(zlib.crc32(head, crc)) + mac
 
 
+# ---- post-copy (docs/wire-format.md, "Post-copy") ----------------------------
+
+def bitmap_nbytes(npages: int) -> int:
+    """Bytes of a page bitmap for `npages` pages: whole little-endian u64 words."""
+    return (npages + 63) // 64 * 8
+
+
+def _bitmap_bytes(npages: int, words: np.ndarray) -> bytes:
+    words = np.ascontiguousarray(words, dtype="<u8")
+    if len(words) * 8 != bitmap_nbytes(npages):
+        raise ValueError(f"{len(words)} bitmap words for {npages} pages")
+    if npages % 64 and int(words[-1]) >> (npages % 64):
+        raise ValueError("bits set past the last page")
+    return words.tobytes()
+
+
+def pageset_record(kind: int, gpa: int, npages: int, words: np.ndarray) -> bytes:
+    """A PAGESET record: the pages of the RAM region at `gpa` in set `kind`, one bit each."""
+    if kind not in PAGESET_KINDS:
+        raise ValueError(f"unknown page set kind {kind}")
+    if gpa & PAGE_MASK or not 1 <= npages <= MAX_RAM_BYTES >> PAGE_SHIFT:
+        raise ValueError(f"bad page set region {gpa:#x} x {npages}")
+    return _PAGESET.pack(REC_PAGESET, kind, gpa, npages) + _bitmap_bytes(npages, words)
+
+
+def postcopy_end_record(pages: int, zero_pages: int, crc: int) -> bytes:
+    """POSTCOPY-END: the source sent every page still to come on this connection.
+    `crc` is the running crc of this connection's post-copy record heads; the
+    record's own first 17 bytes are folded in here.  (The C page server builds
+    the same bytes; a unit test compares them.)"""
+    head = _END_HEAD.pack(REC_POSTCOPY_END, pages, zero_pages)
+    return head + _U32.pack(zlib.crc32(head, crc))
+
+
+def request_record(gpa: int, npages: int = 1) -> bytes:
+    """REQUEST (destination -> source): send these pages now, a fault waits for them."""
+    if gpa & PAGE_MASK or not 1 <= npages <= MAX_POSTCOPY_RUN:
+        raise ValueError(f"bad request {gpa:#x} x {npages}")
+    return _RUN.pack(REC_REQUEST, gpa, npages)
+
+
+def done_record(pages: int) -> bytes:
+    """DONE (destination -> source), without its tag: all `pages` pages still to come are here."""
+    return _DONE.pack(REC_DONE, pages)
+
+
+def need_record(gpa: int, npages: int, words: np.ndarray, keys: StreamKeys | None = None) -> bytes:
+    """NEED (destination -> source, at recovery): the pages of the region still
+    missing here; on a keyed link followed by its MAC (need_mac)."""
+    if gpa & PAGE_MASK or not 1 <= npages <= MAX_RAM_BYTES >> PAGE_SHIFT:
+        raise ValueError(f"bad region {gpa:#x} x {npages}")
+    rec = _NEED.pack(REC_NEED, gpa, npages) + _bitmap_bytes(npages, words)
+    return rec + need_mac(keys, rec) if keys is not None else rec
+
+
+def need_mac(keys: StreamKeys, record) -> bytes:
+    """NEED's MAC on a keyed link: HMAC-SHA256 under the structure key, labelled."""
+    return hmac.new(keys.structure, b"kvmlite-need-v1 " + bytes(record), hashlib.sha256).digest()
+
+
+def postcopy_c_wire(integrity: bool = False) -> dict:
+    """The post-copy byte layout for kvmlite._postcopy's threads
+    (struct kvmlite_pc_wire): record types and sizes, from this module only."""
+    return {"pages_type": REC_PAGES, "zero_type": REC_ZERO, "end_type": REC_POSTCOPY_END,
+            "request_type": REC_REQUEST, "done_type": REC_DONE, "run_head": _RUN.size,
+            "end_head": _END_HEAD.size, "done_head": _DONE.size,
+            "tag_size": TAG_SIZE if integrity else 0, "max_run": MAX_POSTCOPY_RUN,
+            "done_seq": DONE_TAG_SEQ}
+
+
 # --------------------------------------------------------------------------
 # Frames: u32 length + msgpack map.  The connection handshake and the
 # handover after END (docs/wire-format.md) are sequences of frames.
@@ -254,6 +351,13 @@ COMMIT = "commit"               # source: the VM is yours; I will not run it aga
 RUNNING = "running"             # destination: COMMIT taken, the guest runs here
 ABORTED = "aborted"             # destination: no COMMIT in time; I will never run this guest
 ERROR = "error"                 # destination: the stream was refused (before READY)
+# Post-copy: the destination's answer to a header that announces it (its VM is
+# made and userfaultfd works), and to a recovery's RESUME frame.
+PREPARED = "prepared"
+OK = "ok"
+POSTCOPY_STATS = "postcopy-stats"   # destination -> source after DONE: its figures, informational
+DEST_ANSWERS_TO_HEADER = (PREPARED, ERROR)
+DEST_ANSWERS_TO_RESUME = (OK, ERROR)
 DEST_ANSWERS_TO_END = (READY, ERROR)
 DEST_ANSWERS_TO_COMMIT = (RUNNING, ABORTED)
 SOURCE_ANSWERS_TO_READY = (COMMIT,)
@@ -309,6 +413,8 @@ class Header:
     source: str
     info: dict = field(repr=False)  # the whole map, unknown keys included
     integrity: bool = False         # PAGES records carry tags, END a structure MAC
+    postcopy: bool = False          # the source may switch to post-copy (PAGESET records)
+    migration_id: bytes | None = None   # what a post-copy recovery names
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +453,30 @@ class End:
     crc: int
 
 
-Record = Union[Pages, Zero, Round, State, End]
+@dataclass(frozen=True, slots=True)
+class PageSet:
+    """Post-copy: the pages of the RAM region at `gpa` in set `kind` (PAGESET_*),
+    as uint64 words, bit i = page (gpa >> 12) + i."""
+    kind: int
+    gpa: int
+    npages: int
+    words: np.ndarray = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Post-copy return path: the destination waits for these pages."""
+    gpa: int
+    npages: int
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """Post-copy return path: every page still to come (`pages` of them) is there."""
+    pages: int
+
+
+Record = Union[Pages, Zero, Round, State, End, PageSet]
 Target = Callable[[int, int], Any]  # (gpa, nbytes) -> writable buffer of nbytes
 
 
@@ -415,8 +544,16 @@ def validate_info(info: Any, version: int = VERSION) -> Header:
     integrity = info.get("integrity", "none")
     if integrity not in ("none", INTEGRITY):
         raise StreamError(f"stream header: integrity {_show(integrity)} is not one kvmlite knows")
+    postcopy, mid = info.get("postcopy", False), info.get("migration_id")
+    if type(postcopy) is not bool:
+        raise StreamError(f"stream header: postcopy must be a boolean, not {_show(postcopy)}")
+    if mid is not None and not (isinstance(mid, bytes) and len(mid) == MIGRATION_ID_SIZE):
+        raise StreamError(f"stream header: migration_id must be {MIGRATION_ID_SIZE} bytes, "
+                          f"not {_show(mid)}")
+    if postcopy and mid is None:
+        raise StreamError("stream header: a post-copy stream needs a migration_id")
     return Header(version, ps, regions, vcpus, hint, live, source, info,
-                  integrity=integrity == INTEGRITY)
+                  integrity=integrity == INTEGRITY, postcopy=postcopy, migration_id=mid)
 
 
 def _recv_some(sock, view, what: str, so_far: int) -> int:
@@ -472,6 +609,13 @@ class StreamDecoder:
         self.rounds = 0
         self.state_seen = False
         self.ended = False
+        # post-copy: {(kind, gpa): words} of the PAGESET records seen so far
+        self.pagesets: dict[tuple[int, int], np.ndarray] = {}
+
+    @property
+    def postcopy(self) -> bool:
+        """The source switches to post-copy after END (it sent PAGESET records)."""
+        return bool(self.pagesets)
 
     # -- buffer
 
@@ -632,7 +776,13 @@ class StreamDecoder:
                 raise StreamError(f"a second STATE record at byte {at}")
             raise StreamError(f"a {name} record at byte {at} follows the STATE record; "
                               f"only END may")
+        if self.pagesets and not self.state_seen and rtype not in (REC_PAGESET, REC_STATE):
+            raise StreamError(f"a {name} record at byte {at} follows a PAGESET record; "
+                              f"only PAGESET and STATE may")
         mid = f"in the middle of a {name} record"
+
+        if rtype == REC_PAGESET:
+            return self._pageset(at, mid)
 
         if rtype == REC_PAGES or rtype == REC_ZERO:
             self._fill(_RUN.size, mid)
@@ -676,6 +826,7 @@ class StreamDecoder:
             self._read_into(memoryview(body), mid)
             self._structure(body)
             state = _unpack_map(body, f"STATE record at byte {at}")
+            self._check_pagesets_complete(at)
             self.state_seen = True
             return State(state)
 
@@ -706,3 +857,117 @@ class StreamDecoder:
         self._crc = mine
         self.ended = True
         return End(pages, zero_pages, crc)
+
+    def _pageset(self, at: int, mid: str) -> PageSet:
+        if not self.header.postcopy:
+            raise StreamError(f"PAGESET record at byte {at} in a stream whose header does not "
+                              f"announce post-copy")
+        self._fill(_PAGESET.size, mid)
+        _, kind, gpa, npages = _PAGESET.unpack_from(self._buf, self._pos)
+        if kind not in PAGESET_KINDS:
+            raise StreamError(f"PAGESET record at byte {at}: unknown kind {kind}")
+        if (gpa, gpa + (npages << PAGE_SHIFT)) not in self._ranges:
+            raise StreamError(f"PAGESET record at byte {at}: {gpa:#x} x {npages} pages is not "
+                              f"a RAM region of the stream header")
+        if (kind, gpa) in self.pagesets:
+            raise StreamError(f"PAGESET record at byte {at}: a second {PAGESET_KINDS[kind]} "
+                              f"set for the region at {gpa:#x}")
+        self._consume(_PAGESET.size)
+        words = np.empty((npages + 63) // 64, dtype="<u8")
+        self._read_into(memoryview(words).cast("B"), mid)
+        self._structure(words)
+        if npages % 64 and int(words[-1]) >> (npages % 64):
+            raise StreamError(f"PAGESET record at byte {at}: bits set past the region's last page")
+        other = self.pagesets.get((PAGESET_FREE if kind == PAGESET_PENDING else PAGESET_PENDING, gpa))
+        if other is not None and np.any(words & other):
+            n = int(np.bitwise_count(words & other).sum())
+            raise StreamError(f"PAGESET record at byte {at}: {n} pages are both still to come "
+                              f"and free")
+        self.pagesets[(kind, gpa)] = words
+        return PageSet(kind, gpa, npages, words)
+
+    def _check_pagesets_complete(self, at: int) -> None:
+        """Post-copy needs both sets for every RAM region, or no set at all."""
+        if not self.pagesets:
+            return
+        for start, _ in self._ranges:
+            for kind, what in PAGESET_KINDS.items():
+                if (kind, start) not in self.pagesets:
+                    raise StreamError(f"STATE record at byte {at}: no {what} PAGESET for the "
+                                      f"RAM region at {start:#x}")
+
+
+class ReturnPathDecoder:
+    """A reader of the post-copy return path (REQUEST and DONE records), in Python.
+
+    The source's page server reads the return path in C (kvmlite._postcopy);
+    this is the same contract, for tests and tools.  Fed whatever bytes arrived
+    (`feed`), it returns the complete records and keeps a partial one for the
+    next call.  The destination is a peer we authenticated, but its bytes are
+    still checked: a range outside the RAM regions, an unknown type or
+    anything after DONE raise StreamError.  `tag_size`: DONE's tag (integrity).
+    """
+
+    def __init__(self, ram: list[tuple[int, int]], tag_size: int = 0):
+        self._ranges = [(gpa, gpa + size) for gpa, size in ram]
+        self._buf = bytearray()
+        self._tag = tag_size
+        self.offset = 0
+        self.done = False
+
+    def feed(self, data) -> list[Request | Done]:
+        self._buf += data
+        out: list[Request | Done] = []
+        buf = self._buf
+        pos = 0
+        while pos < len(buf):
+            rtype = buf[pos]
+            at = self.offset + pos
+            if self.done:
+                raise StreamError(f"return path: {len(buf) - pos} bytes after DONE")
+            if rtype == REC_REQUEST:
+                if len(buf) - pos < _RUN.size:
+                    break
+                _, gpa, npages = _RUN.unpack_from(buf, pos)
+                end = gpa + (npages << PAGE_SHIFT)
+                if (not 1 <= npages <= MAX_POSTCOPY_RUN or gpa & PAGE_MASK
+                        or not any(s <= gpa and end <= e for s, e in self._ranges)):
+                    raise StreamError(f"return path: REQUEST at byte {at} for {gpa:#x} x {npages} "
+                                      f"pages is not a run inside RAM")
+                out.append(Request(gpa, npages))
+                pos += _RUN.size
+            elif rtype == REC_DONE:
+                if len(buf) - pos < _DONE.size + self._tag:
+                    break
+                _, pages = _DONE.unpack_from(buf, pos)
+                out.append(Done(pages))
+                self.done = True
+                pos += _DONE.size + self._tag
+            else:
+                raise StreamError(f"return path: unknown record type {rtype:#04x} at byte {at}")
+        del buf[:pos]
+        self.offset += pos
+        return out
+
+
+def read_need(sock, ram: list[tuple[int, int]], keys: StreamKeys | None = None
+              ) -> tuple[int, int, np.ndarray]:
+    """Read one NEED record (recovery): (gpa, npages, words) for one RAM region.
+    On a keyed link its MAC must match."""
+    head = bytearray(_NEED.size)
+    _recv_exactly(sock, memoryview(head), "before the NEED record")
+    rtype, gpa, npages = _NEED.unpack(head)
+    if rtype != REC_NEED:
+        raise StreamError(f"expected a NEED record, got type {rtype:#04x}")
+    if (gpa, gpa + (npages << PAGE_SHIFT)) not in [(g, g + s) for g, s in ram]:
+        raise StreamError(f"NEED record: {gpa:#x} x {npages} pages is not a RAM region")
+    words = np.empty((npages + 63) // 64, dtype="<u8")
+    _recv_exactly(sock, memoryview(words).cast("B"), "in the middle of a NEED record")
+    if keys is not None:
+        mac = bytearray(MAC_SIZE)
+        _recv_exactly(sock, memoryview(mac), "in the middle of a NEED record's MAC")
+        if not hmac.compare_digest(bytes(mac), need_mac(keys, bytes(head) + words.tobytes())):
+            raise StreamError("NEED record: its MAC does not match (changed on the way)")
+    if npages % 64 and int(words[-1]) >> (npages % 64):
+        raise StreamError("NEED record: bits set past the region's last page")
+    return gpa, npages, words

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,9 +66,13 @@ def grid(pm: PageMap, columns: int, max_rows: int, sent_rounds: bool = False) ->
     if per == 1:
         rule = "one page per cell"
     else:
-        anys = [k.name.split(",")[0] for k in kinds if k.any_page]
+        anys = [re.split("[,:]", k.name)[0] for k in kinds if k.any_page]
         if sent_rounds:
             lead = "a cell shows the latest round that sent any of its pages; else "
+        elif len(anys) > 1:
+            # the later kind wins: name them in that order
+            lead = ("a cell shows the first of " + ", ".join(f"'{a}'" for a in reversed(anys))
+                    + " that any of its pages is; else ")
         elif anys:
             lead = f"a cell shows '{anys[0]}' if any of its pages is; else "
         else:

@@ -1,5 +1,10 @@
 """What a pagemap picture shows: the kinds of page, and a PageMap (one kind a
-page, and the round that sent it) built from the monitor's `x-query-pagemap`."""
+page, and the round that sent it) built from the monitor's `x-query-pagemap`.
+
+On a post-copy destination the reply also has `postcopy-state`, one byte a
+page saying how the page came since the switch (docs/postcopy.md, "Page
+states"); the picture then shows that: by fault, by push, as a local zero
+page, ..."""
 
 from __future__ import annotations
 
@@ -39,6 +44,25 @@ STREAM_KINDS = (
     Kind("sent as a ZERO record", (236, 220, 150), "0"),
     Kind("sent with its data (PAGES record)", (70, 130, 220), "#"),
 )
+# A post-copy destination's pages, by how they came since the switch, in order
+# of importance (a tie in a cell goes to the later one; the last three are
+# shown if any page of a cell has them).
+PC_HERE, PC_FREE, PC_ZERO_OTHER, PC_PENDING, PC_PUSHED, PC_ZERO_FREE, PC_REQUESTED, PC_FAULTED = range(8)
+POSTCOPY_KINDS = (
+    Kind("here before the switch: sent by pre-copy, or never used", (64, 120, 84), "="),
+    Kind("free at the switch, not touched since: never sent", (60, 62, 78), "."),
+    Kind("zeroed here: never written, and not to come", (150, 150, 120), "o", hide_if_none=True),
+    Kind("still to come from the source", (222, 56, 48), "?", hide_if_none=True),
+    Kind("pushed: came by the background push", (70, 130, 220), "p"),
+    Kind("zero page here: free at the switch, then taken by the guest (no round trip)",
+         (240, 210, 0), "z", any_page=True),
+    Kind("requested: a fault waits for it", (200, 60, 200), "r", any_page=True, hide_if_none=True),
+    Kind("by fault: requested when the guest touched it", (255, 140, 0), "F", any_page=True),
+)
+# The destination's page state codes (kvmlite._postcopy's KVMLITE_PC_*; a unit
+# test holds them to it) -> the kinds above.
+POSTCOPY_CODES = {0: PC_HERE, 1: PC_PENDING, 2: PC_REQUESTED, 3: PC_PUSHED, 4: PC_FAULTED,
+                  5: PC_FREE, 6: PC_ZERO_FREE, 7: PC_ZERO_OTHER}
 ROUND_GLYPHS = "123456789abcdefghijklmnopqrstuvwxyz"
 # Rounds are coloured along this ramp, first to last (blue, cyan, green,
 # yellow, red): saturated colours, never one of the greys unsent pages get.
@@ -118,6 +142,8 @@ def from_monitor(resp: dict) -> PageMap:
         if free is not None and mig.get("x-free-page-hint", True):
             dirty = dirty & ~free      # dirty free pages are skipped, not sent
         states[dirty] = DIRTY
+    if resp.get("postcopy-state") is not None:
+        return _postcopy_map(decode_array(resp["postcopy-state"], "postcopy-state"), npages, resp)
     rounds = None
     if arrays["sent-round"] is not None:
         rounds = decode_array(arrays["sent-round"], "sent-round")
@@ -135,3 +161,21 @@ def from_monitor(resp: dict) -> PageMap:
         if mig.get("status") == "completed":
             final = int(mig.get("rounds", 0))
     return PageMap(title, VM_KINDS, states, rounds, final, summary)
+
+
+def _postcopy_map(codes: np.ndarray, npages: int, resp: dict) -> PageMap:
+    """A post-copy destination's pages by how they came since the switch."""
+    if len(codes) != npages:
+        raise KvmliteError(f"x-query-pagemap: postcopy-state has {len(codes)} entries for {npages} pages")
+    table = np.full(256, -1, dtype=np.int16)
+    for code, kind in POSTCOPY_CODES.items():
+        table[code] = kind
+    states = table[codes]
+    if (states < 0).any():
+        raise KvmliteError(f"x-query-pagemap: unknown post-copy page state {int(codes[states < 0][0])}")
+    n = np.bincount(states, minlength=len(POSTCOPY_KINDS))
+    summary = (f"since the switch: {n[PC_FAULTED]} pages came by fault, {n[PC_PUSHED]} by the push, "
+               f"{n[PC_ZERO_FREE]} free pages got a zero page here; {n[PC_PENDING] + n[PC_REQUESTED]} "
+               "still to come")
+    return PageMap("guest memory after the switch to post-copy", POSTCOPY_KINDS,
+                   states.astype(np.uint8), None, 0, summary)

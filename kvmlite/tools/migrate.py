@@ -2,11 +2,13 @@
 
 It does what a QMP client does by hand (docs/monitor.md, "Migration"):
 
-    migrate-set-capabilities  x-free-page-hint, auto-converge
-    migrate-set-parameters    downtime-limit, max-bandwidth, x-max-rounds, x-stall-timeout, x-auth-key
+    migrate-set-capabilities  x-free-page-hint, auto-converge, postcopy-ram
+    migrate-set-parameters    downtime-limit, max-bandwidth, x-max-rounds, x-stall-timeout, x-auth-key,
+                              x-postcopy-after, x-postcopy-now
     stop                      (--stop-copy: QEMU's way to migrate in one pass)
-    migrate                   uri
-    query-migrate ...         until the status is final
+    migrate                   uri (--resume: with resume true, for a post-copy migration paused
+                              by a broken link)
+    query-migrate ...         until the status is final (or postcopy-paused)
     quit                      the source, now in postmigrate (--no-quit leaves it there)
 
 and prints the last query-migrate: a table, or its JSON (QAPI MigrationInfo).
@@ -27,7 +29,8 @@ from ..errors import KvmliteError, MigrationError
 from ..units import human_bytes, parse_size
 
 POLL_INTERVAL = 0.05
-FINAL = ("completed", "failed", "cancelled", "unresolved")
+# where `kvmlite migrate` stops following: over, or waiting for an operator
+FINAL = ("completed", "failed", "cancelled", "unresolved", "postcopy-paused")
 DEFAULT_DOWNTIME_MS = 5
 DEFAULT_MAX_ROUNDS = 30
 
@@ -63,7 +66,39 @@ def stats_rows(info: dict) -> list[tuple[str, str]]:
         ("throughput", f"{mbps:,.0f} Mbit/s ({mbps * 1e6 / 8 / (1 << 20):,.0f} MiB/s)"),
         ("dirty rate", f"{ram.get('dirty-pages-rate', 0)} pages/s"),
         ("vCPU throttled", f"{info.get('cpu-throttle-percentage', 0)} %"),
-    ]
+    ] + postcopy_rows(info)
+
+
+def postcopy_rows(info: dict) -> list[tuple[str, str]]:
+    """The post-copy part of the table: the source's page server (x-postcopy and
+    QEMU's postcopy-* fields), then the destination's faults."""
+    pc = info.get("x-postcopy") or {}
+    if not pc:
+        return []
+    ram = _ram(info)
+    rows = [("post-copy switch", str(pc.get("switch"))),
+            ("pages still to come at the switch", str(pc.get("pages-pending", 0))),
+            ("pages free at the switch (never sent)", str(pc.get("pages-free", 0))),
+            ("pages pushed / sent on request",
+             f"{pc.get('pages-pushed', 0)} / {pc.get('pages-on-request', 0)}"),
+            ("bytes after the switch", f"{ram.get('postcopy-bytes', 0)} "
+             f"({human_bytes(ram.get('postcopy-bytes', 0))})"),
+            ("requests from the destination", str(ram.get("postcopy-requests", 0))),
+            ("requests for free pages", str(pc.get("requests-for-free", 0)))]
+    if pc.get("recoveries"):
+        rows.append(("recoveries", str(pc["recoveries"])))
+    d = pc.get("destination") or {}
+    if d:
+        lat = d.get("remote-latency-us") or {}
+        rows += [("faults served remotely", str(d.get("faults-remote", 0))),
+                 ("faults served here with a zero page (free)", str(d.get("faults-zero-free", 0))),
+                 ("faults avoided (page arrived first)", str(d.get("faults-already-arrived", 0))),
+                 ("remote fault latency p50 / p99 / max",
+                  f"{lat.get('p50', '-')} / {lat.get('p99', '-')} / {lat.get('max', '-')} µs"),
+                 ("switch to last page", f"{d.get('switch-to-last-page-ms')} ms")]
+    if "postcopy-blocktime" in info:
+        rows.append(("vCPU blocked on remote pages", f"{info['postcopy-blocktime']} ms"))
+    return rows
 
 
 def print_stats(info: dict, file=None) -> None:
@@ -82,17 +117,22 @@ def print_stats(info: dict, file=None) -> None:
 def configure(client: QmpClient, *, hint: bool = True, auto_converge: bool = True,
               downtime_ms: int = DEFAULT_DOWNTIME_MS, bandwidth: int = 0,
               max_rounds: int = DEFAULT_MAX_ROUNDS, timeout: float | None = None,
-              auth_key: str | None = None) -> None:
+              auth_key: str | None = None, postcopy: bool = False, postcopy_after: int = 0,
+              postcopy_now: bool = False) -> None:
     """Set the source's migration capabilities and parameters (every one, so
-    that what an earlier client set does not linger)."""
+    that what an earlier client set does not linger).  `postcopy`: the
+    postcopy-ram capability; `postcopy_after` rounds or `postcopy_now` say
+    when it switches (docs/monitor.md, "Post-copy")."""
     client.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-free-page-hint", "state": hint},
-        {"capability": "auto-converge", "state": auto_converge}]})
+        {"capability": "auto-converge", "state": auto_converge},
+        {"capability": "postcopy-ram", "state": postcopy}]})
     client.execute("migrate-set-parameters", {
         "downtime-limit": downtime_ms, "max-bandwidth": bandwidth, "x-max-rounds": max_rounds,
         "x-stall-timeout": round(timeout * 1000) if timeout else 0,
         # the source VMM reads the file: give it a path it can open
-        "x-auth-key": os.path.abspath(auth_key) if auth_key else ""})
+        "x-auth-key": os.path.abspath(auth_key) if auth_key else "",
+        "x-postcopy-after": postcopy_after, "x-postcopy-now": postcopy_now})
 
 
 def start(client: QmpClient, uri: str, *, stop_copy: bool = False, keep_running: bool = False) -> bool:
@@ -111,6 +151,12 @@ def start(client: QmpClient, uri: str, *, stop_copy: bool = False, keep_running:
             client.execute("cont")
         raise
     return stopped
+
+
+def resume_migration(client: QmpClient, uri: str) -> None:
+    """Reconnect a post-copy migration in postcopy-paused to `uri` (QEMU's
+    `migrate` with `resume: true`); follow() then sees it finish, or pause again."""
+    client.execute("migrate", {"uri": uri, "resume": True})
 
 
 def follow(client: QmpClient, show_progress: bool = False, timeout: float | None = None,
@@ -184,10 +230,14 @@ def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
                     bandwidth: str = "0", max_rounds: int = DEFAULT_MAX_ROUNDS, as_json: bool = False,
                     timeout: float | None = None, auth_key: str | None = None,
                     keep_running: bool = False, pagemap: str | None = None,
-                    resolve: str | None = None, quit: bool = True) -> int:
+                    resolve: str | None = None, quit: bool = True, postcopy: bool = False,
+                    postcopy_after: int = 0, postcopy_now: bool = False,
+                    resume: bool = False) -> int:
     """`kvmlite migrate`: start a migration on a VM's monitor, follow it, print its
     figures, quit the source it left in postmigrate.  With `resolve` ("source"
-    or "destination"), settle an unresolved one instead.  Returns the exit status."""
+    or "destination"), settle an unresolved one instead; with `resume`,
+    reconnect a post-copy migration in postcopy-paused to `uri` and follow it
+    to its end.  Returns the exit status."""
     rate = parse_size(bandwidth, "--bandwidth")
     with QmpClient(monitor) as client:
         if resolve is not None:
@@ -200,9 +250,15 @@ def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
             raise KvmliteError("give the destination (tcp:HOST:PORT or file:PATH), or --resolve")
         if pagemap:
             _check_writable(pagemap)
-        configure(client, hint=hint, downtime_ms=downtime_ms, bandwidth=rate, max_rounds=max_rounds,
-                  timeout=timeout, auth_key=auth_key)
-        stopped = start(client, uri, stop_copy=stop_copy, keep_running=keep_running)
+        stopped = False
+        if resume:
+            # the migration's own settings stand: only where it goes is new
+            resume_migration(client, uri)
+        else:
+            configure(client, hint=hint, downtime_ms=downtime_ms, bandwidth=rate,
+                      max_rounds=max_rounds, timeout=timeout, auth_key=auth_key,
+                      postcopy=postcopy, postcopy_after=postcopy_after, postcopy_now=postcopy_now)
+            stopped = start(client, uri, stop_copy=stop_copy, keep_running=keep_running)
         info = follow(client, show_progress=not as_json and sys.stderr.isatty())
         # the source is in postmigrate: still there to be asked for the picture
         png_error = _write_pagemap(client, pagemap) if pagemap else None
@@ -215,6 +271,11 @@ def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
         print("kvmlite: the destination's answer to COMMIT was lost: the VM is paused at the "
               "source and may be running at the destination. Check the destination, then: "
               f"kvmlite migrate --monitor {monitor} --resolve destination|source", file=sys.stderr)
+        return exitcodes.PROTOCOL
+    if info["status"] == "postcopy-paused":
+        print("kvmlite: the post-copy link broke: the VM runs at the destination and its "
+              "remaining pages wait here; nothing is lost while both VMMs live. Reconnect: "
+              f"kvmlite migrate --monitor {monitor} {uri} --resume", file=sys.stderr)
         return exitcodes.PROTOCOL
     if png_error:
         print(f"kvmlite: error: {png_error}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -19,6 +20,12 @@ class GuestMemory:
     Nothing is touched at creation, so a 16 GiB guest costs no host memory until
     the guest (or `prefault`) writes to it.  Accessors check every GPA range.
     """
+
+    # Post-copy sets this: a function(offset, length) that brings those bytes'
+    # pages in without the GIL, called before Python reads guest memory (a
+    # Python thread that faulted on a missing page while it held the GIL would
+    # stop every other thread, the recovery's too).
+    before_read: Callable[[int, int], None] | None = None
 
     def __init__(self, size: int, gpa: int = 0, *, prefault: bool = False):
         if size <= 0 or size % PAGE_SIZE:
@@ -62,6 +69,8 @@ class GuestMemory:
 
     def read(self, gpa: int, length: int) -> bytes:
         off = self._offset(gpa, length)
+        if self.before_read is not None:
+            self.before_read(off, length)
         return self._map[off:off + length]
 
     def write(self, gpa: int, data: bytes) -> None:
@@ -71,6 +80,8 @@ class GuestMemory:
     def slice(self, gpa: int, length: int) -> memoryview:
         """A zero-copy view of guest memory (for sendmsg / recv_into)."""
         off = self._offset(gpa, length)
+        if self.before_read is not None:
+            self.before_read(off, length)
         return self.view[off:off + length]
 
     def read_u32(self, gpa: int) -> int:

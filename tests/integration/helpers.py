@@ -89,3 +89,75 @@ def finish_and_check(vm: VmProcess, min_verified: int) -> dict:
     assert s["errors"] == 0 and s["status"] == "ok", s
     assert s["verified"] >= min_verified, s
     return s
+
+
+class Relay:
+    """A TCP relay a test can cut: listens on 127.0.0.1:`port`, and forwards each
+    connection to 127.0.0.1:`upstream`, both ways.  `cut()` breaks every
+    connection it carries (both peers see the link go) and stops accepting."""
+
+    def __init__(self, upstream: int):
+        import socket
+        import threading
+        self.upstream = upstream
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(4)
+        self.port = self.srv.getsockname()[1]
+        self.socks: list = []
+        self.bytes = 0              # bytes carried, both ways
+        self._lock = threading.Lock()
+        self.cut_done = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+        while True:
+            try:
+                a, _ = self.srv.accept()
+            except OSError:
+                return
+            try:
+                b = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                a.close()
+                continue
+            with self._lock:
+                if self.cut_done:
+                    a.close()
+                    b.close()
+                    return
+                self.socks += [a, b]
+            for x, y in ((a, b), (b, a)):
+                threading.Thread(target=self._pump, args=(x, y), daemon=True).start()
+
+    def _pump(self, src, dst) -> None:
+        while True:
+            try:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                dst.sendall(data)
+                with self._lock:
+                    self.bytes += len(data)
+            except OSError:
+                break
+        for s in (src, dst):
+            try:
+                s.shutdown(2)
+            except OSError:
+                pass
+
+    def cut(self) -> None:
+        with self._lock:
+            self.cut_done = True
+            socks, self.socks = self.socks, []
+        self.srv.close()
+        for s in socks:
+            try:
+                s.shutdown(2)
+            except OSError:
+                pass
+            s.close()

@@ -241,13 +241,14 @@ def test_capabilities_and_parameters_become_the_migrations_params(machine, make_
     with client(mon) as q:
         defaults = q.execute("query-migrate-parameters")
         assert defaults == {"downtime-limit": 5, "max-bandwidth": 0, "x-max-rounds": 30,
-                            "x-stall-timeout": 0, "x-auth-key": ""}
+                            "x-stall-timeout": 0, "x-auth-key": "", "x-postcopy-after": 0,
+                            "x-postcopy-now": False}
         q.execute("migrate", {"uri": "file:/dev/null"})
         wait_status(q, "completed")
         p = made[-1]
         assert (p.hint, p.auto_converge, p.downtime_ms, p.bandwidth, p.max_rounds, p.timeout) == \
             (True, True, 5.0, 0, 30, 12.0)               # the VMM's own --timeout by default
-        assert p.creds.key is None
+        assert p.creds.key is None and not p.postcopy
 
     machine2 = FakeMachine(machine.memory)
     factory = new_migration_for(machine2)
@@ -261,7 +262,7 @@ def test_capabilities_and_parameters_become_the_migrations_params(machine, make_
                                              "x-auth-key": str(key)})
         assert q.execute("query-migrate-parameters")["x-auth-key"] == str(key)
         assert {c["capability"]: c["state"] for c in q.execute("query-migrate-capabilities")} == \
-            {"events": False, "auto-converge": False, "x-free-page-hint": False}
+            {"events": False, "auto-converge": False, "postcopy-ram": False, "x-free-page-hint": False}
         # refused as a whole: nothing changes
         with pytest.raises(QmpCommandError, match="downtime-ms must be a number from 0 to 60000"):
             q.execute("migrate-set-parameters", {"downtime-limit": 100_000, "x-max-rounds": 8})
@@ -306,7 +307,13 @@ def test_settings_are_refused_while_a_migration_runs(machine, make_monitor):
     ("migrate", {"uri": "ftp://x"}, "migration uri 'ftp://x': expected tcp:HOST:PORT or file:PATH"),
     ("migrate", {"uri": "tcp:host:²"}, "migration uri 'tcp:host:²'"),
     ("migrate", {"uri": "tcp:127.0.0.1:1", "x-keep-running": True}, "keep-running is for snapshots"),
-    ("migrate", {"uri": "tcp:127.0.0.1:1", "resume": True}, "no paused post-copy migration"),
+    ("migrate", {"uri": "tcp:127.0.0.1:1", "resume": True}, "Cannot resume if there is no paused migration"),
+    ("migrate-start-postcopy", {}, "Enable postcopy with migrate_set_capability"),
+    ("migrate-recover", {"uri": "tcp:127.0.0.1:1"}, "can only be run when postcopy is paused"),
+    ("migrate-set-parameters", {"x-postcopy-after": -1},
+     "Parameter 'x-postcopy-after' expects an integer in the range of 0 to 10000"),
+    ("migrate-set-parameters", {"x-postcopy-now": 1},
+     "Invalid parameter type for 'x-postcopy-now', expected: boolean"),
     ("migrate-set-parameters", {"downtime-limit": "fast"}, "Parameter 'downtime-limit' expects uint64"),
     ("migrate-set-parameters", {"max-bandwidth": "100M"}, "Parameter 'max-bandwidth' expects uint64"),
     ("migrate-set-parameters", {"x-max-rounds": 0},
@@ -328,7 +335,7 @@ def test_the_other_commands(machine, make_monitor):
     names = {c["name"] for c in ask(mon, "query-commands")["return"]}
     assert {"query-status", "stop", "cont", "migrate", "migrate_cancel", "quit", "query-migrate",
             "migrate-set-parameters", "x-migrate-resolve", "x-query-vcpus", "migrate-incoming"} <= names
-    assert "migrate-start-postcopy" not in names                 # declared for later, not served
+    assert {"migrate-start-postcopy", "migrate-recover"} <= names
     assert ask(mon, "query-migrate") == {"return": {}}           # QEMU's answer before any migration
     assert ask(mon, "query-kvm") == {"return": {"enabled": True, "present": True}}
     assert ask(mon, "x-query-free-pages") == {"return": {"pages-total": NPAGES, "registered": False}}
@@ -378,6 +385,9 @@ class FakeIncoming:
         self.stats = None
         self.machine = None
         self.aborted = False
+        self.pc_stats = None           # post-copy's figures, once switched
+        self.states = None             # post-copy's page states
+        self.recover_uri = None
 
     @property
     def status(self):
@@ -385,6 +395,15 @@ class FakeIncoming:
 
     def abort(self):
         self.aborted = True
+
+    def postcopy_stats(self):
+        return self.pc_stats
+
+    def page_states(self):
+        return self.states
+
+    def recover(self, uri):
+        self.recover_uri = uri
 
 
 def test_a_destination_answers_before_its_vm_arrives(make_monitor):
@@ -516,3 +535,275 @@ def test_the_tools_take_keyword_arguments_not_a_command_line(make_monitor, capsy
     out = capsys.readouterr().out        # no colour on a captured stdout: a letter a page
     rows = [line for line in out.splitlines() if line and set(line) <= set("#-.D")]
     assert rows == ["#" * 10] + ["-" * 10] * 3 + ["." * 10] * 2 + ["#" * 10] * 4
+
+
+# ---- post-copy: QEMU's names, kvmlite's figures --------------------------------------------------
+
+
+def postcopy_sink(gate: threading.Event | None = None):
+    """A destination that offers post-copy, takes the header, says READY and
+    never answers COMMIT (so the switch ends unresolved); `gate` holds the
+    first send (the header) until it is set."""
+    class Sink(StreamSink):
+        offers = {"postcopy": 1}
+
+        def send(self, bufs):
+            if gate is not None:
+                gate.wait(10)
+            super().send(bufs)
+    return lambda: Sink(answers=("prepared", "ready"))
+
+
+def test_postcopy_ram_and_the_x_postcopy_parameters_become_the_migrations_params(machine, make_monitor):
+    made = []
+    factory = new_migration_for(machine)
+
+    def recording(params):
+        made.append(params)
+        return factory(params)
+    mon = make_monitor(machine, new_migration=recording)
+    with client(mon) as q:
+        # without postcopy-ram the post-copy parameters mean nothing (as QEMU's)
+        q.execute("migrate-set-parameters", {"x-postcopy-after": 3, "x-postcopy-now": True})
+        q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})
+        wait_status(q, "completed")
+        assert (made[-1].postcopy, made[-1].postcopy_after, made[-1].postcopy_now) == (False, 0, False)
+
+    machine2 = FakeMachine(machine.memory)
+    factory = new_migration_for(machine2)
+    mon = make_monitor(machine2, new_migration=recording)
+    with client(mon) as q:
+        q.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "postcopy-ram", "state": True}]})
+        q.execute("migrate-set-parameters", {"x-postcopy-after": 3})
+        assert {c["capability"]: c["state"] for c in q.execute("query-migrate-capabilities")}[
+            "postcopy-ram"] is True
+        with pytest.raises(QmpCommandError, match="post-copy moves a running VM to a destination VMM"):
+            q.execute("migrate", {"uri": "file:/dev/null"})
+        q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})
+        info = wait_status(q, "failed")      # this fake destination does not offer post-copy
+        assert "cannot take a post-copy migration" in info["error-desc"]
+        assert (made[-1].postcopy, made[-1].postcopy_after, made[-1].postcopy_now) == (True, 3, False)
+        assert q.execute("query-status")["status"] == "running"
+
+
+def test_migrate_start_postcopy_switches_and_resume_reconnects(machine, make_monitor):
+    """postcopy-ram, migrate, migrate-start-postcopy: the switch (no page before it);
+    COMMIT unanswered leaves it unresolved; migrate with resume: true tries to
+    reconnect, and falls back to unresolved when nothing listens."""
+    from kvmlite.procs import free_port
+    gate = threading.Event()
+    mon = make_monitor(machine, new_migration=new_migration_for(machine, postcopy_sink(gate)))
+    with client(mon) as q:
+        q.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "postcopy-ram", "state": True}, {"capability": "events", "state": True}]})
+        q.execute("migrate-set-parameters", {"x-stall-timeout": 300})
+        q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})
+        q.execute("migrate-start-postcopy")         # while the header waits: before any round
+        gate.set()
+        info = wait_status(q, "unresolved")
+        pc = info["x-postcopy"]
+        assert pc["switch"] == "asked (migrate-start-postcopy)" and info["x-rounds"] == []
+        assert pc["pages-pending"] == NPAGES and pc["pages-free"] == 0 and info["ram"]["normal"] == 0
+        q.execute("migrate-start-postcopy")         # switched already: no error, as QEMU
+        with pytest.raises(QmpCommandError, match="a migration is unresolved: the VM is paused"):
+            q.execute("cont")
+        gone = f"tcp:127.0.0.1:{free_port()}"
+        q.execute("migrate", {"uri": gone, "resume": True})
+        info = wait_status(q, "unresolved")
+        assert f"recovery failed: nothing listens on {gone}" in info["error-desc"]
+        assert info["x-postcopy"]["recoveries"] == 1
+        statuses = [d["status"] for name, d in events(q, 0.05) if name == "MIGRATION"]
+        assert statuses == ["setup", "active", "device", "handover", "unresolved",
+                            "postcopy-recover", "unresolved"]
+        q.execute("x-migrate-resolve", {"owner": "source"})
+        assert wait_status(q, "failed") and q.execute("query-status")["status"] == "running"
+
+
+class PostcopyMigration:
+    """What the monitor sees of a Migration that has switched to post-copy: the
+    source's own state machine and stats, moved by the test; the stats filled
+    by the source's own code from a page server's counters."""
+
+    def __init__(self, machine, params):
+        from kvmlite.migration.postcopy import SenderStats
+        from kvmlite.migration.stats import MigrationStats
+        from kvmlite.migration.status import SOURCE_TRANSITIONS, MigrationStatus as S
+        self.machine, self.params, self.target = machine, params, params.target
+        self.state = StateMachine(S.NONE, SOURCE_TRANSITIONS)
+        self.stats = MigrationStats(pages_total=NPAGES)
+        self.state.listeners.append(lambda old, new: setattr(self.stats, "status", new.value))
+        self.sync_listeners = []
+        self.done = threading.Event()
+        self.dirty_words = None
+        self.sent_round = np.zeros(NPAGES, dtype=np.uint8)
+        self.sender = SimpleNamespace(stats=lambda: SenderStats(
+            pages_pending=600, pages_pushed=400, pages_on_request=50, zero_pages=10, requests=55,
+            requests_already_sent=5, bytes_sent=1_900_000, bytes_received=900, connections=1,
+            to_send_left=150))
+        self._precopy_bytes = 0
+        self.resumed_to = None
+
+    @property
+    def status(self):
+        return self.state.state
+
+    def start(self):
+        from kvmlite.migration.source import Migration
+        from kvmlite.migration.status import MigrationStatus as S
+        for status in (S.SETUP, S.ACTIVE, S.DEVICE):
+            self.state.advance(status)
+        self.machine.pause_all()
+        self.stats.bytes_wire = self.stats.precopy_bytes = 1_000_000
+        self.stats.bytes_wire += 20_000
+        self._precopy_bytes = self.stats.bytes_wire
+        self.stats.downtime_ms, self.stats.downtime_parts_ms = 2.5, {"pause": 0.5, "sets": 2.0}
+        self.state.advance(S.HANDOVER)
+        self.stats.postcopy = {"switch": "asked (migrate-start-postcopy)", "pages_pending": 600,
+                               "pages_free": 300}
+        self.stats.refresh = lambda stats: Migration._refresh_stats(self, stats)
+        self.state.advance(S.POSTCOPY_ACTIVE)
+
+    def cancel(self):
+        return False
+
+    def resume(self, uri):
+        from kvmlite.migration.status import MigrationStatus as S
+        self.resumed_to = uri
+        self.state.advance(S.POSTCOPY_RECOVER)
+
+
+def test_a_postcopy_migration_in_query_migrate_events_and_run_state(machine, make_monitor):
+    """QEMU's MigrationInfo members for post-copy (postcopy-bytes, postcopy-requests,
+    postcopy-blocktime), kvmlite's figures under x-postcopy, the postcopy-* states
+    as MIGRATION events, and `cont` refused while the VM is split."""
+    from dataclasses import asdict
+
+    from kvmlite.migration.postcopy import IncomingStats
+    from kvmlite.migration.status import MigrationStatus as S
+    made = []
+
+    def factory(params):
+        made.append(PostcopyMigration(machine, params))
+        return made[-1]
+    mon = make_monitor(machine, new_migration=factory)
+    with client(mon) as q:
+        q.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "postcopy-ram", "state": True}, {"capability": "events", "state": True}]})
+        q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})
+        mig = made[-1]
+        info = q.execute("query-migrate")
+        assert info["status"] == "postcopy-active" and info["downtime"] == 2
+        ram = info["ram"]
+        assert (ram["postcopy-bytes"], ram["postcopy-requests"]) == (1_900_000, 55)
+        assert ram["transferred"] == 1_020_000 + 1_900_000
+        assert (ram["precopy-bytes"], ram["downtime-bytes"]) == (1_000_000, 20_000)
+        assert ram["normal"] == 440 and ram["duplicate"] == 10 and ram["remaining"] == 150 * PAGE_SIZE
+        pc = info["x-postcopy"]
+        assert pc["switch"] == "asked (migrate-start-postcopy)" and pc["pages-free"] == 300
+        assert (pc["pages-pushed"], pc["pages-on-request"], pc["requests-for-free"]) == (400, 50, 0)
+        assert "destination" not in pc and "postcopy-blocktime" not in info
+        assert q.execute("query-status") == {"status": "finish-migrate", "running": False}
+        for command, why in (("cont", "since the switch to post-copy"),
+                             ("migrate_cancel", "too late to cancel: the migration is postcopy-active")):
+            with pytest.raises(QmpCommandError, match=why):
+                q.execute(command)
+        mig.state.advance(S.POSTCOPY_PAUSED)
+        mig.stats.error = "post-copy link broken: test"
+        assert q.execute("query-migrate")["error-desc"] == "post-copy link broken: test"
+        q.execute("migrate", {"uri": "tcp:127.0.0.1:4445", "resume": True})
+        assert mig.resumed_to == "tcp:127.0.0.1:4445"
+        mig.state.advance(S.POSTCOPY_ACTIVE)
+        # DONE: the destination's own figures follow, and the migration completes
+        dest = asdict(IncomingStats(pages_pending=600, faults=60, faults_remote=50,
+                                    faults_zero_free=7, remote_latency_us={"p50": 90.5, "p99": 400.0,
+                                                                           "max": 900.0, "n": 50},
+                                    remote_wait_ms=12.6, switch_to_last_page_ms=80.0, link="done"))
+        mig.stats.postcopy = dict(mig.stats.postcopy, destination=dict(dest, recoveries_ms=[35.0]))
+        mig.state.advance(S.COMPLETED)
+        machine.quit(SimpleNamespace(reason="migrated", status=0))
+        info = q.execute("query-migrate")
+        d = info["x-postcopy"]["destination"]
+        assert (d["faults-remote"], d["faults-zero-free"], d["recoveries-ms"]) == (50, 7, [35.0])
+        assert d["remote-latency-us"] == {"p50": 90.5, "p99": 400.0, "max": 900.0, "n": 50}
+        assert info["postcopy-blocktime"] == 13              # one vCPU: its remote waits, in ms
+        assert q.execute("query-status")["status"] == "postmigrate"
+        statuses = [d["status"] for name, d in events(q, 0.05) if name == "MIGRATION"]
+        assert statuses == ["setup", "active", "device", "handover", "postcopy-active",
+                            "postcopy-paused", "postcopy-recover", "postcopy-active", "completed"]
+
+
+def test_a_postcopy_migrations_figures_are_all_declared():
+    """Every figure the source's page server and the destination report has its
+    member in the schema (the monitor leaves out what is not declared)."""
+    from dataclasses import fields
+
+    from kvmlite.control import schema
+    from kvmlite.migration.postcopy import IncomingStats, SenderStats
+    from kvmlite.migration.source import Migration
+    from kvmlite.migration.stats import MigrationStats
+    from kvmlite.migration.status import MigrationStatus as S
+    fake = SimpleNamespace(sender=SimpleNamespace(stats=SenderStats), status=S.POSTCOPY_ACTIVE,
+                           _precopy_bytes=0)
+    stats = MigrationStats()
+    Migration._refresh_stats(fake, stats)
+    declared = {m.name.replace("-", "_") for m in schema.X_POSTCOPY.fields}
+    # bytes and requests are QEMU's ram.postcopy-bytes and ram.postcopy-requests
+    assert set(stats.postcopy) - {"bytes", "requests"} <= declared
+    incoming = {m.name.replace("-", "_") for m in schema.X_POSTCOPY_INCOMING.fields}
+    assert {f.name for f in fields(IncomingStats)} | {"recoveries_ms"} == incoming
+
+
+def test_a_postcopy_destination_runs_the_guest_and_recovers_where_told(make_monitor):
+    """A destination after the switch: the guest runs here (RESUME, running), its
+    figures in query-migrate, its page states in x-query-pagemap; migrate-recover
+    only once the link broke; quit no longer abandons a migration."""
+    from dataclasses import asdict
+
+    from kvmlite.migration.postcopy import IncomingStats
+    mon = make_monitor(None)
+    ask(mon, "migrate-set-capabilities", {"capabilities": [{"capability": "events", "state": True}]})
+    inc = FakeIncoming()
+    mon.attach_incoming(inc)
+    m = FakeMachine(GuestMemory(NPAGES * PAGE_SIZE))
+    try:
+        with client(mon) as q:
+            inc.state.advance(R.RECEIVING)
+            inc.state.advance(R.READY)
+            inc.stats = SimpleNamespace(pages=10, zero_pages=5, bytes=50_000, rounds=0, ms=4.0)
+            inc.machine = m
+            inc.pc_stats = asdict(IncomingStats(pages_pending=600, pages_left=500, faults_remote=3,
+                                                faults_zero_free=4, bytes_received=8_000,
+                                                remote_latency_us={"p50": 80.0, "p99": 80.0,
+                                                                   "max": 80.0, "n": 3},
+                                                remote_wait_ms=0.24, link="up"))
+            inc.pc_stats["recoveries_ms"] = []
+            inc.states = np.zeros(NPAGES, dtype=np.uint8)
+            inc.states[:600] = 1                               # still to come
+            inc.state.advance(R.POSTCOPY_ACTIVE)
+            assert q.execute("query-status") == {"status": "running", "running": True}
+            info = q.execute("query-migrate")
+            assert info["status"] == "postcopy-active" and info["postcopy-blocktime"] == 0
+            assert info["x-postcopy-incoming"]["faults-zero-free"] == 4
+            assert info["ram"]["postcopy-bytes"] == 8_000 and info["ram"]["transferred"] == 58_000
+            got = q.execute("x-query-pagemap")
+            assert np.array_equal(decode_array(got["postcopy-state"]), inc.states)
+            with pytest.raises(QmpCommandError, match="can only be run when postcopy is paused"):
+                q.execute("migrate-recover", {"uri": "tcp:127.0.0.1:4446"})
+            inc.state.advance(R.POSTCOPY_PAUSED)
+            q.execute("migrate-recover", {"uri": "tcp:127.0.0.1:4446"})
+            assert inc.recover_uri == "tcp:127.0.0.1:4446"
+            inc.state.advance(R.POSTCOPY_RECOVER)
+            inc.state.advance(R.POSTCOPY_ACTIVE)
+            inc.state.advance(R.RUNNING)
+            assert events(q, 0.05) == [("MIGRATION", {"status": "active"}),
+                                       ("MIGRATION", {"status": "handover"}),
+                                       ("MIGRATION", {"status": "postcopy-active"}), ("RESUME", None),
+                                       ("MIGRATION", {"status": "postcopy-paused"}),
+                                       ("MIGRATION", {"status": "postcopy-recover"}),
+                                       ("MIGRATION", {"status": "postcopy-active"}),
+                                       ("MIGRATION", {"status": "completed"})]
+            q.execute("quit")
+            assert not inc.aborted
+    finally:
+        m.memory.close()

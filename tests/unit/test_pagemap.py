@@ -302,3 +302,32 @@ def test_terminal_in_colour_draws_two_cell_rows_per_line():
     top_on_bottom = "\x1b[38;2;{};{};{};48;2;{};{};{}m".format(*untouched, *active)
     assert lines[2].count(top_on_bottom) == 4 and lines[2].count(UPPER_HALF) == 4
     assert "\x1b[38;2;{};{};{}m".format(*dirty) in lines[3] and lines[3].count(UPPER_HALF) == 1
+
+
+def test_postcopy_page_states_are_the_engines_own_codes():
+    """The model's post-copy codes are kvmlite._postcopy's KVMLITE_PC_* (the monitor
+    sends the engine's state array as it is)."""
+    from kvmlite._postcopy import lib
+    from kvmlite.pagemap import model
+    assert model.POSTCOPY_CODES == {
+        lib.KVMLITE_PC_OTHER: model.PC_HERE, lib.KVMLITE_PC_PENDING: model.PC_PENDING,
+        lib.KVMLITE_PC_REQUESTED: model.PC_REQUESTED, lib.KVMLITE_PC_PUSHED: model.PC_PUSHED,
+        lib.KVMLITE_PC_FAULTED: model.PC_FAULTED, lib.KVMLITE_PC_FREE: model.PC_FREE,
+        lib.KVMLITE_PC_ZERO_FREE: model.PC_ZERO_FREE, lib.KVMLITE_PC_ZERO_OTHER: model.PC_ZERO_OTHER}
+
+
+def test_a_postcopy_destination_is_drawn_by_how_each_page_came():
+    """x-query-pagemap's postcopy-state array is drawn by how each page came."""
+    from kvmlite.pagemap.model import POSTCOPY_KINDS, from_monitor
+    codes = np.array([0] * 10 + [3] * 6 + [4] * 2 + [5] * 8 + [6] * 3 + [1], dtype=np.uint8)
+    pm = from_monitor({"pages": len(codes), "page-size": 4096, "free": None, "backed": None,
+                       "dirty": None, "sent-round": None, "postcopy-state": encode_array(codes)})
+    assert "2 pages came by fault, 6 by the push, 3 free pages got a zero page here; 1 still" in pm.summary
+    g = grid(pm, 30, 30)
+    names = [k.name for k in g.kinds]
+    assert g.page_counts[names.index(POSTCOPY_KINDS[7].name)] == 2      # by fault
+    # two pages a cell: a cell with one faulted page shows it
+    g2 = grid(pm, 15, 1)
+    assert POSTCOPY_KINDS[7].name in [g2.kinds[c].name for c in g2.cells.ravel() if c >= 0]
+    with pytest.raises(Exception, match="unknown post-copy page state"):
+        from_monitor({"pages": 1, "postcopy-state": encode_array(np.array([9], np.uint8))})

@@ -1,4 +1,4 @@
-"""kvmlite is typed (PEP 561): py.typed, and stubs for the two compiled cffi
+"""kvmlite is typed (PEP 561): py.typed, and stubs for the compiled cffi
 modules that say exactly what the compiled modules have.  `make lint` runs
 mypy --strict on the public API with these stubs (pyproject.toml, [tool.mypy])."""
 
@@ -32,7 +32,8 @@ def stub_names(path: Path) -> tuple[set[str], set[str]]:
 
 
 @pytest.mark.parametrize("module,stub", [("kvmlite._kvm", ROOT / "_kvm.pyi"),
-                                         ("kvmlite.migration._wire", ROOT / "migration" / "_wire.pyi")])
+                                         ("kvmlite.migration._wire", ROOT / "migration" / "_wire.pyi"),
+                                         ("kvmlite._postcopy", ROOT / "_postcopy.pyi")])
 def test_the_stub_names_what_the_compiled_module_has(module, stub):
     compiled = importlib.import_module(module)
     top, lib = stub_names(stub)
@@ -51,7 +52,7 @@ def test_kvmlite_says_it_is_typed():
     tomllib = pytest.importorskip("tomllib")     # Python 3.11+
     data = tomllib.loads((ROOT.parent / "pyproject.toml").read_text())
     shipped = data["tool"]["setuptools"]["package-data"]
-    assert "py.typed" in shipped["kvmlite"] and "_kvm.pyi" in shipped["kvmlite"]
+    assert {"py.typed", "_kvm.pyi", "_postcopy.pyi"} <= set(shipped["kvmlite"])
     assert "_wire.pyi" in shipped["kvmlite.migration"]
     # mypy checks every module the public API comes from
     checked = set(data["tool"]["mypy"]["files"])
