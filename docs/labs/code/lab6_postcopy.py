@@ -7,7 +7,9 @@
 Boots the churn guest (256 MiB, 6000 slots: each round it frees half of its
 live pages, takes as many free ones, fills them and checks every live page)
 and a destination, migrates it with `kvmlite migrate --json` over a link
-limited to --bandwidth, and prints what the migration and the guest report.
+limited to --bandwidth, and prints what the migration and the guest report:
+the source's last query-migrate (QEMU's MigrationInfo, kvmlite's figures
+under x-postcopy, the destination's under x-postcopy.destination).
 With post-copy it also draws the destination's page map (`kvmlite pagemap`),
 each page by how it came: by fault, by the push, or, for a page free at the
 switch that the guest took afterwards, as a zero page made there.  At the
@@ -58,39 +60,42 @@ def main() -> int:
         r = kvmlite(*cmd)
         if r.returncode != 0:
             raise SystemExit(f"migration failed:\n{r.stdout}{r.stderr}")
-        s = json.loads(r.stdout)
-        pc = s.get("postcopy") or {}
+        s = json.loads(r.stdout)            # the source's last query-migrate
+        pc = s.get("x-postcopy") or {}
+        rounds = [r["pages"] for r in s["x-rounds"]]     # the last pass too, without post-copy
+        throttle = s.get("cpu-throttle-percentage", 0)
         print("round   pages sent")
-        for i, n in enumerate(s["round_pages"][:s["rounds"] - (0 if pc else 1)], 1):
+        for i, n in enumerate(rounds[:len(rounds) - (0 if pc else 1)], 1):
             print(f"{i:5d}   {n:10d}")
         if not pc:
-            first, last = s["round_pages"][0], s["round_pages"][-2]
-            print(f"pre-copy completed after {s['rounds']} rounds, the last with the vCPU paused")
-            print(f"the rounds did not shrink: {last} pages in round {s['rounds'] - 1}, "
+            first, last = rounds[0], rounds[-2]
+            print(f"pre-copy completed after {len(rounds)} rounds, the last with the vCPU paused")
+            print(f"the rounds did not shrink: {last} pages in round {len(rounds) - 1}, "
                   f"{first} in round 1: {'yes' if last * 2 > first else 'NO'}")
-            print(f"auto-converge slowed the vCPU by {s['throttle_pct']} %")
-            print(f"downtime {s['downtime_ms']:.0f} ms (the limit was 5 ms)")
-            ok &= last * 2 > first and s["downtime_ms"] > 5
+            print(f"auto-converge slowed the vCPU by {throttle} %")
+            print(f"downtime {s['x-downtime-ms']:.0f} ms (the limit was 5 ms)")
+            ok &= last * 2 > first and s["x-downtime-ms"] > 5
         else:
             d = pc["destination"]
-            lat = d["remote_latency_us"]
-            print(f"post-copy after {s['rounds']} rounds: {pc['switch']}")
-            print(f"downtime {s['downtime_ms']:.1f} ms; the vCPU was slowed by {s['throttle_pct']} %")
-            print(f"at the switch: {pc['pages_pending']} pages still to come, {pc['pages_free']} free "
+            lat = d["remote-latency-us"]
+            print(f"post-copy after {len(rounds)} rounds: {pc['switch']}")
+            print(f"downtime {s['x-downtime-ms']:.1f} ms; the vCPU was slowed by {throttle} %")
+            print(f"at the switch: {pc['pages-pending']} pages still to come, {pc['pages-free']} free "
                   "(never sent)")
-            print(f"destination: {d['faults_remote']} faults served by the source (p50 {lat.get('p50')} us, "
-                  f"p99 {lat.get('p99')} us), {d['faults_zero_free']} free pages taken by the guest "
+            print(f"destination: {d['faults-remote']} faults served by the source (p50 {lat.get('p50')} us, "
+                  f"p99 {lat.get('p99')} us), {d['faults-zero-free']} free pages taken by the guest "
                   "and given a zero page there")
-            print(f"source: {pc['requests']} requests, {pc['requests_for_free']} of them for a free page; "
-                  f"{pc['pages_pushed']} pages pushed, {pc['pages_on_request']} sent on request")
-            print(f"the last page arrived {d['switch_to_last_page_ms']:.0f} ms after the switch")
-            ok &= pc["requests_for_free"] == 0 and d["faults_zero_free"] > 0 and s["throttle_pct"] == 0
+            print(f"source: {s['ram']['postcopy-requests']} requests, {pc['requests-for-free']} of them "
+                  f"for a free page; {pc['pages-pushed']} pages pushed, {pc['pages-on-request']} sent "
+                  "on request")
+            print(f"the last page arrived {d['switch-to-last-page-ms']:.0f} ms after the switch")
+            ok &= pc["requests-for-free"] == 0 and d["faults-zero-free"] > 0 and throttle == 0
             if not args.no_picture:
                 print("page map of the destination:")
                 m = kvmlite("pagemap", "--monitor", dst.monitor_path, "--width", "64")
                 print(m.stdout, end="")
         src.wait(30)
-        dst.execute("guest-finish")
+        dst.execute("x-guest-finish")
         status = dst.wait(120)
         g = dst.summary() or {}
         print(f"the guest checked its memory on the destination: {g.get('corrupted')} corrupted pages, "
