@@ -85,7 +85,8 @@ def discard_runs(pending: np.ndarray, free: np.ndarray,
     if not drop.any():
         empty = np.empty(0, dtype=np.int64)
         return empty, empty
-    ok = drop | free | (np.ones_like(drop) if present is None else ~present)
+    # present None: any page may be here (pre-faulted RAM), so none counts as absent
+    ok = drop | free if present is None else drop | free | ~present
     starts, lengths = _runs(np.flatnonzero(ok))
     ends = starts + lengths
     # trim each run to its first and last page to drop; runs with none are skipped

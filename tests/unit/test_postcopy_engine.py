@@ -350,14 +350,19 @@ def test_discard_runs_drop_every_stale_copy_and_nothing_the_guest_uses():
         k = rng.integers(0, 4, n)                       # 0 in use, 1 to come, 2 free, 3 absent
         pend, free = k == 1, k == 2
         present = ((k != 3) & (rng.random(n) < 0.8)) | (k == 0)
-        starts, lengths = discard_runs(pend, free, present)
-        cover = np.zeros(n, dtype=int)
-        for s, l in zip(starts.tolist(), lengths.tolist()):
-            cover[s:s + l] += 1
-        assert cover.max(initial=0) <= 1                 # runs do not overlap
-        assert (cover[pend & present] == 1).all()
-        assert (cover[k == 0] == 0).all()
-        assert len(starts) <= max(int((pend & present).sum()), 0)
+        # None: what the destination passes when its RAM was pre-faulted (--memory):
+        # any page may be here, an absent one included
+        for known in (present, None):
+            starts, lengths = discard_runs(pend, free, known)
+            cover = np.zeros(n, dtype=int)
+            for s, l in zip(starts.tolist(), lengths.tolist()):
+                cover[s:s + l] += 1
+            assert cover.max(initial=0) <= 1                 # runs do not overlap
+            assert (cover[pend & (present if known is not None else True)] == 1).all()
+            assert (cover[k == 0] == 0).all()
+            if known is None:
+                assert (cover[k == 3] == 0).all()            # absent here means unknown: kept
+            assert len(starts) <= max(int(pend.sum()), 0)
 
 
 def test_discard_runs_merge_across_free_pages():
