@@ -10,7 +10,7 @@ live page once more and reports how many pages it ever found corrupted.
     python -m kvmlite.soak --migrations 100 --postcopy   # each one switches to post-copy at once
     python -m tests.harness soak --migrations 5 --broken-order   # the race claim 2 prevents
 
-With --postcopy every migration moves the vCPU at once (--postcopy-now) and
+With --postcopy every migration moves the vCPU at once (x-postcopy-now) and
 its pages follow under userfaultfd (docs/postcopy.md); the soak also counts
 requests for pages that were free at the switch, which must stay 0.
 

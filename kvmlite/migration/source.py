@@ -220,7 +220,7 @@ class Migration:
         try:
             dirty = self._setup()
             if self.params.postcopy_now:
-                self._switch_reason = "at once (--postcopy-now)"
+                self._switch_reason = "at once (x-postcopy-now)"
             elif self.params.live:
                 self._iterate(dirty)
             if self._switch_reason is None:
@@ -347,9 +347,9 @@ class Migration:
             self._check_switch()
             if self.params.postcopy and self.stats.rounds and \
                     self.stats.rounds >= (self.params.postcopy_after or self.params.max_rounds):
-                self._switch_reason = (f"after {self.stats.rounds} rounds (--postcopy-after)"
+                self._switch_reason = (f"after {self.stats.rounds} rounds (x-postcopy-after)"
                                        if self.params.postcopy_after else
-                                       f"after {self.stats.rounds} rounds (max-rounds)")
+                                       f"after {self.stats.rounds} rounds (x-max-rounds)")
                 return
             self._sync(dirty)
             pending = self._count_pending(dirty)
