@@ -807,3 +807,56 @@ def test_a_postcopy_destination_runs_the_guest_and_recovers_where_told(make_moni
             assert not inc.aborted
     finally:
         m.memory.close()
+
+
+def test_kvmlite_migrate_postcopy_options_become_qmp_settings(machine, make_monitor, capsys):
+    """--postcopy-after N: the postcopy-ram capability and x-postcopy-after; a
+    destination that cannot take post-copy fails the migration (exit 75)."""
+    from kvmlite import exitcodes
+    from kvmlite.cli import main
+    made = []
+    factory = new_migration_for(machine)
+
+    def recording(params):
+        made.append(params)
+        return factory(params)
+    mon = make_monitor(machine, new_migration=recording)
+    rc = main(["migrate", "--monitor", mon.path, "tcp:127.0.0.1:9", "--postcopy-after", "3", "--json"])
+    assert rc == exitcodes.TEMPFAIL
+    info = json.loads(capsys.readouterr().out)
+    assert info["status"] == "failed" and "cannot take a post-copy migration" in info["error-desc"]
+    assert (made[-1].postcopy, made[-1].postcopy_after, made[-1].postcopy_now) == (True, 3, False)
+    assert mon.capabilities["postcopy-ram"] and mon.parameters["x-postcopy-after"] == 3
+
+
+def test_kvmlite_migrate_resume_reconnects_a_paused_postcopy_migration(machine, make_monitor, capsys):
+    """--resume: migrate with resume: true to the URI, nothing reconfigured; followed
+    to its end, the source quit in postmigrate."""
+    from kvmlite.cli import main
+    from kvmlite.migration.status import MigrationStatus as S
+    made = []
+
+    class Resumable(PostcopyMigration):
+        def resume(self, uri):
+            super().resume(uri)
+
+            def finish():
+                time.sleep(0.1)
+                self.state.advance(S.POSTCOPY_ACTIVE)
+                self.state.advance(S.COMPLETED)
+                self.machine.quit(SimpleNamespace(reason="migrated", status=0))
+            threading.Thread(target=finish, daemon=True).start()
+
+    def factory(params):
+        made.append(Resumable(machine, params))
+        return made[-1]
+    mon = make_monitor(machine, new_migration=factory)
+    ask(mon, "migrate-set-capabilities", {"capabilities": [{"capability": "postcopy-ram", "state": True}]})
+    ask(mon, "migrate", {"uri": "tcp:127.0.0.1:9"})
+    made[-1].state.advance(S.POSTCOPY_PAUSED)
+    before = dict(mon.parameters)
+    assert main(["migrate", "--monitor", mon.path, "tcp:127.0.0.1:4447", "--resume", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["status"] == "completed" and info["x-postcopy"]["pages-pending"] == 600
+    assert made[-1].resumed_to == "tcp:127.0.0.1:4447" and len(made) == 1
+    assert mon.parameters == before and mon.quit_requested.is_set()
