@@ -29,6 +29,9 @@ re-writing its live pages faster than a 64 MiB/s link carries them, so that
 pre-copy cannot converge; kvmlite post-copy (hint on, hint off, at once or
 when not converging), kvmlite pre-copy with auto-converge, and QEMU 7.2's
 post-copy (when qemu-system-x86_64 is installed), interleaved, medians.
+Both VMMs are migrated by the same QMP client code (bench/qmpmig.py:
+postcopy-ram on both sides, max-bandwidth, migrate, migrate-start-postcopy)
+and read from the same query-migrate fields and events.
 
 Figures are printed, never asserted: timings on this shared machine are noisy.
 """
@@ -196,8 +199,9 @@ def table1(quick: bool) -> list[dict]:
 def kvmlite_run(memory: str, cmdline: str, migrate_args: list[str], ready: str,
                 finish: bool = True) -> dict:
     """`kvmlite run` twice and `kvmlite migrate --json ARGS`; the guest finishes on the
-    destination and must pass its self-check.  Returns the source's stats, with the
-    guest's summary and the destination's query-migrate under "destination_query"."""
+    destination and must pass its self-check.  Returns the source's last
+    query-migrate, with the guest's summary and the destination's query-migrate
+    under "destination_query"."""
     from kvmlite.procs import VmProcess, free_port, start_destination
     port = free_port()
     dst = start_destination(port)
@@ -209,11 +213,11 @@ def kvmlite_run(memory: str, cmdline: str, migrate_args: list[str], ready: str,
                            cwd=ROOT, capture_output=True, text=True, timeout=900)
         s = json.loads(r.stdout)
         if s["status"] != "completed":
-            raise RuntimeError(f"kvmlite migration {s['status']}: {s.get('error')}\n{r.stderr}")
+            raise RuntimeError(f"kvmlite migration {s['status']}: {s.get('error-desc')}\n{r.stderr}")
         s["destination_query"] = dst.execute("query-migrate")
         src.wait(60)
         if finish:
-            dst.execute("guest-finish")
+            dst.execute("x-guest-finish")
         rc = dst.wait(300)
         g = dst.summary() or {}
         if rc != 0 or g.get("errors") != 0 or g.get("corrupted", 0) != 0:
@@ -238,15 +242,15 @@ def table2(quick: bool) -> list[dict]:
                 "free pages requested", "switch → last page ms"):
         t.add_column(col, justify="right")
     for r in rows:
-        pc = r["postcopy"]
+        pc = r["x-postcopy"]
         d = pc["destination"]
-        lat = d["remote_latency_us"]
-        parts = " ".join(f"{k} {v:.1f}" for k, v in r["downtime_parts_ms"].items())
-        t.add_row(r["label"], f"ok, {r['guest']['corrupted']} corrupted", str(pc["pages_pending"]),
-                  str(pc["pages_free"]), f"{r['downtime_ms']:.1f}", parts, str(d["faults_remote"]),
+        lat = d["remote-latency-us"]
+        parts = " ".join(f"{k} {v:.1f}" for k, v in r["x-downtime-parts"].items())
+        t.add_row(r["label"], f"ok, {r['guest']['corrupted']} corrupted", str(pc["pages-pending"]),
+                  str(pc["pages-free"]), f"{r['x-downtime-ms']:.1f}", parts, str(d["faults-remote"]),
                   str(lat.get("p50")), str(lat.get("p99")), str(lat.get("max")),
-                  str(d["faults_zero_free"]), str(pc["requests_for_free"]),
-                  str(d["switch_to_last_page_ms"]))
+                  str(d["faults-zero-free"]), str(pc["requests-for-free"]),
+                  str(d["switch-to-last-page-ms"]))
     console.print(t)
     return [{k: v for k, v in r.items() if k != "destination_query"} for r in rows]
 
@@ -269,40 +273,37 @@ def table3(quick: bool, reps: int) -> dict:
     at once and when not converging), kvmlite pre-copy with auto-converge, and
     QEMU 7.2's post-copy at once, same guest image and link limit, interleaved."""
     from bench.qemu import migrate_postcopy_once, qemu_binary
-    from bench.scaling import median_range
+    from bench.scaling import kvmlite_migrate, median_range
     mib = 256 if quick else MEMORY_MIB
-    bw = f"{BANDWIDTH_MIB}M"
+    bw = BANDWIDTH_MIB << 20
     cmd = f"workload=fill {FILL} dirty={DIRTY} idle=0"
+    # (capabilities, parameters, migrate-start-postcopy after N syncs) for qmpmig,
+    # as for QEMU's row; x-postcopy-now makes kvmlite's "at once" exact
+    now = ({"postcopy-ram": True}, {"max-bandwidth": bw, "x-postcopy-now": True}, 0)
     configs = {
-        ON: ["--postcopy-now", "--bandwidth", bw],
-        "kvmlite post-copy now, hint off": ["--postcopy-now", "--bandwidth", bw, "--no-free-page-hint"],
-        "kvmlite --postcopy (auto switch)": ["--postcopy", "--bandwidth", bw],
-        PRE: ["--bandwidth", bw, "--max-rounds", "12"],
+        ON: now,
+        "kvmlite post-copy now, hint off": ({**now[0], "x-free-page-hint": False}, now[1], 0),
+        "kvmlite postcopy-ram (auto switch)": ({"postcopy-ram": True}, {"max-bandwidth": bw}, None),
+        PRE: ({}, {"max-bandwidth": bw, "x-max-rounds": 12}, None),
     }
     binary = qemu_binary()
     if binary:
         configs[QEMU] = None
     runs = {c: [] for c in configs}
     for _ in range(reps):
-        for c, args in configs.items():
-            if args is None:
-                r = migrate_postcopy_once(binary, mib, f"{cmd} seconds={QEMU_SECONDS}",
-                                          bandwidth=BANDWIDTH_MIB << 20)
+        for c, how in configs.items():
+            if how is None:
+                r = migrate_postcopy_once(binary, mib, f"{cmd} seconds={QEMU_SECONDS}", bandwidth=bw)
                 r.update(remote_faults=r.get("postcopy_requests"), slowed_ms=0.0, throttle_pct=0)
             else:
-                s = kvmlite_run(f"{mib}M", cmd, args, r"^fill: ready")
-                pc = s.get("postcopy") or {}
-                d = pc.get("destination") or {}
-                lat = d.get("remote_latency_us") or {}
-                r = {"total_ms": s["total_ms"], "downtime_ms": s["downtime_ms"],
-                     "downtime_parts_ms": s["downtime_parts_ms"],
-                     "bytes_wire": s["bytes_wire"], "rounds": s["rounds"],
-                     "pages": s["pages_transferred"] + pc.get("pages_pushed", 0)
-                     + pc.get("pages_on_request", 0),
-                     "remote_faults": d.get("faults_remote"), "zero_faults": d.get("faults_zero_free"),
-                     "p50": lat.get("p50"), "p99": lat.get("p99"), "max": lat.get("max"),
-                     "requests_for_free": pc.get("requests_for_free"), "switch": pc.get("switch"),
-                     "slowed_ms": s.get("throttled_ms", 0.0), "throttle_pct": s["throttle_pct"]}
+                caps, params, postcopy = how
+                # the destination's RAM is not pre-faulted, as QEMU's here (no -mem-prealloc)
+                r = kvmlite_migrate(mib, cmd, capabilities=caps, parameters=params, postcopy=postcopy,
+                                    prealloc_dst=False)
+                info = r.pop("info")
+                r.update(pages=r["pages_sent"] + r["pages_zero"],
+                         # auto-converge: from the first throttle to the pause (kvmlite's own figure)
+                         slowed_ms=info.get("x-throttled-ms", 0.0), throttle_pct=r.get("throttle_pct", 0))
             runs[c].append(r)
             console.print(f"  {c:36s} total {r['total_ms']:8.0f} ms  downtime {r['downtime_ms']:7.2f} ms  "
                           f"{r['bytes_wire'] / (1 << 20):7.1f} MiB", highlight=False)
@@ -325,8 +326,10 @@ def table3(quick: bool, reps: int) -> dict:
                   f"{last['slowed_ms']:.0f} ({last['throttle_pct']} %)")
     console.print(t)
     console.print("remote faults: kvmlite's destination's faults that asked the source; QEMU's "
-                  "postcopy-requests.  --postcopy switched: "
-                  + "; ".join(str(r.get("switch")) for r in runs["kvmlite --postcopy (auto switch)"]),
+                  "postcopy-requests.  Times from QMP events for every row: total from migrate to the "
+                  "source's MIGRATION completed, downtime from its STOP to the destination's RESUME.  "
+                  "postcopy-ram alone switched: "
+                  + "; ".join(str(r.get("switch")) for r in runs["kvmlite postcopy-ram (auto switch)"]),
                   highlight=False)
     on = med[ON]
     lat = [r["p50"] for r in runs[ON] if r["p50"] is not None]

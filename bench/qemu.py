@@ -193,75 +193,46 @@ def migrate_once(binary: str, memory_mib: int, cmdline: str, *, live: bool, setu
 
 def migrate_postcopy_once(binary: str, memory_mib: int, cmdline: str, *, bandwidth: int,
                           switch_after_rounds: int = 0, ready_timeout: float = 120.0) -> dict:
-    """QEMU's post-copy (the `postcopy-ram` capability on both sides, then
-    `migrate-start-postcopy`): at once (`switch_after_rounds` 0: right after
-    `migrate`), or once QEMU has synced the dirty bitmap that many times more.
-    `bandwidth` bytes/s for the pre-copy part and the post-copy push alike
-    (max-bandwidth, max-postcopy-bandwidth).  The guest must finish on the
-    destination with its self-check passing.
+    """QEMU's post-copy through the code that migrates kvmlite (bench/qmpmig.py):
+    the `postcopy-ram` capability on both sides, then `migrate-start-postcopy`
+    at once (`switch_after_rounds` 0: right after `migrate`) or once QEMU has
+    synced its dirty bitmap that many times more.  `bandwidth` bytes/s for the
+    pre-copy part and the post-copy push alike (max-bandwidth,
+    max-postcopy-bandwidth).  The guest must finish on the destination with
+    its self-check passing.
 
-    Times end to end from QMP event timestamps: total from `migrate` to the
-    source's MIGRATION completed (every page sent), downtime from the source's
-    STOP to the destination's RESUME (the guest runs there before its pages do)."""
+    Times end to end from QMP events, as qmpmig takes them for both VMMs:
+    total from `migrate` to the source's MIGRATION completed (every page
+    sent), downtime from the source's STOP to the destination's RESUME (the
+    guest runs there before its pages do)."""
+    from kvmlite.control.client import QmpClientError
     from kvmlite.procs import free_port
-    port = free_port()
+
+    from bench import qmpmig
     dst = QemuVm(binary, memory_mib, cmdline, incoming=True)
     src = QemuVm(binary, memory_mib, cmdline)
     try:
-        caps = [{"capability": "postcopy-ram", "state": True}, {"capability": "events", "state": True}]
-        for vm in (dst, src):
-            vm.qmp.execute("migrate-set-capabilities", capabilities=caps)
-        src.qmp.execute("migrate-set-parameters", **{"max-bandwidth": bandwidth,
-                                                     "max-postcopy-bandwidth": bandwidth,
-                                                     "downtime-limit": DOWNTIME_MS})
-        dst.qmp.execute("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
+        caps = {"postcopy-ram": True}
+        params = {"max-bandwidth": bandwidth, "max-postcopy-bandwidth": bandwidth,
+                  "downtime-limit": DOWNTIME_MS}
         src.wait_for(r"fill: ready", timeout=ready_timeout)
-        t_start = time.time()
-        src.qmp.execute("migrate", uri=f"tcp:127.0.0.1:{port}")
-        if switch_after_rounds:
-            deadline = time.monotonic() + 300
-            while (src.qmp.execute("query-migrate").get("ram") or {}).get("dirty-sync-count", 0) \
-                    < 1 + switch_after_rounds:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("QEMU's pre-copy rounds did not come")
-                time.sleep(0.01)
-        src.qmp.execute("migrate-start-postcopy")
-        deadline = time.monotonic() + 600
-        while True:
-            info = src.qmp.execute("query-migrate")
-            if info.get("status") in ("completed", "failed", "cancelled"):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"QEMU post-copy did not finish: {info}")
-            time.sleep(0.01)
-        if info["status"] != "completed":
+        try:
+            r = qmpmig.migrate(src.qmp, dst.qmp, f"tcp:127.0.0.1:{free_port()}",
+                               src_capabilities=caps, dst_capabilities=caps, parameters=params,
+                               postcopy=switch_after_rounds, timeout=600)
+        except (QmpClientError, qmpmig.MigrationFailed) as e:
+            time.sleep(0.1)
             if src.proc.poll() is not None or src.summary() or dst.summary():
-                raise GuestEndedEarly(f"the guest finished first: {src.summary() or dst.summary()}")
-            raise RuntimeError(f"QEMU post-copy {info['status']}: {info.get('error-desc')}\n"
-                               f"{src.output()}\n{dst.output()}")
-        done = next((e for e in src.qmp.events if e["event"] == "MIGRATION"
-                     and e.get("data", {}).get("status") == "completed"), None)
-        switched = next((e for e in src.qmp.events if e["event"] == "MIGRATION"
-                         and e.get("data", {}).get("status") == "postcopy-active"), None)
-        resumed = dst.qmp.event("RESUME", timeout=30, after=t_start - 1)
-        stopped = src.qmp.event("STOP", timeout=5, after=t_start - 1)
-        if None in (done, resumed, stopped):
-            raise RuntimeError(f"missing events: done {done}, resume {resumed}, stop {stopped}")
-        src.qmp.execute("quit")
+                raise GuestEndedEarly(f"the guest finished first: {src.summary() or dst.summary()}") from None
+            raise RuntimeError(f"QEMU post-copy failed: {e}\n{src.output()}\n{dst.output()}") from None
+        if "switch_ms" not in r:
+            raise RuntimeError(f"QEMU did not switch to post-copy: {r['info']}")
         status = dst.wait(300)
         summ = dst.summary()
         if status != 0 or not summ or summ.get("errors") != 0:
             raise RuntimeError(f"guest failed after QEMU post-copy (exit {status}): {summ}\n{dst.output()}")
-        ram = info["ram"]
-        return {
-            "total_ms": (done["t"] - t_start) * 1000,
-            "downtime_ms": (resumed["t"] - stopped["t"]) * 1000,
-            "switch_to_done_ms": (done["t"] - switched["t"]) * 1000 if switched else None,
-            "qemu_total_ms": info.get("total-time"), "qemu_downtime_ms": info.get("downtime"),
-            "bytes_wire": ram["transferred"], "pages_sent": ram["normal"], "pages_zero": ram["duplicate"],
-            "postcopy_requests": ram.get("postcopy-requests"),
-            "dirty_sync_count": ram.get("dirty-sync-count"), "guest_verified": summ["verified"],
-        }
+        r.update(guest_verified=summ["verified"])
+        return r
     finally:
         src.kill()
         dst.kill()

@@ -605,6 +605,8 @@ def migration_info(mig) -> dict:
             info["expected-downtime"] = round(s.pages_remaining * PAGE_SIZE / rate * 1000)
     if s.throttle_pct:
         info["cpu-throttle-percentage"] = s.throttle_pct
+    if s.throttled_ms:
+        info["x-throttled-ms"] = s.throttled_ms
     if status is S.COMPLETED or (pc and status in POSTCOPY_STATES):
         # post-copy's downtime ended at COMMIT: known from postcopy-active on
         info["downtime"] = round(s.downtime_ms)

@@ -148,6 +148,7 @@ MIGRATION_INFO = Struct("MigrationInfo", {
     "*downtime": INT,                     # ms the guest was paused, once completed
     "*setup-time": INT,                   # ms before the first round
     "*cpu-throttle-percentage": INT,      # while auto-converge throttles the vCPUs
+    "*x-throttled-ms": NUMBER,            # how long auto-converge slowed them: first throttle to the pause
     "*error-desc": STR,                   # why it failed
     "*x-free-page-hint": BOOL,            # whether this migration used the hint
     "*x-live": BOOL,                      # false: the VM was stopped before migrate (stop-copy)
