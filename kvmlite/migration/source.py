@@ -549,17 +549,20 @@ class Migration:
             self._end_downtime()
         self.stats.total_ms = (now - self._t0) * 1000
         self.stats.throughput_mib_s = self.stats.bytes_wire / (1 << 20) / max(now - self._t0, 1e-9)
+        if keep_running:
+            # A snapshot taken, the VM goes on here from the state it saved;
+            # resumed before the state says so, as after a failure: whoever
+            # reads "completed" finds the guest running again.
+            self.machine.vm.stop_dirty_log()
+            if self._paused_here:
+                self._paused_here = False
+                self.machine.resume_all()
         self.state.advance(S.COMPLETED)
         where = (f"saved in {self.target.path}" if isinstance(self.target, FileUri)
                  else f"running at {self.target}")
         done = (f"migration completed in {self.stats.total_ms:.0f} ms "
                 f"(downtime {self.stats.downtime_ms:.2f} ms): the VM is {where}")
         if keep_running:
-            # A snapshot taken, the VM goes on here from the state it saved.
-            self.machine.vm.stop_dirty_log()
-            if self._paused_here:
-                self._paused_here = False
-                self.machine.resume_all()
             log.info(f"{done}, and keeps running here")
         else:
             log.info(done)
