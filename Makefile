@@ -12,6 +12,8 @@ all: setup guest
 # this machine's <linux/kvm.h> during the install.
 setup: $(STAMP)
 $(STAMP): pyproject.toml setup.py kvmlite/_kvm_build.py kvmlite/migration/_wire_build.py
+	@test -f /usr/include/openssl/evp.h || { echo "kvmlite needs OpenSSL's headers to build" \
+	    "its stream integrity tags: apt-get install libssl-dev"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,fuzz]'
