@@ -244,8 +244,6 @@ class RunConfig:
                               "no guest image given (try: kvmlite run guest/guest.bin)")
         if self.gdb and self.incoming:
             raise ConfigError("--gdb debugs a guest booted here, not one arriving with --incoming")
-        if self.gdb and self.machine.vcpus > 1:
-            raise ConfigError("--gdb with --smp is not supported yet: the stub shows one vCPU")
         if self.machine.memory is None and self.boot is not None:
             raise ConfigError("a booted guest needs a memory size")
         inc = self.incoming

@@ -157,7 +157,7 @@ class VcpuThread:
                         t = m._throttle
                         m._cond.wait(THROTTLE_PERIOD * t / (1 - t))
                         continue
-                if m._started and not m._pause_requested:
+                if m._started and not m._pause_requested and self.index not in m._held:
                     if self.parked:
                         self.parked = False
                         m._cond.notify_all()
@@ -229,6 +229,7 @@ class Machine:
         self._result: RunResult | None = None
         self._closing = False
         self._throttle = 0.0           # share of time vCPUs sit out (migration auto-converge)
+        self._held: frozenset[int] = frozenset()   # vCPUs that stay parked on resume (gdb steps one)
         self._closed = False
         self.vcpu_threads: list[VcpuThread] = []
         try:
@@ -400,7 +401,7 @@ class Machine:
                         pass  # no MMIO devices: writes to unbacked addresses vanish
                     case ex.Debug() | ex.InternalError() if self.debugger is not None:
                         # gdb's breakpoints and steps; the stub says if the exit was its own
-                        if not self.debugger.vcpu_exit(exit_):
+                        if not self.debugger.vcpu_exit(exit_, vt.index):
                             return RunResult("crash", CRASH_STATUS, crash=exit_)
                         return None
                     case _:
@@ -455,8 +456,11 @@ class Machine:
             self._pause_requested = True
         self._kick_all()
 
-    def resume_all(self) -> None:
+    def resume_all(self, only=None) -> None:
+        """Let the vCPUs run again.  `only`: the indices that may run; the others
+        stay parked (the gdb stub stepping one thread while the rest wait)."""
         with self._cond:
+            self._held = frozenset() if only is None else frozenset(range(self.nvcpus)) - frozenset(only)
             self._pause_requested = False
             self._cond.notify_all()
 
