@@ -36,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--smp", type=int, default=1, metavar="N",
                      help="vCPUs (default 1); N > 1 adds the in-kernel irqchip and the "
                      "CPU-start device (docs/boot.md)")
+    run.add_argument("--dirty-ring", action=argparse.BooleanOptionalAction, default=None,
+                     help="migrations track dirty pages with KVM's per-vCPU dirty rings instead of "
+                     "the dirty bitmap (default: the bitmap; measured in docs/boot.md)")
     run.add_argument("--stats", action="store_true",
                      help="print page counts from the guest's free-page bitmap at exit")
     run.add_argument("--trace", action="store_true", help="log every VM exit to stderr")
@@ -116,7 +119,8 @@ def run_config(args) -> "RunConfig":
     memory = parse_size(args.memory) if args.memory else None
     if memory is None and not args.incoming:
         memory = parse_size(DEFAULT_MEMORY)
-    machine = MachineConfig(memory=memory, vcpus=args.smp, prefault=args.prealloc, trace=args.trace)
+    machine = MachineConfig(memory=memory, vcpus=args.smp, prefault=args.prealloc, trace=args.trace,
+                            **({} if args.dirty_ring is None else {"dirty_ring": args.dirty_ring}))
     creds = Credentials.load(args.auth_key, args.tls_cert, args.tls_key, args.tls_ca)
     timeout = args.timeout if args.timeout is not None else 30.0
     boot = incoming = None

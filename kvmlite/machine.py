@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import boot, exits as ex
 from .abi import DEFAULT_PORT as FPH_PORT, PORT_COUNT as FPH_PORT_COUNT
@@ -26,6 +26,7 @@ from .errors import ConfigError, KvmliteError
 from .kvm import lib
 from .log import log, trace_log
 from .vstate import GuestMemory, Kvm, Vm
+from .vstate.dirtylog import DEFAULT_RING_BYTES, BitmapLog, RingLog
 from .vstate.vcpu import cpuid_with_apic_id
 
 UART_PORT = 0x3F8
@@ -68,6 +69,7 @@ class VcpuThread:
         self._ready: Future = Future()
         self._ident: int | None = None
         self._last_sat_out = 0.0
+        self.ring = None          # its dirty ring (MachineConfig.dirty_ring), mapped by its thread
         self.thread = threading.Thread(target=self._main, name=f"vcpu{index}", daemon=True)
 
     # ---- asked from any thread ------------------------------------------------------
@@ -108,6 +110,8 @@ class VcpuThread:
             # vCPU i has APIC ID i (docs/boot.md)
             self.vcpu.set_cpuid(cpuid_with_apic_id(m.kvm.supported_cpuid(), self.index))
             self.vcpu.bind_thread()
+            if m.vm.dirty_ring_bytes:
+                self.ring = self.vcpu.dirty_ring()
         except BaseException as e:
             self._ready.set_exception(e)
             return
@@ -120,6 +124,8 @@ class VcpuThread:
                     m._end(result)
             self._serve_until_closed()
         finally:
+            if self.ring is not None:
+                self.ring.close()
             self.vcpu.close()
 
     def _serve(self) -> bool:
@@ -216,9 +222,11 @@ class Machine:
     between exits.  Use it as a context manager, or call close().
     """
 
-    def __init__(self, config: MachineConfig, *, output=None):
+    def __init__(self, config: MachineConfig, *, output=None, memory: GuestMemory | None = None):
         if config.memory is None:
             raise ConfigError("the machine needs a memory size")
+        if memory is not None and memory.size != config.memory:
+            raise ConfigError(f"RAM of {memory.size} bytes given for a machine of {config.memory}")
         self.config = config
         self.kvm = Kvm()
         self.vm = Vm(self.kvm)
@@ -241,7 +249,9 @@ class Machine:
                 if config.vcpus > hosts:
                     log.info(f"{config.vcpus} vCPUs on {hosts} host CPUs: overcommitted")
                 self.vm.create_irqchip()     # before the vCPUs: each gets a LAPIC
-            self.memory = GuestMemory(config.memory, prefault=config.prefault)
+            if config.dirty_ring:            # before the vCPUs too: each gets a ring
+                self.vm.enable_dirty_ring(min(DEFAULT_RING_BYTES, self.vm.dirty_ring_cap()[1]) or DEFAULT_RING_BYTES)
+            self.memory = memory or GuestMemory(config.memory, prefault=config.prefault)
             self.vm.add_memory(self.memory)
             # the guest's serial and debug-console output: stdout, or a file
             # descriptor, a binary file object or a callable taking bytes
@@ -272,6 +282,9 @@ class Machine:
                 vt.thread.start()
             for vt in self.vcpu_threads:
                 vt._ready.result(READY_TIMEOUT)
+            # What a migration asks which pages were written (vstate/dirtylog.py)
+            self.dirty_log = (RingLog(self.vm, [vt.ring for vt in self.vcpu_threads], self.memory.npages)
+                              if config.dirty_ring else BitmapLog(self.vm))
         except BaseException:
             self.close()
             raise
@@ -281,6 +294,15 @@ class Machine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def remade(self, **changes) -> "Machine":
+        """A new Machine with `changes` to this one's config, on this one's RAM, which
+        it keeps (pre-faulted, it stays so); this one is closed.  For a destination
+        that pre-faulted RAM before the stream said how many vCPUs the guest has."""
+        mem = self.memory
+        self.vm.regions.remove(mem)        # not unmapped with this VM
+        self.close()
+        return Machine(replace(self.config, **changes), output=self.output, memory=mem)
 
     # ---- what other modules ask for -----------------------------------------------
 
@@ -392,6 +414,8 @@ class Machine:
                         bus.write_string(port, size, data)
                     case ex.Interrupted():
                         return None       # kicked: serve requests, park if asked
+                    case ex.DirtyRingFull():
+                        self.dirty_log.ring_full(vt.index)
                     case ex.Hlt():
                         # only without the irqchip: with it, KVM keeps a halted vCPU waiting
                         return RunResult("hlt", 0)
