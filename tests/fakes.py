@@ -239,6 +239,9 @@ class FakeMachine:
     def call(self, index: int, fn, timeout=None):
         return fn(self.vcpus[index])
 
+    def call_all(self, fn, timeout=None) -> list:
+        return [fn(v) for v in self.vcpus]
+
     def vcpu_proxy(self, index: int = 0):
         return self.vcpus[index]
 
