@@ -81,14 +81,14 @@ def _reap(vm, timeout: float) -> int:
 
 
 def kvmlite_migrate(memory_mib: int, cmdline: str, *, hint: bool = True, live: bool = True,
-                    downtime_ms: float = 5.0, prealloc_dst: bool = True) -> dict:
+                    downtime_ms: float = 5.0, prealloc_dst: bool = True, src_args=()) -> dict:
     """Two kvmlite processes: boot the guest, wait for `fill: ready`, migrate, let the
     guest finish on the destination and check its self-check.  Returns the source's
     migration stats plus both processes' peak RSS."""
     from kvmlite.procs import VmProcess, free_port, start_destination
     port = free_port()
     dst = start_destination(port, f"{memory_mib}M" if prealloc_dst else None)
-    src = VmProcess([str(GUEST), "--memory", f"{memory_mib}M", "--cmdline", cmdline])
+    src = VmProcess([str(GUEST), "--memory", f"{memory_mib}M", "--cmdline", cmdline, *src_args])
     src_rss, dst_rss = PeakRss(src.proc.pid), PeakRss(dst.proc.pid)
     try:
         src.wait_for(r"^fill: ready", timeout=300)
