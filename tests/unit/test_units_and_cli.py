@@ -177,3 +177,12 @@ def test_unknown_subcommand_is_usage_error(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "usage: kvmlite" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags,ring,vcpus", [((), False, 1), (("--dirty-ring",), True, 1),
+                                              (("--no-dirty-ring", "--smp", "2"), False, 2)])
+def test_smp_and_dirty_ring_reach_the_machine_config(image, flags, ring, vcpus):
+    """--smp N and --dirty-ring become MachineConfig fields; the bitmap log is the default."""
+    args = cli._parser().parse_args(["run", image, *flags])
+    cfg = cli.run_config(args)
+    assert cfg.machine.dirty_ring is ring and cfg.machine.vcpus == vcpus
