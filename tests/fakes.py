@@ -239,6 +239,18 @@ class FakeMachine:
     def call(self, index: int, fn, timeout=None):
         return fn(self.vcpus[index])
 
+    def remade(self, **changes) -> "FakeMachine":
+        """Machine.remade: the same RAM, another vCPU count (with N > 1 an irqchip);
+        the fake changes in place."""
+        n = changes.pop("vcpus", len(self.vcpus))
+        self.vcpus = [self._new_vcpu(i) for i in range(n)]
+        self.vcpu_threads = [FakeVcpuThread(v) for v in self.vcpus]
+        self.irqchip = n > 1
+        return self
+
+    def _new_vcpu(self, index: int):
+        return FakeVcpu(index)
+
     def call_all(self, fn, timeout=None) -> list:
         return [fn(v) for v in self.vcpus]
 
