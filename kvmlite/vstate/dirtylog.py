@@ -30,10 +30,8 @@ at either size for 64 MiB dirtied.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import threading
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
