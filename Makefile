@@ -14,6 +14,8 @@ all: setup guest
 setup: $(STAMP)
 $(STAMP): pyproject.toml setup.py kvmlite/_kvm_build.py kvmlite/migration/_wire_build.py \
 		kvmlite/_postcopy_build.py
+	@test -f /usr/include/openssl/evp.h || { echo "kvmlite needs OpenSSL's headers to build" \
+	    "its stream integrity tags: apt-get install libssl-dev"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test,fuzz]'
@@ -75,8 +77,11 @@ bench-postcopy: setup guest
 
 # The claim-2 race under stress: 1000 live migrations of a guest churning flat
 # out, each to a fresh destination process; 0 corrupted pages or it fails.
+# `make soak SMP=2`: the guest churns on two vCPUs (SOAK_MIGRATIONS=100 for a shorter run).
+SMP ?= 1
+SOAK_MIGRATIONS ?= 1000
 soak: setup guest
-	$(PY) -m kvmlite.soak --migrations 1000
+	$(PY) -m kvmlite.soak --migrations $(SOAK_MIGRATIONS) --smp $(SMP)
 
 clean:
 	$(MAKE) -C guest clean

@@ -114,13 +114,14 @@ def _key(keys) -> object:
     return ffi.NULL if keys is None else ffi.new("uint8_t[]", keys.pages)
 
 
-def switch_sets(vm, dirty: np.ndarray, free_words, slot: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def switch_sets(log, dirty: np.ndarray, free_words) -> tuple[np.ndarray, np.ndarray]:
     """The two sets of the switch, in claim 2's order.  The vCPUs must be paused.
 
     `dirty` holds the pages not yet sent or dirtied since (all ones when no
     pre-copy round ran); `free_words(w0, w1)` reads the guest's free bits for
     RAM words [w0, w1) (None without a registered bitmap), as the pre-copy
-    rounds do.  Here, as there (source.py, _send_dirty):
+    rounds do; `log` is the machine's dirty log (vstate/dirtylog.py: the
+    bitmap or the vCPUs' rings).  Here, as there (source.py, _send_dirty):
       1. fetch the dirty log into `dirty`, and clear (re-protect) the pages to
          send: the dirty ones a first look at the bitmap does not show free;
       2. only then read the free bits;
@@ -131,14 +132,14 @@ def switch_sets(vm, dirty: np.ndarray, free_words, slot: int = 0) -> tuple[np.nd
     Should the handover fail, pre-copy goes on from a log that starts here.
     Returns (pending, free) as uint64 words; `dirty` is left cleared.
     """
-    dirty |= vm.get_dirty_log(slot)
+    log.sync(dirty)
     first_look = free_words(0, len(dirty))
     send = dirty if first_look is None else dirty & ~np.asarray(first_look, dtype=np.uint64)
-    if vm.manual_protect:
+    if log.clears_per_chunk:        # (the rings were cleared at the sync)
         for w0 in range(0, len(send), CHUNK_WORDS):
             w1 = min(w0 + CHUNK_WORDS, len(send))
             if send[w0:w1].any():
-                vm.clear_dirty_log(slot, w0 * 64, send[w0:w1].copy())
+                log.clear(w0, send[w0:w1].copy())
     free = free_words(0, len(dirty))
     free = np.zeros_like(dirty) if free is None else np.asarray(free, dtype=np.uint64).copy()
     pending = send & ~free

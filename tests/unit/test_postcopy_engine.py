@@ -21,6 +21,7 @@ from kvmlite.errors import PostcopyLinkError, UserfaultError
 from kvmlite.migration import transport, wire
 from kvmlite.migration.postcopy import (PostcopyIncoming, PostcopySender, _bits, _words,
                                         switch_sets)
+from kvmlite.vstate.dirtylog import BitmapLog
 from kvmlite.vstate.memory import GuestMemory
 from kvmlite.vstate.uffd import Userfault
 
@@ -323,7 +324,7 @@ def test_switch_clears_the_dirty_log_before_it_reads_the_free_bits():
         return out
     dirty = np.zeros(2, dtype=np.uint64)
     dirty[1] = 1                                # page 64: not sent yet (from pre-copy)
-    pending, free = switch_sets(FakeVm(log), dirty, free_words)
+    pending, free = switch_sets(BitmapLog(FakeVm(log)), dirty, free_words)
     # fetch, a first look at the bitmap, clear the dirty pages it does not show free
     # (page 3 stays protected-off, as in the pre-copy rounds), then the free bits
     assert log == ["fetch", "free", ("clear", 0, ((1 << 10) - 1) & ~(1 << 3)), "free"]
@@ -334,7 +335,7 @@ def test_switch_clears_the_dirty_log_before_it_reads_the_free_bits():
 
 def test_switch_without_a_bitmap_sends_every_dirty_page():
     dirty = np.full(2, np.uint64(0xFFFFFFFFFFFFFFFF))
-    pending, free = switch_sets(FakeVm([]), dirty, lambda w0, w1: None)
+    pending, free = switch_sets(BitmapLog(FakeVm([])), dirty, lambda w0, w1: None)
     assert int(np.bitwise_count(pending).sum()) == 128 and not free.any()
 
 
