@@ -9,10 +9,14 @@ from ..errors import KvmliteError
 
 
 class MonitorClient:
-    """A JSON-lines client for kvmlite's monitor socket."""
+    """A JSON-lines client for kvmlite's monitor socket.  Anything that goes
+    wrong with the VMM at the other end (it exits, is killed, hangs, answers
+    garbage) is a KvmliteError that says so, never a bare OSError."""
 
     def __init__(self, path: str, timeout: float = 10.0):
         path = path[5:] if path.startswith("unix:") else path
+        self.path = path
+        self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
@@ -24,19 +28,44 @@ class MonitorClient:
         self.greeting = self._read()
 
     def _read(self) -> dict:
-        line = self.f.readline()
+        try:
+            line = self.f.readline()
+        except TimeoutError:
+            raise KvmliteError(f"the VMM at {self.path} did not answer within {self.timeout:g} s "
+                               "(is it stopped or hung?)") from None
+        except OSError as e:
+            raise self._gone(e) from None
         if not line:
-            raise KvmliteError("the monitor closed the connection")
-        return json.loads(line)
+            raise self._gone(None)
+        try:
+            resp = json.loads(line)
+        except ValueError:
+            resp = None
+        if not isinstance(resp, dict):
+            raise KvmliteError(f"the monitor at {self.path} answered something that is not a "
+                               f"JSON object: {line[:80]!r}")
+        return resp
+
+    def _gone(self, e: OSError | None) -> KvmliteError:
+        why = f" ({e.strerror or e})" if e is not None else ""
+        return KvmliteError(f"the monitor at {self.path} closed the connection{why}: "
+                            "the VMM exited or was killed")
 
     def execute(self, command: str, **arguments):
         req = {"execute": command}
         if arguments:
             req["arguments"] = arguments
-        self.f.write(json.dumps(req).encode() + b"\n")
+        try:
+            self.f.write(json.dumps(req).encode() + b"\n")
+        except TimeoutError:
+            raise KvmliteError(f"the VMM at {self.path} did not take a request within "
+                               f"{self.timeout:g} s (is it stopped or hung?)") from None
+        except OSError as e:
+            raise self._gone(e) from None
         resp = self._read()
         if "error" in resp:
-            raise KvmliteError(f"{command}: {resp['error'].get('desc')}")
+            err = resp["error"]
+            raise KvmliteError(f"{command}: {err.get('desc') if isinstance(err, dict) else err}")
         return resp.get("return")
 
     def close(self) -> None:
