@@ -273,8 +273,12 @@ class Monitor:
         mig = self.migration
         if mig is None:
             raise CommandError("no migration to resolve")
+        # Resolved to the destination, this VMM quits once a client has read
+        # the outcome (query-migrate), as after any migration; reads of the
+        # unresolved stats before now must not count as that.
+        self.final_seen.clear()
         mig.resolve(owner)
-        return {}
+        return {"status": mig.status.value}
 
     def query_free_pages(self) -> dict:
         m = self.machine
