@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 from ..errors import KvmliteError
 
@@ -19,11 +20,24 @@ class MonitorClient:
         self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(path)
-        except OSError as e:
-            raise KvmliteError(f"cannot connect to monitor {path}: {e.strerror} "
-                               "(is the VM running with --monitor unix:PATH?)") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.sock.connect(path)
+                break
+            except BlockingIOError:
+                # EAGAIN: the VMM's backlog of connections not yet accepted is
+                # full (it is busy, or was stopped while clients kept knocking).
+                # A unix socket says so at once instead of waiting: wait here.
+                if time.monotonic() >= deadline:
+                    self.sock.close()
+                    raise KvmliteError(f"the VMM at {path} accepts no connection within "
+                                       f"{timeout:g} s (is it stopped or hung?)") from None
+                time.sleep(0.01)
+            except OSError as e:
+                self.sock.close()
+                raise KvmliteError(f"cannot connect to monitor {path}: {e.strerror} "
+                                   "(is the VM running with --monitor unix:PATH?)") from None
         self.f = self.sock.makefile("rwb", buffering=0)
         self.greeting = self._read()
 

@@ -64,3 +64,48 @@ def test_a_vmm_that_goes_away_is_a_kvmlite_error(tmp_path, behave, message):
         client.execute("query-migrate")
     client.close()
     t.join(5)
+
+
+def fill_backlog(path) -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket that accepts nothing, its backlog full: a connect now gets EAGAIN."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(0)
+    knocking = []
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        s.setblocking(False)
+        try:
+            s.connect(path)
+        except BlockingIOError:
+            s.close()
+            return srv, knocking
+        knocking.append(s)
+
+
+def test_a_full_backlog_is_waited_for_until_the_timeout(tmp_path):
+    path = str(tmp_path / "mon.sock")
+    srv, knocking = fill_backlog(path)
+
+    def accept_later():
+        threading.Event().wait(0.3)
+        for _ in range(len(knocking) + 1):
+            conn, _ = srv.accept()
+            conn.sendall(GREETING)
+    t = threading.Thread(target=accept_later, daemon=True)
+    t.start()
+    client = MonitorClient(path, timeout=5)      # EAGAIN at first, then accepted
+    assert client.greeting == {"kvmlite": {"version": "test"}}
+    client.close()
+    t.join(5)
+    for s in [srv, *knocking]:
+        s.close()
+
+
+def test_a_backlog_that_stays_full_is_a_kvmlite_error(tmp_path):
+    path = str(tmp_path / "mon.sock")
+    srv, knocking = fill_backlog(path)
+    with pytest.raises(KvmliteError, match="accepts no connection within 0.3 s"):
+        MonitorClient(path, timeout=0.3)
+    for s in [srv, *knocking]:
+        s.close()
