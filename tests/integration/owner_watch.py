@@ -154,8 +154,9 @@ class Relay:
     parsing that direction, which is all frames: HELLO, READY or ERROR, then
     RUNNING or ABORTED), "commit" (source → destination: whatever the source
     sends once READY has passed, since it sends nothing after END until then),
-    "dst-to-src" (everything the destination says, from its first byte) or
-    "dst-to-src-after-handshake" (from READY on).  `action` is "drop" (the
+    "dst-to-src" (everything the destination says, from its first byte),
+    "dst-to-src-after-handshake" (from READY on) or "partition-after-ready"
+    (READY arrives, then nothing more passes either way).  `action` is "drop" (the
     message never arrives; later ones do) or "delay" (it and everything after
     it in that direction arrive `delay` seconds late).  A dropped direction
     also keeps its end-of-stream to itself; otherwise a side that closes is
@@ -205,6 +206,9 @@ class Relay:
             if not data:
                 out.eof()
                 return
+            if self.fault == "partition-after-ready" and self._ready_seen.is_set() and not out.dark:
+                self.log("src>dst", "everything from COMMIT on", "dropped")
+                out.blackhole()
             if self.fault == "commit" and self._ready_seen.is_set() and not held:
                 # the source sends nothing after END until READY reaches it: this is COMMIT
                 held = True
@@ -246,9 +250,16 @@ class Relay:
                 status = body.get("status") if isinstance(body, dict) else None
                 name = (str(status).upper() if status else "HELLO")
                 if status == "ready":
-                    self._ready_seen.set()
                     if self.fault == "dst-to-src-after-handshake":
                         out.blackhole()
+                    elif self.fault == "partition-after-ready":
+                        # READY gets through; then nothing more, either way
+                        self.log("dst>src", name, "passed")
+                        out.put(frame)
+                        out.blackhole()
+                        self._ready_seen.set()
+                        continue
+                    self._ready_seen.set()
                 if self.fault == name.lower() and status is not None:
                     self.log("dst>src", name, self.action)
                     if self.action == "drop":

@@ -32,6 +32,7 @@ import time
 import msgpack
 import pytest
 
+from kvmlite.errors import KvmliteError
 from kvmlite.procs import KVMLITE, VmProcess, free_port, start_destination
 
 from tests.harness import vmm_command
@@ -74,6 +75,14 @@ def migrate_with_timeout(src: VmProcess, port: int, **args) -> dict:
         c.close()
 
 
+def exit_status(vm: VmProcess, timeout: float = 30) -> int | str:
+    """The VMM's exit status, or "still running" after `timeout` seconds."""
+    try:
+        return vm.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return "still running"
+
+
 def no_tracebacks(*vms: VmProcess) -> None:
     for vm in vms:
         err = "\n".join(vm.stderr_lines)
@@ -98,29 +107,36 @@ def settle(src: VmProcess, dst: VmProcess, watch: OwnerWatch, status: str, owner
     """The migration ended `status`: apply the documented recovery, check that the
     VM has exactly one owner, `owner`, and that its guest finds its memory intact.
 
-    unresolved: the source stays paused; the operator looks at the destination,
-    finds the guest running there and says so (`--resolve destination`).
+    unresolved: the source stays paused, and refuses `cont` and a new
+    `migrate`; the operator looks at the destination and says where the
+    guest runs (`--resolve destination` or `--resolve source`).
     `dst_waits`: the destination never got the stream and still listens."""
     if status == "unresolved":
-        assert owner == "destination"
         time.sleep(1.0)                      # nothing resumes it on its own
         assert src.execute("query-status")["status"] == "paused"
         assert src.execute("query-migrate")["status"] == "unresolved"
-        dst.wait_monitor(30)
-        assert dst.execute("query-status")["status"] == "running"
-        resolve(src, "destination")
+        for command, args in (("cont", {}), ("migrate", {"uri": "tcp:127.0.0.1:1"})):
+            with pytest.raises(KvmliteError, match="unresolved"):
+                src.execute(command, **args)
+        if owner == "destination":
+            dst.wait_monitor(30)
+            assert dst.execute("query-status")["status"] == "running"
+        else:
+            assert exit_status(dst) == 1, dst.output()
+            assert "the guest was not started" in "\n".join(dst.stderr_lines)
+        resolve(src, owner)
     time.sleep(max(watch_until - time.monotonic(), 0) + SETTLE)
     watch.stop()
     print(watch.summary())
     watch.check()
     if owner == "destination":
-        assert src.wait(30) == 0, src.output()
+        assert exit_status(src) == 0, src.output()
     else:
         assert src.execute("query-status")["status"] == "running"
         if dst_waits:
             assert dst.proc.poll() is None, dst.output()
         else:
-            assert dst.wait(30) == 1, dst.output()
+            assert exit_status(dst) == 1, dst.output()
             assert "the guest was not started" in "\n".join(dst.stderr_lines)
         assert not dst.stdout_lines, "the destination ran the guest"
     no_tracebacks(src, dst)
@@ -252,9 +268,12 @@ RELAY_CASES = [
     ("running", "drop", 0, "unresolved", "destination"),
     # the source waits for RUNNING the destination's COMMIT wait and its own --timeout:
     ("running", "delay", 2 * TIMEOUT + 1.5, "unresolved", "destination"),   # later than that
-    ("running", "delay", TIMEOUT + 1.0, "completed", "destination"),         # late, but inside it
+    ("running", "delay", TIMEOUT + 0.5, "completed", "destination"),         # late, but inside it
     ("dst-to-src", "drop", 0, "failed", "source"),     # from the first byte: the handshake fails
     ("dst-to-src-after-handshake", "drop", 0, "failed", "source"),   # READY and all after it
+    # READY passes, then a partition: COMMIT and ABORTED are both lost.  The
+    # destination never runs the guest, but the source cannot know that.
+    ("partition-after-ready", "drop", 0, "unresolved", "source"),
 ]
 
 
@@ -270,9 +289,10 @@ def test_lost_or_late_handover_message_never_two_running_vms(message, action, de
         s = migrate_with_timeout(src, relay.port)
         took = time.monotonic() - t0
         print(f"{message} {action} {delay:g}s: {s['status']} after {took:.2f} s ({s['error']}); "
-              f"relay saw {[f[2] for f in relay.frames]}")
+              f"relay saw {', '.join(f'{w} at {t - t0:.2f} s' for t, _, w in relay.frames)}")
         wanted = {"ready": "READY", "commit": "COMMIT", "running": "RUNNING",
-                  "dst-to-src": "everything", "dst-to-src-after-handshake": "READY"}[message]
+                  "dst-to-src": "everything", "dst-to-src-after-handshake": "READY",
+                  "partition-after-ready": "everything from COMMIT on"}[message]
         assert relay.saw(wanted), relay.frames
         expect_status(s, status, watch)
         settle(src, dst, watch, status, owner, live, dst_waits=message == "dst-to-src",
@@ -305,6 +325,58 @@ def test_stalled_destination_never_two_running_vms(point, status, owner):
         assert dst.proc.poll() is None and not dst.stdout_lines
         dst.proc.send_signal(signal.SIGCONT)
         settle(src, dst, watch, status, owner, live)
+
+
+SOURCE_STALLS = [
+    # where the source stops (SIGSTOP) until the destination's wait for COMMIT is over,
+    # the outcome once it is SIGCONTed, and who has the VM
+    ("src:ready", "failed", "source"),              # before COMMIT: the destination gives up, ABORTED
+    ("src:committed", "completed", "destination"),  # after COMMIT: the guest runs there; RUNNING waits
+]
+
+
+@pytest.mark.parametrize("point,status,owner", SOURCE_STALLS, ids=[c[0] for c in SOURCE_STALLS])
+def test_stalled_source_never_two_running_vms(point, status, owner):
+    """The source is SIGSTOPped around COMMIT past the destination's timeout, then SIGCONTed: it must not run a VM the destination runs."""
+    src, live = owned_vm(f"{point}=stop")
+    dst = destination()
+    with src, dst, OwnerWatch(src, dst) as watch:
+        t0 = time.monotonic()
+        src.execute("migrate", uri=f"tcp:127.0.0.1:{dst.port}", timeout=TIMEOUT)
+        src.wait_for(f"test fault at {point}: stop", stream="stderr")
+        time.sleep(TIMEOUT + 1.5)            # the destination's wait for COMMIT is over
+        if owner == "source":
+            assert exit_status(dst) == 1 and not dst.stdout_lines, dst.output()
+        else:
+            dst.wait_monitor(30)
+        src.proc.send_signal(signal.SIGCONT)
+        c = src.client()
+        s = follow(c, timeout=120, interval=0.02)
+        c.close()
+        print(f"{point}: {s['status']} after {time.monotonic() - t0:.2f} s ({s['error']})")
+        expect_status(s, status, watch)
+        settle(src, dst, watch, status, owner, live)
+
+
+def test_cancel_after_commit_is_refused():
+    """migrate-cancel once COMMIT is out says it is too late, and resumes nothing: the guest runs at the destination only."""
+    src, live = owned_vm("src:committed=sleep:2")
+    dst = destination()
+    with src, dst, OwnerWatch(src, dst) as watch:
+        c = src.client()
+        c.execute("migrate", uri=f"tcp:127.0.0.1:{dst.port}", timeout=TIMEOUT)
+        deadline = time.monotonic() + 60
+        while c.execute("query-migrate")["status"] != "handover":
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        with pytest.raises(KvmliteError, match="too late to cancel"):
+            c.execute("migrate-cancel")
+        with pytest.raises(KvmliteError, match="handover"):
+            c.execute("cont")
+        s = follow(c, timeout=120, interval=0.02)
+        c.close()
+        expect_status(s, "completed", watch)
+        settle(src, dst, watch, "completed", "destination", live)
 
 
 # ---- 4. dripping and silent peers at the incoming port -------------------------------------
@@ -390,7 +462,7 @@ def test_a_dripping_peer_is_cut_off_at_the_handshake_deadline_and_a_real_source_
         assert s["status"] == "completed", s
         assert s["setup_ms"] < HANDSHAKE_DEADLINE * 1000 / 2, s
         assert drip.cut is not None and drip.cut <= HANDSHAKE_DEADLINE + 1.0
-        assert src.wait(30) == 0
+        assert exit_status(src) == 0
         finish_and_check(dst, live)
         no_tracebacks(src, dst)
 
@@ -420,7 +492,7 @@ def test_fifty_silent_peers_do_not_delay_a_real_migration(key):
         assert took < HANDSHAKE_DEADLINE, took
         assert s["setup_ms"] < HANDSHAKE_DEADLINE * 1000 / 2, s
         assert all(h is not None for h in hung_up), hung_up
-        assert src.wait(30) == 0
+        assert exit_status(src) == 0
         finish_and_check(dst, live)
         no_tracebacks(src, dst)
 
@@ -468,7 +540,7 @@ def test_cancel_under_a_1k_bandwidth_limit_takes_effect_at_once():
                         assert s["status"] == "cancelled", s
                     time.sleep(0.001)
                 figures.append((how, after, running, over))
-                assert dst.wait(30) == 1
+                assert exit_status(dst) == 1
                 assert "the guest was not started" in "\n".join(dst.stderr_lines)
                 assert not dst.stdout_lines
         for how, after, running, over in figures:
@@ -480,7 +552,7 @@ def test_cancel_under_a_1k_bandwidth_limit_takes_effect_at_once():
         with dst:
             s = migrate(src, dst.port)
             assert s["status"] == "completed", s
-            assert src.wait(30) == 0
+            assert exit_status(src) == 0
             finish_and_check(dst, live)
         c.close()
 
@@ -515,10 +587,10 @@ def test_migrate_cli_says_in_one_line_that_its_source_died(how):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("kvmlite: error: "), err
         assert "monitor" in lines[0] and "Traceback" not in err, err
-        assert src.wait(30) != 0
+        assert exit_status(src) in (-signal.SIGKILL, -signal.SIGTERM), src.output()
         if how == "src:committed=kill":
             # COMMIT was out before the source died: the VM is the destination's
             dst.wait_monitor(30)
             finish_and_check(dst, live)
         else:
-            assert dst.wait(30) == 1 and not dst.stdout_lines, dst.output()
+            assert exit_status(dst) == 1 and not dst.stdout_lines, dst.output()
