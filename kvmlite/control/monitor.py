@@ -320,6 +320,9 @@ class Monitor:
 
     def _no_migration_running(self) -> None:
         mig = self.migration
+        if mig is not None and mig.status is S.UNRESOLVED:
+            raise _generic("There's a migration process in progress: it is unresolved, the VM "
+                           "paused here until x-migrate-resolve says where it runs")
         if mig is not None and (not mig.status.finished or not mig.done.is_set()):
             raise _generic("There's a migration process in progress")
         inc = self.incoming

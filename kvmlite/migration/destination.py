@@ -273,7 +273,11 @@ class Incoming:
     def _handover(self, conn: Any) -> None:
         """READY, then the guest is ours only once COMMIT arrives (docs/wire-format.md)."""
         try:
-            conn.sendall(wire.encode_frame({"status": wire.READY}))
+            # READY says how long this side waits for COMMIT, so that the source
+            # listens for our answer longer than that: a lost COMMIT then comes
+            # back as ABORTED and settles itself (docs/reliability.md).
+            conn.sendall(wire.encode_frame({"status": wire.READY,
+                                            "commit_timeout": self.config.timeout}))
         except OSError as e:
             raise StreamError(f"could not tell the source the VM is ready: {e.strerror or e}") from None
         self.state.advance(R.READY)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..bitmap import PAGE_SHIFT, PAGE_SIZE, all_set, count, expand_runs, list_runs, page_runs
-from ..config import MigrationParams
+from ..config import MAX_TIMEOUT, MigrationParams
 from ..endpoints import FileUri
 from ..errors import KvmliteError, MigrationError
 from ..hooks import NO_HOOKS, Hooks
@@ -46,6 +46,22 @@ PAGEMAP_MIN_PAGES = 4096
 # While the guest runs, wait up to this long for the destination to take in
 # what was sent: bytes still queued at the pause would count as downtime.
 DRAIN_TIMEOUT = 1.0
+
+
+def answer_wait(ready: dict[str, Any], timeout: float) -> float:
+    """How long to wait for the answer to COMMIT, given READY and this side's `timeout`.
+
+    The destination waits for COMMIT for the `commit_timeout` READY carries,
+    then sends ABORTED.  Were the source to give up first (with equal
+    timeouts it would, by the time COMMIT took to travel), a lost COMMIT
+    would leave the migration unresolved instead of coming back as ABORTED.
+    So: the destination's wait, and this side's timeout more for ABORTED to
+    arrive.  A READY without a sane `commit_timeout` gets `timeout`."""
+    theirs = ready.get("commit_timeout")
+    if not isinstance(theirs, (int, float)) or isinstance(theirs, bool) \
+            or not 0 < theirs <= MAX_TIMEOUT:                                # NaN fails too
+        return timeout
+    return max(timeout, theirs + timeout)
 
 
 class Migration:
@@ -313,6 +329,7 @@ class Migration:
         self._mark("commit")
         sink.send([wire.encode_frame({"status": wire.COMMIT})])
         self.hooks.point("src:committed")
+        sink.settimeout(answer_wait(reply, self.params.timeout))
         answer = wire.read_frame(sink, "the destination's answer to COMMIT", wire.DEST_ANSWERS_TO_COMMIT)
         if answer["status"] == wire.ABORTED:
             # The destination did not take COMMIT in time and promised never

@@ -465,7 +465,11 @@ class Listener:
             keys = server_handshake(_Deadline(sock, deadline), self.creds)
             sock.settimeout(self.io_timeout)
         except (StreamError, ConfigError) as e:
-            self._refuse(conn, peer, str(e))
+            why = str(e)
+            if time.monotonic() >= deadline:
+                # however the last read put it ("sent nothing"), the deadline ended it
+                why = f"the peer did not finish the handshake in {self.handshake_timeout:g} s"
+            self._refuse(conn, peer, why)
             return
         except OSError as e:
             self._refuse(conn, peer, "the peer did not finish the handshake in "
@@ -486,7 +490,13 @@ class Listener:
             if conn in self._pending:
                 self._pending.remove(conn)
             self.refused += 1
+            closed = self._closed
         _shut(conn)
+        if closed:
+            # close() cut this handshake short (a source was accepted): its
+            # error is only that, and nothing is waiting any more
+            log.debug(f"dropped the pending connection from {peer}: a source was accepted")
+            return
         log.info(f"refused a connection from {peer}: {why}; still waiting")
 
     def close(self) -> None:

@@ -89,3 +89,11 @@ def finish_and_check(vm: VmProcess, min_verified: int) -> dict:
     assert s["errors"] == 0 and s["status"] == "ok", s
     assert s["verified"] >= min_verified, s
     return s
+
+
+def resolve(vm: VmProcess, owner: str) -> subprocess.CompletedProcess:
+    """The operator's documented command for a migration left unresolved:
+    `kvmlite migrate --monitor SOCKET --resolve source|destination`."""
+    r = kvmlite("migrate", "--monitor", vm.monitor_path, "--resolve", owner, timeout=60)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    return r

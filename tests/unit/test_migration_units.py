@@ -280,3 +280,22 @@ def test_restore_devices_turns_bad_device_state_into_stream_error(device, bad):
     state["devices"][device] = bad
     with pytest.raises(StreamError, match=f"state.devices.{device}"):
         restore_devices(state, make_devices())
+
+
+# ---- the handover: how long the source listens for the answer to COMMIT -----------------------
+
+@pytest.mark.parametrize("ready,timeout,wait", [
+    ({"status": "ready", "commit_timeout": 2.0}, 2.0, 4.0),    # longer than the destination waits
+    ({"status": "ready", "commit_timeout": 30}, 2.0, 32.0),
+    ({"status": "ready", "commit_timeout": 1.0}, 10.0, 11.0),
+    ({"status": "ready"}, 5.0, 5.0),                            # a READY that does not say
+    ({"status": "ready", "commit_timeout": "30"}, 5.0, 5.0),    # hostile or broken values: ignored
+    ({"status": "ready", "commit_timeout": True}, 5.0, 5.0),
+    ({"status": "ready", "commit_timeout": float("nan")}, 5.0, 5.0),
+    ({"status": "ready", "commit_timeout": float("inf")}, 5.0, 5.0),
+    ({"status": "ready", "commit_timeout": -1.0}, 5.0, 5.0),
+    ({"status": "ready", "commit_timeout": 1e300}, 5.0, 5.0),
+])
+def test_source_outwaits_the_destinations_commit_timeout(ready, timeout, wait):
+    from kvmlite.migration.source import answer_wait
+    assert answer_wait(ready, timeout) == wait
