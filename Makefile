@@ -70,8 +70,11 @@ bench-qemu: setup guest
 
 # The claim-2 race under stress: 1000 live migrations of a guest churning flat
 # out, each to a fresh destination process; 0 corrupted pages or it fails.
+# `make soak SMP=2`: the guest churns on two vCPUs (SOAK_MIGRATIONS=100 for a shorter run).
+SMP ?= 1
+SOAK_MIGRATIONS ?= 1000
 soak: setup guest
-	$(PY) -m kvmlite.soak --migrations 1000
+	$(PY) -m kvmlite.soak --migrations $(SOAK_MIGRATIONS) --smp $(SMP)
 
 clean:
 	$(MAKE) -C guest clean

@@ -9,6 +9,9 @@ Tables:
      slow dirtying: free page hint on, hint off, and a raw loopback sendall of
      the same bytes.
   5. What a shared key and mutual TLS cost on the same migration.
+  6. (--only dirty) The dirty bitmap against the vCPUs' dirty rings (bench/smp.py).
+  7. (--only smp) Several vCPUs: page writes on 1, 2, 4; the 1 GiB migration with
+     --smp 2; downtime against N (bench/smp.py).
 Results also go to bench/out/results.json.  No figure here is asserted by a test.
 """
 
@@ -147,14 +150,17 @@ def bench_guest(reps: int) -> dict:
 # ---- 4. migration ---------------------------------------------------------------------
 
 def migrate_once(memory: str, cmdline: str, *, hint: bool, live: bool, downtime_ms: int = 5,
-                  src_args=(), dst_args=()) -> dict:
+                  src_args=(), dst_args=(), dst_memory: bool = True) -> dict:
     """One migration between two kvmlite processes, driven over QMP (bench/scaling.py's
-    kvmlite_migrate); kvmlite's own total and downtime."""
+    kvmlite_migrate); kvmlite's own total and downtime.  The destination has
+    `--memory` (pre-faulted) like the source unless `dst_memory` is False (RAM
+    sized by the stream, faulted in as pages arrive)."""
     from kvmlite.units import parse_size
 
     from bench.scaling import kvmlite_migrate, own_times
     return own_times(kvmlite_migrate(parse_size(memory) >> 20, cmdline, hint=hint, live=live,
-                                     downtime_ms=downtime_ms, src_args=src_args, dst_args=dst_args))
+                                     downtime_ms=downtime_ms, prealloc_dst=dst_memory,
+                                     src_args=src_args, dst_args=dst_args))
 
 
 def loopback_sendall(nbytes: int, tls=None) -> float:
@@ -305,19 +311,27 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", choices=("exits", "startup", "guest", "migration", "security"),
+    ap.add_argument("--only", choices=("exits", "startup", "guest", "migration", "security", "dirty", "smp"),
                     action="append")
     args = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    which = args.only or ["exits", "startup", "guest", "migration", "security"]
+    which = args.only or ["exits", "startup", "guest", "migration", "security", "dirty", "smp"]
     console.print(f"[bold]kvmlite bench[/bold] on {os.uname().nodename}, {os.cpu_count()} CPUs, "
                   f"kernel {os.uname().release}\n")
     results = {}
     for name in which:
+        from bench.smp import bench_dirty, bench_smp
         fn = {"exits": bench_exits, "startup": lambda r: bench_startup(max(r, 5)),
-              "guest": bench_guest, "migration": bench_migration, "security": bench_security}[name]
+              "guest": bench_guest, "migration": bench_migration, "security": bench_security,
+              "dirty": bench_dirty, "smp": bench_smp}[name]
         results[name] = fn(args.reps)
-    (OUT / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    # --only runs add to what earlier runs wrote
+    path = OUT / "results.json"
+    try:
+        earlier = json.loads(path.read_text()) if args.only else {}
+    except (OSError, ValueError):
+        earlier = {}
+    path.write_text(json.dumps({**earlier, **results}, indent=2, default=str))
     console.print(f"results written to {OUT / 'results.json'}")
     return 0
 

@@ -70,7 +70,7 @@ class QemuVm(ChildProcess):
     """One qemu-system-x86_64 process: serial on its stdout, QMP on a unix socket."""
 
     def __init__(self, binary: str, memory_mib: int, cmdline: str, *, incoming: bool = False,
-                 prealloc: bool = False, extra=()):
+                 prealloc: bool = False, extra=(), smp: int = 1):
         fd, self.qmp_path = tempfile.mkstemp(prefix="kvmlite-qmp-", suffix=".sock")
         os.close(fd)
         os.unlink(self.qmp_path)
@@ -81,6 +81,8 @@ class QemuVm(ChildProcess):
                 "-serial", "stdio", "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if prealloc:
             args.append("-mem-prealloc")
+        if smp > 1:
+            args += ["-smp", str(smp)]     # the guest starts CPU 1.. with INIT-SIPI-SIPI (cpus=N)
         if incoming:
             args += ["-incoming", "defer"]
         self._qmp = None
@@ -135,7 +137,7 @@ class GuestEndedEarly(RuntimeError):
 
 
 def migrate_once(binary: str, memory_mib: int, cmdline: str, *, live: bool, setup: dict,
-                 ready_timeout: float = 120.0) -> dict:
+                 ready_timeout: float = 120.0, smp: int = 1) -> dict:
     """Boot the guest in QEMU, wait for `fill: ready`, migrate it to a second QEMU
     with the code that migrates kvmlite (bench/qmpmig.py), let the guest finish
     there and check its self-check.  Returns qmpmig's figures.
@@ -156,8 +158,8 @@ def migrate_once(binary: str, memory_mib: int, cmdline: str, *, live: bool, setu
     # stop-copy: the source is paused before `migrate`; without the global state
     # the destination starts the VM as soon as it has it (else it would stay paused).
     extra = [] if live else ["-global", "migration.store-global-state=off"]
-    dst = QemuVm(binary, memory_mib, cmdline, incoming=True, prealloc=setup["prealloc"], extra=extra)
-    src = QemuVm(binary, memory_mib, cmdline, extra=extra)
+    dst = QemuVm(binary, memory_mib, cmdline, incoming=True, prealloc=setup["prealloc"], extra=extra, smp=smp)
+    src = QemuVm(binary, memory_mib, cmdline, extra=extra, smp=smp)
     from bench.scaling import PeakRss
     dst_rss = PeakRss(dst.proc.pid)
     try:
@@ -309,6 +311,71 @@ def compare(binary: str, reps: int, console) -> dict:
             "targets": [{"target": n, "value": v, "limit": lim, "met": v <= lim} for n, v, lim in targets]}
 
 
+# ---- several vCPUs: kvmlite --smp 2 against QEMU -smp 2 ---------------------------------
+
+SMP = 2
+SMP_CASE = f"25% live + 50% stale, live, {SMP} vCPUs"
+SMP_FILL = "live=25 stale=50"
+
+
+def run_smp_config(binary: str, config: str) -> dict:
+    """The main case on 2 vCPUs.  Both VMMs give the guest LAPICs here, so the
+    guest sleeps on its LAPIC timer between paced writes under both (idle=1):
+    two spinning vCPUs would take both of this host's CPUs from the VMMs."""
+    from bench.scaling import kvmlite_migrate
+    fill = f"workload=fill {SMP_FILL} dirty={DIRTY} idle=1"
+    if config.startswith("kvmlite"):
+        r = kvmlite_migrate(MEMORY_MIB, fill, hint=config.endswith("on"), live=True, downtime_ms=DOWNTIME_MS,
+                            prealloc_dst=True, src_args=("--smp", str(SMP)))
+        return {k: r.get(k) for k in ("total_ms", "downtime_ms", "bytes_wire", "pages_sent", "pages_zero",
+                                      "rounds", "downtime_parts_ms", "guest_verified")}
+    setup = SETUPS["best" if config == "QEMU best" else "defaults"]
+    for attempt in range(3):
+        try:
+            return migrate_once(binary, MEMORY_MIB, f"{fill} cpus={SMP} seconds={QEMU_SECONDS[config]}",
+                                live=True, setup=setup, smp=SMP)
+        except GuestEndedEarly:
+            if attempt == 2:
+                raise
+            QEMU_SECONDS[config] *= 3
+
+
+def compare_smp(binary: str, reps: int, console) -> dict:
+    """kvmlite --smp 2 against QEMU -smp 2 on the same image, interleaved runs."""
+    runs = {c: [] for c in CONFIGS}
+    for _ in range(reps):
+        for config in CONFIGS:
+            r = run_smp_config(binary, config)
+            runs[config].append(r)
+            console.print(f"  {SMP_CASE:40s} {config:16s} total {r['total_ms']:7.1f} ms  "
+                          f"downtime {r['downtime_ms']:6.2f} ms  {r['bytes_wire'] / (1 << 20):6.1f} MiB",
+                          highlight=False)
+    summary = {c: summarize(runs[c]) for c in CONFIGS}
+    best, dflt = summary["QEMU best"], summary["QEMU defaults"]
+    for c in CONFIGS:
+        s = summary[c]
+        s["vs_best"] = {k: s[k][0] / best[k][0] for k in METRICS}
+        s["vs_defaults"] = {k: s[k][0] / dflt[k][0] for k in METRICS}
+    return {"case": SMP_CASE, "vcpus": SMP, "configs": list(CONFIGS), "reps": reps, "runs": runs,
+            "summary": summary}
+
+
+def print_smp(q: dict, console) -> None:
+    from rich import box
+    from rich.table import Table
+    table = Table(title=f"{q['case']}: kvmlite --smp {q['vcpus']} against QEMU -smp {q['vcpus']}, same image "
+                  "(the guest starts CPU 1 with INIT-SIPI-SIPI under QEMU, with the CPU-start device under "
+                  "kvmlite); ×… = ratio to QEMU best", box=box.SIMPLE_HEAD, title_justify="left")
+    for col in HEAD:
+        table.add_column(col, justify="left" if col == "VMM" else "right", no_wrap=True)
+    for c in q["configs"]:
+        x = q["summary"][c]
+        table.add_row(c, _r(x["total_ms"], 0), _r(x["downtime_ms"]), f"{x['mib_wire'][0]:.0f}",
+                      f"{x['pages_sent'][0]:,.0f}", f"{x['mib_s'][0]:,.0f}",
+                      *(f"{x['vs_best'][k]:.2f}" for k in METRICS), f"{x['vs_defaults']['total_ms']:.2f}")
+    console.print(table)
+
+
 def _r(v, d=None):
     if d is None:
         d = 1 if v[0] < 100 else 0
@@ -383,6 +450,17 @@ def markdown(results: dict) -> str:
         out += ["", "Targets (" + q["main_case"] + "): " +
                 "; ".join(f"{t['target']}: {t['value']:.2f} ({'met' if t['met'] else 'not met'})"
                           for t in q["targets"]), ""]
+    q = results.get("smp")
+    if q:
+        out += [f"**{q['case']}** (kvmlite --smp {q['vcpus']} against QEMU -smp {q['vcpus']}):", "",
+                "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+        for c in q["configs"]:
+            x = q["summary"][c]
+            out.append("| " + " | ".join((c, _r(x["total_ms"], 0), _r(x["downtime_ms"]), f"{x['mib_wire'][0]:.0f}",
+                                          f"{x['pages_sent'][0]:,.0f}", f"{x['mib_s'][0]:,.0f}",
+                                          *(f"{x['vs_best'][k]:.2f}" for k in METRICS),
+                                          f"{x['vs_defaults']['total_ms']:.2f}")) + " |")
+        out.append("")
     s = results.get("scaling")
     if s:
         from bench.scaling import markdown_rows
@@ -396,13 +474,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.qemu", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=3, help="runs per figure (default 3; medians and min–max)")
-    ap.add_argument("--only", choices=("qemu", "scaling"), action="append", help="run only this part")
+    ap.add_argument("--only", choices=("qemu", "smp", "scaling"), action="append", help="run only this part")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args()
     console = Console(width=max(Console().width, 160))
-    which = args.only or ["qemu", "scaling"]
+    which = args.only or ["qemu", "smp", "scaling"]
     binary = qemu_binary()
-    if "qemu" in which and binary is None:
+    if ("qemu" in which or "smp" in which) and binary is None:
         console.print(HOW_TO_INSTALL, highlight=False)
         return 2
     if not GUEST.exists():
@@ -419,13 +497,16 @@ def main() -> int:
     if json_path.exists():          # keep a part not re-run this time, for the plot
         try:
             old = json.loads(json_path.read_text())
-            results.update({k: old[k] for k in ("qemu", "scaling") if k in old and k not in which})
+            results.update({k: old[k] for k in ("qemu", "smp", "scaling") if k in old and k not in which})
         except ValueError:
             pass
     t = time.monotonic()
     if "qemu" in which:
         results["qemu"] = compare(binary, args.reps, console)
         print_qemu(results["qemu"], console)
+    if "smp" in which:
+        results["smp"] = compare_smp(binary, args.reps, console)
+        print_smp(results["smp"], console)
     if "scaling" in which:
         from bench.scaling import print_scaling, run as run_scaling
         results["scaling"] = run_scaling(args.reps, console=console)

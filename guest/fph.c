@@ -123,6 +123,35 @@ void fph_init(u64 ram_size, u64 image_end, u64 reserved_start, u64 reserved_end,
  * instruction also says whether this CPU was the one to flip the bit, which
  * is how two CPUs never get the same page.
  */
+/*
+ * atomics=0 (lab 8): the same bit changes done the way `word &= ~bit` and
+ * `word |= bit` compile, a load and later a store of the whole word.  A change
+ * another CPU makes to the word in between is overwritten, and two CPUs can
+ * both see a free bit and both take the page.  The spin between the load and
+ * the store stands for what makes that window wide on a real machine (an
+ * interrupt, a cache miss, the vCPU's thread descheduled by the host), so the
+ * race shows within a second instead of an hour.
+ */
+#define RACE_SPIN 64
+
+static int plain_test_and_clear_bit(volatile u64 *w, unsigned b)
+{
+    u64 v = *w;
+    for (int i = 0; i < RACE_SPIN; i++)
+        cpu_relax();
+    *w = v & ~(1ULL << b);
+    return (int)((v >> b) & 1);
+}
+
+static int plain_test_and_set_bit(volatile u64 *w, unsigned b)
+{
+    u64 v = *w;
+    for (int i = 0; i < RACE_SPIN; i++)
+        cpu_relax();
+    *w = v | 1ULL << b;
+    return (int)((v >> b) & 1);
+}
+
 u64 page_alloc(void)
 {
     struct fph_state *s = &g_fph;
@@ -135,7 +164,8 @@ u64 page_alloc(void)
             unsigned b = (unsigned)__builtin_ctzll(v);
             /* Page is active now, and the locked instruction orders it before the
              * caller's first store into the page (rule 2: no barrier() needed). */
-            if (atomic_test_and_clear_bit(&s->bitmap[w], b)) {
+            if (g_cfg.atomics ? atomic_test_and_clear_bit(&s->bitmap[w], b)
+                              : plain_test_and_clear_bit(&s->bitmap[w], b)) {
                 pc->cursor = w;
                 atomic_add(&s->free_count, -1);
                 header_sync();
@@ -183,7 +213,8 @@ int page_free(u64 pfn)
         return -1;                          /* not ours */
     /* The locked BTS comes after the caller's last store into the page (rule 3)
      * and tells a double free: the bit was set already. */
-    if (atomic_test_and_set_bit(&s->bitmap[pfn >> 6], pfn & 63))
+    if (g_cfg.atomics ? atomic_test_and_set_bit(&s->bitmap[pfn >> 6], pfn & 63)
+                      : plain_test_and_set_bit(&s->bitmap[pfn >> 6], pfn & 63))
         return -1;
     atomic_add(&s->free_count, 1);
     header_sync();

@@ -21,6 +21,7 @@ struct config g_cfg = {
     .dirty = 1000,
     .seconds = 0,
     .idle = 1,
+    .atomics = 1,
 };
 const struct boot_info *g_bi;
 #define DEFAULT_TSC_KHZ 2000000     /* 2 GHz, when the VMM does not know */
@@ -59,7 +60,7 @@ NORETURN static void bad_cmdline(const char *what, const char *tok, size_t n)
     print("'\n");
     print("guest: usage: workload=hello|churn|fill|fault|triple|hostile|sleep|ipi"
           " [pages=N rounds=R free=PCT seed=S] [live=PCT|live_pages=N stale=PCT dirty=PAGES_PER_SEC seconds=N idle=0|1]"
-          " [mode=outside|overlap|huge|flip|allfree] [ms=M count=K] [cpus=N smpboot=pv|sipi lapic=0|1]\n");
+          " [mode=outside|overlap|huge|flip|allfree] [ms=M count=K] [cpus=N smpboot=pv|sipi lapic=0|1 atomics=0|1]\n");
     guest_exit(EXIT_BAD_CMDLINE);
 }
 
@@ -99,6 +100,7 @@ static const struct {
     { "lapic",   &g_cfg.lapic,     0, 1 },
     { "ms",      &g_cfg.ms,        1, 100000 },
     { "count",   &g_cfg.count,     1, 100000 },
+    { "atomics", &g_cfg.atomics,   0, 1 },
 };
 
 #define ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))

@@ -30,6 +30,7 @@ struct config {
     u64 lapic;      /* Multiboot: 1 = use the LAPIC timer to sleep (kvmlite's boot info says itself) */
     u64 ms;         /* sleep: milliseconds per sleep */
     u64 count;      /* sleep: sleeps per CPU; ipi: IPIs per AP */
+    u64 atomics;    /* 1 = bitmap bits change with LOCK BTS/BTR; 0 = plain read-modify-write (lab 8's race) */
 };
 
 /* What the summary line reports; also read by the (ring-0) exception handler. */

@@ -154,6 +154,9 @@ def _parser() -> Parser:
     run.add_argument("--load", metavar="ADDR", help="load address of a flat image (default 0x100000)")
     run.add_argument("--entry", metavar="ADDR",
                      help="entry point (default: the load address, or an ELF image's e_entry)")
+    run.add_argument("--dirty-ring", action=argparse.BooleanOptionalAction, default=None,
+                     help="migrations track dirty pages with KVM's per-vCPU dirty rings instead of "
+                     "the dirty bitmap (default: the bitmap; measured in docs/boot.md)")
     run.add_argument("--stats", action="store_true",
                      help="print page counts from the guest's free-page bitmap at exit")
     run.add_argument("--trace", action="store_true", help="log every VM exit to stderr")
@@ -281,7 +284,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     memory = parse_size(args.memory) if args.memory else None
     if memory is None and not args.incoming:
         memory = parse_size(DEFAULT_MEMORY)
-    machine = MachineConfig(memory=memory, vcpus=args.smp, prefault=args.prealloc, trace=args.trace)
+    machine = MachineConfig(memory=memory, vcpus=args.smp, prefault=args.prealloc, trace=args.trace,
+                            **({} if args.dirty_ring is None else {"dirty_ring": args.dirty_ring}))
     creds = Credentials.load(args.auth_key, args.tls_cert, args.tls_key, args.tls_ca)
     boot = incoming = None
     if args.incoming:

@@ -76,6 +76,7 @@ class MachineConfig:
     vcpus: int = 1
     prefault: bool = False        # fault all of RAM in at start (QEMU's -mem-prealloc)
     trace: bool = False           # log every VM exit
+    dirty_ring: bool = False      # migrations track dirty pages with per-vCPU rings, not the bitmap
 
     def __post_init__(self) -> None:
         if self.memory is not None:
@@ -84,6 +85,7 @@ class MachineConfig:
             raise ConfigError(f"--smp {self.vcpus}: the vCPU count is 1 to {MAX_VCPUS}")
         _check_bool(self.prefault, "prefault")
         _check_bool(self.trace, "trace")
+        _check_bool(self.dirty_ring, "dirty_ring")
 
 
 @dataclass(frozen=True)
@@ -273,8 +275,6 @@ class RunConfig:
                               "no guest image given (try: kvmlite run guest/guest.bin)")
         if self.gdb and self.incoming:
             raise ConfigError("--gdb debugs a guest booted here, not one arriving with --incoming")
-        if self.gdb and self.machine.vcpus > 1:
-            raise ConfigError("--gdb with --smp is not supported yet: the stub shows one vCPU")
         if self.machine.memory is None and self.boot is not None:
             raise ConfigError("a booted guest needs a memory size")
         inc = self.incoming

@@ -98,6 +98,12 @@ class Interrupted:
 
 
 @dataclass(slots=True)
+class DirtyRingFull:
+    """KVM_EXIT_DIRTY_RING_FULL: the vCPU's dirty ring is (nearly) full; it runs
+    again once its entries are harvested and reset (vstate/dirtylog.py)."""
+
+
+@dataclass(slots=True)
 class Unhandled:
     """An exit kvmlite has no arm for; `reason` is the KVM_EXIT_* number."""
     reason: int
@@ -111,6 +117,7 @@ class Unhandled:
 INTERRUPTED = Interrupted()
 HLT = Hlt()
 SHUTDOWN = Shutdown()
+DIRTY_RING_FULL = DirtyRingFull()
 
 EXIT_NAMES = {getattr(lib, n): n for n in dir(lib)
               if n.startswith("KVM_EXIT_") and not n.startswith("KVM_EXIT_IO_")}
@@ -122,4 +129,4 @@ def exit_name(reason: int) -> str:
 
 
 Exit = (IoOut | IoOutString | IoIn | MmioWrite | MmioRead | Hlt | Shutdown | FailEntry | InternalError
-        | SystemEvent | Debug | Interrupted | Unhandled)
+        | SystemEvent | Debug | Interrupted | DirtyRingFull | Unhandled)

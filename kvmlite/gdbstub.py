@@ -7,6 +7,11 @@ single-steps, continues, and interrupts a running guest with Ctrl-C.  The
 protocol is the GDB remote serial protocol ("Remote Protocol" in the gdb
 manual): packets `$payload#cs`, each acknowledged with `+`.
 
+Each vCPU is a gdb thread (vCPU i is thread i + 1: `info threads`, `thread
+N`), in all-stop mode: a breakpoint or step that stops one vCPU parks them
+all, `continue` resumes them all, and `vCont` can step one while the others
+stay parked.  Stop replies name the thread (`T05thread:2;`).
+
 How a stop is caught on kvm_pvm.  Measured on this project's host, with the
 guest working at CPL 3 as always:
 
@@ -18,7 +23,8 @@ guest working at CPL 3 as always:
   native CPL 3 instruction KVM only sets RFLAGS.TF, and the #DB that follows
   also goes to the guest's IDT.
 
-So the stub catches the two exceptions at the door of the guest's handlers.
+So the stub catches the two exceptions at the door of the guest's handlers,
+which every vCPU shares, and undoes the delivery on the vCPU that took it.
 While gdb lets the guest run, the first byte of the #DB and #BP handlers that
 the guest's IDT names is an INT3 too.  The handlers run at CPL 0, where KVM's
 emulator executes them, and that emulator cannot execute INT3 outside real
@@ -197,36 +203,84 @@ class _Fault(Exception):
     """A guest-virtual address that the page tables do not map."""
 
 
+# ---- threads: vCPU i is gdb's thread i + 1 --------------------------------------------
+
+def parse_thread_id(text: bytes, nvcpus: int) -> int | None:
+    """A thread-id in a packet → vCPU index; None for "-1" (all) and "0" (any).
+    gdb numbers threads from 1, so vCPU i is thread i + 1."""
+    if text in (b"-1", b"0"):
+        return None
+    tid = int(text, 16)
+    if not 1 <= tid <= nvcpus:
+        raise ValueError(f"no thread {tid}")
+    return tid - 1
+
+
+def parse_vcont(actions: bytes, nvcpus: int) -> dict[int, str]:
+    """`vCont;ACTION[:TID];...` (the part after "vCont") → {vCPU index: "c" or "s"}.
+
+    For each thread the leftmost action that names it applies (the gdb
+    manual); a thread that no action names stays stopped.  `C sig` and
+    `S sig` are continue and step: a guest has no signals to deliver."""
+    out: dict[int, str] = {}
+    if not actions.startswith(b";"):
+        raise ValueError("vCont without an action")
+    for item in actions[1:].split(b";"):
+        act, _, tid = item.partition(b":")
+        kind = act[:1]
+        if kind in (b"C", b"S"):
+            int(act[1:], 16)            # a signal number, checked and not delivered
+        elif kind not in (b"c", b"s") or len(act) != 1:
+            raise ValueError(f"vCont action {act!r} is not supported")
+        index = parse_thread_id(tid, nvcpus) if tid else None
+        for i in range(nvcpus) if index is None else (index,):
+            out.setdefault(i, kind.lower().decode())
+    return out
+
+
 # ---- the stub ----------------------------------------------------------------------------
 
 class GdbStub:
-    """Serves one gdb connection on its own thread.  The vCPU thread hands it
-    debug exits through `vcpu_exit()`; every stop parks the vCPU with
-    Machine.pause_all(), so registers and memory are only touched while it is
-    parked, and its registers through the vCPU's own thread (vcpu_proxy)."""
+    """Serves one gdb connection on its own thread; vCPU i is gdb's thread i + 1.
+
+    All-stop, as gdb's default mode and QEMU's stub: when one vCPU stops (a
+    breakpoint, a step, Ctrl-C) every vCPU is parked with Machine.pause_all(),
+    and `continue` resumes them all.  A vCPU thread hands the stub its debug
+    exits through `vcpu_exit()`; registers and memory are only touched while
+    the vCPUs are parked, and each vCPU's registers through its own thread
+    (vcpu_proxy).  gdb's general thread (Hg) says whose registers and whose
+    page tables `g`, `p`, `m` use."""
 
     def __init__(self, machine, conn: socket.socket):
         self.machine = machine
-        self.vcpu = machine.vcpu_proxy(0)
+        self.vcpus = [machine.vcpu_proxy(i) for i in range(machine.nvcpus)]
         self.memory = machine.memory
         self.conn = conn
         self.reader = PacketReader()
         self.breakpoints: dict[int, tuple[int, bytes]] = {}   # vaddr → (gpa, original byte)
         self._traps: dict[int, tuple[int, int, bytes]] = {}   # handler → (vector, gpa, original)
+        self._lock = threading.Lock()    # vCPU threads race for _traps and for the first stop
         self._running = False
-        self._stepping = False
-        self._stop_signal: int | None = None   # set by the vCPU thread when it stops
-        self._last_stop = signal.SIGTRAP
+        self._stepping: frozenset[int] = frozenset()   # vCPUs gdb asked to step
+        self._stopped: tuple[int, int] | None = None   # (signal, vCPU): the first vCPU to stop
+        self._last_stop = (signal.SIGTRAP, 0)
+        self._thread_g = 0               # Hg: whose registers and address space
+        self._thread_c: int | None = None   # Hc: whom `s` steps (None: the general thread)
         self._last_sent = b""
         self._ended: int | None = None
         self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._serve, name="gdbstub", daemon=True)
 
+    @property
+    def vcpu(self):
+        """The general thread's vCPU (Hg)."""
+        return self.vcpus[self._thread_g]
+
     # -- setting up -------------------------------------------------------------
 
     @classmethod
     def wait_for_gdb(cls, machine, endpoint: str) -> "GdbStub":
-        """Listen on `endpoint`, wait for gdb, and hold the vCPU before its first instruction."""
+        """Listen on `endpoint`, wait for gdb, and hold the vCPUs before their first instruction."""
         host, port = parse_endpoint(endpoint)
         try:
             with socket.create_server((host, port)) as server:
@@ -237,7 +291,7 @@ class GdbStub:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         stub = cls(machine, conn)
         machine.debugger = stub
-        machine.pause_all()     # not started yet: it stays parked before its first instruction
+        machine.pause_all()     # not started yet: they stay parked before their first instruction
         stub._thread.start()
         return stub
 
@@ -249,93 +303,107 @@ class GdbStub:
         os.close(self._wake_r)
         os.close(self._wake_w)
 
-    # -- on the vCPU thread ------------------------------------------------------------
+    # -- on a vCPU thread ---------------------------------------------------------------
 
-    def vcpu_exit(self, exit_: ex.Exit) -> bool:
-        """A Debug or InternalError exit: True if it is the stub's (the vCPU then
-        either parks for gdb or runs on), False for a real crash."""
+    def vcpu_exit(self, exit_: ex.Exit, index: int = 0) -> bool:
+        """A Debug or InternalError exit of vCPU `index`, on its thread: True if it
+        is the stub's (the vCPU then either parks for gdb or runs on), False for
+        a real crash."""
+        vcpu = self.vcpus[index]         # on its own thread: calls go straight to KVM
         match exit_:
             case ex.Debug(exception=vector) if vector == BP_VECTOR:
-                return self._stop(signal.SIGTRAP)      # KVM intercepted an INT3 (VMX/SVM)
+                return self._stop(signal.SIGTRAP, index)    # KVM intercepted an INT3 (VMX/SVM)
             case ex.Debug():
-                rip = self.vcpu.get_regs().rip
-                if self._stepping or rip in self.breakpoints:
-                    return self._stop(signal.SIGTRAP)
+                rip = vcpu.get_regs().rip
+                if index in self._stepping or rip in self.breakpoints:
+                    return self._stop(signal.SIGTRAP, index)
                 # Continuing through CPL 0 code one emulated instruction at a time
                 # (see _arm): re-arm, since the guest may just have loaded its IDT.
-                self._arm(step=False)
+                self._arm(vcpu, step=False)
                 return True
             case ex.InternalError(suberror=lib.KVM_INTERNAL_ERROR_EMULATION):
-                rip = self.vcpu.get_regs().rip
-                if rip in self._traps:
-                    self._take_back(self._traps[rip][0])
-                    return self._stop(signal.SIGTRAP)
+                rip = vcpu.get_regs().rip
+                trap = self._traps.get(rip)
+                if trap is not None:
+                    self._take_back(vcpu, trap[0])
+                    if trap[0] == DB_VECTOR and index not in self._stepping:
+                        # A trap flag left from single-stepping CPL 0 code that
+                        # then returned to CPL 3: not a stop gdb asked for.
+                        self._arm(vcpu, step=False)
+                        return True
+                    return self._stop(signal.SIGTRAP, index)
                 if rip in self.breakpoints:
-                    return self._stop(signal.SIGTRAP)
+                    return self._stop(signal.SIGTRAP, index)
         return False
 
-    def _stop(self, sig: int) -> bool:
-        self._stop_signal = sig
+    def _stop(self, sig: int, index: int) -> bool:
+        """Park every vCPU; gdb hears of the first one that stopped.  Another that
+        stops at a breakpoint meanwhile is left on it, and hits it again on continue."""
+        with self._lock:
+            if self._stopped is None:
+                self._stopped = (sig, index)
         self.machine.request_pause()
         os.write(self._wake_w, b"!")
         return True
 
-    def _take_back(self, vector: int) -> None:
+    def _take_back(self, vcpu, vector: int) -> None:
         """Undo the delivery of #DB or #BP that stopped at the guest's handler:
         load RIP, CS, RFLAGS, RSP and SS from the frame the CPU pushed."""
-        regs, sregs = self.vcpu.get_regs(), self.vcpu.get_sregs()
-        rip, cs, rflags, rsp, ss = struct.unpack("<5Q", self._read_virtual(regs.rsp, 40))
+        regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+        rip, cs, rflags, rsp, ss = struct.unpack("<5Q", self._read_virtual(regs.rsp, 40, vcpu))
         for name, selector in (("cs", cs), ("ss", ss)):
             if selector & ~3:
-                desc = self._read_virtual(sregs.gdt.base + (selector & ~7), 8)
+                desc = self._read_virtual(sregs.gdt.base + (selector & ~7), 8, vcpu)
                 seg = getattr(sregs, name)
                 for field, value in segment_from_descriptor(selector, int.from_bytes(desc, "little")).items():
                     setattr(seg, field, value)
-        self.vcpu.set_sregs(sregs)
+        vcpu.set_sregs(sregs)
         # #BP is a trap: the pushed RIP is after the INT3, and gdb wants the breakpoint's address.
         regs.rip = rip - 1 if vector == BP_VECTOR else rip
         regs.rsp, regs.rflags = rsp, rflags & ~RFLAGS_TF
-        self.vcpu.set_regs(regs)
+        vcpu.set_regs(regs)
 
-    def _arm(self, step: bool) -> None:
-        """Before the guest runs: INT3 at the entry of its #DB and #BP handlers,
-        and KVM's single-step when gdb steps, or while the vCPU is at CPL 0 where
-        every instruction is emulated and the handlers may not be set up yet."""
-        sregs = self.vcpu.get_sregs()
+    def _arm(self, vcpu, step: bool) -> None:
+        """Before a vCPU runs (on its thread): INT3 at the entry of the guest's #DB
+        and #BP handlers, and KVM's single-step when gdb steps it, or while it is at
+        CPL 0 where every instruction is emulated and the handlers may not be set up yet."""
+        sregs = vcpu.get_sregs()
         for vector in (DB_VECTOR, BP_VECTOR):
             if sregs.idt.limit < vector * 16 + 15:
                 continue
             try:
-                handler = gate_offset(self._read_virtual(sregs.idt.base + vector * 16, 16))
-                if handler not in self._traps:
-                    gpa = self._gpa(handler)
-                    self._traps[handler] = (vector, gpa, self.memory.read(gpa, 1))
-                    self.memory.write(gpa, bytes((INT3,)))
+                handler = gate_offset(self._read_virtual(sregs.idt.base + vector * 16, 16, vcpu))
+                with self._lock:
+                    if handler not in self._traps:
+                        gpa = self._gpa(handler, vcpu)
+                        self._traps[handler] = (vector, gpa, self.memory.read(gpa, 1))
+                        self.memory.write(gpa, bytes((INT3,)))
             except (_Fault, GuestMemoryError):
                 pass            # an IDT that points nowhere: the guest would triple-fault anyway
         control = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_SW_BP
         if step or sregs.cs.selector & 3 == 0:
             control |= lib.KVM_GUESTDBG_SINGLESTEP
-        self.vcpu.set_guest_debug(control)
+        vcpu.set_guest_debug(control)
 
     def _disarm(self) -> None:
-        for _, gpa, original in self._traps.values():
-            self.memory.write(gpa, original)
-        self._traps.clear()
+        with self._lock:
+            for _, gpa, original in self._traps.values():
+                self.memory.write(gpa, original)
+            self._traps.clear()
 
-    # -- guest memory by virtual address --------------------------------------------------
+    # -- guest memory by virtual address (the general thread's page tables) ---------------
 
-    def _gpa(self, vaddr: int) -> int:
-        gpa = self.vcpu.translate(vaddr)
+    def _gpa(self, vaddr: int, vcpu=None) -> int:
+        gpa = (vcpu or self.vcpu).translate(vaddr)
         if gpa is None:
             raise _Fault(vaddr)
         return gpa
 
-    def _read_virtual(self, vaddr: int, length: int) -> bytes:
+    def _read_virtual(self, vaddr: int, length: int, vcpu=None) -> bytes:
         out = bytearray()
         while length > 0:
             n = min(length, PAGE - vaddr % PAGE)
-            out += self.memory.read(self._gpa(vaddr), n)
+            out += self.memory.read(self._gpa(vaddr, vcpu), n)
             vaddr, length = vaddr + n, length - n
         return bytes(out)
 
@@ -373,8 +441,8 @@ class GdbStub:
                         if self._ended is not None:
                             self._send(b"W%02x" % (self._ended & 0xFF))
                             return
-                        if self._running and self._stop_signal is not None:
-                            self._report_stop(self._stop_signal)
+                        if self._running and self._stopped is not None:
+                            self._report_stop(signal.SIGTRAP)
                         continue
                     data = self.conn.recv(65536)
                     if not data:
@@ -408,31 +476,42 @@ class GdbStub:
                 self._send(reply)
         return None
 
-    def _report_stop(self, default: int) -> None:
-        self.machine.pause_all()
-        sig = self._stop_signal or default
-        self._running = self._stepping = False
-        self._stop_signal = None
-        self._disarm()
-        self._last_stop = sig
-        self._send(b"S%02x" % sig)
+    def _stop_reply(self) -> bytes:
+        sig, index = self._last_stop
+        return b"T%02xthread:%x;" % (sig, index + 1)
 
-    def _resume(self, step: bool) -> None:
-        self._stepping = step
-        self._stop_signal = None
-        self._arm(step)
+    def _report_stop(self, default: int) -> None:
+        """Park every vCPU, then tell gdb which one stopped and why (Ctrl-C: the general thread)."""
+        self.machine.pause_all()
+        with self._lock:
+            sig, index = self._stopped or (default, self._thread_g)
+            self._stopped = None
+        self._running = False
+        self._stepping = frozenset()
+        self._disarm()
+        self._last_stop = (sig, index)
+        self._thread_g = index           # gdb switches to the thread that stopped
+        self._send(self._stop_reply())
+
+    def _resume(self, actions: dict[int, str]) -> None:
+        """Run the vCPUs `actions` names ("c" or "s" each); the others stay parked."""
+        self._stepping = frozenset(i for i, a in actions.items() if a == "s")
+        self._stopped = None
+        for i in actions:
+            self.machine.call(i, lambda v, step=i in self._stepping: self._arm(v, step))
         self._running = True
-        self.machine.resume_all()
+        self.machine.resume_all(only=None if len(actions) == len(self.vcpus) else actions)
 
     def _detach(self) -> None:
         """Take every INT3 out and let the guest run on without gdb."""
-        self.machine.pause_all()        # the vCPU is only touched while it is parked
+        self.machine.pause_all()        # vCPUs are only touched while they are parked
         self.machine.debugger = None
         for gpa, original in self.breakpoints.values():
             self.memory.write(gpa, original)
         self.breakpoints.clear()
         self._disarm()
-        self.vcpu.set_guest_debug(0)
+        for i in range(len(self.vcpus)):
+            self.machine.call(i, lambda v: v.set_guest_debug(0))
         self.machine.resume_all()
 
     # -- commands ---------------------------------------------------------------------------
@@ -442,7 +521,7 @@ class GdbStub:
         cmd, args = packet[:1], packet[1:]
         try:
             if cmd == b"?":
-                return b"S%02x" % self._last_stop
+                return self._stop_reply()
             if cmd == b"g":
                 regs = self.vcpu.regs_dict()
                 sregs = self.vcpu.get_sregs()
@@ -479,9 +558,22 @@ class GdbStub:
                 self.write_memory(addr, data)
                 return b"OK"
             if cmd in (b"c", b"s"):
+                # Without vCont: `c` resumes every vCPU, `s` steps the Hc thread alone.
+                who = self._thread_g if self._thread_c is None else self._thread_c
                 if args:
-                    self._set_registers({"rip": int(args, 16)})
-                self._resume(step=cmd == b"s")
+                    self.machine.call(who, lambda v: self._set_rip(v, int(args, 16)))
+                if cmd == b"c":
+                    self._resume({i: "c" for i in range(len(self.vcpus))})
+                else:
+                    self._resume({who: "s"})
+                return None
+            if packet == b"vCont?":
+                return b"vCont;c;C;s;S"
+            if packet.startswith(b"vCont;"):
+                actions = parse_vcont(packet[5:], len(self.vcpus))
+                if not actions:
+                    return b"E16"
+                self._resume(actions)
                 return None
             if cmd in (b"Z", b"z"):
                 kind, addr, _ = args.split(b",")
@@ -497,13 +589,24 @@ class GdbStub:
                 self._send(b"OK")
                 self._detach()
                 return "done"
-            if cmd == b"H" or packet.startswith(b"T"):
-                return b"OK"            # one vCPU: every thread id names it
+            if cmd == b"H":
+                which, index = args[:1], parse_thread_id(args[1:], len(self.vcpus))
+                if which == b"g":
+                    if index is not None:
+                        self._thread_g = index
+                elif which == b"c":
+                    self._thread_c = index
+                else:
+                    return b"E16"
+                return b"OK"
+            if cmd == b"T":
+                parse_thread_id(args, len(self.vcpus))
+                return b"OK"            # every vCPU lives as long as the VM
             return self._query(packet)
         except (_Fault, GuestMemoryError):
             return b"E14"               # EFAULT
         except (ValueError, IndexError):
-            return b"E16"               # EINVAL: a malformed packet
+            return b"E16"               # EINVAL: a malformed packet, or no such thread
 
     def _query(self, packet: bytes) -> bytes:
         if packet.startswith(b"qSupported"):
@@ -518,12 +621,33 @@ class GdbStub:
         if packet == b"qAttached":
             return b"1"                 # gdb attached to a running VM: detach, don't kill, on quit
         if packet == b"qC":
-            return b"QC1"
+            return b"QC%x" % (self._thread_g + 1)
         if packet == b"qfThreadInfo":
-            return b"m1"
+            return b"m" + b",".join(b"%x" % (i + 1) for i in range(len(self.vcpus)))
         if packet == b"qsThreadInfo":
-            return b"l"
+            return b"l"                 # all of them came in the first reply
+        if packet.startswith(b"qThreadExtraInfo,"):
+            index = parse_thread_id(packet[len(b"qThreadExtraInfo,"):], len(self.vcpus))
+            return self._describe(0 if index is None else index).encode().hex().encode()
         return b""                      # anything else: not supported
+
+    def _describe(self, index: int) -> str:
+        """What `info threads` shows beside the thread: the vCPU and, with the
+        irqchip, whether it waits in HLT or for its start."""
+        text = f"vCPU {index}"
+        if getattr(self.machine, "irqchip", False):
+            state = self.vcpus[index].get_mp_state()
+            if state == lib.KVM_MP_STATE_HALTED:
+                text += ", halted"
+            elif state == lib.KVM_MP_STATE_UNINITIALIZED:
+                text += ", not started"
+        return text
+
+    @staticmethod
+    def _set_rip(vcpu, rip: int) -> None:
+        regs = vcpu.get_regs()
+        regs.rip = rip
+        vcpu.set_regs(regs)
 
     def _set_registers(self, values: dict[str, int]) -> None:
         regs = self.vcpu.get_regs()

@@ -12,9 +12,9 @@ import collections
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import boot, exits as ex
@@ -28,6 +28,7 @@ from .errors import ConfigError, KvmliteError
 from .kvm import lib
 from .log import log, trace_log
 from .vstate import GuestMemory, Kvm, Vm
+from .vstate.dirtylog import DEFAULT_RING_BYTES, BitmapLog, RingLog
 from .vstate.vcpu import cpuid_with_apic_id
 
 if TYPE_CHECKING:
@@ -76,6 +77,7 @@ class VcpuThread:
         self._ready: Future[None] = Future()
         self._ident: int | None = None
         self._last_sat_out = 0.0
+        self.ring = None          # its dirty ring (MachineConfig.dirty_ring), mapped by its thread
         self.thread = threading.Thread(target=self._main, name=f"vcpu{index}", daemon=True)
 
     # ---- asked from any thread ------------------------------------------------------
@@ -117,6 +119,8 @@ class VcpuThread:
             # vCPU i has APIC ID i (docs/boot.md)
             vcpu.set_cpuid(cpuid_with_apic_id(m.kvm.supported_cpuid(), self.index))
             vcpu.bind_thread()
+            if m.vm.dirty_ring_bytes:
+                self.ring = vcpu.dirty_ring()
         except BaseException as e:
             self._ready.set_exception(e)
             return
@@ -129,6 +133,8 @@ class VcpuThread:
                     m._end(result)
             self._serve_until_closed()
         finally:
+            if self.ring is not None:
+                self.ring.close()
             vcpu.close()
 
     def _serve(self) -> bool:
@@ -167,7 +173,7 @@ class VcpuThread:
                         t = m._throttle
                         m._cond.wait(THROTTLE_PERIOD * t / (1 - t))
                         continue
-                if m._started and not m._pause_requested:
+                if m._started and not m._pause_requested and self.index not in m._held:
                     if self.parked:
                         self.parked = False
                         m._cond.notify_all()
@@ -226,12 +232,16 @@ class Machine:
     between exits.  Use it as a context manager, or call close().
     """
 
-    def __init__(self, config: MachineConfig, *, output: object = None) -> None:
+    def __init__(self, config: MachineConfig, *, output: object = None,
+                 memory: GuestMemory | None = None) -> None:
         """`output`, where the guest's serial and debug-console output goes: None
         (stdout), a file descriptor, a binary file object, or a callable taking
-        bytes (a line at a time)."""
+        bytes (a line at a time).  `memory`: RAM already made (a destination's,
+        pre-faulted, kept when the machine is remade for the stream's vCPUs)."""
         if config.memory is None:
             raise ConfigError("the machine needs a memory size")
+        if memory is not None and memory.size != config.memory:
+            raise ConfigError(f"RAM of {memory.size} bytes given for a machine of {config.memory}")
         self.config = config
         self.kvm = Kvm()
         self.vm = Vm(self.kvm)
@@ -242,6 +252,7 @@ class Machine:
         self._result: RunResult | None = None
         self._closing = False
         self._throttle = 0.0           # share of time vCPUs sit out (migration auto-converge)
+        self._held: frozenset[int] = frozenset()   # vCPUs that stay parked on resume (gdb steps one)
         self._closed = False
         self.vcpu_threads: list[VcpuThread] = []
         try:
@@ -253,7 +264,9 @@ class Machine:
                 if config.vcpus > hosts:
                     log.info(f"{config.vcpus} vCPUs on {hosts} host CPUs: overcommitted")
                 self.vm.create_irqchip()     # before the vCPUs: each gets a LAPIC
-            self.memory = GuestMemory(config.memory, prefault=config.prefault)
+            if config.dirty_ring:            # before the vCPUs too: each gets a ring
+                self.vm.enable_dirty_ring(min(DEFAULT_RING_BYTES, self.vm.dirty_ring_cap()[1]) or DEFAULT_RING_BYTES)
+            self.memory = memory or GuestMemory(config.memory, prefault=config.prefault)
             self.vm.add_memory(self.memory)
             # the guest's serial and debug-console output: stdout, or a file
             # descriptor, a binary file object or a callable taking bytes
@@ -284,6 +297,9 @@ class Machine:
                 vt.thread.start()
             for vt in self.vcpu_threads:
                 vt._ready.result(READY_TIMEOUT)
+            # What a migration asks which pages were written (vstate/dirtylog.py)
+            self.dirty_log = (RingLog(self.vm, [vt.ring for vt in self.vcpu_threads], self.memory.npages)
+                              if config.dirty_ring else BitmapLog(self.vm))
         except BaseException:
             self.close()
             raise
@@ -293,6 +309,15 @@ class Machine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def remade(self, **changes: Any) -> "Machine":
+        """A new Machine with `changes` to this one's config, on this one's RAM, which
+        it keeps (pre-faulted, it stays so); this one is closed.  For a destination
+        that pre-faulted RAM before the stream said how many vCPUs the guest has."""
+        mem = self.memory
+        self.vm.regions.remove(mem)        # not unmapped with this VM
+        self.close()
+        return Machine(replace(self.config, **changes), output=self.output, memory=mem)
 
     # ---- what other modules ask for -----------------------------------------------
 
@@ -316,6 +341,17 @@ class Machine:
     def call(self, index: int, fn: Callable[[Vcpu], T], timeout: float | None = None) -> T:
         """Run `fn(vcpu)` on vCPU `index`'s thread and return what it returns."""
         return self.vcpu_threads[index].call(fn, timeout)
+
+    def call_all(self, fn: Callable[[Vcpu], T], timeout: float | None = None) -> list[T]:
+        """Run `fn(vcpu)` on every vCPU's thread at once; their results in vCPU order
+        (the first exception raised, once all have answered).  N vCPUs' state is
+        read or restored in the time of one, not N one after another."""
+        futures = [vt.post(fn) for vt in self.vcpu_threads]
+        errors = [f.exception(timeout) for f in futures]
+        for e in errors:
+            if e is not None:
+                raise e
+        return [f.result() for f in futures]
 
     def vcpu_proxy(self, index: int = 0) -> OnVcpuThread:
         return OnVcpuThread(self.vcpu_threads[index])
@@ -407,6 +443,10 @@ class Machine:
                         bus.write_string(port, size, data)
                     case ex.Interrupted():
                         return None       # kicked: serve requests, park if asked
+                    case ex.DirtyRingFull():
+                        # a vCPU with rings empties its own when KVM says it is full
+                        assert isinstance(self.dirty_log, RingLog)
+                        self.dirty_log.ring_full(vt.index)
                     case ex.Hlt():
                         # only without the irqchip: with it, KVM keeps a halted vCPU waiting
                         return RunResult("hlt", 0)
@@ -416,7 +456,7 @@ class Machine:
                         pass  # no MMIO devices: writes to unbacked addresses vanish
                     case ex.Debug() | ex.InternalError() if self.debugger is not None:
                         # gdb's breakpoints and steps; the stub says if the exit was its own
-                        if not self.debugger.vcpu_exit(exit_):
+                        if not self.debugger.vcpu_exit(exit_, vt.index):
                             return RunResult("crash", CRASH_STATUS, crash=exit_)
                         return None
                     case _:
@@ -471,20 +511,25 @@ class Machine:
             self._pause_requested = True
         self._kick_all()
 
-    def resume_all(self, timeout: float = 5.0) -> None:
-        """Let the vCPUs run again, and wait (up to `timeout`) until each has left
-        its park, so that whoever is told the guest runs again finds `paused`
-        false: a migration that says "cancelled" or "failed", a `cont` that
-        returns.  Without the wait, query-status read "paused" for up to 80 ms
-        after "cancelled" on a loaded host.  No wait before the VM has started,
-        or on a vCPU thread (the gdb stub), which would wait for itself."""
+    def resume_all(self, only: Collection[int] | None = None, timeout: float = 5.0) -> None:
+        """Let the vCPUs run again.  `only`: the indices that may run; the others
+        stay parked (the gdb stub stepping one thread while the rest wait).
+
+        Waits (up to `timeout`) until each released vCPU has left its park, so
+        that whoever is told the guest runs again finds `paused` false: a
+        migration that says "cancelled" or "failed", a `cont` that returns.
+        Without the wait, query-status read "paused" for up to 80 ms after
+        "cancelled" on a loaded host.  No wait before the VM has started, or on
+        a vCPU thread (the gdb stub), which would wait for itself."""
         with self._cond:
+            self._held = frozenset() if only is None else frozenset(range(self.nvcpus)) - frozenset(only)
             self._pause_requested = False
             self._cond.notify_all()
             if not self._started or any(vt.on_thread() for vt in self.vcpu_threads):
                 return
             self._cond.wait_for(lambda: self._pause_requested or self._result is not None
-                                or self._closing or not any(vt.parked for vt in self.vcpu_threads),
+                                or self._closing
+                                or not any(vt.parked for vt in self.vcpu_threads if vt.index not in self._held),
                                 timeout)
 
     @property

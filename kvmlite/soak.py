@@ -7,6 +7,7 @@ process, which becomes the next source.  At the end the guest checks every
 live page once more and reports how many pages it ever found corrupted.
 
     python -m kvmlite.soak --migrations 1000
+    python -m kvmlite.soak --migrations 100 --smp 2              # allocators on both CPUs at once
     python -m tests.harness soak --migrations 5 --broken-order   # the race claim 2 prevents
 
 The broken order lives with the tests (tests/harness.py), not in kvmlite: its
@@ -32,12 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str | None = None,
-         log=print, vmm=KVMLITE, label: str = "", extra=()) -> dict:
+         log=print, vmm=KVMLITE, label: str = "", extra=(), smp: int = 1) -> dict:
     """Run the soak; returns its figures (see main for their meaning).  `vmm` is
-    the command that starts each VMM (the test harness injects a sender there)."""
+    the command that starts each VMM (the test harness injects a sender there);
+    `extra`, options every VMM gets.  With `smp` > 1 the guest churns on every
+    CPU, `pages` slots in all; the destinations learn the vCPU count from the stream."""
     image = image or str(ROOT / "guest" / "guest.bin")
-    cmdline = f"workload=churn pages={pages} rounds=0 free=50"
-    vm = VmProcess([image, "--memory", memory, "--cmdline", cmdline, *extra], vmm=vmm)
+    cmdline = f"workload=churn pages={max(pages // smp, 1)} rounds=0 free=50"
+    vm = VmProcess([image, "--memory", memory, "--smp", str(smp), "--cmdline", cmdline, *extra], vmm=vmm)
     t0 = time.perf_counter()
     done, failed, downtimes, sent, errors = 0, 0, [], 0, []
     old = []
@@ -89,6 +92,7 @@ def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str 
         "guest_pages_verified": summary.get("verified"),
         "guest_errors": summary.get("errors"),
         "corrupted_pages": summary.get("corrupted"),
+        "cpus": summary.get("cpus", 1),
         "vmm": label or "kvmlite",
     }
 
@@ -107,7 +111,10 @@ def main(argv=None, *, vmm=KVMLITE, label: str = "", prog: str = "python -m kvml
     ap.add_argument("--migrations", type=int, default=20)
     ap.add_argument("--memory", default="1G",
                     help="guest RAM; several 256 MiB chunks make the broken order bite")
-    ap.add_argument("--pages", type=int, default=12000, help="churn slots (working set)")
+    ap.add_argument("--pages", type=int, default=12000, help="churn slots (working set, all CPUs')")
+    ap.add_argument("--smp", type=int, default=1, metavar="N", help="vCPUs of the guest, each churning")
+    ap.add_argument("--dirty-ring", action="store_true",
+                    help="every VMM tracks dirty pages with the vCPUs' dirty rings")
     ap.add_argument("--auth-key", metavar="FILE",
                     help="every VMM holds this key: the links are keyed, and page data carries "
                     "integrity tags (docs/wire-format.md)")
@@ -118,7 +125,10 @@ def main(argv=None, *, vmm=KVMLITE, label: str = "", prog: str = "python -m kvml
     if callable(vmm):
         vmm, label = vmm(args)
     extra = ("--auth-key", args.auth_key) if args.auth_key else ()
+    if args.dirty_ring:
+        extra += ("--dirty-ring",)
     r = soak(args.migrations, memory=args.memory, pages=args.pages, vmm=vmm, label=label, extra=extra,
+             smp=args.smp,
              log=None if args.json else lambda m: print(m, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(r, indent=2))

@@ -4,7 +4,8 @@
 receive() use of a Machine: RAM (a real GuestMemory, or any object with the
 same methods), devices, vCPUs reached through call(), pause_all/resume_all,
 and a `FakeVm` whose dirty log is driven by the test (`vm.dirty(pages)` is
-the guest writing).
+the guest writing), or with `dirty_ring=True` a `FakeRingVm` whose vCPUs'
+dirty rings are.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from kvmlite.bitmap import words_for
 from kvmlite.devices import DebugCon, ExitDevice, FreePageHint, Uart16550
+from kvmlite.vstate.dirtylog import BitmapLog, RingLog
 from kvmlite.vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
 
 
@@ -104,6 +106,71 @@ class FakeVm:
         self.log[w0:w0 + len(words)] &= ~words
 
 
+class FakeRing:
+    """One vCPU's dirty ring as KVM keeps it: an entry per first write to a
+    write-protected page, harvested in order, re-protected at reset."""
+
+    def __init__(self, vm: "FakeRingVm", index: int):
+        self.vm = vm
+        self.index = index
+        self.entries: list[int] = []     # pages, in the order they were dirtied
+        self.harvested = 0               # entries [0, harvested) are marked reset
+
+    def harvest(self):
+        vm = self.vm
+        if self.index == 0 and vm.dirty_logging:
+            vm.fetches += 1
+            if vm.on_fetch:
+                vm.on_fetch(vm)          # the guest ran since the last sync
+        new = self.entries[self.harvested:]
+        self.harvested = len(self.entries)
+        return np.zeros(len(new), np.uint32), np.array(new, dtype=np.uint64)
+
+
+class FakeRingVm:
+    """A VM whose dirty pages are tracked by per-vCPU rings (KVM_CAP_DIRTY_LOG_RING):
+    logging write-protects every page; the guest's first write to a protected
+    page leaves an entry in its vCPU's ring; KVM_RESET_DIRTY_RINGS protects
+    the harvested pages again.  `dirty(pages, cpu)` is the guest writing."""
+
+    def __init__(self, npages: int, nvcpus: int = 1):
+        self.npages = npages
+        self.protected = np.zeros(npages, dtype=bool)
+        self.rings = [FakeRing(self, i) for i in range(nvcpus)]
+        self.manual_protect = False
+        self.dirty_logging = False
+        self.fetches = 0
+        self.resets = 0
+        self.on_fetch = None
+
+    def dirty(self, pages, cpu: int = 0) -> None:
+        if not self.dirty_logging:
+            return
+        for p in pages:
+            if self.protected[p]:
+                self.protected[p] = False
+                self.rings[cpu].entries.append(p)
+
+    def start_dirty_log(self) -> None:
+        self.dirty_logging = True
+        self.protected[:] = True
+
+    def stop_dirty_log(self) -> None:
+        self.dirty_logging = False
+        self.protected[:] = False
+
+    def reset_dirty_rings(self) -> int:
+        self.resets += 1
+        n = 0
+        for r in self.rings:
+            done = [p for p in r.entries[:r.harvested] if p < self.npages]
+            self.protected[done] = True
+            del r.entries[:r.harvested]
+            r.harvested = 0
+            n += len(done)
+        return n
+
+
 class FakeKvm:
     def migratable_msrs(self):
         return []
@@ -130,7 +197,8 @@ class FakeMachine:
     `calls` records control: "pause", "resume", ("throttle", share), ("quit", reason, status).
     """
 
-    def __init__(self, memory=None, *, paused: bool = False, running: bool = True, nvcpus: int = 1):
+    def __init__(self, memory=None, *, paused: bool = False, running: bool = True, nvcpus: int = 1,
+                 dirty_ring: bool = False):
         self.memory = memory
         self.running = running
         self.paused = paused
@@ -139,7 +207,13 @@ class FakeMachine:
         self.kvm = FakeKvm()
         self.vcpus = [FakeVcpu(i) for i in range(nvcpus)]
         self.vcpu_threads = [FakeVcpuThread(v) for v in self.vcpus]
-        self.vm = FakeVm(memory.npages if memory is not None else 4096)
+        npages = memory.npages if memory is not None else 4096
+        if dirty_ring:
+            self.vm = FakeRingVm(npages, nvcpus)
+            self.dirty_log = RingLog(self.vm, self.vm.rings, npages)
+        else:
+            self.vm = FakeVm(npages)
+            self.dirty_log = BitmapLog(self.vm)
         out = _Null()
         self.output = out
         self.fph = FreePageHint(memory) if memory is not None else None
@@ -164,6 +238,21 @@ class FakeMachine:
 
     def call(self, index: int, fn, timeout=None):
         return fn(self.vcpus[index])
+
+    def remade(self, **changes) -> "FakeMachine":
+        """Machine.remade: the same RAM, another vCPU count (with N > 1 an irqchip);
+        the fake changes in place."""
+        n = changes.pop("vcpus", len(self.vcpus))
+        self.vcpus = [self._new_vcpu(i) for i in range(n)]
+        self.vcpu_threads = [FakeVcpuThread(v) for v in self.vcpus]
+        self.irqchip = n > 1
+        return self
+
+    def _new_vcpu(self, index: int):
+        return FakeVcpu(index)
+
+    def call_all(self, fn, timeout=None) -> list:
+        return [fn(v) for v in self.vcpus]
 
     def vcpu_proxy(self, index: int = 0):
         return self.vcpus[index]

@@ -83,19 +83,27 @@ class BrokenOrderMigration(Migration):
     """The race claim 2 prevents, for tests and lab 4 only.
 
     Reads the free bits first, for the whole round, and clears each chunk's
-    dirty log afterwards.  A page the guest allocates and fills in between
+    dirty log afterwards (with the dirty rings: reads them before the sync's
+    harvest and reset).  A page the guest allocates and fills in between
     was free in the snapshot, so it is not sent, and its dirty bit is then
     cleared, so no later round sends it either: the destination gets a stale
     or zero page.
     """
 
+    def _sync(self, dirty):
+        # With the dirty rings the clear is the sync's reset: read the free bits before it.
+        self._free_first = self._free_words(0, len(dirty))
+        super()._sync(dirty)
+
     def _send_dirty(self, dirty):
-        vm = self.machine.vm
-        free_all = self._free_words(0, len(dirty))      # 1. (wrongly) the free bits first
+        log = self.log
+        # 1. (wrongly) the free bits first: the bitmap's before its per-chunk clear,
+        #    the rings' before the sync that harvested and reset them
+        free_all = self._free_first if log.kind == "ring" else self._free_words(0, len(dirty))
         total = 0
         for w0, w1, chunk in self._dirty_chunks(dirty):
-            if vm.manual_protect:
-                vm.clear_dirty_log(0, w0 * 64, chunk)    # 2. then clear the dirty log
+            if log.clears_per_chunk:
+                log.clear(w0, chunk)                     # 2. then clear the dirty log
             send = chunk if free_all is None else chunk & ~free_all[w0:w1]
             total += self._send_chunk(w0, w1, send, hinted=free_all is not None)
             dirty[w0:w1] = 0

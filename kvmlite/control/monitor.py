@@ -512,6 +512,8 @@ def migration_info(mig) -> dict:
     info["x-total-time-ms"] = round(total_ms, 3)
     info["x-free-page-hint"] = s.hint
     info["x-live"] = s.live
+    if s.dirty_log:
+        info["x-dirty-log"] = s.dirty_log
     if status is S.SETUP:
         return info
     info["setup-time"] = round(s.setup_ms)
@@ -542,5 +544,6 @@ def migration_info(mig) -> dict:
         last = parts.get("sync", 0.0) + parts.get("pages", 0.0) if "pages" in parts else None
         rounds.append({"pages": int(p), "ms": last})
     info["x-rounds"] = rounds
+    info["x-sync-ms"] = list(s.sync_ms)
     return info
 

@@ -104,6 +104,8 @@ MIGRATION_INFO = Struct("MigrationInfo", {
     "*x-live": BOOL,                      # false: the VM was stopped before migrate (stop-copy)
     "*x-rounds": Array(X_ROUND, max_len=1 << 20),   # pages and ms of each round (the last pass: ms null)
     "*x-downtime-parts": Map(NUMBER),     # ms of the downtime by phase (pause, sync, pages, state, ...)
+    "*x-dirty-log": STR,                  # how dirty pages were tracked: "bitmap" or "ring"
+    "*x-sync-ms": Array(NUMBER, max_len=1 << 20),   # each fetch of the dirty log (rings: harvest + reset)
     # QEMU's times are whole milliseconds; kvmlite's downtime is a few of them
     "*x-total-time-ms": NUMBER,           # total-time, to the microsecond
     "*x-setup-time-ms": NUMBER,           # setup-time, to the microsecond

@@ -75,8 +75,8 @@ def receive(conn: Any, machine: Machine | None, *, keys: wire.StreamKeys | None 
         raise StreamError(f"the source has {ram_size >> 20} MiB of RAM, this destination "
                           f"{machine.memory.size >> 20} MiB (--memory must match)")
     if machine.nvcpus != header.vcpus:
-        raise StreamError(f"the stream has {header.vcpus} vCPUs, this destination "
-                          f"{machine.nvcpus}")
+        # RAM pre-faulted (--memory) before the header said how many vCPUs: keep it
+        machine = machine.remade(vcpus=header.vcpus)
     mem = machine.memory
     # Pages never written here are still zero: a ZERO record only has work
     # to do for pages that earlier rounds filled with data.

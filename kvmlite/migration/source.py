@@ -95,6 +95,8 @@ class Migration:
         self.sent_round = np.zeros(machine.memory.npages, dtype=np.uint8)
         self.dirty_words: np.ndarray | None = None   # pages dirty and not yet sent, while it runs
         self._free_pages = machine.free_pages if params.hint else None
+        self.log = machine.dirty_log     # the dirty bitmap or the vCPUs' rings (vstate/dirtylog.py)
+        self.stats.dirty_log = self.log.kind
         self._first_sync: float | None = None   # when pre-copy's first sync ran
         self._dirtied = 0                # pages found dirty again at later syncs
         self._not_converging = 0         # rounds in a row that did not shrink enough
@@ -196,8 +198,7 @@ class Migration:
     def _resume_here(self) -> None:
         machine = self.machine
         try:
-            if machine.vm.dirty_logging:
-                machine.vm.stop_dirty_log()
+            self.log.stop()
         except KvmliteError:
             pass
         if self._paused_here:
@@ -217,7 +218,7 @@ class Migration:
             # A keyed link without TLS, or a snapshot file: tag every page record.
             self._integrity = wire.Integrity(keys)
             info["integrity"] = wire.INTEGRITY
-        self.machine.vm.start_dirty_log()
+        self.log.start()
         dirty = all_set(mem.npages)
         self.dirty_words = dirty
         self._send(wire.encode_preamble(info), structural=True)
@@ -358,7 +359,7 @@ class Migration:
                 f"(downtime {self.stats.downtime_ms:.2f} ms): the VM is {where}")
         if keep_running:
             # A snapshot taken, the VM goes on here from the state it saved.
-            self.machine.vm.stop_dirty_log()
+            self.log.stop()
             if self._paused_here:
                 self._paused_here = False
                 self.machine.resume_all()
@@ -435,12 +436,15 @@ class Migration:
     # ---- dirty tracking ---------------------------------------------------------------
 
     def _sync(self, dirty: np.ndarray) -> None:
-        """Fetch slot 0's dirty log into `dirty` (QEMU's migration_bitmap_sync).
+        """Fetch the dirty log into `dirty` (QEMU's migration_bitmap_sync).
 
-        Under manual protect the fetch does not clear: _send_dirty clears each
-        chunk just before reading it.
+        The bitmap under manual protect is fetched, not cleared: _send_dirty
+        clears each chunk just before reading it.  The rings are harvested and
+        reset here, before any free bit of the round is read.
         """
-        dirty |= self.machine.vm.get_dirty_log(0)
+        t = time.perf_counter()
+        self.log.sync(dirty)
+        self.stats.sync_ms.append(round((time.perf_counter() - t) * 1000, 3))
         self.stats.dirty_syncs += 1
         for listener in list(self.sync_listeners):
             listener(self.stats.dirty_syncs)
@@ -472,17 +476,17 @@ class Migration:
         A page the guest takes after 2 is written after 1, so it is dirty
         again and goes in the next round.
         """
-        vm = self.machine.vm
+        log = self.log
         total = 0
         for w0, w1, chunk in self._dirty_chunks(dirty):
             look = chunk
-            if vm.manual_protect:
+            if log.clears_per_chunk:      # (the rings were cleared at the sync)
                 first_look = self._free_words(w0, w1)
                 if first_look is not None:
                     look = chunk & ~first_look
                 # 1. clear: re-protect these pages, so later writes dirty them again
                 if look.any():
-                    vm.clear_dirty_log(0, w0 * 64, look)
+                    log.clear(w0, look)
             # 2. only now read the guest's free bits (claim 2)
             free = self._free_words(w0, w1)
             # 3. send them, reading page contents now

@@ -126,14 +126,18 @@ def collect_state(machine) -> dict:
     """The VM's state as plain values: every vCPU's, read on its own thread, every
     device's, and with an irqchip the chips' and each vCPU's LAPIC and MP state."""
     msrs = machine.kvm.migratable_msrs()
-    n = machine.nvcpus
+    irqchip = machine.irqchip
+
+    def save(vcpu):
+        return vcpu.save_state(msrs), vcpu.save_interrupt_state() if irqchip else None
+    # every vCPU's thread at once: the downtime grows with the slowest, not with N
+    saved = machine.call_all(save)
     return {
         "version": STATE_VERSION,
-        "vcpus": [machine.call(i, lambda v: v.save_state(msrs)) for i in range(n)],
+        "vcpus": [regs for regs, _ in saved],
         "devices": {name: dev.save_state() for name, dev in machine.devices().items()},
-        "irqchip": machine.vm.save_irqchip() if machine.irqchip else None,
-        "interrupts": ([machine.call(i, lambda v: v.save_interrupt_state()) for i in range(n)]
-                       if machine.irqchip else None),
+        "irqchip": machine.vm.save_irqchip() if irqchip else None,
+        "interrupts": [irq for _, irq in saved] if irqchip else None,
     }
 
 
@@ -146,12 +150,13 @@ def restore_state(machine, state: dict) -> None:
     if state["irqchip"] is not None:
         machine.vm.restore_irqchip(state["irqchip"])
     interrupts = state["interrupts"] or [None] * len(state["vcpus"])
-    for i, (v, irq) in enumerate(zip(state["vcpus"], interrupts)):
-        def restore(vcpu, v=v, irq=irq):
-            vcpu.restore_state(v)
-            if irq is not None:
-                vcpu.restore_interrupt_state(irq)
-        machine.call(i, restore)
+
+    def restore(vcpu):           # on each vCPU's thread, all at once
+        vcpu.restore_state(state["vcpus"][vcpu.index])
+        irq = interrupts[vcpu.index]
+        if irq is not None:
+            vcpu.restore_interrupt_state(irq)
+    machine.call_all(restore)
 
 
 # ---- interrupt-controller state (a VM with the in-kernel irqchip) ------------------

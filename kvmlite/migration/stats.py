@@ -29,6 +29,8 @@ class MigrationStats:
     throughput_mib_s: float = 0.0  # MiB/s (not Mbit/s) of wire bytes over the whole migration
     dirty_rate_pps: float = 0.0   # pages/s the guest dirtied while pre-copy rounds ran
     throttle_pct: int = 0         # share of time the vCPU was made to sit out (auto-converge)
+    dirty_log: str = ""           # "bitmap" or "ring": how dirty pages were tracked
+    sync_ms: list[float] = field(default_factory=list)   # each fetch of the dirty log (rings: harvest + reset)
     round_pages: list[int] = field(default_factory=list)   # pages sent (data or zero) in each round
     round_ms: list[float] = field(default_factory=list)    # how long each round took
     # where the downtime went: pause, final sync, final pages, state, destination's reply

@@ -410,6 +410,10 @@ class Listener:
         self._winner = None
         self._pending: list[socket.socket] = []
         self._closed = False
+        # A handshake thread that wins wakes accept() at once: a source whose
+        # stream fits the socket buffers is already waiting for READY, and
+        # every millisecond until the destination reads counts as downtime.
+        self._wake_r, self._wake_w = os.pipe()
         host, port = target.host, target.port
         srv = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
@@ -428,7 +432,8 @@ class Listener:
         """Wait for a source that completes the handshake; returns (connection,
         peer, the stream's integrity keys or None)."""
         sel = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ)
+        sel.register(self.sock, selectors.EVENT_READ, "listen")
+        sel.register(self._wake_r, selectors.EVENT_READ, "wake")
         try:
             while True:
                 with self._cond:
@@ -436,7 +441,10 @@ class Listener:
                         return self._winner
                     if self._closed:
                         raise MigrationError(f"stopped waiting on {self.target}")
-                if sel.select(0.05):
+                for key, _ in sel.select(0.05):
+                    if key.data == "wake":
+                        os.read(self._wake_r, 64)
+                        continue
                     try:
                         conn, addr = self.sock.accept()
                     except OSError:
@@ -484,6 +492,7 @@ class Listener:
                 return
             self._winner = (sock, peer, keys)
             self._cond.notify_all()
+            os.write(self._wake_w, b"!")     # under the lock: close() cannot have closed it
 
     def _refuse(self, conn: socket.socket, peer: str, why: str) -> None:
         with self._cond:
@@ -501,11 +510,15 @@ class Listener:
 
     def close(self) -> None:
         with self._cond:
+            if self._closed:
+                return
             self._closed = True
             pending, self._pending = self._pending, []
+            os.close(self._wake_w)
         for c in pending:
             _shut(c)
         self.sock.close()
+        os.close(self._wake_r)
 
 
 def _shut(conn) -> None:

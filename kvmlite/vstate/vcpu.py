@@ -35,6 +35,7 @@ _EXIT_SYSTEM_EVENT = lib.KVM_EXIT_SYSTEM_EVENT
 _EXIT_DEBUG = lib.KVM_EXIT_DEBUG
 _EXIT_UNKNOWN = lib.KVM_EXIT_UNKNOWN
 _EXIT_INTR = lib.KVM_EXIT_INTR
+_EXIT_DIRTY_RING_FULL = lib.KVM_EXIT_DIRTY_RING_FULL
 _run_packed = lib.kvmlite_run_packed
 # Layout of kvmlite_run_packed()'s result (see _kvm_build.py)
 _RUN_FAILED = 0xFF
@@ -107,6 +108,8 @@ class Vcpu:
             return ex.Debug(d.exception, d.pc, d.dr6, d.dr7)
         if reason == _EXIT_INTR:
             return ex.INTERRUPTED
+        if reason == _EXIT_DIRTY_RING_FULL:
+            return ex.DIRTY_RING_FULL
         if reason == _EXIT_UNKNOWN:
             return ex.Unhandled(reason, run.hw.hardware_exit_reason)
         return ex.Unhandled(reason)

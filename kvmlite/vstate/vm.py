@@ -66,6 +66,8 @@ class Vm:
 
     def start_dirty_log(self) -> None:
         """Turn on dirty logging on every memslot.  Afterwards every page counts as dirty.
+        (With a dirty ring, KVM write-protects the slot now and each first write
+        leaves a ring entry; vstate/dirtylog.py puts both behind one interface.)
 
         With KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_GET_DIRTY_LOG only fetches
         and KVM_CLEAR_DIRTY_LOG re-protects a range: that lets migration clear
@@ -74,7 +76,9 @@ class Vm:
         """
         caps = self.kvm.check("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
         want = lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | lib.KVM_DIRTY_LOG_INITIALLY_SET
-        if caps & want == want and not self.manual_protect:
+        # Not with a dirty ring: INITIALLY_SET would leave RAM writable, and a
+        # page written without a fault leaves no ring entry.
+        if caps & want == want and not self.manual_protect and not self.dirty_ring_bytes:
             cap = ffi.new("struct kvm_enable_cap *", {
                 "cap": lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, "args": [want, 0, 0, 0]})
             kvm_call("KVM_ENABLE_CAP", kvm.KVM_ENABLE_CAP, self.fd, cap,
@@ -171,11 +175,7 @@ class Vm:
         reset_dirty_rings() replace it."""
         if self.vcpus:
             raise KvmliteError("the dirty ring must be enabled before the vCPUs are created")
-        cap_name = "KVM_CAP_DIRTY_LOG_RING_ACQ_REL"
-        limit = self.kvm.check(cap_name)
-        if not limit:
-            cap_name = "KVM_CAP_DIRTY_LOG_RING"
-            limit = self.kvm.check(cap_name)
+        cap_name, limit = self.dirty_ring_cap()
         if not limit:
             raise KvmliteError("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING)")
         if nbytes <= 0 or nbytes & (nbytes - 1) or nbytes > limit:
@@ -183,6 +183,16 @@ class Vm:
         cap = ffi.new("struct kvm_enable_cap *", {"cap": getattr(lib, cap_name), "args": [nbytes, 0, 0, 0]})
         kvm_call("KVM_ENABLE_CAP", kvm.KVM_ENABLE_CAP, self.fd, cap, context=f"{cap_name}, {nbytes} bytes")
         self.dirty_ring_bytes = nbytes
+
+    def dirty_ring_cap(self) -> tuple[str, int]:
+        """(capability, the largest ring in bytes; 0 without one).  The _ACQ_REL
+        flavour, where this KVM has it, asks userspace for acquire/release order
+        on the entries' flags, which x86's stores and loads give."""
+        for cap_name in ("KVM_CAP_DIRTY_LOG_RING_ACQ_REL", "KVM_CAP_DIRTY_LOG_RING"):
+            limit = self.kvm.check(cap_name)
+            if limit:
+                return cap_name, limit
+        return "KVM_CAP_DIRTY_LOG_RING", 0
 
     def reset_dirty_rings(self) -> int:
         """KVM_RESET_DIRTY_RINGS: write-protect again every page whose ring entry was

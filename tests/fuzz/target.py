@@ -83,8 +83,9 @@ class RecordingVcpu:
     """Takes the migrated vCPU state without KVM: records it, validates nothing
     (migration.state.validate_state already did)."""
 
-    def __init__(self, memory: GuardedMemory):
+    def __init__(self, memory: GuardedMemory, index: int = 0):
         self.memory = memory
+        self.index = index              # restore_state() asks each vCPU which it is
         self.restored: list[dict] = []
 
     def restore_state(self, state: dict) -> None:
@@ -102,6 +103,12 @@ class FakeMachine(fakes.FakeMachine):
         super().__init__(memory)
         self.vcpu = RecordingVcpu(memory)
         self.vcpus = [self.vcpu]
+
+    def _new_vcpu(self, index: int):
+        vcpu = RecordingVcpu(self.memory, index)
+        if index == 0:
+            self.vcpu = vcpu            # a stream of N vCPUs remakes the machine with N
+        return vcpu
 
 
 class BytesSource:

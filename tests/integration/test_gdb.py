@@ -22,9 +22,9 @@ BOOT_INFO_MAGIC = 0x4F464E49        # "INFO", docs/boot.md: the first bytes of t
 BOOT_INFO_GPA = (256 << 20) - 0x8000 - 3 * 4096
 
 
-def start_vm(port: int, cmdline: str) -> ChildProcess:
+def start_vm(port: int, cmdline: str, *extra: str) -> ChildProcess:
     vm = ChildProcess([sys.executable, "-m", "kvmlite", "run", str(ELF), "--gdb",
-                       f"tcp:127.0.0.1:{port}", "--cmdline", cmdline])
+                       f"tcp:127.0.0.1:{port}", "--cmdline", cmdline, *extra])
     vm.wait_for(rf"kvmlite: waiting for gdb on tcp:127\.0\.0\.1:{port}", stream="stderr")
     return vm
 
@@ -75,6 +75,31 @@ def test_gdb_stepi_moves_one_instruction_at_cpl3():
     assert status == 0, vm.output()
 
 
+@pytest.mark.skipif(GDB is None, reason="needs gdb")
+def test_gdb_shows_vcpus_as_threads_and_a_breakpoint_stops_them_all():
+    """--smp 2: CPU 1 alone runs run_workload_ap; its breakpoint names thread 2, `info threads`
+    lists both vCPUs, thread 1 has its own RIP and stays put (its page counter too) while
+    stopped, and the guest finishes once gdb continues."""
+    port = free_port()
+    with start_vm(port, "workload=churn pages=2000 rounds=60", "--smp", "2") as vm:
+        out = run_gdb(port, "break run_workload_ap", "continue", "info threads",
+                      "thread 1", "print $pc", "print g_percpu[0].stats.pages_written", "shell sleep 1",
+                      "print g_percpu[0].stats.pages_written", "print $pc",
+                      "thread 2", "print $pc", "delete", "continue")
+        status = vm.wait(60)
+    assert re.search(r"Thread 2 hit Breakpoint 1, run_workload_ap \(\)", out), out
+    assert re.search(r"^\s+1\s+Thread 1 \(vCPU 0\) ", out, re.MULTILINE), out
+    assert re.search(r"^\*\s+2\s+Thread 2 \(vCPU 1\) run_workload_ap \(\)", out, re.MULTILINE), out
+    values = dict(re.findall(r"^\$(\d+) = (.*)$", out, re.MULTILINE))
+    assert values["1"] == values["4"], out           # vCPU 0 did not move while vCPU 1 was stopped
+    assert values["2"] == values["3"], out           # ... nor write a page
+    assert "<run_workload_ap>" in values["5"] and values["5"] != values["1"], out
+    assert "exited normally" in out, out
+    assert status == 0, vm.output()
+    s = vm.summary()
+    assert s["status"] == "ok" and s["cpus"] == 2
+
+
 def test_ctrl_c_interrupts_a_running_guest():
     """The 0x03 byte stops a running guest with SIGINT; registers are then readable and 'k' ends kvmlite."""
     port = free_port()
@@ -90,10 +115,10 @@ def test_ctrl_c_interrupts_a_running_guest():
                             s.sendall(b"+")
                             return event[1]
 
-            assert exchange(b"?") == b"S05"
+            assert exchange(b"?") == b"T05thread:1;"
             s.sendall(encode_packet(b"c"))
             vm.wait_for(r"fill: ready")
-            assert exchange(None, raw=b"\x03") == b"S02"
+            assert exchange(None, raw=b"\x03") == b"T02thread:1;"
             regs = bytes.fromhex(exchange(b"g").decode())
             rip = int.from_bytes(regs[16 * 8:17 * 8], "little")
             cs = int.from_bytes(regs[17 * 8 + 4:17 * 8 + 8], "little")     # after eflags

@@ -38,3 +38,19 @@ def test_soak_catches_the_broken_order():
     assert r["corrupted_pages"] > 0, r
     assert r["guest_exit_status"] != 0
     assert r["exit_status"] == 1
+
+
+def test_soak_on_two_cpus_loses_no_page():
+    """Allocators on both CPUs at once, the bitmap written concurrently: a few live
+    migrations, each CPU's pages verified, 0 corrupted."""
+    r = _soak("--smp", "2", "--migrations", "4")
+    assert r["cpus"] == 2 and r["completed"] == 4 and r["failed"] == 0, r
+    assert r["guest_exit_status"] == 0 and r["guest_errors"] == 0 and r["corrupted_pages"] == 0, r
+    assert r["exit_status"] == 0
+
+
+def test_soak_on_two_cpus_catches_the_broken_order():
+    """The broken order still loses pages when both CPUs churn."""
+    r = _soak("--smp", "2", "--migrations", "4", "--broken-order", module="tests.harness soak")
+    assert r["cpus"] == 2 and r["corrupted_pages"] > 0, r
+    assert r["exit_status"] == 1

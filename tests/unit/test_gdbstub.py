@@ -8,8 +8,8 @@ import pytest
 
 from kvmlite.errors import ConfigError
 from kvmlite.gdbstub import (GDB_REGS, PacketReader, checksum, encode_packet, escape, gate_offset,
-                             pack_registers, parse_endpoint, segment_from_descriptor, unescape,
-                             unpack_registers)
+                             pack_registers, parse_endpoint, parse_thread_id, parse_vcont,
+                             segment_from_descriptor, unescape, unpack_registers)
 
 
 def test_checksum_is_byte_sum_mod_256():
@@ -126,3 +126,30 @@ def test_parse_endpoint_rejects_bad_values_with_one_line(bad):
     """A bad --gdb value is a ConfigError naming the option."""
     with pytest.raises(ConfigError, match="--gdb"):
         parse_endpoint(bad)
+
+
+def test_thread_ids_name_vcpus_from_one():
+    """gdb's thread i + 1 is vCPU i; -1 (all) and 0 (any) name none; others are refused."""
+    assert parse_thread_id(b"1", 2) == 0 and parse_thread_id(b"2", 2) == 1
+    assert parse_thread_id(b"a", 16) == 9
+    assert parse_thread_id(b"-1", 2) is None and parse_thread_id(b"0", 2) is None
+    for bad in (b"3", b"", b"x", b"-2"):
+        with pytest.raises(ValueError):
+            parse_thread_id(bad, 2)
+
+
+@pytest.mark.parametrize("packet,expected", [
+    (b";c", {0: "c", 1: "c", 2: "c"}),                   # continue all
+    (b";s:2;c", {1: "s", 0: "c", 2: "c"}),               # step thread 2, the rest continue
+    (b";s:2", {1: "s"}),                                 # step thread 2 alone: the others stay parked
+    (b";c:1;s:1", {0: "c"}),                             # the leftmost action for a thread wins
+    (b";S05:3;C02", {2: "s", 0: "c", 1: "c"}),           # signals are accepted, not delivered
+])
+def test_vcont_actions_per_vcpu(packet, expected):
+    assert parse_vcont(packet, 3) == expected
+
+
+@pytest.mark.parametrize("packet", [b"", b";", b";t", b";r1,2", b";c:4", b";Cxx", b"c"])
+def test_vcont_refuses_what_it_does_not_do(packet):
+    with pytest.raises(ValueError):
+        parse_vcont(packet, 3)

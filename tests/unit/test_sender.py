@@ -18,19 +18,20 @@ from tests.fakes import FakeMachine, StreamSink, socketpair_source
 NPAGES = 4096                   # 16 MiB
 
 
-@pytest.fixture
-def machine():
+@pytest.fixture(params=["bitmap", "ring"])
+def machine(request):
+    """A fake VM whose dirty pages are tracked by the bitmap log or by the vCPUs' dirty rings."""
     mem = GuestMemory(NPAGES * PAGE_SIZE)
     for p in range(0, NPAGES, 3):                 # every third page holds data
         mem.write(p * PAGE_SIZE, p.to_bytes(4, "little") * (PAGE_SIZE // 4))
-    m = FakeMachine(mem)
+    m = FakeMachine(mem, dirty_ring=request.param == "ring")
     yield m
     mem.close()
 
 
-def run(machine, sink=None, **params) -> Migration:
+def run(machine, sink=None, migration_class=Migration, **params) -> Migration:
     """A migration to a fake sink, run to its end on this thread."""
-    mig = Migration(machine, MigrationParams("tcp:127.0.0.1:9", **params), sink=sink or StreamSink())
+    mig = migration_class(machine, MigrationParams("tcp:127.0.0.1:9", **params), sink=sink or StreamSink())
     mig.start()
     assert mig.wait(30)
     return mig
@@ -107,12 +108,14 @@ class RacingGuest:
 
     TAKEN = 1500
 
-    def __init__(self, machine):
+    def __init__(self, machine, take_at: int = 2):
         self.machine = machine
+        self.take_at = take_at       # the guest takes the page right after this read of the free bits
         free = np.zeros(NPAGES, dtype=bool)
         free[1000:2000] = True
         self.words = np.packbits(free, bitorder="little").view(np.uint64)
         self.reads = 0
+        self.taken = False
 
     def free_view(self):
         return self
@@ -120,7 +123,10 @@ class RacingGuest:
     def free_words(self, w0, w1):
         out = self.words[w0:w1].copy()
         self.reads += 1
-        if self.reads == 2:          # the first read while round 1 sends (the 1st counts what is left)
+        # 2: the first read while round 1 sends (the 1st counts what is left).
+        # A paused guest takes nothing: then it takes at its next read while running.
+        if self.reads >= self.take_at and not self.taken and not self.machine.paused:
+            self.taken = True
             p = self.TAKEN
             self.words[p // 64] &= ~np.uint64(1 << (p % 64))
             self.machine.memory.write(p * PAGE_SIZE, b"taken!" * 600)
@@ -139,6 +145,42 @@ def test_claim_2_a_page_taken_while_the_sender_looks_still_arrives(machine):
     p = RacingGuest.TAKEN * PAGE_SIZE
     assert arrived(machine, sink).read(p, PAGE_SIZE) == machine.memory.read(p, PAGE_SIZE)
     assert mig.stats.pages_skipped_free == 999
+    if machine.dirty_log.kind == "ring":
+        assert machine.vm.resets >= mig.stats.rounds      # each sync reset the rings
+
+
+def _race(machine, take_at: int, migration_class=Migration) -> bool:
+    """Migrate with the guest taking page TAKEN after the take_at-th read of the free
+    bits; True if the page arrived with its data."""
+    machine.fph = guest = RacingGuest(machine, take_at)
+    sink = StreamSink()
+    mig = run(machine, sink, migration_class=migration_class)
+    assert mig.status is S.COMPLETED, mig.stats.error
+    assert guest.taken, "the guest never got to take its page"
+    p = RacingGuest.TAKEN * PAGE_SIZE
+    return arrived(machine, sink).read(p, PAGE_SIZE) == machine.memory.read(p, PAGE_SIZE)
+
+
+@pytest.mark.parametrize("take_at", [1, 2, 3])     # reads while the guest runs, both logs
+def test_claim_2_a_page_taken_at_any_moment_arrives(machine, take_at):
+    """Whenever in the rounds the guest takes the free page, it arrives: with the bitmap
+    (per-chunk clear before the read) and with the rings (harvest and reset at each sync)."""
+    assert _race(machine, take_at)
+
+
+def test_the_broken_order_loses_a_page_at_some_moment(machine):
+    """The harness's sender reads the free bits before it clears the log (with the rings:
+    before the sync's harvest and reset); taken at the wrong moment, the page is lost.
+    So the test above can fail."""
+    from tests.harness import BrokenOrderMigration
+    lost = []
+    for take_at in (1, 2, 3):
+        mem = machine.memory
+        m = FakeMachine(mem, dirty_ring=machine.dirty_log.kind == "ring")
+        mem.write(RacingGuest.TAKEN * PAGE_SIZE, bytes(PAGE_SIZE))
+        if not _race(m, take_at, BrokenOrderMigration):
+            lost.append(take_at)
+    assert lost, "the broken order lost nothing"
 
 
 @pytest.mark.parametrize("answers,status,resumed,quit", [

@@ -312,3 +312,12 @@ def test_zsh_completion_is_made_from_the_parser(capsys):
         pytest.skip("zsh is not installed: the script's syntax was not checked by zsh")
     r = subprocess.run(["zsh", "-n"], input=script, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("flags,ring,vcpus", [((), False, 1), (("--dirty-ring",), True, 1),
+                                              (("--no-dirty-ring", "--smp", "2"), False, 2)])
+def test_smp_and_dirty_ring_reach_the_machine_config(image, flags, ring, vcpus):
+    """--smp N and --dirty-ring become MachineConfig fields; the bitmap log is the default."""
+    args = cli._parser().parse_args(["run", image, *flags])
+    cfg = cli.run_config(args)
+    assert cfg.machine.dirty_ring is ring and cfg.machine.vcpus == vcpus
