@@ -216,7 +216,9 @@ class Machine:
     between exits.  Use it as a context manager, or call close().
     """
 
-    def __init__(self, config: MachineConfig, *, output=None):
+    def __init__(self, config: MachineConfig, *, output=None, memory: GuestMemory | None = None):
+        """`memory`: RAM made elsewhere (a local migration's memfd) of `config.memory`
+        bytes, which the machine owns from here on."""
         if config.memory is None:
             raise ConfigError("the machine needs a memory size")
         self.config = config
@@ -240,7 +242,8 @@ class Machine:
                 if config.vcpus > hosts:
                     log.info(f"{config.vcpus} vCPUs on {hosts} host CPUs: overcommitted")
                 self.vm.create_irqchip()     # before the vCPUs: each gets a LAPIC
-            self.memory = GuestMemory(config.memory, prefault=config.prefault)
+            self.memory = memory or GuestMemory(config.memory, prefault=config.prefault,
+                                                backend=config.memory_backend)
             self.vm.add_memory(self.memory)
             # the guest's serial and debug-console output: stdout, or a file
             # descriptor, a binary file object or a callable taking bytes
@@ -272,6 +275,8 @@ class Machine:
             for vt in self.vcpu_threads:
                 vt._ready.result(READY_TIMEOUT)
         except BaseException:
+            if memory is not None and memory not in self.vm.regions:
+                memory.close()          # ours, though the VM never got it
             self.close()
             raise
 
