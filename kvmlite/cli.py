@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--monitor", metavar="unix:PATH", help="JSON-lines control socket")
     run.add_argument("--gdb", metavar="tcp:HOST:PORT",
                      help="wait for gdb (target remote HOST:PORT) before the guest's first instruction")
-    run.add_argument("--incoming", metavar="tcp:[HOST:]PORT|file:PATH",
+    run.add_argument("--incoming", metavar="tcp:[HOST:]PORT|unix:PATH|file:PATH",
                      help="wait for a migration (listening on 127.0.0.1 unless HOST is given), "
                      "or restore a snapshot file, instead of booting an image")
     run.add_argument("--insecure", action="store_true",
@@ -56,12 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     _security_options(run)
     run.add_argument("--prealloc", action="store_true",
                      help="pre-fault all guest RAM at start (default for --incoming with --memory)")
+    run.add_argument("--memory-backend", choices=("anon", "memfd"), default="anon",
+                     help="guest RAM in private anonymous memory (default) or in a memfd, which "
+                     "`migrate --local` hands to a destination on this host without copying a page")
 
     sub.add_parser("info", help="what /dev/kvm offers here")
 
     mig = sub.add_parser("migrate", help="live-migrate a running VM to a destination, or save it to a file")
     mig.add_argument("--monitor", required=True, metavar="PATH", help="the source VM's monitor socket")
-    mig.add_argument("uri", nargs="?", metavar="tcp:HOST:PORT|file:PATH",
+    mig.add_argument("uri", nargs="?", metavar="tcp:HOST:PORT|unix:PATH|file:PATH",
                      help="destination (kvmlite run --incoming), or a snapshot file to write")
     mig.add_argument("--no-free-page-hint", dest="hint", action="store_false",
                      help="send free pages too (baseline; zero pages are still detected)")
@@ -76,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
                      help="shared key to prove to the destination (default: the VM's own --auth-key)")
     mig.add_argument("--keep-running", action="store_true",
                      help="with file:PATH: save a snapshot and let the VM carry on here")
+    mig.add_argument("--channels", type=int, default=1, metavar="N",
+                     help="tcp: spread the pages over N connections, each sent from its own thread "
+                     "(QEMU's multifd; 1 to 8, default 1; 1 under TLS)")
+    mig.add_argument("--local", action="store_true",
+                     help="with unix:PATH: hand the guest's RAM (--memory-backend memfd) to a "
+                     "destination on this host instead of copying it; it gives the free pages' "
+                     "memory back to the host")
     mig.add_argument("--pagemap", metavar="FILE.png",
                      help="when it ends, draw which round sent each page into this PNG")
     mig.add_argument("--resolve", choices=("source", "destination"),
@@ -116,7 +126,8 @@ def run_config(args) -> "RunConfig":
     memory = parse_size(args.memory) if args.memory else None
     if memory is None and not args.incoming:
         memory = parse_size(DEFAULT_MEMORY)
-    machine = MachineConfig(memory=memory, vcpus=args.smp, prefault=args.prealloc, trace=args.trace)
+    machine = MachineConfig(memory=memory, vcpus=args.smp, prefault=args.prealloc, trace=args.trace,
+                            memory_backend=args.memory_backend)
     creds = Credentials.load(args.auth_key, args.tls_cert, args.tls_key, args.tls_ca)
     timeout = args.timeout if args.timeout is not None else 30.0
     boot = incoming = None
@@ -156,7 +167,8 @@ def main(argv=None, *, hooks=None, migration_class=None) -> int:
                 monitor=args.monitor, uri=args.uri, hint=args.hint, stop_copy=args.stop_copy,
                 downtime_ms=args.downtime_ms, bandwidth=args.bandwidth, max_rounds=args.max_rounds,
                 as_json=args.json, timeout=args.timeout, auth_key=args.auth_key,
-                keep_running=args.keep_running, pagemap=args.pagemap, resolve=args.resolve)
+                keep_running=args.keep_running, pagemap=args.pagemap, resolve=args.resolve,
+                channels=args.channels, local=args.local)
         if args.command == "pagemap":
             from .tools.pagemap import pagemap_command
             return pagemap_command(source=args.source, monitor=args.monitor, png=args.png,

@@ -8,11 +8,13 @@
 One JSON object per line each way.  A bad request gets an error object back;
 the connection stays open.
 
-Migration: `migrate` takes `uri` (`tcp:HOST:PORT`, `tcp:PORT`, `file:PATH`)
-and optionally `hint`, `live`, `bandwidth` ("100M"), `downtime-ms`,
+Migration: `migrate` takes `uri` (`tcp:HOST:PORT`, `tcp:PORT`, `unix:PATH`,
+`file:PATH`) and optionally `hint`, `live`, `bandwidth` ("100M"), `downtime-ms`,
 `max-rounds`, `timeout` (seconds without progress), `auth-key` (a key file
-the VMM reads, instead of its own `--auth-key`) and, with `file:`,
-`keep-running`; every argument has its type checked.  It returns at once;
+the VMM reads, instead of its own `--auth-key`), with `file:`,
+`keep-running`, with `tcp:`, `channels` (connections to spread the pages
+over, 1 to 8), and with `unix:`, `local` (hand the RAM's memfd over, copy no
+page); every argument has its type checked.  It returns at once;
 `query-migrate` follows it and `migrate-cancel` stops it (the VM keeps
 running here) until the handover has begun.  One migration at a time.
 `x-migrate-resolve` with `owner` "source" or "destination" settles a
@@ -216,7 +218,7 @@ class Monitor:
         if self.new_migration is None:
             raise CommandError("this VMM cannot start migrations")
         allowed = {"downtime-ms": "downtime_ms", "max-rounds": "max_rounds", "timeout": "timeout",
-                   "keep-running": "keep_running"}
+                   "keep-running": "keep_running", "channels": "channels", "local": "local"}
         params = {"hint": hint, "live": live}
         for k, v in kw.items():
             if k == "auth-key":

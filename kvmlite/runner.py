@@ -50,10 +50,12 @@ def run(cfg: RunConfig, *, hooks: Hooks = NO_HOOKS, migration_class=None) -> int
 
 def _run_incoming(cfg: RunConfig, hooks: Hooks, migration_class) -> int:
     from .migration.destination import Incoming
+    from .endpoints import UnixUri
     machine = None
-    if cfg.machine.memory is not None:
+    if cfg.machine.memory is not None and not isinstance(cfg.incoming.target, UnixUri):
         # As QEMU's -m with -mem-prealloc: fault every page in before the
         # stream starts, so receiving is not slowed by first-touch faults.
+        # (On unix: the RAM may come with the stream, a local migration's memfd.)
         machine = Machine(replace(cfg.machine, prefault=True))
     try:
         incoming = Incoming(cfg.incoming, cfg.creds, cfg.machine, hooks=hooks, machine=machine)
@@ -91,7 +93,11 @@ def _migration_factory(machine: Machine, cfg: RunConfig, hooks: Hooks, migration
         from .migration.source import Migration
         params.setdefault("creds", cfg.creds)
         params.setdefault("timeout", cfg.timeout)
-        return (migration_class or Migration)(machine, MigrationParams(uri, **params), hooks=hooks)
+        mp = MigrationParams(uri, **params)
+        if mp.local:
+            from .migration.local import LocalMigration
+            return LocalMigration(machine, mp, hooks=hooks)
+        return (migration_class or Migration)(machine, mp, hooks=hooks)
     return new_migration
 
 

@@ -50,7 +50,8 @@ def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
                     stop_copy: bool = False, downtime_ms: float = 5.0, bandwidth: str = "0",
                     max_rounds: int = 30, as_json: bool = False, timeout: float | None = None,
                     auth_key: str | None = None, keep_running: bool = False,
-                    pagemap: str | None = None, resolve: str | None = None) -> int:
+                    pagemap: str | None = None, resolve: str | None = None, channels: int = 1,
+                    local: bool = False) -> int:
     """`kvmlite migrate`: start a migration on a VM's monitor, follow it, print its stats.
     With `resolve` ("source" or "destination"), settle an unresolved one instead."""
     from ..units import parse_size
@@ -63,7 +64,8 @@ def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
             print(f"kvmlite: migration resolved: {s['status']}", file=sys.stderr)
             return 0
         if uri is None:
-            raise KvmliteError("give the destination (tcp:HOST:PORT or file:PATH), or --resolve")
+            raise KvmliteError("give the destination (tcp:HOST:PORT, unix:PATH or file:PATH), "
+                               "or --resolve")
         parse_size(bandwidth, "--bandwidth")
         if pagemap:
             _check_writable(pagemap)
@@ -75,6 +77,10 @@ def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
             extra["auth-key"] = os.path.abspath(auth_key)
         if keep_running:
             extra["keep-running"] = True
+        if channels != 1:
+            extra["channels"] = channels
+        if local:
+            extra["local"] = True
         client.execute("migrate", uri=uri, hint=hint, live=not stop_copy,
                        bandwidth=bandwidth, **extra)
         s = follow(client, show_progress=not as_json and sys.stderr.isatty(), hold=bool(pagemap))
