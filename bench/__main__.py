@@ -188,7 +188,7 @@ def loopback_sendall(nbytes: int, tls=None) -> float:
     src.write(os.urandom(1 << 20) * 32)
     dst = bytearray(chunk)
     # the same socket buffers as kvmlite's migration (the faster setting here)
-    from kvmlite.migration.source import SOCKET_BUFFER
+    from kvmlite.migration.transport import SOCKET_BUFFER
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
     srv.bind(("127.0.0.1", 0))

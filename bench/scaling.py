@@ -81,7 +81,7 @@ def _reap(vm, timeout: float) -> int:
 
 
 def kvmlite_migrate(memory_mib: int, cmdline: str, *, hint: bool = True, live: bool = True,
-                    downtime_ms: float = 5.0, prealloc_dst: bool = True) -> dict:
+                    downtime_ms: float = 5.0, prealloc_dst: bool = True, channels: int = 1) -> dict:
     """Two kvmlite processes: boot the guest, wait for `fill: ready`, migrate, let the
     guest finish on the destination and check its self-check.  Returns the source's
     migration stats plus both processes' peak RSS."""
@@ -94,7 +94,7 @@ def kvmlite_migrate(memory_mib: int, cmdline: str, *, hint: bool = True, live: b
         src.wait_for(r"^fill: ready", timeout=300)
         c = src.client()
         c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", hint=hint, live=live,
-                  **{"downtime-ms": downtime_ms})
+                  **{"downtime-ms": downtime_ms}, **({"channels": channels} if channels > 1 else {}))
         deadline = time.monotonic() + 300
         while True:
             s = c.execute("query-migrate")

@@ -25,6 +25,9 @@ from ..log import log
 from ..rt import favoured
 from ..util import gc_paused
 from . import channels as multi, transport, wire
+# imported now, not when a local migration's preamble comes: the source waits
+# for the answer to it (~8 ms here, more on a busy host)
+from .local import log_give_back, receive_local
 from .state import restore_state, validate_state
 from .status import RECEIVE_TRANSITIONS, ReceiveState as R, StateMachine
 
@@ -62,11 +65,10 @@ def receive(conn, machine, *, keys: wire.StreamKeys | None = None,
     dec = wire.StreamDecoder(conn, keys=keys, ram_fd_allowed=isinstance(conn, transport.FdReceiver))
     header = dec.read_preamble()
     if header.ram_fd:
-        from .local import receive_local
         if machine is not None:
             machine.close()      # made for --memory; the RAM comes with the stream instead
         machine, local = receive_local(dec, conn, header, machine_config or MachineConfig(memory=None),
-                                       max_memory=max_memory, hooks=hooks)
+                                       max_memory=max_memory, hooks=hooks, downtime=downtime)
         return machine, ReceiveStats(0, 0, dec.bytes_received, dec.rounds,
                                      (time.perf_counter() - t0) * 1000, local=local)
     if len(header.ram) != 1 or header.ram[0][0] != 0:
@@ -330,7 +332,6 @@ class Incoming:
         if self.stats.local is not None:
             # A local migration: every vCPU of both VMMs is parked, and the source
             # never resumes on its own now; give the free pages' memory back.
-            from .local import log_give_back
             log_give_back(self.machine, self.stats.local)
         _send_quietly(conn, {"status": wire.RUNNING})
 

@@ -44,6 +44,7 @@ import numpy as np
 from ..bitmap import ALL_ONES, PAGE_SIZE, expand_runs, list_runs, set_bit_range, words_for
 from ..errors import KvmliteError, MigrationError, StreamError
 from ..log import log
+from ..rt import favoured
 from ..vstate.memory import GuestMemory
 from . import wire
 from .source import Migration
@@ -248,10 +249,12 @@ class LocalHandover:
 
 
 def receive_local(dec: wire.StreamDecoder, conn, header: wire.Header, machine_config, *,
-                  max_memory: int | None, hooks, make_machine=None):
+                  max_memory: int | None, hooks, make_machine=None, downtime=None):
     """After a RAM_FD preamble: adopt the memfd, build the VM, say "mapped", read
     STATE and END, restore the vCPUs (parked) and devices.  Returns (machine,
-    LocalHandover); `give_back` must wait for COMMIT."""
+    LocalHandover); `give_back` must wait for COMMIT.  `downtime`: an ExitStack
+    where this thread's priority for the downtime is entered (kvmlite/rt.py),
+    for the caller to leave before the guest runs."""
     if len(header.ram) != 1 or header.ram[0][0] != 0:
         raise StreamError(f"RAM layout {header.ram} is not supported (one region at GPA 0)")
     ram_size = header.ram[0][1]
@@ -279,6 +282,9 @@ def receive_local(dec: wire.StreamDecoder, conn, header: wire.Header, machine_co
         # Which pages the memfd holds, read now while the source's guest still runs
         # (lseek per extent: tens of ms for a fragmented RAM, kept out of the downtime).
         allocated = allocated_words(memory) if header.hint else None
+        if downtime is not None:
+            # the source pauses its guest on "mapped": from here on a wait for a CPU is downtime
+            downtime.enter_context(favoured())
         conn.sendall(wire.encode_frame({"status": wire.MAPPED}))
         hooks.point("dst:local:mapped")
         state = None

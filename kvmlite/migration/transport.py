@@ -556,6 +556,11 @@ class Listener:
         self._joins: dict[tuple[bytes, int], tuple] = {}     # (session, i) -> (sock, keys, peer)
         self._pending: list[socket.socket] = []
         self._closed = False
+        # A handshake thread that finishes wakes the accepting thread at once
+        # (not at its next poll: a local migration's source waits for that).
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         self.sock = _listen_unix(target, max_pending) if self.unix else _listen_tcp(target, max_pending)
 
     def accept(self) -> tuple[socket.socket, str, "wire.StreamKeys | None"]:
@@ -582,6 +587,7 @@ class Listener:
         """Accept connections and start their handshakes until done() (True) or the deadline."""
         sel = selectors.DefaultSelector()
         sel.register(self.sock, selectors.EVENT_READ)
+        sel.register(self._wake_r, selectors.EVENT_READ)
         try:
             while True:
                 with self._cond:
@@ -589,7 +595,13 @@ class Listener:
                         return True
                 if deadline is not None and time.monotonic() >= deadline:
                     return False
-                if sel.select(0.05):
+                for key, _ in sel.select(0.05):
+                    if key.fileobj is self._wake_r:
+                        try:
+                            self._wake_r.recv(4096)
+                        except OSError:
+                            pass
+                        continue
                     try:
                         conn, addr = self.sock.accept()
                     except OSError:
@@ -597,6 +609,12 @@ class Listener:
                     self._start(conn, str(self.target) if self.unix else f"{addr[0]}:{addr[1]}")
         finally:
             sel.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"!")
+        except OSError:
+            pass                # full (it is already awake) or closed
 
     def _start(self, conn: socket.socket, peer: str) -> None:
         with self._cond:
@@ -647,6 +665,7 @@ class Listener:
                 # has won, so it waits here for accept_channels.
                 self._joins.setdefault((asked["join"], asked["channel"]), (sock, keys, peer))
                 self._cond.notify_all()
+                self._wake()
                 return
             if self._winner is not None:
                 _shut(sock)
@@ -654,6 +673,7 @@ class Listener:
             self._winner = (sock, peer, keys)
             self.asked, self._session = asked["channels"], asked["session"]
             self._cond.notify_all()
+            self._wake()
 
     def _refuse(self, conn: socket.socket, peer: str, why: str) -> None:
         with self._cond:
@@ -673,6 +693,8 @@ class Listener:
         for sock, _, _ in joins:        # channels of no migration, or left over
             _shut(sock)
         self.sock.close()
+        self._wake_w.close()
+        self._wake_r.close()
         if self.unix:
             try:
                 os.unlink(self.target.path)
