@@ -62,9 +62,8 @@ def label(rows: list[dict], side: str, nvcpus: int = 1) -> list[dict]:
     """Name the threads that matter (Python does not name them for the kernel):
     on the source the migration thread is the busiest thread started after
     `migrate`, the others started then are its channels; of the threads that
-    were there before, the first `nvcpus` made after the main one are the
-    vCPUs (one VcpuThread each, made with the machine) and a later busy one
-    serves the monitor (this bench's queries); the
+    were there before, the `nvcpus` busiest are the vCPUs (the guest spins:
+    idle=0) and another busy one serves the monitor (this bench's queries); the
     destination's main thread receives, threads it started during the
     migration are channel readers."""
     for r in rows:
@@ -77,7 +76,7 @@ def label(rows: list[dict], side: str, nvcpus: int = 1) -> list[dict]:
             for r in new:
                 if r is not sender and r["cpu_ms"] > 1:
                     r["what"] = "channel"
-        old = sorted((r for r in rows if not r["new"] and not r["main"]), key=lambda r: r["tid"])
+        old = sorted((r for r in rows if not r["new"] and not r["main"]), key=lambda r: -r["cpu_ms"])
         for i, r in enumerate(old):
             if i < nvcpus:
                 r["what"] = f"vCPU {i}"
