@@ -154,11 +154,17 @@ class _Channel:
                 self.error = e
 
     def stop(self) -> None:
-        """Without END (the migration failed): the thread ends once its queue drains."""
-        try:
-            self._q.put_nowait(None)
-        except queue.Full:
-            pass                         # the shut socket fails the sends; it ends at the next get
+        """Without END (the migration failed, its sockets shut): the thread ends at
+        the None, put in place of batches it would fail to send anyway."""
+        while True:
+            try:
+                self._q.put_nowait(None)
+                return
+            except queue.Full:
+                try:
+                    self._q.get_nowait()
+                except queue.Empty:
+                    pass
 
     def unacked(self) -> int:
         import fcntl
