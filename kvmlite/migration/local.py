@@ -222,16 +222,18 @@ class LocalHandover:
     allocated: tuple | None         # allocated_words, read before the source paused
     hint: bool                      # the source asked for the free pages to be skipped
     downtime_ms: float | None       # the source's downtime limit (the punch's budget)
+    mapped_at: float = 0.0          # perf_counter() when "mapped" went: the source pauses on it
     punch: dict | None = None
 
-    # Of the source's downtime limit, what its pause, state and this side's restore
-    # take when nothing is punched (bench/local.py: ~2-3 ms, medians): the punch gets the rest.
-    RESERVE_MS = 3.0
+    # Of the downtime left when the punch starts, what RUNNING takes to reach
+    # the source (its downtime ends there).
+    ANSWER_MS = 0.5
 
     def give_back(self, machine) -> str:
         """COMMIT has come and no vCPU has run since the source's pause: punch
-        the free pages (if the source asked for the hint), within what the
-        source's downtime limit leaves.  Returns a line for the log."""
+        the free pages (if the source asked for the hint), within what is left
+        of the source's downtime limit (counted from "mapped", which the source
+        pauses on: an upper bound of the downtime so far).  Returns a line for the log."""
         mem = machine.memory
         view = machine.free_pages.free_view()
         if not self.hint or view is None:
@@ -239,7 +241,10 @@ class LocalHandover:
             return (f"RAM handed over ({mem.size >> 20} MiB, {mem.allocated_bytes() >> 20} MiB "
                     f"allocated; {why}, nothing given back)")
         limit = self.downtime_ms
-        budget = None if limit is None else max(limit - self.RESERVE_MS, 0.5)
+        budget = None
+        if limit is not None:
+            spent = (time.perf_counter() - self.mapped_at) * 1000
+            budget = max(limit - spent - self.ANSWER_MS, 0.0)
         p = self.punch = punch_free_pages(mem, view, allocated=self.allocated, budget_ms=budget)
         left = (f"; {p['pages_left']} more stay allocated: the downtime limit ({limit:g} ms) left "
                 "no time to give them back") if p["pages_left"] else ""
@@ -286,6 +291,7 @@ def receive_local(dec: wire.StreamDecoder, conn, header: wire.Header, machine_co
             # the source pauses its guest on "mapped": from here on a wait for a CPU is downtime
             downtime.enter_context(favoured())
         conn.sendall(wire.encode_frame({"status": wire.MAPPED}))
+        mapped_at = time.perf_counter()
         hooks.point("dst:local:mapped")
         state = None
         while True:
@@ -306,7 +312,7 @@ def receive_local(dec: wire.StreamDecoder, conn, header: wire.Header, machine_co
         raise
     limit = header.info.get("downtime_ms")
     downtime = float(limit) if type(limit) in (int, float) and 0 <= limit <= 60_000 else None
-    return machine, LocalHandover(allocated, header.hint, downtime)
+    return machine, LocalHandover(allocated, header.hint, downtime, mapped_at)
 
 
 def _no_pages(gpa: int, nbytes: int):
