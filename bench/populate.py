@@ -18,29 +18,34 @@ from kvmlite.vstate.memory import GuestMemory
 N = 256 << 20
 
 
-def once(populate: bool, RUN: int) -> float:
+def once(populate: bool, run: int) -> float:
+    """The receiving thread's CPU ms for N bytes in runs of `run` bytes."""
     mem = GuestMemory(1 << 30)
     a, b = socket.socketpair()
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
     b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
-    src = bytes(range(256)) * (RUN // 256)
+    src = bytes(range(256)) * (run // 256)
+
     def send():
-        for _ in range(N // RUN):
+        for _ in range(N // run):
             a.sendall(src)
         a.close()
-    t = threading.Thread(target=send); t.start()
+    t = threading.Thread(target=send)
+    t.start()
     c0 = time.thread_time()
     off = 0
     while off < N:
         if populate:
-            mem.populate(off, RUN)
-        view = mem.slice(off, RUN)
+            mem.populate(off, run)
+        view = mem.slice(off, run)
         got = 0
-        while got < RUN:
-            got += b.recv_into(view[got:], RUN - got)
-        off += RUN
+        while got < run:
+            got += b.recv_into(view[got:], run - got)
+        off += run
     cpu = time.thread_time() - c0
-    t.join(); b.close(); mem.close()
+    t.join()
+    b.close()
+    mem.close()
     return cpu * 1000
 
 
