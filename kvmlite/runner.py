@@ -218,7 +218,11 @@ def print_stats(machine: Machine) -> None:
     total = machine.memory.npages
     if machine.fph.registration is None:
         log.info(f"stats: pages total {total}, no free-page bitmap registered, exits {machine.exits}")
-        return
-    free = machine.fph.count_free()
-    log.info(f"stats: pages total {total}, free per bitmap {free}, active {total - free}, "
-             f"exits {machine.exits}")
+    else:
+        free = machine.fph.count_free()
+        log.info(f"stats: pages total {total}, free per bitmap {free}, active {total - free}, "
+                 f"exits {machine.exits}")
+    if machine.nvcpus > 1:
+        for vt in machine.vcpu_threads:
+            kinds = ", ".join(f"{k} {n}" for k, n in list(machine.exits_by_kind(vt.index).items())[:3])
+            log.info(f"stats: vCPU {vt.index}: exits {vt.exits} ({kinds})")

@@ -73,6 +73,18 @@ def render(info: dict, console) -> None:
                          f"{s['limit']:#x}", str(s["l"]), str(s["db"]))
         tables = [general, control, segs]
 
+    if len(info["vcpus"]) > 1:
+        cpus = Table(title="every vCPU")
+        for col in ("vCPU", "rip", "rsp", "CPL", "exits", "most frequent exit"):
+            cpus.add_column(col, justify="right")
+        for v in info["vcpus"]:
+            r = v.get("registers")
+            top = next(iter(v["exits"].items()), ("-", 0))
+            cpus.add_row(str(v["cpu-index"]), f"{r['rip']:#x}" if r else "-", f"{r['rsp']:#x}" if r else "-",
+                         str(r["cs"]["selector"] & 3) if r else "-", str(v["exits-total"]),
+                         f"{top[0]} ({top[1]})")
+        tables.append(cpus)
+
     exits = Table(title="VM exits by kind")
     exits.add_column("kind")
     exits.add_column("count", justify="right")

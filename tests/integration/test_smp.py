@@ -130,3 +130,28 @@ def test_same_image_starts_its_cpus_under_qemu(guest_image):
     assert cpus[1]["started_by"] == "sipi" and cpus[1]["verified"] > 0
     s = summary(r.stdout)
     assert s["status"] == "ok" and s["cpus"] == 2
+
+
+def test_inspect_and_stats_report_every_vcpu(guest_image):
+    """`kvmlite inspect --json` has registers and exits for each vCPU, each inside the image at
+    CPL 3; `--stats` adds a line per vCPU."""
+    import json
+
+    from kvmlite.procs import VmProcess
+    vm = VmProcess([str(guest_image), "--smp", "2", "--cmdline", "workload=churn pages=2000 rounds=0"])
+    with vm:
+        vm.wait_for(r"^smp: 2 of 2 CPUs online", timeout=60)
+        out = kvmlite("inspect", "--monitor", vm.monitor_path, "--json")
+        assert out.returncode == 0, out.stderr
+        info = json.loads(out.stdout)
+        assert [v["cpu-index"] for v in info["vcpus"]] == [0, 1]
+        image = info["image"]
+        for v in info["vcpus"]:
+            regs = v["registers"]
+            assert image["start"] <= regs["rip"] < image["end"] and regs["cs"]["selector"] & 3 == 3, v
+            assert v["exits-total"] > 0
+        assert info["exits-total"] == sum(v["exits-total"] for v in info["vcpus"])
+    r = kvmlite("run", str(guest_image), "--smp", "2", "--stats", "--cmdline", "workload=churn pages=2000 rounds=2")
+    assert r.returncode == 0, r.stderr
+    per_cpu = [line for line in r.stderr.splitlines() if line.startswith("kvmlite: stats: vCPU ")]
+    assert [line.split()[3].rstrip(":") for line in per_cpu] == ["0", "1"], r.stderr
