@@ -81,11 +81,14 @@ def _reap(vm, timeout: float) -> int:
 
 
 def kvmlite_migrate(memory_mib: int, cmdline: str, *, hint: bool = True, live: bool = True,
-                    downtime_ms: int = 5, prealloc_dst: bool = True, src_args=(), dst_args=()) -> dict:
+                    downtime_ms: int = 5, prealloc_dst: bool = True, src_args=(), dst_args=(),
+                    channels: int = 1) -> dict:
     """Two kvmlite processes: boot the guest, wait for `fill: ready`, migrate it over
     QMP with the code that migrates QEMU (bench/qmpmig.py: destination `--incoming
     defer` + migrate-incoming), let the guest finish on the destination and check
-    its self-check.  Returns qmpmig's figures plus both processes' peak RSS."""
+    its self-check.  `channels` > 1: over that many connections (QEMU's multifd
+    capability and multifd-channels).  Returns qmpmig's figures plus both
+    processes' peak RSS."""
     from kvmlite.procs import VmProcess, free_port, start_deferred_destination
 
     from bench import qmpmig
@@ -96,9 +99,10 @@ def kvmlite_migrate(memory_mib: int, cmdline: str, *, hint: bool = True, live: b
         src.wait_for(r"^fill: ready", timeout=300)
         with src.client() as sq, dst.client() as dq:
             try:
+                multifd = {"multifd-channels": channels} if channels > 1 else {}
                 s = qmpmig.migrate(sq, dq, f"tcp:127.0.0.1:{free_port()}", live=live,
-                                   src_capabilities={"x-free-page-hint": hint},
-                                   parameters={"downtime-limit": downtime_ms})
+                                   src_capabilities={"x-free-page-hint": hint, "multifd": channels > 1},
+                                   parameters={"downtime-limit": downtime_ms, **multifd})
             except qmpmig.MigrationFailed as e:
                 raise RuntimeError(f"{e}\n{src.output()}\n{dst.output()}") from None
         if _reap(src, 60) != 0:

@@ -42,9 +42,11 @@ __all__ = ["Monitor", "CAPABILITY_DEFAULTS", "PARAMETER_DEFAULTS", "SHUTDOWN_BY_
 # kvmlite's defaults, which differ from QEMU's where kvmlite's design does.
 _DEFAULT_PARAMS = MigrationParams("file:-")
 CAPABILITY_DEFAULTS = {"events": False, "auto-converge": _DEFAULT_PARAMS.auto_converge,
-                       "x-free-page-hint": _DEFAULT_PARAMS.hint}
+                       "multifd": _DEFAULT_PARAMS.channels > 1,
+                       "x-free-page-hint": _DEFAULT_PARAMS.hint, "x-local": _DEFAULT_PARAMS.local}
 PARAMETER_DEFAULTS = {"downtime-limit": round(_DEFAULT_PARAMS.downtime_ms),
                       "max-bandwidth": _DEFAULT_PARAMS.bandwidth,
+                      "multifd-channels": 2,          # QEMU's default; used with the multifd capability
                       "x-max-rounds": _DEFAULT_PARAMS.max_rounds,
                       "x-stall-timeout": 0, "x-auth-key": ""}
 
@@ -181,6 +183,17 @@ class Monitor:
     def query_kvm(self) -> dict:
         return {"enabled": True, "present": True}
 
+    @handles("query-memdev")
+    def query_memdev(self) -> list:
+        mem = self._machine().memory
+        memfd = mem.fd is not None
+        dev = {"size": mem.size, "merge": False, "dump": True, "prealloc": mem.preallocated,
+               "share": memfd, "host-nodes": [], "policy": "default",
+               "x-backend": "memory-backend-memfd" if memfd else "memory-backend-ram"}
+        if memfd:
+            dev["x-allocated"] = mem.allocated_bytes()
+        return [dev]
+
     @handles("stop")
     def stop(self) -> None:
         m = self._running_machine()
@@ -241,7 +254,7 @@ class Monitor:
         key = self._auth_key
         if "x-auth-key" in given:
             key = read_key(new["x-auth-key"]) if new["x-auth-key"] else None
-        self._params("file:-", new, key)          # ConfigError: refused, nothing changed
+        self._params("file:-", new, key, capabilities=False)   # ConfigError: refused, nothing changed
         self.parameters, self._auth_key = new, key
 
     @handles("query-migrate-parameters")
@@ -249,18 +262,23 @@ class Monitor:
         return dict(self.parameters)
 
     def _params(self, uri: str, p: dict, key: bytes | None, *, live: bool = True,
-                keep_running: bool = False) -> MigrationParams:
+                keep_running: bool = False, capabilities: bool = True) -> MigrationParams:
+        """The MigrationParams of a migration to `uri` with parameters `p`;
+        `capabilities` False leaves out those that depend on the uri (multifd,
+        x-local), for checking parameters alone."""
         creds = self.creds
         if key is not None:
             from dataclasses import replace
             creds = replace(creds, key=key)
+        caps = self.capabilities
         return MigrationParams(
-            uri, hint=self.capabilities["x-free-page-hint"], live=live,
+            uri, hint=caps["x-free-page-hint"], live=live,
             downtime_ms=float(p["downtime-limit"]), bandwidth=p["max-bandwidth"],
             max_rounds=p["x-max-rounds"],
             timeout=p["x-stall-timeout"] / 1000 if p["x-stall-timeout"] else self.timeout,
-            keep_running=keep_running, creds=creds,
-            auto_converge=self.capabilities["auto-converge"])
+            keep_running=keep_running, creds=creds, auto_converge=caps["auto-converge"],
+            channels=p["multifd-channels"] if capabilities and caps["multifd"] else 1,
+            local=capabilities and caps["x-local"])
 
     @handles("migrate")
     def migrate(self, uri: str, detach: bool = False, resume: bool = False,
@@ -484,7 +502,7 @@ def _registers(vcpu) -> dict:
 
 def _ram(*, transferred: int, remaining: int, total: int, duplicate: int, normal: int,
          seconds: float, syncs: int, precopy: int | None = None, dirty_rate: float = 0.0,
-         skipped: int = 0, resent: int = 0) -> dict:
+         skipped: int = 0, resent: int = 0, multifd: int = 0) -> dict:
     """QAPI MigrationStats: QEMU's units (bytes, pages, Mbit/s), kvmlite's x- members."""
     return {
         "transferred": transferred, "remaining": remaining, "total": total,
@@ -492,7 +510,7 @@ def _ram(*, transferred: int, remaining: int, total: int, duplicate: int, normal
         "dirty-pages-rate": round(dirty_rate),
         "mbps": round(transferred * 8 / 1e6 / seconds, 3),      # megabits: QEMU's unit, not MiB/s
         "dirty-sync-count": syncs, "postcopy-requests": 0, "page-size": PAGE_SIZE,
-        "multifd-bytes": 0, "pages-per-second": round((normal + duplicate) / seconds),
+        "multifd-bytes": multifd, "pages-per-second": round((normal + duplicate) / seconds),
         "precopy-bytes": transferred if precopy is None else precopy,
         "downtime-bytes": 0 if precopy is None else transferred - precopy,
         "postcopy-bytes": 0, "dirty-sync-missed-zero-copy": 0,
@@ -524,7 +542,7 @@ def migration_info(mig) -> dict:
                        seconds=seconds, syncs=s.dirty_syncs,
                        precopy=s.precopy_bytes or None,
                        dirty_rate=s.dirty_rate_pps, skipped=s.pages_skipped_free,
-                       resent=s.pages_resent)
+                       resent=s.pages_resent, multifd=s.multifd_bytes)
     if status is S.ACTIVE:
         rate = s.bytes_wire / seconds
         if rate > 0:
