@@ -30,7 +30,7 @@ def plot(results: dict, path: Path) -> Path:
         sweep = q["stale_sweep"]
         xs = sorted(int(p) for p in sweep)
         for config in q["configs"]:
-            if not all(sweep[str(x)][config]["n"] for x in xs):
+            if not all(config in sweep[str(x)] and sweep[str(x)][config]["n"] for x in xs):
                 continue
             _errbar(axes[0][0], xs, [sweep[str(x)][config]["total_ms"] for x in xs], config)
             _errbar(axes[0][1], xs, [sweep[str(x)][config]["mib_wire"] for x in xs], config)

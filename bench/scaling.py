@@ -83,13 +83,14 @@ def _reap(vm, timeout: float) -> int:
 def kvmlite_migrate(memory_mib: int, cmdline: str, *, hint: bool = True, live: bool = True,
                     downtime_ms: int = 5, prealloc_dst: bool = True, src_args=(), dst_args=(),
                     capabilities: dict | None = None, parameters: dict | None = None,
-                    postcopy: int | None = None) -> dict:
+                    postcopy: int | None = None, channels: int = 1) -> dict:
     """Two kvmlite processes: boot the guest, wait for `fill: ready`, migrate it over
     QMP with the code that migrates QEMU (bench/qmpmig.py: destination `--incoming
     defer` + migrate-incoming), let the guest finish on the destination and check
     its self-check.  `capabilities` and `parameters` add to the hint and the
     downtime limit (postcopy-ram goes to both sides, as QEMU needs it);
-    `postcopy` as qmpmig.migrate's.  Returns qmpmig's figures plus both
+    `postcopy` as qmpmig.migrate's.  `channels` > 1: over that many connections
+    (QEMU's multifd capability and multifd-channels).  Returns qmpmig's figures plus both
     processes' peak RSS."""
     from kvmlite.procs import VmProcess, free_port, start_deferred_destination
 
@@ -101,11 +102,12 @@ def kvmlite_migrate(memory_mib: int, cmdline: str, *, hint: bool = True, live: b
         src.wait_for(r"^fill: ready", timeout=300)
         with src.client() as sq, dst.client() as dq:
             try:
-                caps = {"x-free-page-hint": hint, **(capabilities or {})}
+                multifd = {"multifd-channels": channels} if channels > 1 else {}
+                caps = {"x-free-page-hint": hint, "multifd": channels > 1, **(capabilities or {})}
                 s = qmpmig.migrate(sq, dq, f"tcp:127.0.0.1:{free_port()}", live=live,
                                    src_capabilities=caps,
                                    dst_capabilities={k: v for k, v in caps.items() if k == "postcopy-ram"},
-                                   parameters={"downtime-limit": downtime_ms, **(parameters or {})},
+                                   parameters={"downtime-limit": downtime_ms, **multifd, **(parameters or {})},
                                    postcopy=postcopy)
             except qmpmig.MigrationFailed as e:
                 raise RuntimeError(f"{e}\n{src.output()}\n{dst.output()}") from None

@@ -151,6 +151,8 @@ static const unsigned long KVM_RESET_DIRTY_RINGS;
 
 #define MADV_POPULATE_WRITE ...
 #define MADV_HUGEPAGE ...
+#define FALLOC_FL_KEEP_SIZE ...
+#define FALLOC_FL_PUNCH_HOLE ...
 
 /* ---- structures, layouts checked against the header by the compiler ---- */
 struct kvm_userspace_memory_region {
@@ -351,6 +353,7 @@ int kvmlite_run(int vcpu_fd);
 uint64_t kvmlite_run_packed(int vcpu_fd, struct kvm_run *run);
 int kvmlite_install_kick_handler(int signo);
 int kvmlite_madvise(void *addr, size_t length, int advice);
+int kvmlite_fallocate(int fd, int mode, int64_t offset, int64_t length);
 size_t kvmlite_zero_pages(const void *base, size_t npages, size_t page_size, unsigned char *is_zero);
 size_t kvmlite_zero_page_list(const void *base, const int64_t *pages, size_t n, size_t page_size,
                               unsigned char *is_zero);
@@ -362,7 +365,9 @@ SOURCE = r"""
 #include <string.h>
 #include <stdint.h>
 #include <sys/ioctl.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <linux/falloc.h>
 #include <linux/kvm.h>
 
 /* Return the ioctl's result, or -errno: errno does not survive the trip back
@@ -433,6 +438,13 @@ static int kvmlite_install_kick_handler(int signo)
 static int kvmlite_madvise(void *addr, size_t length, int advice)
 {
     return madvise(addr, length, advice) < 0 ? -errno : 0;
+}
+
+/* fallocate(2) with a mode (Python's os module only has posix_fallocate): a
+   memfd-backed guest gives free pages back to the host with PUNCH_HOLE. */
+static int kvmlite_fallocate(int fd, int mode, int64_t offset, int64_t length)
+{
+    return fallocate(fd, mode, offset, length) < 0 ? -errno : 0;
 }
 
 /* is_zero[i] = 1 when page i holds only zero bytes.  A page with data almost

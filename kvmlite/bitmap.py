@@ -65,6 +65,40 @@ def page_runs(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return list_runs((nz[:, None] * 64 + np.arange(64))[bits])
 
 
+def _edges(start: int, stop: int) -> tuple[int, int, int, int, int]:
+    """Bits [start, stop) as (first word, its mask, last word, its mask, whole words between).
+    When both ends are in one word, the first mask is the whole range and the last is 0."""
+    w0, b0 = divmod(start, 64)
+    w1, b1 = divmod(stop, 64)
+    if w0 == w1:
+        return w0, ((1 << (b1 - b0)) - 1) << b0, w1, 0, 0
+    return w0, ((1 << (64 - b0)) - 1) << b0, w1, (1 << b1) - 1, w1 - w0 - 1
+
+
+def set_bit_range(words: np.ndarray, start: int, stop: int) -> None:
+    """Set bits [start, stop) of a bitmap, whole words at a time."""
+    if stop <= start:
+        return
+    w0, m0, w1, m1, between = _edges(start, stop)
+    words[w0] |= np.uint64(m0)
+    if between:
+        words[w0 + 1:w1] = ALL_ONES
+    if m1:
+        words[w1] |= np.uint64(m1)
+
+
+def clear_bit_range(words: np.ndarray, start: int, stop: int) -> None:
+    """Clear bits [start, stop) (the complement of set_bit_range)."""
+    if stop <= start:
+        return
+    w0, m0, w1, m1, between = _edges(start, stop)
+    words[w0] &= ~np.uint64(m0)
+    if between:
+        words[w0 + 1:w1] = 0
+    if m1:
+        words[w1] &= ~np.uint64(m1)
+
+
 def mask_to_words(mask: np.ndarray) -> np.ndarray:
     """A bool per page -> the same as uint64 bitmap words."""
     padded = np.pad(np.asarray(mask, dtype=bool), (0, -len(mask) % 64))

@@ -28,7 +28,7 @@ DEFAULT_MEMORY = "256M"
 
 EPILOG_RUN = """\
 addresses: --monitor unix:PATH (or PATH) or tcp:HOST:PORT; --gdb tcp:HOST:PORT;
---incoming tcp:HOST:PORT, file:PATH or defer.  tcp:PORT and QEMU's tcp::PORT
+--incoming tcp:HOST:PORT, unix:PATH, file:PATH or defer.  tcp:PORT and QEMU's tcp::PORT
 mean 127.0.0.1.  --monitor also takes QEMU's ,server,wait=off.
 
 exit status:
@@ -176,10 +176,10 @@ def _parser() -> Parser:
                      "pagemap; default: none)")
     run.add_argument("--gdb", metavar="tcp:HOST:PORT",
                      help="wait for gdb (target remote HOST:PORT) before the guest's first instruction")
-    run.add_argument("--incoming", metavar="tcp:[HOST:]PORT|file:PATH|defer",
-                     help="wait for a migration (on 127.0.0.1 unless HOST is given), restore a "
-                     "snapshot file, or (defer) wait for the monitor's migrate-incoming, instead of "
-                     "booting an image")
+    run.add_argument("--incoming", metavar="tcp:[HOST:]PORT|unix:PATH|file:PATH|defer",
+                     help="wait for a migration (on 127.0.0.1 unless HOST is given, or on a unix "
+                     "socket for a source on this host), restore a snapshot file, or (defer) wait "
+                     "for the monitor's migrate-incoming, instead of booting an image")
     run.add_argument("--insecure", action="store_true",
                      help="with --incoming on an address other than loopback: accept peers "
                      "without --auth-key or TLS")
@@ -194,6 +194,10 @@ def _parser() -> Parser:
     _security_options(run)
     run.add_argument("--prealloc", action="store_true",
                      help="pre-fault all guest RAM at start (the default for --incoming with --memory)")
+    run.add_argument("--memory-backend", choices=("anon", "memfd"), default="anon",
+                     help="guest RAM in private anonymous memory, or in a memfd (QEMU's "
+                     "memory-backend-memfd), which `migrate --local` hands to a destination on this "
+                     "host without copying a page")
 
     sub.add_parser("info", help="what /dev/kvm offers here",
                    description="What /dev/kvm offers on this host, like kvm-ok: the API version, "
@@ -208,7 +212,7 @@ def _parser() -> Parser:
         "migration left in postmigrate.")
     mig.add_argument("--monitor", required=True, metavar="PATH|unix:PATH|tcp:HOST:PORT",
                      help="the source VM's monitor")
-    mig.add_argument("uri", nargs="?", metavar="tcp:HOST:PORT|file:PATH",
+    mig.add_argument("uri", nargs="?", metavar="tcp:HOST:PORT|unix:PATH|file:PATH",
                      help="destination (kvmlite run --incoming), or a snapshot file to write")
     mig.add_argument("--no-free-page-hint", dest="hint", action="store_false",
                      help="send free pages too (baseline; zero pages are still detected)")
@@ -227,6 +231,13 @@ def _parser() -> Parser:
                      help="shared key to prove to the destination (default: the VM's own --auth-key)")
     mig.add_argument("--keep-running", action="store_true",
                      help="with file:PATH: save a snapshot and let the VM carry on here")
+    mig.add_argument("--channels", type=int, default=1, metavar="N",
+                     help="tcp: spread the pages over N connections, each sent from its own thread "
+                     "(QEMU's multifd capability and multifd-channels; 1 to 8; 1 under TLS)")
+    mig.add_argument("--local", action="store_true",
+                     help="with unix:PATH: hand the guest's RAM (--memory-backend memfd) to a "
+                     "destination on this host instead of copying it; it gives the free pages' "
+                     "memory back to the host (the x-local capability)")
     mig.add_argument("--pagemap", metavar="FILE.png",
                      help="when it ends, draw which round sent each page into this PNG")
     mig.add_argument("--no-quit", dest="quit", action="store_false",
@@ -301,11 +312,12 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     if args.gdb:
         parse_endpoint(args.gdb, what="--gdb", kinds=("tcp",))
     if args.incoming and args.incoming != DEFER:
-        parse_endpoint(args.incoming, what="--incoming", kinds=("tcp", "file"))
+        parse_endpoint(args.incoming, what="--incoming", kinds=("tcp", "unix", "file"))
     memory = parse_size(args.memory) if args.memory else None
     if memory is None and not args.incoming:
         memory = parse_size(DEFAULT_MEMORY)
     machine = MachineConfig(memory=memory, vcpus=args.smp, prefault=args.prealloc, trace=args.trace,
+                            memory_backend=args.memory_backend,
                             **({} if args.dirty_ring is None else {"dirty_ring": args.dirty_ring}))
     creds = Credentials.load(args.auth_key, args.tls_cert, args.tls_key, args.tls_ca)
     boot = incoming = None
@@ -328,8 +340,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
 
 # What an option's value completes to, by its metavar: files, or fixed words.
 _FILE_METAVARS = ("FILE", "FILE.png", "OUT.png")
-_VALUE_WORDS = {"tcp:[HOST:]PORT|file:PATH|defer": ("tcp:127.0.0.1:", "file:", "defer"),
-                "tcp:HOST:PORT|file:PATH": ("tcp:127.0.0.1:", "file:"),
+_VALUE_WORDS = {"tcp:[HOST:]PORT|unix:PATH|file:PATH|defer": ("tcp:127.0.0.1:", "unix:", "file:", "defer"),
+                "tcp:HOST:PORT|unix:PATH|file:PATH": ("tcp:127.0.0.1:", "unix:", "file:"),
                 "unix:PATH|tcp:HOST:PORT": ("unix:", "tcp:127.0.0.1:"),
                 "tcp:HOST:PORT": ("tcp:127.0.0.1:",),
                 "file:STREAM": ("file:",)}
@@ -512,7 +524,7 @@ def main(argv=None, *, hooks=None, migration_class=None) -> int:
                 quit=args.quit,
                 postcopy=args.postcopy or args.postcopy_now or args.postcopy_after is not None,
                 postcopy_after=args.postcopy_after or 0, postcopy_now=args.postcopy_now,
-                resume=args.resume)
+                resume=args.resume, channels=args.channels, local=args.local)
         if args.command == "pagemap":
             from .tools.pagemap import pagemap_command
             return pagemap_command(source=args.source, monitor=args.monitor, png=args.png,

@@ -19,7 +19,7 @@ import stat
 from dataclasses import dataclass, field
 
 from .boot import MAX_RAM as MAX_MEMORY, MIB2 as MEMORY_GRANULE
-from .endpoints import FileUri, TcpUri, Uri, parse_uri
+from .endpoints import FileUri, TcpUri, UnixUri, Uri, parse_uri
 from .errors import ConfigError
 from .log import log
 
@@ -31,6 +31,8 @@ DEFAULT_TIMEOUT = 30.0            # seconds without progress before a migration 
 MAX_TIMEOUT = 24 * 3600.0
 MAX_DOWNTIME_MS = 60_000.0
 MAX_ROUNDS = 1000
+MEMORY_BACKENDS = ("anon", "memfd")
+MAX_CHANNELS = 8                  # connections a migration may spread its pages over
 MIN_KEY_BYTES = 16
 MAX_KEY_BYTES = 4096
 
@@ -77,10 +79,16 @@ class MachineConfig:
     prefault: bool = False        # fault all of RAM in at start (QEMU's -mem-prealloc)
     trace: bool = False           # log every VM exit
     dirty_ring: bool = False      # migrations track dirty pages with per-vCPU rings, not the bitmap
+    # "anon": private anonymous memory; "memfd": a sealed memfd mapped shared,
+    # which a local migration hands to the destination (QEMU's memory-backend-memfd)
+    memory_backend: str = "anon"
 
     def __post_init__(self) -> None:
         if self.memory is not None:
             check_memory(self.memory)
+        if self.memory_backend not in MEMORY_BACKENDS:
+            raise ConfigError(f"--memory-backend {self.memory_backend!r}: one of "
+                              f"{', '.join(MEMORY_BACKENDS)}")
         if type(self.vcpus) is not int or not 1 <= self.vcpus <= MAX_VCPUS:
             raise ConfigError(f"--smp {self.vcpus}: the vCPU count is 1 to {MAX_VCPUS}")
         _check_bool(self.prefault, "prefault")
@@ -181,6 +189,10 @@ class MigrationParams:
     postcopy: bool = False
     postcopy_after: int = 0
     postcopy_now: bool = False
+    # tcp: spread the pages over this many connections (QEMU's multifd)
+    channels: int = 1
+    # unix: hand the guest's RAM (a memfd) to the destination instead of copying it
+    local: bool = False
 
     def __post_init__(self) -> None:
         target = parse_uri(self.uri)
@@ -203,9 +215,15 @@ class MigrationParams:
         if (self.postcopy_after or self.postcopy_now) and not self.postcopy:
             raise ConfigError("postcopy-after and postcopy-now need postcopy on")
         if self.postcopy:
-            if not isinstance(target, TcpUri):
+            if isinstance(target, FileUri):
                 raise ConfigError("post-copy moves a running VM to a destination VMM, not to a "
                                   "snapshot file")
+            if not isinstance(target, TcpUri):
+                raise ConfigError(f"post-copy runs over a tcp: link, not {self.uri} (a local "
+                                  "migration copies no pages: it has none to fetch later)")
+            if self.channels > 1:
+                raise ConfigError("post-copy serves its pages over one connection: "
+                                  "channels must be 1")
             if not self.live:
                 raise ConfigError("post-copy moves a running guest; stop-copy pauses it first: "
                                   "choose one (--postcopy-now switches at once)")
@@ -213,6 +231,14 @@ class MigrationParams:
                 raise ConfigError("post-copy does not run over TLS here (its C threads use the "
                                   "socket itself; kernel TLS is not built): use --auth-key, whose "
                                   "page tags protect the post-copy records too")
+        _check_int(self.channels, "channels", 1, MAX_CHANNELS)
+        if self.channels > 1 and not isinstance(target, TcpUri):
+            raise ConfigError(f"channels are connections to a tcp: destination, not {self.uri}")
+        _check_bool(self.local, "local")
+        if self.local and not isinstance(target, UnixUri):
+            raise ConfigError(f"a local migration goes to unix:PATH on this host, not {self.uri}")
+        if self.local and self.bandwidth:
+            raise ConfigError("a local migration sends no pages: a bandwidth limit has nothing to limit")
 
     @property
     def target(self) -> Uri:
@@ -307,6 +333,9 @@ class RunConfig:
                                       "give --monitor too")
             else:
                 inc.check_peers(self.creds)
+                if isinstance(inc.target, UnixUri) and self.machine.memory_backend != "anon":
+                    raise ConfigError("--memory-backend is for a booted guest: a VM arriving on "
+                                      "unix:PATH keeps the backing it comes with")
         _check_number(self.timeout, "timeout", 0, MAX_TIMEOUT, lo_open=True)
         if self.postmigrate_timeout is not None:
             _check_number(self.postmigrate_timeout, "--postmigrate-timeout", 0, MAX_TIMEOUT)

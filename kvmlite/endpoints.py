@@ -6,7 +6,9 @@ parser for every address a user gives (`--incoming`, `--gdb`, `--monitor`,
     tcp:PORT         the same on 127.0.0.1: listening on loopback is the default
     tcp::PORT        QEMU's spelling of an empty host: also 127.0.0.1 here (QEMU
                      listens on every interface; give 0.0.0.0 for that)
-    unix:PATH        a Unix socket (the monitor; a bare PATH means the same there)
+    unix:PATH        a Unix socket: the monitor (a bare PATH means the same there), or a
+                     destination VMM on this host; with `migrate --local` the guest's
+                     RAM (a memfd) is handed over with SCM_RIGHTS instead of being sent
     file:PATH        a snapshot: the migration stream, written to (or read from) a file
 
 The monitor also takes QEMU's chardev options after a comma (`server`,
@@ -15,6 +17,7 @@ The monitor also takes QEMU's chardev options after a comma (`server`,
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from .errors import ConfigError
@@ -22,6 +25,8 @@ from .errors import ConfigError
 LOOPBACK = "127.0.0.1"
 # QEMU's -qmp/-monitor chardev options that describe what kvmlite always does
 CHARDEV_OPTIONS = frozenset({"server", "server=on", "wait=off", "nowait"})
+# sun_path is 108 bytes on Linux (unix(7)), the last one its terminating NUL
+MAX_UNIX_PATH = 107
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,8 @@ class FileUri:
         return f"file:{self.path}"
 
 
-Uri = TcpUri | FileUri
-Endpoint = TcpUri | UnixUri | FileUri
+Uri = TcpUri | UnixUri | FileUri
+Endpoint = Uri
 
 _EXAMPLES = {"tcp": "tcp:HOST:PORT", "unix": "unix:PATH", "file": "file:PATH"}
 
@@ -77,14 +82,14 @@ def parse_endpoint(text: str, *, what: str = "address", kinds: tuple[str, ...] =
     scheme, sep, rest = base.partition(":")
     if not sep or scheme not in _EXAMPLES:
         if bare_path and "unix" in kinds and base and not base.startswith(("tcp:", "file:")):
-            return UnixUri(base)
+            return _unix(base, what, text)
         raise ConfigError(f"{what} {text!r}: expected {_expected(kinds)}")
     if scheme not in kinds:
         raise ConfigError(f"{what} {text!r}: {scheme}: is not accepted here; expected {_expected(kinds)}")
     if scheme in ("unix", "file"):
         if not rest:
             raise ConfigError(f"{what} {text!r}: expected {_EXAMPLES[scheme]}")
-        return UnixUri(rest) if scheme == "unix" else FileUri(rest)
+        return _unix(rest, what, text) if scheme == "unix" else FileUri(rest)
     host, _, port = rest.rpartition(":")
     if host.startswith("[") != host.endswith("]"):
         raise ConfigError(f"{what} {text!r}: expected tcp:HOST:PORT (an IPv6 host in brackets)")
@@ -96,16 +101,25 @@ def parse_endpoint(text: str, *, what: str = "address", kinds: tuple[str, ...] =
     return TcpUri(host or LOOPBACK, int(port))
 
 
+def _unix(path: str, what: str, text: str) -> UnixUri:
+    try:
+        size = len(os.fsencode(path))
+    except UnicodeEncodeError:  # a lone surrogate the file system encoding cannot carry
+        size = MAX_UNIX_PATH + 1
+    if "\0" in path or size > MAX_UNIX_PATH:
+        raise ConfigError(f"{what} {text!r}: expected unix:PATH (a path of at most "
+                          f"{MAX_UNIX_PATH} bytes, no NUL)")
+    return UnixUri(path)
+
+
 def _expected(kinds: tuple[str, ...]) -> str:
     return " or ".join(_EXAMPLES[k] for k in kinds)
 
 
 def parse_uri(uri: str) -> Uri:
     """A migration's destination or source: `tcp:HOST:PORT`, `tcp:PORT`
-    (loopback) or `file:PATH`; raises ConfigError."""
-    target = parse_endpoint(uri, what="migration uri", kinds=("tcp", "file"))
-    assert not isinstance(target, UnixUri)
-    return target
+    (loopback), `unix:PATH` (a VMM on this host) or `file:PATH`; raises ConfigError."""
+    return parse_endpoint(uri, what="migration uri", kinds=("tcp", "unix", "file"))
 
 
 def is_loopback(host: str) -> bool:

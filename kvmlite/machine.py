@@ -236,8 +236,10 @@ class Machine:
                  memory: GuestMemory | None = None) -> None:
         """`output`, where the guest's serial and debug-console output goes: None
         (stdout), a file descriptor, a binary file object, or a callable taking
-        bytes (a line at a time).  `memory`: RAM already made (a destination's,
-        pre-faulted, kept when the machine is remade for the stream's vCPUs)."""
+        bytes (a line at a time).  `memory`: RAM already made, of `config.memory`
+        bytes, which the machine owns from here on (a destination's, pre-faulted,
+        kept when the machine is remade for the stream's vCPUs; a local
+        migration's memfd)."""
         if config.memory is None:
             raise ConfigError("the machine needs a memory size")
         if memory is not None and memory.size != config.memory:
@@ -266,7 +268,8 @@ class Machine:
                 self.vm.create_irqchip()     # before the vCPUs: each gets a LAPIC
             if config.dirty_ring:            # before the vCPUs too: each gets a ring
                 self.vm.enable_dirty_ring(min(DEFAULT_RING_BYTES, self.vm.dirty_ring_cap()[1]) or DEFAULT_RING_BYTES)
-            self.memory = memory or GuestMemory(config.memory, prefault=config.prefault)
+            self.memory = memory or GuestMemory(config.memory, prefault=config.prefault,
+                                                backend=config.memory_backend)
             self.vm.add_memory(self.memory)
             # the guest's serial and debug-console output: stdout, or a file
             # descriptor, a binary file object or a callable taking bytes
@@ -301,6 +304,8 @@ class Machine:
             self.dirty_log = (RingLog(self.vm, [vt.ring for vt in self.vcpu_threads], self.memory.npages)
                               if config.dirty_ring else BitmapLog(self.vm))
         except BaseException:
+            if memory is not None and memory not in self.vm.regions:
+                memory.close()          # ours, though the VM never got it
             self.close()
             raise
 
@@ -511,13 +516,26 @@ class Machine:
             self._pause_requested = True
         self._kick_all()
 
-    def resume_all(self, only: Collection[int] | None = None) -> None:
+    def resume_all(self, only: Collection[int] | None = None, timeout: float = 5.0) -> None:
         """Let the vCPUs run again.  `only`: the indices that may run; the others
-        stay parked (the gdb stub stepping one thread while the rest wait)."""
+        stay parked (the gdb stub stepping one thread while the rest wait).
+
+        Waits (up to `timeout`) until each released vCPU has left its park, so
+        that whoever is told the guest runs again finds `paused` false: a
+        migration that says "cancelled" or "failed", a `cont` that returns.
+        Without the wait, query-status read "paused" for up to 80 ms after
+        "cancelled" on a loaded host.  No wait before the VM has started, or on
+        a vCPU thread (the gdb stub), which would wait for itself."""
         with self._cond:
             self._held = frozenset() if only is None else frozenset(range(self.nvcpus)) - frozenset(only)
             self._pause_requested = False
             self._cond.notify_all()
+            if not self._started or any(vt.on_thread() for vt in self.vcpu_threads):
+                return
+            self._cond.wait_for(lambda: self._pause_requested or self._result is not None
+                                or self._closing
+                                or not any(vt.parked for vt in self.vcpu_threads if vt.index not in self._held),
+                                timeout)
 
     @property
     def pause_requested(self) -> bool:

@@ -72,6 +72,9 @@ def open_monitor(cfg: RunConfig, machine: Machine | None, *, hooks: Hooks = NO_H
     from .control.monitor import Monitor
 
     def new_migration(params: MigrationParams) -> Migration:
+        if params.local:
+            from .migration.local import LocalMigration
+            return LocalMigration(monitor.machine, params, hooks=hooks)
         from .migration.source import Migration
         return (migration_class or Migration)(monitor.machine, params, hooks=hooks)
 
@@ -94,18 +97,21 @@ def _import_migration() -> None:
 
 
 def _run_incoming(cfg: RunConfig, hooks: Hooks, migration_class: MigrationClass) -> int:
+    from .endpoints import UnixUri
     from .errors import KvmliteError
     from .migration.destination import Incoming
+    wanted = cfg.incoming
+    assert wanted is not None
     premade = None
-    if cfg.machine.memory is not None:
+    if cfg.machine.memory is not None and (wanted.deferred or not isinstance(wanted.target, UnixUri)):
         # As QEMU's -m with -mem-prealloc: fault every page in before the
         # stream starts, so receiving is not slowed by first-touch faults.
+        # (Not on unix:, where the RAM may come with the stream: a local
+        # migration's memfd.)
         premade = Machine(replace(cfg.machine, prefault=True))
     machine: Machine | None = None
     monitor: Monitor | None = None
     incoming: Incoming | None = None
-    wanted = cfg.incoming
-    assert wanted is not None
 
     def open_incoming(uri: str) -> Incoming:
         inc_cfg = replace(wanted, uri=uri)

@@ -18,6 +18,7 @@ import numpy as np
 
 from kvmlite.bitmap import words_for
 from kvmlite.devices import DebugCon, ExitDevice, FreePageHint, Uart16550
+from kvmlite.migration.transport import OneStream
 from kvmlite.vstate.dirtylog import BitmapLog, RingLog
 from kvmlite.vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
 
@@ -189,6 +190,7 @@ class FakeVcpuThread:
         self.vcpu = vcpu
         self.exits = 5
         self.parked = False
+        self.thread = threading.current_thread()     # a thread's native_id for kvmlite.rt
 
 
 class FakeMachine:
@@ -285,7 +287,7 @@ class _NoMemory:
     npages = size >> 12
 
 
-class StreamSink:
+class StreamSink(OneStream):
     """A sink (transport's interface) that keeps every byte, and answers the
     handover as a destination would: READY after END, RUNNING after COMMIT."""
     kind = "test"

@@ -89,14 +89,25 @@ class QmpClient:
             sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
             target = (host or "127.0.0.1", port)
         sock.settimeout(timeout)
-        try:
-            sock.connect(target)
-        except OSError as e:
-            sock.close()
-            why = e.strerror or str(e)
-            raise QmpClientError(f"cannot connect to the monitor at {address}: {why} "
-                                 "(is the VM running with --monitor there?)") from None
-        return sock
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                sock.connect(target)
+                return sock
+            except BlockingIOError:
+                # EAGAIN from a unix socket: the VMM's backlog of connections
+                # not yet accepted is full (it is busy, or was stopped while
+                # clients kept knocking).  TCP would wait; wait as TCP does.
+                if time.monotonic() >= deadline:
+                    sock.close()
+                    raise QmpTimeout(f"the VMM at {address} accepts no connection within "
+                                     f"{timeout:g} s (is it stopped or hung?)") from None
+                time.sleep(0.01)
+            except OSError as e:
+                sock.close()
+                why = e.strerror or str(e)
+                raise QmpClientError(f"cannot connect to the monitor at {address}: {why} "
+                                     "(is the VM running with --monitor there?)") from None
 
     def _check_greeting(self, greeting: Any) -> None:
         if not isinstance(greeting, dict) or not isinstance(greeting.get("QMP"), dict):
@@ -182,10 +193,16 @@ class QmpClient:
             raise QmpDisconnected(self._gone)
         # A newline is not required by QMP; it helps a human reading a capture.
         raw = json.dumps(msg, allow_nan=False).encode() + b"\n"
+        self.sock.settimeout(self.timeout)      # a read may have left a shorter one
         try:
             self.sock.sendall(raw)
+        except TimeoutError:
+            # part of the request may be in the stream: this connection is done
+            self._gone = (f"the VMM at {self.address} did not take a request within "
+                          f"{self.timeout:g} s (is it stopped or hung?)")
+            raise QmpTimeout(self._gone) from None
         except OSError as e:
-            self._gone = f"lost the monitor at {self.address}: {e.strerror or e}"
+            self._gone = self._lost(e)
             raise QmpDisconnected(self._gone) from None
 
     def _read(self, deadline: float, what: str) -> dict:
@@ -202,7 +219,7 @@ class QmpClient:
             except socket.timeout:
                 continue
             except OSError as e:
-                self._gone = f"lost the monitor at {self.address}: {e.strerror or e}"
+                self._gone = self._lost(e)
                 continue
             if not data:
                 self._gone = (f"the monitor at {self.address} closed the connection "
@@ -216,6 +233,12 @@ class QmpClient:
                                          f"{json.dumps(item)[:80]}")
                 self._pending.append(item)
         return self._pending.popleft()
+
+    def _lost(self, e: OSError) -> str:
+        # EPIPE or ECONNRESET: the VMM closed its end with our request unread,
+        # which is what a VMM that was killed (or exited) does
+        return (f"lost the monitor at {self.address}: {e.strerror or e} "
+                "(did the VMM exit, or was it killed?)")
 
     def _poll(self) -> None:
         """Take in, without waiting, whatever the server has sent."""

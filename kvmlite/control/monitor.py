@@ -48,10 +48,12 @@ __all__ = ["Monitor", "CAPABILITY_DEFAULTS", "PARAMETER_DEFAULTS", "SHUTDOWN_BY_
 # kvmlite's defaults, which differ from QEMU's where kvmlite's design does.
 _DEFAULT_PARAMS = MigrationParams("file:-")
 CAPABILITY_DEFAULTS = {"events": False, "auto-converge": _DEFAULT_PARAMS.auto_converge,
-                       "postcopy-ram": _DEFAULT_PARAMS.postcopy,
-                       "x-free-page-hint": _DEFAULT_PARAMS.hint}
+CAPABILITY_DEFAULTS = {"events": False, "auto-converge": _DEFAULT_PARAMS.auto_converge,
+                       "multifd": _DEFAULT_PARAMS.channels > 1, "postcopy-ram": _DEFAULT_PARAMS.postcopy,
+                       "x-free-page-hint": _DEFAULT_PARAMS.hint, "x-local": _DEFAULT_PARAMS.local}
 PARAMETER_DEFAULTS = {"downtime-limit": round(_DEFAULT_PARAMS.downtime_ms),
                       "max-bandwidth": _DEFAULT_PARAMS.bandwidth,
+                      "multifd-channels": 2,          # QEMU's default; used with the multifd capability
                       "x-max-rounds": _DEFAULT_PARAMS.max_rounds,
                       "x-stall-timeout": 0, "x-auth-key": "",
                       "x-postcopy-after": _DEFAULT_PARAMS.postcopy_after,
@@ -196,6 +198,17 @@ class Monitor:
     def query_kvm(self) -> dict:
         return {"enabled": True, "present": True}
 
+    @handles("query-memdev")
+    def query_memdev(self) -> list:
+        mem = self._machine().memory
+        memfd = mem.fd is not None
+        dev = {"size": mem.size, "merge": False, "dump": True, "prealloc": mem.preallocated,
+               "share": memfd, "host-nodes": [], "policy": "default",
+               "x-backend": "memory-backend-memfd" if memfd else "memory-backend-ram"}
+        if memfd:
+            dev["x-allocated"] = mem.allocated_bytes()
+        return [dev]
+
     @handles("stop")
     def stop(self) -> None:
         m = self._running_machine()
@@ -259,7 +272,7 @@ class Monitor:
         key = self._auth_key
         if "x-auth-key" in given:
             key = read_key(new["x-auth-key"]) if new["x-auth-key"] else None
-        self._params("file:-", new, key)          # ConfigError: refused, nothing changed
+        self._params("file:-", new, key, capabilities=False)   # ConfigError: refused, nothing changed
         self.parameters, self._auth_key = new, key
 
     @handles("query-migrate-parameters")
@@ -267,24 +280,29 @@ class Monitor:
         return dict(self.parameters)
 
     def _params(self, uri: str, p: dict, key: bytes | None, *, live: bool = True,
-                keep_running: bool = False) -> MigrationParams:
+                keep_running: bool = False, capabilities: bool = True) -> MigrationParams:
+        """The MigrationParams of a migration to `uri` with parameters `p`;
+        `capabilities` False leaves out those that depend on the uri (multifd,
+        x-local), for checking parameters alone."""
         creds = self.creds
         if key is not None:
             from dataclasses import replace
             creds = replace(creds, key=key)
+        caps = self.capabilities
         # x-postcopy-after and x-postcopy-now mean something only with
         # postcopy-ram on (as QEMU's postcopy parameters); set_parameters
-        # checks them with it off ("file:-"), by their declared range alone.
-        postcopy = self.capabilities["postcopy-ram"] and uri != "file:-"
+        # checks them with it off, by their declared range alone.
+        postcopy = capabilities and caps["postcopy-ram"]
         return MigrationParams(
-            uri, hint=self.capabilities["x-free-page-hint"], live=live,
+            uri, hint=caps["x-free-page-hint"], live=live,
             downtime_ms=float(p["downtime-limit"]), bandwidth=p["max-bandwidth"],
             max_rounds=p["x-max-rounds"],
             timeout=p["x-stall-timeout"] / 1000 if p["x-stall-timeout"] else self.timeout,
-            keep_running=keep_running, creds=creds,
-            auto_converge=self.capabilities["auto-converge"],
+            keep_running=keep_running, creds=creds, auto_converge=caps["auto-converge"],
             postcopy=postcopy, postcopy_after=p["x-postcopy-after"] if postcopy else 0,
-            postcopy_now=p["x-postcopy-now"] if postcopy else False)
+            postcopy_now=p["x-postcopy-now"] if postcopy else False,
+            channels=p["multifd-channels"] if capabilities and caps["multifd"] else 1,
+            local=capabilities and caps["x-local"])
 
     @handles("migrate")
     def migrate(self, uri: str, detach: bool = False, resume: bool = False,
@@ -362,6 +380,9 @@ class Monitor:
 
     def _no_migration_running(self) -> None:
         mig = self.migration
+        if mig is not None and mig.status is S.UNRESOLVED:
+            raise _generic("There's a migration process in progress: it is unresolved, the VM "
+                           "paused here until x-migrate-resolve says where it runs")
         if mig is not None and (not mig.status.finished or not mig.done.is_set()):
             raise _generic("There's a migration process in progress")
         inc = self.incoming
@@ -549,7 +570,8 @@ def _registers(vcpu) -> dict:
 
 def _ram(*, transferred: int, remaining: int, total: int, duplicate: int, normal: int,
          seconds: float, syncs: int, precopy: int | None = None, dirty_rate: float = 0.0,
-         skipped: int = 0, resent: int = 0, postcopy: int = 0, requests: int = 0) -> dict:
+         skipped: int = 0, resent: int = 0, postcopy: int = 0, requests: int = 0,
+         multifd: int = 0) -> dict:
     """QAPI MigrationStats: QEMU's units (bytes, pages, Mbit/s), kvmlite's x- members.
     `transferred` is split into `precopy` (sent while the guest ran here),
     `postcopy` (after the switch) and the rest, sent in the downtime."""
@@ -559,7 +581,7 @@ def _ram(*, transferred: int, remaining: int, total: int, duplicate: int, normal
         "dirty-pages-rate": round(dirty_rate),
         "mbps": round(transferred * 8 / 1e6 / seconds, 3),      # megabits: QEMU's unit, not MiB/s
         "dirty-sync-count": syncs, "postcopy-requests": requests, "page-size": PAGE_SIZE,
-        "multifd-bytes": 0, "pages-per-second": round((normal + duplicate) / seconds),
+        "multifd-bytes": multifd, "pages-per-second": round((normal + duplicate) / seconds),
         "precopy-bytes": transferred if precopy is None else precopy,
         "downtime-bytes": 0 if precopy is None else transferred - precopy - postcopy,
         "postcopy-bytes": postcopy, "dirty-sync-missed-zero-copy": 0,
@@ -600,7 +622,7 @@ def migration_info(mig) -> dict:
                        precopy=s.precopy_bytes or None,
                        dirty_rate=s.dirty_rate_pps, skipped=s.pages_skipped_free,
                        resent=s.pages_resent, postcopy=int(pc.get("bytes", 0)),
-                       requests=int(pc.get("requests", 0)))
+                       requests=int(pc.get("requests", 0)), multifd=s.multifd_bytes)
     if status is S.ACTIVE:
         rate = s.bytes_wire / seconds
         if rate > 0:

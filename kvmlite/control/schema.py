@@ -12,6 +12,7 @@ in megabits (10^6 bits) per second.
 
 from __future__ import annotations
 
+from ..config import MAX_CHANNELS
 from .qapi import (ANY, BOOL, INT, NUMBER, SIZE, STR, UINT32, UINT64, Array, Command, Enum, Event, Int,
                    Map, Nullable, Str, Struct)
 from .qmp import BUILTIN_COMMANDS, QMP_CAPABILITIES, QUERY_COMMANDS, QUERY_VERSION  # noqa: F401
@@ -50,6 +51,23 @@ KVM_INFO = Struct("KvmInfo", {"enabled": BOOL, "present": BOOL})
 QUERY_KVM = Command("query-kvm", returns=KVM_INFO,
                     doc="Whether KVM is present and in use (always both, for kvmlite).")
 
+# query-memdev: qapi/machine.json.  kvmlite has one memory backend, the guest's
+# RAM: QEMU's memory-backend-ram (private anonymous memory), or with `run
+# --memory-backend memfd` its memory-backend-memfd (shared: what a local
+# migration hands over).  QEMU tells the backend's type only through QOM (the
+# object's qom-type); kvmlite adds it as x-backend, and x-allocated: the
+# bytes the host holds for a memfd (its st_blocks), which after a local
+# migration is what is left once the free pages were given back.
+HOST_MEM_POLICY = Enum("HostMemPolicy", ("default", "preferred", "bind", "interleave"))
+MEMDEV = Struct("Memdev", {
+    "*id": STR, "size": SIZE, "merge": BOOL, "dump": BOOL, "prealloc": BOOL, "share": BOOL,
+    "*reserve": BOOL, "host-nodes": Array(Int(0, 65535, name="uint16")), "policy": HOST_MEM_POLICY,
+    "x-backend": Enum("x-MemoryBackend", ("memory-backend-ram", "memory-backend-memfd")),
+    "*x-allocated": SIZE,
+})
+QUERY_MEMDEV = Command("query-memdev", returns=Array(MEMDEV),
+                       doc="The guest RAM's memory backend (one), as QEMU describes its backends.")
+
 # ---- migration: qapi/migration.json --------------------------------------------------
 
 # MigrationStatus.  kvmlite's source goes none → setup → active → device →
@@ -81,7 +99,7 @@ MIGRATION_STATS = Struct("MigrationStats", {
     "dirty-sync-count": INT,     # dirty-log syncs: one per round
     "postcopy-requests": INT,    # pages the destination asked for on a fault, after the switch
     "page-size": INT,            # 4096
-    "multifd-bytes": UINT64,     # 0
+    "multifd-bytes": UINT64,     # of transferred, the bytes sent on the secondary channels (multifd)
     "pages-per-second": UINT64,  # pages (normal + duplicate) sent per second
     "precopy-bytes": UINT64,     # bytes sent while the guest ran
     "downtime-bytes": UINT64,    # bytes sent while the guest was paused
@@ -171,15 +189,17 @@ MIGRATION_INFO = Struct("MigrationInfo", {
 QUERY_MIGRATE = Command("query-migrate", returns=MIGRATION_INFO,
                         doc="The current (or last) migration's status and figures.")
 
-# migrate: QEMU's 'uri' is optional because 'channels' may replace it; kvmlite
-# has no channels, so uri is required.  detach is accepted and ignored, as
-# QEMU does; resume: true reconnects a post-copy migration in postcopy-paused
-# (QEMU's recovery) to uri, where the destination listens (its --incoming
-# address, or where migrate-recover told it).
+# migrate: QEMU's 'uri' is optional because 'channels' (a list of
+# MigrationChannel: where the main stream, or QEMU's cpr state, goes; not
+# multifd's channels) may replace it; kvmlite has no such list, so uri is
+# required.  detach is accepted and ignored, as QEMU does; resume: true
+# reconnects a post-copy migration in postcopy-paused (QEMU's recovery) to
+# uri, where the destination listens (its --incoming address, or where
+# migrate-recover told it).
 # x-keep-running (kvmlite's): with a file: uri, the VM carries on here once
 # the snapshot is written, instead of the source entering postmigrate.
 MIGRATE = Command("migrate", {"uri": STR, "*detach": BOOL, "*resume": BOOL, "*x-keep-running": BOOL},
-                  doc="Start migrating to uri (tcp:HOST:PORT or file:PATH); returns at once.  "
+                  doc="Start migrating to uri (tcp:HOST:PORT, unix:PATH or file:PATH); returns at once.  "
                       "With resume: true, reconnect a post-copy migration whose link broke "
                       "(postcopy-paused) to uri.")
 
@@ -200,12 +220,16 @@ X_MIGRATE_RESOLVE = Command(
 
 # MigrationCapability: kvmlite's set.  events (QEMU's, default off as in QEMU)
 # sends MIGRATION and MIGRATION_PASS; auto-converge (QEMU's; kvmlite's default
-# is on) throttles a guest that dirties faster than the link; postcopy-ram
-# (QEMU's, default off) lets the migration switch to post-copy
-# (docs/postcopy.md); x-free-page-hint (default on) skips the pages the
-# guest's free-page bitmap calls free.
-MIGRATION_CAPABILITY = Enum("MigrationCapability",
-                            ("events", "auto-converge", "postcopy-ram", "x-free-page-hint"))
+# is on) throttles a guest that dirties faster than the link; multifd (QEMU's,
+# default off) spreads the pages of a tcp: migration over multifd-channels
+# connections (kvmlite/migration/channels.py; the destination takes them
+# without being told); postcopy-ram (QEMU's, default off) lets the migration
+# switch to post-copy (docs/postcopy.md); x-free-page-hint (default on) skips
+# the pages the guest's free-page bitmap calls free; x-local (default off; QEMU
+# has nothing equal) hands the guest's RAM, a memfd, to a destination on this
+# host at unix:PATH instead of copying it (kvmlite/migration/local.py).
+MIGRATION_CAPABILITY = Enum("MigrationCapability", ("events", "auto-converge", "multifd", "postcopy-ram",
+                                                    "x-free-page-hint", "x-local"))
 MIGRATION_CAPABILITY_STATUS = Struct("MigrationCapabilityStatus",
                                      {"capability": MIGRATION_CAPABILITY, "state": BOOL})
 
@@ -219,11 +243,13 @@ QUERY_MIGRATE_CAPABILITIES = Command(
 # MigrateSetParameters / MigrationParameters: QEMU's members that kvmlite has,
 # with QEMU's types and ranges (migration/options.c, migrate_params_check),
 # and kvmlite's x- ones.  kvmlite's defaults: downtime-limit 5 ms (QEMU: 300),
-# max-bandwidth 0, no limit (QEMU: 128 MiB/s).
+# max-bandwidth 0, no limit (QEMU: 128 MiB/s); multifd-channels 2, as QEMU's,
+# of at most MAX_CHANNELS (QEMU: 255).
 MAX_MIGRATE_DOWNTIME_MS = 2_000_000       # QEMU's MAX_MIGRATE_DOWNTIME
 MIGRATION_PARAMETERS = {
     "downtime-limit": Int(0, MAX_MIGRATE_DOWNTIME_MS, unit="ms", name="uint64"),
     "max-bandwidth": SIZE,                            # bytes/s; 0: no limit (QEMU's RATE_LIMIT_DISABLED)
+    "multifd-channels": Int(1, MAX_CHANNELS, name="uint8"),   # connections, with the multifd capability
     "x-max-rounds": Int(1, 10_000, name="uint32"),    # pre-copy rounds before the last pass is forced
     # give up after this long without progress; 0: kvmlite's default
     "x-stall-timeout": Int(0, 86_400_000, unit="ms", name="uint64"),
@@ -321,7 +347,7 @@ EVENTS = (
 
 COMMANDS = (
     QMP_CAPABILITIES, QUERY_VERSION, QUERY_COMMANDS,
-    QUERY_STATUS, STOP, CONT, QUIT, QUERY_KVM,
+    QUERY_STATUS, STOP, CONT, QUIT, QUERY_KVM, QUERY_MEMDEV,
     MIGRATE, MIGRATE_INCOMING, MIGRATE_CANCEL, X_MIGRATE_RESOLVE, QUERY_MIGRATE,
     MIGRATE_SET_CAPABILITIES, QUERY_MIGRATE_CAPABILITIES,
     MIGRATE_SET_PARAMETERS, QUERY_MIGRATE_PARAMETERS,

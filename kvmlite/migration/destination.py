@@ -1,4 +1,4 @@
-"""The destination side: `kvmlite run --incoming tcp:HOST:PORT` (or `file:PATH`).
+"""The destination side: `kvmlite run --incoming tcp:HOST:PORT` (or `unix:PATH`, `file:PATH`).
 
 Waits for a source that completes the connection handshake (transport.py),
 reads one migration stream straight into guest memory, restores the vCPUs
@@ -15,10 +15,11 @@ pauses it (faults on pages still to come wait) until the source reconnects.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -30,13 +31,19 @@ from ..endpoints import FileUri
 from ..errors import KvmliteError, MigrationError, StreamError, UserfaultError
 from ..hooks import NO_HOOKS, Hooks
 from ..log import log
+from ..rt import favoured
 from ..util import gc_paused
-from . import transport, wire
+from . import channels as multi, transport, wire
+# imported now, not when a local migration's preamble comes: the source waits
+# for the answer to it (~8 ms here, more on a busy host)
+from .local import log_give_back, receive_local
 from .state import restore_state, validate_state
 from .status import RECEIVE_TRANSITIONS, ReceiveState as R, StateMachine
 
 if TYPE_CHECKING:
     from ..machine import Machine
+    from ..vstate.memory import GuestMemory
+    from .local import LocalHandover
     from .postcopy import PostcopyIncoming
 
 
@@ -47,6 +54,8 @@ class ReceiveStats:
     bytes: int = 0
     rounds: int = 0
     ms: float = 0.0
+    connections: int = 1
+    local: LocalHandover | None = None    # a local migration's: the RAM came as a memfd
     # a post-copy stream: what the switch said, for the handover (not stats)
     postcopy: "Switched | None" = field(default=None, repr=False, compare=False)
 
@@ -62,21 +71,43 @@ class Switched:
     seq: int                     # page tags the pre-copy part used (integrity): the next number
 
 
+# A destination without pre-faulted RAM populates a PAGES run of POPULATE_MIN to
+# POPULATE_MAX bytes in one madvise before receiving into it, rather than
+# fault its pages in one at a time inside recv_into.  Receiver CPU for 256 MiB
+# into fresh RAM, populate against faults, interleaved pairs: runs of 64 KiB
+# 0.87x, 256 KiB 0.83x, 512 KiB 0.81x; of 1 MiB 1.03-1.06x and 4 MiB 1.01x, so
+# larger runs are left to fault.
+POPULATE_MIN = 64 << 10
+POPULATE_MAX = 1 << 20
+
+
 def receive(conn: Any, machine: Machine | None, *, keys: wire.StreamKeys | None = None,
             machine_config: MachineConfig | None = None, max_memory: int | None = None,
             hooks: Hooks = NO_HOOKS, make_machine: Callable[[MachineConfig], Machine] | None = None,
+            channels: Sequence[tuple[Any, wire.StreamKeys | None]] = (),
+            downtime: contextlib.ExitStack | None = None,
             postcopy: bool = False) -> tuple[Machine, ReceiveStats]:
     """Read a whole stream into `machine` (made from the header if None); restore its
     vCPUs (parked) and devices.  With `keys` the stream must carry integrity
     tags, and does not pass unless every page the guest uses arrived intact.
+    `channels`: the secondary channels' (connection, keys), read on their own
+    threads.  `downtime`: where this thread's priority from the first round on
+    is entered, for the caller to leave before the guest runs (kvmlite/rt.py).
     `postcopy`: this side can take a post-copy stream (its header is answered
     with PREPARED once the VM is made).  Returns (machine, ReceiveStats).
     StreamError on anything wrong with the stream."""
     t0 = time.perf_counter()
     # The decoder's buffer (256 KiB) holds ~60 one-page records for the C fast
     # path per call; a larger one would copy big runs' payloads twice.
-    dec = wire.StreamDecoder(conn, keys=keys)
+    dec = wire.StreamDecoder(conn, keys=keys, ram_fd_allowed=isinstance(conn, transport.FdReceiver))
     header = dec.read_preamble()
+    if header.ram_fd:
+        if machine is not None:
+            machine.close()      # made for --memory; the RAM comes with the stream instead
+        machine, local = receive_local(dec, conn, header, machine_config or MachineConfig(memory=None),
+                                       max_memory=max_memory, hooks=hooks, downtime=downtime)
+        return machine, ReceiveStats(0, 0, dec.bytes_received, dec.rounds,
+                                     (time.perf_counter() - t0) * 1000, local=local)
     if len(header.ram) != 1 or header.ram[0][0] != 0:
         raise StreamError(f"RAM layout {header.ram} is not supported (one region at GPA 0)")
     ram_size = header.ram[0][1]
@@ -90,12 +121,18 @@ def receive(conn: Any, machine: Machine | None, *, keys: wire.StreamKeys | None 
         # the pages that arrive costs ~2.5 us per page received, so migration
         # time follows the pages in use and not the guest's size.  Pre-fault
         # at start-up with --memory instead.
+        if machine_config is not None and machine_config.memory not in (None, ram_size):
+            raise StreamError(f"the source has {ram_size >> 20} MiB of RAM, this destination "
+                              f"{machine_config.memory >> 20} MiB (--memory must match)")
         cfg = replace(machine_config or MachineConfig(), memory=ram_size, prefault=False,
                       vcpus=header.vcpus)
         machine = (make_machine or _machine)(cfg)
+        populate = True
     elif machine.memory.size != ram_size:
         raise StreamError(f"the source has {ram_size >> 20} MiB of RAM, this destination "
                           f"{machine.memory.size >> 20} MiB (--memory must match)")
+    else:
+        populate = False         # --memory: pre-faulted at start-up
     if machine.nvcpus != header.vcpus:
         # RAM pre-faulted (--memory) before the header said how many vCPUs: keep it
         machine = machine.remade(vcpus=header.vcpus)
@@ -114,8 +151,59 @@ def receive(conn: Any, machine: Machine | None, *, keys: wire.StreamKeys | None 
     unverified = np.zeros(mem.npages, dtype=np.uint8) if dec.integrity is not None else None
 
     def target(gpa: int, nbytes: int) -> memoryview:
+        # RAM not pre-faulted: back a large run's pages in one madvise before
+        # receiving into it, rather than fault them in one at a time in recv_into.
+        if populate and POPULATE_MIN <= nbytes < POPULATE_MAX:
+            mem.populate(gpa, nbytes)
         return mem.slice(gpa, nbytes)
 
+    sync = multi.RoundSync(1 + len(channels), getattr(conn, "gettimeout", lambda: None)() or 30.0)
+    readers = [multi.ChannelReader(c, k, i, header, mem, written, unverified, target, sync)
+               for i, (c, k) in enumerate(channels, 1)]
+    for r in readers:
+        r.start()
+    try:
+        state = _receive_main(dec, mem, written, unverified, target, header, machine, hooks,
+                              sync, readers, downtime)
+    except BaseException:
+        sync.fail("the main stream failed")
+        raise
+    # The END record proved the stream complete and its structure intact.
+    if state is None:
+        raise StreamError("the stream ended without the vCPU and device state (no STATE record)")
+    try:
+        restore_state(machine, state)
+    except KvmliteError as e:
+        raise StreamError(f"the migrated state was refused: {e}") from None
+    tags_bad = dec.tags_bad + sum(r.tags_bad for r in readers)
+    switched = None
+    if dec.postcopy:
+        pending = dec.pagesets[(wire.PAGESET_PENDING, mem.gpa)]
+        free = dec.pagesets[(wire.PAGESET_FREE, mem.gpa)]
+        if unverified is not None:
+            # Post-copy: a page whose tag failed is still to come (dirty again
+            # after it was sent) or free; the guest's bitmap is not read here,
+            # its pages may still be to come.
+            later = words_to_mask(pending | free, mem.npages)
+            _refuse_unverified(unverified.astype(bool) & ~later, tags_bad)
+        # decode_header refuses a post-copy stream without one
+        assert header.migration_id is not None
+        switched = Switched(pending, free, written, header.migration_id,
+                            dec.integrity.seq if dec.integrity is not None else 0)
+    elif unverified is not None:
+        _check_integrity(machine, unverified, tags_bad)
+    stats = ReceiveStats(dec.pages, dec.zero_pages, dec.bytes_received + sum(r.bytes for r in readers),
+                         dec.rounds, (time.perf_counter() - t0) * 1000, connections=1 + len(readers),
+                         postcopy=switched)
+    return machine, stats
+
+
+def _receive_main(dec: wire.StreamDecoder, mem: GuestMemory, written: np.ndarray,
+                  unverified: np.ndarray | None, target: Callable[[int, int], memoryview],
+                  header: wire.Header, machine: Machine, hooks: Hooks, sync: multi.RoundSync,
+                  readers: list[multi.ChannelReader], downtime: contextlib.ExitStack | None,
+                  ) -> dict[str, Any] | None:
+    """The main stream's records until END; returns the validated STATE (None if none came)."""
     state = None
     round_started = False
     while True:
@@ -145,41 +233,25 @@ def receive(conn: Any, machine: Machine | None, *, keys: wire.StreamKeys | None 
                     was[:] = 0
             case wire.Round(n):
                 round_started = False
+                if dec.rounds == 1 and downtime is not None:
+                    # From the end of the first round on, waiting for a CPU is (or
+                    # soon will be) downtime: this thread first (kvmlite/rt.py).
+                    downtime.enter_context(favoured())
+                if readers:
+                    sync.arrive(0, dec.rounds)
                 hooks.point(f"dst:round:{n}")
             case wire.PageSet():
                 pass                     # kept by the decoder (dec.pagesets)
             case wire.State(st):
+                # Every channel sent its last pages and its END before STATE.
+                for r in readers:
+                    r.finish()
+                    dec.pages += r.pages     # the main END counts every connection's pages
                 state = validate_state(st, header.vcpus, machine.devices(), machine.irqchip)
                 hooks.point("dst:state")
             case wire.End():
                 hooks.point("dst:end")
-                break
-    # The END record proved the stream complete and its structure intact.
-    if state is None:
-        raise StreamError("the stream ended without the vCPU and device state (no STATE record)")
-    try:
-        restore_state(machine, state)
-    except KvmliteError as e:
-        raise StreamError(f"the migrated state was refused: {e}") from None
-    switched = None
-    if dec.postcopy:
-        pending = dec.pagesets[(wire.PAGESET_PENDING, mem.gpa)]
-        free = dec.pagesets[(wire.PAGESET_FREE, mem.gpa)]
-        if unverified is not None:
-            # Post-copy: a page whose tag failed is still to come (dirty again
-            # after it was sent) or free; the guest's bitmap is not read here,
-            # its pages may still be to come.
-            later = words_to_mask(pending | free, mem.npages)
-            _refuse_unverified(unverified.astype(bool) & ~later, dec.tags_bad)
-        # decode_header refuses a post-copy stream without one
-        assert header.migration_id is not None
-        switched = Switched(pending, free, written, header.migration_id,
-                            dec.integrity.seq if dec.integrity is not None else 0)
-    elif unverified is not None:
-        _check_integrity(machine, unverified, dec.tags_bad)
-    stats = ReceiveStats(dec.pages, dec.zero_pages, dec.bytes_received, dec.rounds,
-                         (time.perf_counter() - t0) * 1000, postcopy=switched)
-    return machine, stats
+                return state
 
 
 def _check_integrity(machine: Machine, unverified: np.ndarray, tags_bad: int) -> None:
@@ -238,6 +310,7 @@ class Incoming:
         self.listener: transport.Listener | None = None
         self.peer: str | None = None
         self._conn: Any = None          # the source's connection, while receiving
+        self._chans: list[tuple[Any, wire.StreamKeys | None]] = []   # and its secondary channels
         self._aborted = False
         self.can_postcopy: str | None = None    # None: it can; else why not
         # post-copy
@@ -288,24 +361,35 @@ class Incoming:
                     self.listen()
                 assert self.listener is not None
                 conn, self.peer, keys = self.listener.accept()
-                self.listener.close()
                 self.hooks.point("dst:handshake")
             self._conn = conn
             if self._aborted:
                 conn.close()
                 raise KvmliteError("the incoming migration was abandoned")
         except BaseException:
+            if self.listener is not None:
+                self.listener.close()
             self.state.advance(R.FAILED)
             raise
-        self.state.advance(R.RECEIVING)
+        chans: list[tuple[Any, wire.StreamKeys | None]] = []
+        # This thread's priority from the first round to the guest's resumption.
+        downtime = contextlib.ExitStack()
         keep = False
         try:
+            try:
+                if self.listener is not None:
+                    # the secondary channels a source asked for (--channels N) come next
+                    chans = self._chans = self.listener.accept_channels(multi.JOIN_TIMEOUT)
+            finally:
+                if self.listener is not None:
+                    self.listener.close()
+            self.state.advance(R.RECEIVING)
             with gc_paused():   # no collection pauses while the source's vCPUs are paused
                 try:
                     self.machine, self.stats = receive(
                         conn, self.machine, keys=keys, machine_config=self.machine_config,
-                        max_memory=self.config.memory_cap, hooks=self.hooks,
-                        postcopy=self.can_postcopy is None)
+                        max_memory=self.config.memory_cap, hooks=self.hooks, channels=chans,
+                        downtime=downtime, postcopy=self.can_postcopy is None)
                     self.hooks.point("dst:restored")
                     self._switched = self.stats.postcopy
                     if self._switched is not None:
@@ -328,8 +412,12 @@ class Incoming:
                        "the guest was not started") from None
         finally:
             self._conn = None
+            self._chans = []
+            downtime.close()
             if not keep:                # post-copy: the connection now carries the pages
                 conn.close()
+            for c, _ in chans:
+                c.close()
         if isinstance(target, FileUri):
             self.state.advance(R.RUNNING)
         s = self.stats
@@ -339,8 +427,10 @@ class Incoming:
                      f"{int(np.bitwise_count(self._switched.free).sum())} free at the switch "
                      "(resolved here with zero pages when touched)")
         else:
-            log.info(f"migration received: {s.pages} pages with data, {s.zero_pages} zero, "
-                     f"{s.bytes} bytes in {s.ms:.0f} ms; guest resumed")
+            over = f" over {s.connections} connections" if s.connections > 1 else ""
+            what = ("the RAM handed over as a memfd, no page copied" if s.local is not None else
+                    f"{s.pages} pages with data, {s.zero_pages} zero")
+            log.info(f"migration received: {what}, {s.bytes} bytes{over} in {s.ms:.0f} ms; guest resumed")
         return self.machine
 
     def abort(self) -> None:
@@ -351,17 +441,21 @@ class Incoming:
         self._aborted = True
         if self.listener is not None:
             self.listener.close()
-        conn = self._conn
-        if conn is not None:
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except (OSError, AttributeError):
-                pass
+        for conn in [self._conn, *(c for c, _ in self._chans)]:
+            if conn is not None:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except (OSError, AttributeError):
+                    pass
 
     def _handover(self, conn: Any) -> None:
         """READY, then the guest is ours only once COMMIT arrives (docs/wire-format.md)."""
         try:
-            conn.sendall(wire.encode_frame({"status": wire.READY}))
+            # READY says how long this side waits for COMMIT, so that the source
+            # listens for our answer longer than that: a lost COMMIT then comes
+            # back as ABORTED and settles itself (docs/reliability.md).
+            conn.sendall(wire.encode_frame({"status": wire.READY,
+                                            "commit_timeout": self.config.timeout}))
         except OSError as e:
             raise StreamError(f"could not tell the source the VM is ready: {e.strerror or e}") from None
         self.state.advance(R.READY)
@@ -385,6 +479,11 @@ class Incoming:
         else:
             self.state.advance(R.RUNNING)
         self.hooks.point("dst:committed")
+        local = self.stats.local if self.stats is not None else None
+        if local is not None and self.machine is not None:
+            # A local migration: every vCPU of both VMMs is parked, and the source
+            # never resumes on its own now; give the free pages' memory back.
+            log_give_back(self.machine, local)
         if self._switched is not None:
             # Not _send_quietly: that would leave the socket in blocking mode with a
             # 1 s timeout; the C threads take it as it is.

@@ -22,6 +22,7 @@ halves until `resume`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -33,14 +34,15 @@ import numpy as np
 
 from ..bitmap import (PAGE_SHIFT, PAGE_SIZE, all_set, count, expand_runs, list_runs, page_runs,
                       words_to_mask)
-from ..config import MigrationParams
-from ..endpoints import FileUri
+from ..config import MAX_TIMEOUT, MigrationParams
+from ..endpoints import FileUri, TcpUri
 from ..errors import KvmliteError, MigrationError, PostcopyLinkError
 from ..hooks import NO_HOOKS, Hooks
 from ..log import log
 from ..machine import Machine, RunResult
+from ..rt import favoured, realtime
 from ..util import gc_paused
-from . import transport, wire
+from . import channels, transport, wire
 from .state import collect_state
 from .stats import MigrationStats
 from .status import POSTCOPY_STATES, SOURCE_TRANSITIONS, MigrationStatus as S, StateMachine
@@ -52,6 +54,9 @@ CHUNK_PAGES = 1 << 16            # 256 MiB of RAM per dirty-log clear and bitmap
 assert CHUNK_PAGES <= wire.MAX_RUN_PAGES   # so a run inside a chunk fits one record
 MAX_IOV = 512                    # buffers per sendmsg (Linux allows 1024)
 MAX_BATCH_BYTES = 32 << 20
+# With several channels a batch goes to one of them: smaller batches (and runs
+# cut to fit) keep every channel busy rather than one 256 MiB run on one.
+CHANNEL_BATCH_BYTES = 4 << 20
 CONNECT_TIMEOUT = 5.0
 # Chunks with at least this many pages to send first ask /proc/self/pagemap
 # which pages were never backed: those are zero and need not be read.
@@ -65,6 +70,32 @@ POSTCOPY_STATS_WAIT = 2.0
 
 class _SwitchNow(Exception):
     """Raised between chunks of a round when the switch to post-copy was asked for."""
+
+
+def answer_wait(ready: dict[str, Any], timeout: float) -> float:
+    """How long to wait for the answer to COMMIT, given READY and this side's `timeout`.
+
+    The destination waits for COMMIT for the `commit_timeout` READY carries,
+    then sends ABORTED.  Were the source to give up first (with equal
+    timeouts it would, by the time COMMIT took to travel), a lost COMMIT
+    would leave the migration unresolved instead of coming back as ABORTED.
+    So: the destination's wait, and this side's timeout more for ABORTED to
+    arrive.  A READY without a sane `commit_timeout` gets `timeout`."""
+    theirs = ready.get("commit_timeout")
+    if not isinstance(theirs, (int, float)) or isinstance(theirs, bool) \
+            or not 0 < theirs <= MAX_TIMEOUT:                                # NaN fails too
+        return timeout
+    return max(timeout, theirs + timeout)
+
+
+def split_runs(starts: np.ndarray, lengths: np.ndarray, most: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same pages as runs of at most `most`: ([0], [5]), 2 -> ([0, 2, 4], [2, 2, 1])."""
+    pieces = (lengths + most - 1) // most
+    if len(pieces) == 0 or pieces.max() <= 1:
+        return starts, lengths
+    run = np.repeat(np.arange(len(starts)), pieces)
+    k = np.arange(len(run)) - np.repeat(np.cumsum(pieces) - pieces, pieces)    # piece within its run
+    return starts[run] + k * most, np.minimum(lengths[run] - k * most, most)
 
 
 class Migration:
@@ -225,11 +256,18 @@ class Migration:
                 self._switch_reason = "at once (x-postcopy-now)"
             elif self.params.live:
                 self._iterate(dirty)
-            if self._switch_reason is None:
-                self._complete(dirty)
-            else:
-                self._switch(dirty)
-            self._handover()
+            # From the pause to the destination's answer, waiting for a CPU is
+            # downtime: this thread goes first meanwhile (kvmlite/rt.py).  Not
+            # when a stop-copy pass goes over channels: their threads would wait
+            # behind this one (1 GiB, hint off, 2 channels: 1.35x the time of
+            # one connection with it, 1.11x without).
+            one_stream = self.params.live or self._sink().channels == 1
+            with realtime() if one_stream else contextlib.nullcontext():
+                if self._switch_reason is None:
+                    self._complete(dirty)
+                else:
+                    self._switch(dirty)
+                self._handover()
         except Exception as e:
             self._fail(e)
         try:
@@ -306,6 +344,7 @@ class Migration:
         dirty = all_set(mem.npages)
         self.dirty_words = dirty
         self._send(wire.encode_preamble(info), structural=True)
+        self._sink().begin(info)
         if self.params.postcopy:
             # The destination makes its VM from the header and says so: at the
             # switch its set-up is done, and the downtime is the switch's alone.
@@ -376,8 +415,7 @@ class Migration:
             sent = self._send_dirty(dirty)
             self.stats.round_ms.append(round((time.perf_counter() - r0) * 1000, 3))
             self.stats.round_pages.append(sent)
-            self.stats.rounds += 1
-            self._send(wire.round_record(self.stats.rounds), structural=True)
+            self._send_round()
             self.hooks.point(f"src:round:{self.stats.rounds}")
 
     def converged(self, pending: int) -> bool:
@@ -412,10 +450,17 @@ class Migration:
         """Pause the vCPUs, send what is still dirty, the state and END."""
         machine = self.machine
         if self.params.live:
+            # The last pass is small: on the main stream alone it needs no
+            # hand-off between threads inside the downtime.
+            self._sink().close_channels()
             self._drain()
             self._check_cancel()
             self.state.advance(S.DEVICE, only_from=(S.ACTIVE,))
-        with gc_paused():   # a collection inside the downtime would add milliseconds
+        # The vCPU threads must get a CPU to park, and again to save their
+        # state on their own threads: favoured until then (kvmlite/rt.py).
+        with gc_paused(), favoured([vt.thread.native_id for vt in machine.vcpu_threads
+                                    if vt.thread.native_id is not None]):
+            # (a collection inside the downtime would add milliseconds)
             self._marks = [("pause", time.perf_counter())]   # the downtime starts at the pause request
             self.stats.precopy_bytes = self.stats.bytes_wire
             if not machine.paused:        # a VM the user stopped stays stopped if this fails
@@ -428,12 +473,7 @@ class Migration:
                 # its state is not a guest to carry on anywhere.
                 raise MigrationError("the guest ended before the migration could complete")
             self.hooks.point("src:paused")
-            self._mark("sync")
-            self._sync(dirty)             # the vCPUs are parked: what is dirty now is final
-            self._mark("pages")
-            self.stats.round_pages.append(self._send_dirty(dirty))
-            self.stats.rounds += 1
-            self._send(wire.round_record(self.stats.rounds), structural=True)
+            self._final_pass(dirty)
             self._mark("state")
             self._send(wire.state_record(collect_state(machine)), structural=True)
             # END's crc covers every structural byte sent before it, and END's own head.
@@ -453,7 +493,9 @@ class Migration:
         if self._free_pages is not None:
             self._free_pages.free_view()   # a new registration's view is built now, not paused
         log.info(f"switching to post-copy: {self._switch_reason}")
-        with gc_paused():
+        # the vCPU threads must get a CPU to park and to save their state (kvmlite/rt.py)
+        with gc_paused(), favoured([vt.thread.native_id for vt in machine.vcpu_threads
+                                    if vt.thread.native_id is not None]):
             self._marks = [("pause", time.perf_counter())]
             self.stats.precopy_bytes = self.stats.bytes_wire
             if not machine.paused:
@@ -493,6 +535,21 @@ class Migration:
                                "pages_pending": int(np.bitwise_count(pending).sum()),
                                "pages_free": int(np.count_nonzero(free_mask))}
 
+    def _final_pass(self, dirty: np.ndarray) -> None:
+        """With the vCPUs parked: the last sync and the pages still dirty."""
+        self._mark("sync")
+        self._sync(dirty)             # the vCPUs are parked: what is dirty now is final
+        self._mark("pages")
+        self.stats.round_pages.append(self._send_dirty(dirty))
+        self._send_round()
+        self._sink().close_channels()    # every page is out: STATE may follow (stop-copy's channels)
+
+    def _send_round(self) -> None:
+        """ROUND: the round's pages are all sent (on every channel too)."""
+        self.stats.rounds += 1
+        self._sink().end_round(self.stats.rounds)
+        self._send(wire.round_record(self.stats.rounds), structural=True)
+
     def _mark(self, name: str) -> None:
         self._marks.append((name, time.perf_counter()))
 
@@ -515,6 +572,7 @@ class Migration:
         self._mark("commit")
         sink.send([wire.encode_frame({"status": wire.COMMIT})])
         self.hooks.point("src:committed")
+        sink.settimeout(answer_wait(reply, self.params.timeout))
         answer = wire.read_frame(sink, "the destination's answer to COMMIT", wire.DEST_ANSWERS_TO_COMMIT)
         if answer["status"] == wire.ABORTED:
             # The destination did not take COMMIT in time and promised never
@@ -755,6 +813,11 @@ class Migration:
         if isinstance(self.target, FileUri):
             self.sink = transport.FileSink(self.target.path)
             return
+        if isinstance(self.target, TcpUri) and self.params.channels > 1:
+            self.sink = channels.connect(self.target, self.params.creds, self.params.channels,
+                                         connect_timeout=CONNECT_TIMEOUT, io_timeout=self.params.timeout,
+                                         on_socket=self._set_connecting)
+            return
         self.sink = transport.connect(self.target, self.params.creds, connect_timeout=CONNECT_TIMEOUT,
                                       io_timeout=self.params.timeout, on_socket=self._set_connecting)
 
@@ -888,35 +951,44 @@ class Migration:
             recs = wire.run_records(wire.REC_ZERO, mem.gpa + (zs << PAGE_SHIFT), zl)
             self._send(recs, structural=True)
             self.stats.pages_zero += int(zl.sum())
-        # PAGES records: head, then the pages straight from guest memory (and a tag)
+        # PAGES records: head, then the pages straight from guest memory (and
+        # tags), in batches, each on the main stream or a channel the sink picks
         ds, dl = list_runs(absolute[~zero])
         if len(ds):
+            most = MAX_BATCH_BYTES if self._sink().channels == 1 else CHANNEL_BATCH_BYTES
+            ds, dl = split_runs(ds, dl, most >> PAGE_SHIFT)
             heads = memoryview(wire.run_records(wire.REC_PAGES, mem.gpa + (ds << PAGE_SHIFT), dl))
-            self._structure(heads)                        # payloads and tags are not structure
             size = wire.PAGES_HEADER_SIZE
-            view = mem.view
-            offsets, nbytes = ds << PAGE_SHIFT, dl << PAGE_SHIFT
-            tags = None
-            if self._integrity is not None:
-                # Tagged from memory as it is now; should the guest write a page
-                # before sendmsg reads it, that page's tag will not match, and the
-                # page, dirty again, goes in a later record (docs/wire-format.md).
-                tags = memoryview(self._integrity.tags(heads, mem.pointer, offsets, dl))
-                tag_ends = (np.cumsum(dl) * wire.TAG_SIZE).tolist()
-            bufs, batch = [], 0
-            for i, (off, n) in enumerate(zip(offsets.tolist(), nbytes.tolist())):
-                bufs.append(heads[i * size:(i + 1) * size])
-                bufs.append(view[off:off + n])
-                if tags is not None:
-                    bufs.append(tags[tag_ends[i] - n // PAGE_SIZE * wire.TAG_SIZE:tag_ends[i]])
-                batch += n
-                if len(bufs) >= MAX_IOV or batch >= MAX_BATCH_BYTES:
-                    self._sendall(bufs)
-                    bufs, batch = [], 0
-            if bufs:
-                self._sendall(bufs)
+            # Batches of at most MAX_IOV buffers (head, payload, and tags) and
+            # about `most` bytes: a new one where either count crosses a multiple.
+            records = MAX_IOV // (3 if self._integrity is not None else 2)
+            before = (np.cumsum(dl) - dl) << PAGE_SHIFT          # bytes before each record
+            key = np.arange(len(ds)) // records * (1 << 40) + before // most
+            cuts = [0, *(np.flatnonzero(np.diff(key)) + 1).tolist(), len(ds)]
+            for lo, hi in zip(cuts, cuts[1:]):
+                self._send_page_batch(heads[lo * size:hi * size], ds[lo:hi] << PAGE_SHIFT, dl[lo:hi])
             self.stats.pages_sent += int(dl.sum())
         return len(pages)
+
+    def _send_page_batch(self, heads: memoryview, offsets: np.ndarray, npages: np.ndarray) -> None:
+        """PAGES records whose pages are at `offsets` of guest memory: on a
+        channel, which tags and checksums them in its own stream, or here."""
+        mem = self.machine.memory
+        channel = self._sink().page_channel()
+        if channel is not None:
+            sent = channel.send_pages(heads, mem, offsets, npages)
+            self.stats.bytes_wire += sent
+            self.stats.multifd_bytes += sent
+            self._limit_bandwidth()
+            return
+        self._structure(heads)                        # payloads and tags are not structure
+        tags = None
+        if self._integrity is not None:
+            # Tagged from memory as it is now; should the guest write a page
+            # before sendmsg reads it, that page's tag will not match, and the
+            # page, dirty again, goes in a later record (docs/wire-format.md).
+            tags = memoryview(self._integrity.tags(heads, mem.pointer, offsets, npages))
+        self._sendall(wire.page_buffers(heads, mem.view, offsets, npages, tags))
 
     def _structure(self, data: bytes | memoryview) -> None:
         """Structural bytes (all but page payloads and tags): checksummed, and MACed."""
@@ -933,6 +1005,9 @@ class Migration:
         """Every buffer onto the wire (a socket with a timeout may send part), at the bandwidth asked."""
         self.stats.bytes_wire += sum(len(b) for b in bufs)
         self._sink().send(bufs)
+        self._limit_bandwidth()
+
+    def _limit_bandwidth(self) -> None:
         bandwidth = self.params.bandwidth
         if bandwidth:
             ahead = self.stats.bytes_wire / bandwidth - (time.perf_counter() - self._t0)

@@ -24,6 +24,7 @@ class MigrationStats:
     pages_remaining: int = 0      # dirty pages still to send, as of the last sync
     bytes_wire: int = 0           # every byte written to the socket
     precopy_bytes: int = 0        # of those, the bytes written before the guest was paused
+    multifd_bytes: int = 0        # of those, the bytes written on secondary channels (--channels)
     dirty_syncs: int = 0          # dirty-log syncs: one per round, the last pass's included
     setup_ms: float = 0.0
     total_ms: float = 0.0
@@ -32,7 +33,7 @@ class MigrationStats:
     dirty_rate_pps: float = 0.0   # pages/s the guest dirtied while pre-copy rounds ran
     throttle_pct: int = 0         # share of time the vCPU was made to sit out (auto-converge)
     throttled_ms: float = 0.0     # how long the vCPU was slowed: first throttle to the end of pre-copy
-    dirty_log: str = ""           # "bitmap" or "ring": how dirty pages were tracked
+    dirty_log: str = ""           # "bitmap" or "ring": how dirty pages were tracked ("": none, local)
     sync_ms: list[float] = field(default_factory=list)   # each fetch of the dirty log (rings: harvest + reset)
     round_pages: list[int] = field(default_factory=list)   # pages sent (data or zero) in each round
     round_ms: list[float] = field(default_factory=list)    # how long each round took

@@ -55,6 +55,15 @@ MAX_POSTCOPY_RUN = 256
 # With integrity, DONE's tag and NEED's MAC use IVs / labels no record can have.
 DONE_TAG_SEQ = (1 << 64) - 1
 
+# Preamble flags (docs/wire-format.md).  A reader refuses every flag it does not know.
+# RAM_FD: the guest's RAM comes as a memfd attached to the preamble (SCM_RIGHTS,
+# a local migration over a unix socket), not as PAGES and ZERO records.
+FLAG_RAM_FD = 0x0001
+# CHANNEL: a secondary channel of a migration over several connections
+# (--channels N): PAGES and ROUND records only, then an END of its own.
+FLAG_CHANNEL = 0x0002
+KNOWN_FLAGS = FLAG_RAM_FD | FLAG_CHANNEL
+
 # Limits a destination enforces.
 MAX_HEADER_LEN = 64 * 1024
 MAX_RAM_ENTRIES = 16
@@ -194,16 +203,18 @@ class Integrity:
         return bad.view(bool)
 
 
-def encode_preamble(info: dict) -> bytes:
+def encode_preamble(info: dict, flags: int = 0) -> bytes:
     """Magic, version, flags and the msgpack header map.  Raises ValueError on a bad map."""
     try:
         validate_info(info)
     except StreamError as e:
         raise ValueError(str(e)) from None
+    if flags & ~KNOWN_FLAGS or flags & FLAG_RAM_FD and flags & FLAG_CHANNEL:
+        raise ValueError(f"bad preamble flags {flags:#06x}")
     body = msgpack.packb(info, use_bin_type=True)
     if len(body) > MAX_HEADER_LEN:
         raise ValueError(f"stream header is {len(body)} bytes; the limit is {MAX_HEADER_LEN}")
-    return _PREAMBLE.pack(MAGIC, VERSION, 0, len(body)) + body
+    return _PREAMBLE.pack(MAGIC, VERSION, flags, len(body)) + body
 
 
 def pages_header(gpa: int, npages: int) -> bytes:
@@ -242,6 +253,23 @@ def run_records(rec_type: int, gpas: np.ndarray, npages: np.ndarray) -> bytes:
     out["gpa"] = gpas
     out["npages"] = npages
     return out.tobytes()
+
+
+def page_buffers(heads, view, offsets: np.ndarray, npages: np.ndarray, tags=None) -> list:
+    """The buffers of len(offsets) PAGES records, for one sendmsg: each record's
+    13-byte head (from `heads`), its pages straight from guest memory (`view`,
+    at offsets[i], npages[i] pages) and, with integrity, its tags (from `tags`,
+    TAG_SIZE a page, in order).  Nothing is copied."""
+    size = _RUN.size
+    bufs = []
+    t = 0
+    for i, (off, n) in enumerate(zip(offsets.tolist(), npages.tolist())):
+        bufs.append(heads[i * size:(i + 1) * size])
+        bufs.append(view[off:off + n * PAGE_SIZE])
+        if tags is not None:
+            bufs.append(tags[t:t + n * TAG_SIZE])
+            t += n * TAG_SIZE
+    return bufs
 
 
 def round_record(n: int) -> bytes:
@@ -361,6 +389,10 @@ DEST_ANSWERS_TO_RESUME = (OK, ERROR)
 DEST_ANSWERS_TO_END = (READY, ERROR)
 DEST_ANSWERS_TO_COMMIT = (RUNNING, ABORTED)
 SOURCE_ANSWERS_TO_READY = (COMMIT,)
+# A local migration (preamble flag RAM_FD): the destination has mapped the RAM
+# and built its VM; only now does the source pause the guest.
+MAPPED = "mapped"
+DEST_ANSWERS_TO_RAM_FD = (MAPPED, ERROR)
 _NEEDS_ERROR = (ERROR, ABORTED)
 
 
@@ -415,6 +447,8 @@ class Header:
     integrity: bool = False         # PAGES records carry tags, END a structure MAC
     postcopy: bool = False          # the source may switch to post-copy (PAGESET records)
     migration_id: bytes | None = None   # what a post-copy recovery names
+    ram_fd: bool = False            # flag RAM_FD: the RAM came as a descriptor, no page records
+    channel: bool = False           # flag CHANNEL: a secondary channel's stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -587,10 +621,16 @@ class StreamDecoder:
     """
 
     def __init__(self, sock, *, keys: StreamKeys | None = None, require_integrity: bool = True,
-                 bufsize: int = 256 * 1024):
+                 bufsize: int = 256 * 1024, ram_fd_allowed: bool = False, channel: bool = False):
+        """`ram_fd_allowed`: `sock` can carry a descriptor (a unix socket), so the
+        preamble flag RAM_FD is accepted; elsewhere it is refused.  `channel`:
+        this is a secondary channel, whose preamble must carry the flag CHANNEL
+        (and a main stream's must not)."""
         if bufsize < 64:
             raise ValueError("bufsize must be at least 64 bytes")
         self._sock = sock
+        self._ram_fd_allowed = ram_fd_allowed
+        self._channel = channel
         self._keys = keys            # given: the stream must have integrity, checked with these
         self._require = require_integrity   # False: with keys, integrity only if the header says so
         self.integrity: Integrity | None = None
@@ -675,7 +715,7 @@ class StreamDecoder:
         consumed.
         """
         if self.state_seen or self.ended or self._end - self._pos < _RUN.size \
-                or self._buf[self._pos] != REC_PAGES:
+                or self._buf[self._pos] != REC_PAGES or self.header.ram_fd:
             return 0
         from ._wire import ffi, lib
         if self._ranges != [(ram.gpa, ram.gpa + ram.size)] or len(written) != ram.npages \
@@ -719,9 +759,15 @@ class StreamDecoder:
         if version != VERSION:
             raise StreamError(f"stream version {version} is not supported "
                               f"(this kvmlite reads version {VERSION})")
-        if flags:
+        if flags & ~KNOWN_FLAGS:
             raise StreamError(f"stream flags {flags:#06x} are not supported "
-                              f"(version {VERSION} defines none)")
+                              f"(version {VERSION} defines {KNOWN_FLAGS:#06x})")
+        if flags & FLAG_RAM_FD and not self._ram_fd_allowed:
+            raise StreamError("the stream's RAM comes as a file descriptor (a local migration), "
+                              "which only a unix: socket can carry")
+        if bool(flags & FLAG_CHANNEL) != self._channel:
+            raise StreamError("a secondary channel's stream on the main connection" if not self._channel
+                              else "a secondary channel's stream lacks the flag CHANNEL")
         if not 1 <= hlen <= MAX_HEADER_LEN:
             raise StreamError(f"stream header length {hlen} is outside 1 to {MAX_HEADER_LEN}")
         preamble = bytes(self._view[self._pos:self._pos + _PREAMBLE.size])
@@ -739,6 +785,8 @@ class StreamDecoder:
             self.integrity = Integrity(self._keys)
             self.integrity.structure(preamble)
             self.integrity.structure(body)
+        header.ram_fd = bool(flags & FLAG_RAM_FD)
+        header.channel = bool(flags & FLAG_CHANNEL)
         self._ranges = [(gpa, gpa + size) for gpa, size in header.ram]
         self.header = header
         return header
@@ -780,6 +828,12 @@ class StreamDecoder:
             raise StreamError(f"a {name} record at byte {at} follows a PAGESET record; "
                               f"only PAGESET and STATE may")
         mid = f"in the middle of a {name} record"
+        if self.header.channel and rtype in (REC_ZERO, REC_STATE):
+            raise StreamError(f"a {name} record at byte {at} on a secondary channel, "
+                              f"which carries PAGES and ROUND only")
+        if self.header.ram_fd and rtype in (REC_PAGES, REC_ZERO):
+            raise StreamError(f"a {name} record at byte {at} in a stream whose RAM came as "
+                              f"a file descriptor")
 
         if rtype == REC_PAGESET:
             return self._pageset(at, mid)
@@ -833,7 +887,7 @@ class StreamDecoder:
         # END
         self._fill(_END.size, mid)
         _, pages, zero_pages, crc, mac = _END.unpack_from(self._buf, self._pos)
-        if not self.state_seen:
+        if not self.state_seen and not self.header.channel:
             raise StreamError(f"END record at byte {at} without a STATE record "
                               f"(the source sent no vCPU or device state)")
         end_head = bytes(self._view[self._pos:self._pos + _END_HEAD.size])

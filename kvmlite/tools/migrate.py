@@ -2,9 +2,10 @@
 
 It does what a QMP client does by hand (docs/monitor.md, "Migration"):
 
-    migrate-set-capabilities  x-free-page-hint, auto-converge, postcopy-ram
+    migrate-set-capabilities  x-free-page-hint, auto-converge, postcopy-ram, multifd (--channels),
+                              x-local (--local)
     migrate-set-parameters    downtime-limit, max-bandwidth, x-max-rounds, x-stall-timeout, x-auth-key,
-                              x-postcopy-after, x-postcopy-now
+                              x-postcopy-after, x-postcopy-now, multifd-channels (--channels N, N > 1)
     stop                      (--stop-copy: QEMU's way to migrate in one pass)
     migrate                   uri (--resume: with resume true, for a post-copy migration paused
                               by a broken link)
@@ -24,8 +25,9 @@ from typing import Any
 
 from .. import exitcodes
 from ..bitmap import PAGE_SIZE
+from ..config import MAX_CHANNELS
 from ..control.client import QmpClient
-from ..errors import KvmliteError, MigrationError
+from ..errors import ConfigError, KvmliteError, MigrationError
 from ..units import human_bytes, parse_size
 
 POLL_INTERVAL = 0.05
@@ -118,21 +120,28 @@ def configure(client: QmpClient, *, hint: bool = True, auto_converge: bool = Tru
               downtime_ms: int = DEFAULT_DOWNTIME_MS, bandwidth: int = 0,
               max_rounds: int = DEFAULT_MAX_ROUNDS, timeout: float | None = None,
               auth_key: str | None = None, postcopy: bool = False, postcopy_after: int = 0,
-              postcopy_now: bool = False) -> None:
+              postcopy_now: bool = False, channels: int = 1, local: bool = False) -> None:
     """Set the source's migration capabilities and parameters (every one, so
     that what an earlier client set does not linger).  `postcopy`: the
     postcopy-ram capability; `postcopy_after` rounds or `postcopy_now` say
-    when it switches (docs/monitor.md, "Post-copy")."""
+    when it switches (docs/monitor.md, "Post-copy").  `channels` > 1: QEMU's
+    multifd with that many multifd-channels; `local`: kvmlite's x-local (the
+    RAM's memfd handed over, no page copied)."""
     client.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "x-free-page-hint", "state": hint},
         {"capability": "auto-converge", "state": auto_converge},
-        {"capability": "postcopy-ram", "state": postcopy}]})
-    client.execute("migrate-set-parameters", {
+        {"capability": "postcopy-ram", "state": postcopy},
+        {"capability": "multifd", "state": channels > 1},
+        {"capability": "x-local", "state": local}]})
+    params: dict[str, Any] = {
         "downtime-limit": downtime_ms, "max-bandwidth": bandwidth, "x-max-rounds": max_rounds,
         "x-stall-timeout": round(timeout * 1000) if timeout else 0,
         # the source VMM reads the file: give it a path it can open
         "x-auth-key": os.path.abspath(auth_key) if auth_key else "",
-        "x-postcopy-after": postcopy_after, "x-postcopy-now": postcopy_now})
+        "x-postcopy-after": postcopy_after, "x-postcopy-now": postcopy_now}
+    if channels > 1:        # (with multifd off, multifd-channels says nothing)
+        params["multifd-channels"] = channels
+    client.execute("migrate-set-parameters", params)
 
 
 def start(client: QmpClient, uri: str, *, stop_copy: bool = False, keep_running: bool = False) -> bool:
@@ -232,13 +241,15 @@ def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
                     keep_running: bool = False, pagemap: str | None = None,
                     resolve: str | None = None, quit: bool = True, postcopy: bool = False,
                     postcopy_after: int = 0, postcopy_now: bool = False,
-                    resume: bool = False) -> int:
+                    resume: bool = False, channels: int = 1, local: bool = False) -> int:
     """`kvmlite migrate`: start a migration on a VM's monitor, follow it, print its
     figures, quit the source it left in postmigrate.  With `resolve` ("source"
     or "destination"), settle an unresolved one instead; with `resume`,
     reconnect a post-copy migration in postcopy-paused to `uri` and follow it
     to its end.  Returns the exit status."""
     rate = parse_size(bandwidth, "--bandwidth")
+    if type(channels) is not int or not 1 <= channels <= MAX_CHANNELS:
+        raise ConfigError(f"--channels {channels}: 1 to {MAX_CHANNELS} connections")
     with QmpClient(monitor) as client:
         if resolve is not None:
             client.execute("x-migrate-resolve", {"owner": resolve})
@@ -247,7 +258,8 @@ def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
             finish(client, info, quit=quit)
             return exitcodes.OK
         if uri is None:
-            raise KvmliteError("give the destination (tcp:HOST:PORT or file:PATH), or --resolve")
+            raise KvmliteError("give the destination (tcp:HOST:PORT, unix:PATH or file:PATH), "
+                               "or --resolve")
         if pagemap:
             _check_writable(pagemap)
         stopped = False
@@ -257,7 +269,8 @@ def migrate_command(*, monitor: str, uri: str | None = None, hint: bool = True,
         else:
             configure(client, hint=hint, downtime_ms=downtime_ms, bandwidth=rate,
                       max_rounds=max_rounds, timeout=timeout, auth_key=auth_key,
-                      postcopy=postcopy, postcopy_after=postcopy_after, postcopy_now=postcopy_now)
+                      postcopy=postcopy, postcopy_after=postcopy_after, postcopy_now=postcopy_now,
+                      channels=channels, local=local)
             stopped = start(client, uri, stop_copy=stop_copy, keep_running=keep_running)
         info = follow(client, show_progress=not as_json and sys.stderr.isatty())
         # the source is in postmigrate: still there to be asked for the picture

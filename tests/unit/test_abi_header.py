@@ -59,7 +59,7 @@ STRUCTS = {
     "kvm_dirty_gfn": ["flags", "slot", "offset"],
 }
 
-# Every integer constant the extension exports (ioctls, KVM_EXIT_*, caps, MADV_*).
+# Every integer constant the extension exports (ioctls, KVM_EXIT_*, caps, MADV_*, FALLOC_FL_*).
 CONSTANTS = sorted(n for n in dir(lib) if isinstance(getattr(lib, n), int))
 
 _IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
@@ -89,7 +89,7 @@ def _IOWR(type_, nr, ctype):
 
 def _c_program() -> str:
     lines = ["#include <stdio.h>", "#include <stddef.h>", "#include <sys/mman.h>",
-             "#include <linux/kvm.h>", "int main(void) {"]
+             "#include <linux/falloc.h>", "#include <linux/kvm.h>", "int main(void) {"]
     for struct, fields in STRUCTS.items():
         lines.append(f'printf("size {struct} %zu\\n", sizeof(struct {struct}));')
         for f in fields:
@@ -134,7 +134,7 @@ def test_struct_layout_matches_header(header, struct):
 
 
 def test_constants_match_header(header):
-    """Every constant kvmlite.kvm.lib exports (ioctls, exits, caps, MADV_*) equals the header's value."""
+    """Every constant kvmlite.kvm.lib exports (ioctls, exits, caps, MADV_*, FALLOC_FL_*) equals the header's value."""
     assert len(CONSTANTS) > 50
     ours = {name: getattr(lib, name) for name in CONSTANTS}
     theirs = {name: header[("const", name)] for name in CONSTANTS}

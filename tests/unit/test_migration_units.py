@@ -18,7 +18,7 @@ from kvmlite.bitmap import expand_runs, list_runs, page_runs
 from kvmlite.devices import DebugCon, ExitDevice, FreePageHint, Uart16550
 from kvmlite.errors import ConfigError, StreamError
 from kvmlite.kvm import ffi
-from kvmlite.endpoints import FileUri, TcpUri, parse_uri
+from kvmlite.endpoints import FileUri, TcpUri, UnixUri, parse_uri
 from kvmlite.migration.state import STATE_VERSION, restore_devices, validate_state
 from kvmlite.vstate.vcpu import CR_NAMES, REG_NAMES, SEG_FIELDS, SEG_NAMES
 
@@ -83,16 +83,18 @@ def test_page_runs_matches_a_plain_scan_of_the_bits(words):
     ("tcp::80", TcpUri("127.0.0.1", 80)),
     ("file:/tmp/vm.snap", FileUri("/tmp/vm.snap")),
     ("file:rel/vm.snap", FileUri("rel/vm.snap")),
+    ("unix:/tmp/x", UnixUri("/tmp/x")),
+    ("unix:" + "p" * 107, UnixUri("p" * 107)),
 ])
 def test_parse_uri_good(uri, parsed):
-    """tcp:HOST:PORT (IPv6 in brackets), tcp:PORT on loopback, file:PATH."""
+    """tcp:HOST:PORT (IPv6 in brackets), tcp:PORT on loopback, unix:PATH, file:PATH."""
     assert parse_uri(uri) == parsed
 
 
 @pytest.mark.parametrize("uri", [
     "udp:h:1", "h:1", "tcp:", "tcp:host", "tcp:host:", "tcp:host:0", "tcp:host:65536",
-    "tcp:host:-1", "tcp:host:http", "tcp:host:8 0", "tcp:host:²", "tcp:host:٣", "unix:/tmp/x",
-    "file:",
+    "tcp:host:-1", "tcp:host:http", "tcp:host:8 0", "tcp:host:²", "tcp:host:٣", "unix:",
+    "unix:" + "p" * 108, "unix:a\0b", "file:",
 ])
 def test_parse_uri_bad(uri):
     """Anything else raises ConfigError quoting the URI."""
@@ -112,7 +114,7 @@ def test_parse_uri_never_raises_anything_else(uri):
     if isinstance(t, TcpUri):
         assert t.host and 0 < t.port < 65536 and uri.startswith("tcp:")
     else:
-        assert t.path and uri == "file:" + t.path
+        assert t.path and uri == str(t)           # unix:PATH or file:PATH
 
 
 # ---- validate_state ---------------------------------------------------------------------------
@@ -280,3 +282,22 @@ def test_restore_devices_turns_bad_device_state_into_stream_error(device, bad):
     state["devices"][device] = bad
     with pytest.raises(StreamError, match=f"state.devices.{device}"):
         restore_devices(state, make_devices())
+
+
+# ---- the handover: how long the source listens for the answer to COMMIT -----------------------
+
+@pytest.mark.parametrize("ready,timeout,wait", [
+    ({"status": "ready", "commit_timeout": 2.0}, 2.0, 4.0),    # longer than the destination waits
+    ({"status": "ready", "commit_timeout": 30}, 2.0, 32.0),
+    ({"status": "ready", "commit_timeout": 1.0}, 10.0, 11.0),
+    ({"status": "ready"}, 5.0, 5.0),                            # a READY that does not say
+    ({"status": "ready", "commit_timeout": "30"}, 5.0, 5.0),    # hostile or broken values: ignored
+    ({"status": "ready", "commit_timeout": True}, 5.0, 5.0),
+    ({"status": "ready", "commit_timeout": float("nan")}, 5.0, 5.0),
+    ({"status": "ready", "commit_timeout": float("inf")}, 5.0, 5.0),
+    ({"status": "ready", "commit_timeout": -1.0}, 5.0, 5.0),
+    ({"status": "ready", "commit_timeout": 1e300}, 5.0, 5.0),
+])
+def test_source_outwaits_the_destinations_commit_timeout(ready, timeout, wait):
+    from kvmlite.migration.source import answer_wait
+    assert answer_wait(ready, timeout) == wait

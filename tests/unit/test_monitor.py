@@ -240,15 +240,16 @@ def test_capabilities_and_parameters_become_the_migrations_params(machine, make_
     key.chmod(0o600)
     with client(mon) as q:
         defaults = q.execute("query-migrate-parameters")
-        assert defaults == {"downtime-limit": 5, "max-bandwidth": 0, "x-max-rounds": 30,
-                            "x-stall-timeout": 0, "x-auth-key": "", "x-postcopy-after": 0,
-                            "x-postcopy-now": False}
+        assert defaults == {"downtime-limit": 5, "max-bandwidth": 0, "multifd-channels": 2,
+                            "x-max-rounds": 30, "x-stall-timeout": 0, "x-auth-key": "",
+                            "x-postcopy-after": 0, "x-postcopy-now": False}
         q.execute("migrate", {"uri": "file:/dev/null"})
         wait_status(q, "completed")
         p = made[-1]
         assert (p.hint, p.auto_converge, p.downtime_ms, p.bandwidth, p.max_rounds, p.timeout) == \
             (True, True, 5.0, 0, 30, 12.0)               # the VMM's own --timeout by default
         assert p.creds.key is None and not p.postcopy
+        assert (p.channels, p.local) == (1, False)       # multifd and x-local are off by default
 
     machine2 = FakeMachine(machine.memory)
     factory = new_migration_for(machine2)
@@ -262,7 +263,8 @@ def test_capabilities_and_parameters_become_the_migrations_params(machine, make_
                                              "x-auth-key": str(key)})
         assert q.execute("query-migrate-parameters")["x-auth-key"] == str(key)
         assert {c["capability"]: c["state"] for c in q.execute("query-migrate-capabilities")} == \
-            {"events": False, "auto-converge": False, "postcopy-ram": False, "x-free-page-hint": False}
+            {"events": False, "auto-converge": False, "multifd": False, "postcopy-ram": False,
+             "x-free-page-hint": False, "x-local": False}
         # refused as a whole: nothing changes
         with pytest.raises(QmpCommandError, match="downtime-ms must be a number from 0 to 60000"):
             q.execute("migrate-set-parameters", {"downtime-limit": 100_000, "x-max-rounds": 8})
@@ -275,6 +277,60 @@ def test_capabilities_and_parameters_become_the_migrations_params(machine, make_
         assert (p.hint, p.auto_converge, p.downtime_ms, p.bandwidth, p.max_rounds, p.timeout) == \
             (False, False, 50.0, 1 << 30, 7, 2.5)
         assert p.creds.key == b"sixteen bytes or more of key"
+
+
+def test_multifd_and_x_local_become_channels_and_a_local_migration(machine, make_monitor, tmp_path):
+    """QEMU's multifd capability with multifd-channels asks for that many connections;
+    kvmlite's x-local for the RAM handed over; each refused where its uri cannot have it,
+    with the VM left running."""
+    made = []
+    factory = new_migration_for(machine)
+
+    def recording(params):
+        made.append(params)
+        return factory(params)
+    mon = make_monitor(machine, new_migration=recording)
+    with client(mon) as q:
+        q.execute("migrate-set-parameters", {"multifd-channels": 3})
+        assert len(made) == 0 and q.execute("query-migrate-parameters")["multifd-channels"] == 3
+        with pytest.raises(QmpCommandError, match="multifd-channels' expects an integer in the range of 1 to 8"):
+            q.execute("migrate-set-parameters", {"multifd-channels": 9})
+        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "multifd", "state": True}]})
+        with pytest.raises(QmpCommandError, match="channels are connections to a tcp: destination"):
+            q.execute("migrate", {"uri": "file:/dev/null"})
+        q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})
+        wait_status(q, "completed")
+        assert (made[-1].channels, made[-1].local) == (3, False)
+
+    machine2 = FakeMachine(machine.memory)
+    factory = new_migration_for(machine2)
+    mon = make_monitor(machine2, new_migration=recording)
+    with client(mon) as q:
+        q.execute("migrate-set-capabilities", {"capabilities": [{"capability": "x-local", "state": True}]})
+        with pytest.raises(QmpCommandError, match="a local migration goes to unix:PATH"):
+            q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})
+        assert q.execute("query-status")["status"] == "running" and len(made) == 1
+        q.execute("migrate", {"uri": f"unix:{tmp_path}/dst.sock"})
+        wait_status(q, "completed")
+        assert (made[-1].channels, made[-1].local, made[-1].uri) == (1, True, f"unix:{tmp_path}/dst.sock")
+
+
+def test_query_memdev_says_which_backend_the_ram_is_in(make_monitor):
+    """QEMU's Memdev: memory-backend-ram for anonymous RAM, memory-backend-memfd (shared,
+    with the bytes the memfd holds) for the RAM a local migration hands over."""
+    for backend, qom in (("anon", "memory-backend-ram"), ("memfd", "memory-backend-memfd")):
+        mem = GuestMemory(NPAGES * PAGE_SIZE, backend=backend)
+        try:
+            mem.write(0, b"\x01" * (3 * PAGE_SIZE))
+            (dev,) = ask(make_monitor(FakeMachine(mem)), "query-memdev")["return"]
+            assert dev["size"] == NPAGES * PAGE_SIZE and dev["x-backend"] == qom
+            assert dev["share"] is (backend == "memfd") and dev["prealloc"] is False
+            if backend == "memfd":
+                assert dev["x-allocated"] == 3 * PAGE_SIZE
+            else:
+                assert "x-allocated" not in dev
+        finally:
+            mem.close()
 
 
 def test_settings_are_refused_while_a_migration_runs(machine, make_monitor):
@@ -304,7 +360,7 @@ def test_settings_are_refused_while_a_migration_runs(machine, make_monitor):
     ("migrate", {"uri": "tcp:127.0.0.1:1", "hint": False}, "Parameter 'hint' is unexpected"),
     ("migrate", {"uri": "tcp:127.0.0.1:1", "x-keep-running": "yes"},
      "Invalid parameter type for 'x-keep-running', expected: boolean"),
-    ("migrate", {"uri": "ftp://x"}, "migration uri 'ftp://x': expected tcp:HOST:PORT or file:PATH"),
+    ("migrate", {"uri": "ftp://x"}, "migration uri 'ftp://x': expected tcp:HOST:PORT or unix:PATH or file:PATH"),
     ("migrate", {"uri": "tcp:host:²"}, "migration uri 'tcp:host:²'"),
     ("migrate", {"uri": "tcp:127.0.0.1:1", "x-keep-running": True}, "keep-running is for snapshots"),
     ("migrate", {"uri": "tcp:127.0.0.1:1", "resume": True}, "Cannot resume if there is no paused migration"),

@@ -693,7 +693,7 @@ def test_unix_listener_refuses_other_files_and_replaces_a_stale_socket(tmp_path)
         QmpServer(_table()).listen(str(tmp_path))
     with pytest.raises(MonitorError, match="directory /nonexistent/dir does not exist"):
         QmpServer(_table()).listen("/nonexistent/dir/vm.sock")
-    with pytest.raises(MonitorError, match="AF_UNIX path too long"):
+    with pytest.raises(MonitorError, match="a path of at most 107 bytes"):
         QmpServer(_table()).listen(f"{tmp_path}/{'x' * 200}")
     link = tmp_path / "link.sock"
     link.symlink_to(regular)

@@ -251,7 +251,7 @@ def test_each_kind_of_error_has_its_own_status(error, status):
     ("--monitor", "tcp:127.0.0.1:http", "--monitor 'tcp:127.0.0.1:http': expected tcp:HOST:PORT"),
     ("--monitor", "unix:/x,reconnect=1", "option 'reconnect=1' is not supported"),
     ("--gdb", "unix:/tmp/g", "--gdb 'unix:/tmp/g': unix: is not accepted here"),
-    ("--incoming", "udp:1", "--incoming 'udp:1': expected tcp:HOST:PORT or file:PATH"),
+    ("--incoming", "udp:1", "--incoming 'udp:1': expected tcp:HOST:PORT or unix:PATH or file:PATH"),
 ])
 def test_addresses_are_checked_by_one_parser(capsys, image, option, value, needle):
     status, err = run_cli(capsys, "run", option, value, *([] if option == "--incoming" else [image]))

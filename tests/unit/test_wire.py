@@ -314,9 +314,30 @@ def test_other_versions_refused_clearly(version):
         StreamDecoder(FakeSock(data)).read_preamble()
 
 
-def test_nonzero_flags():
-    with pytest.raises(StreamError, match="flags"):
-        StreamDecoder(FakeSock(raw_preamble(msgpack.packb(INFO), flags=1))).read_preamble()
+@pytest.mark.parametrize("flags", [0x0004, 0x8000, 0xFFFF])
+def test_unknown_flags_refused(flags):
+    """A flag version 2 does not define is refused, saying which it defines."""
+    with pytest.raises(StreamError, match=f"stream flags {flags:#06x} are not supported "
+                                          r"\(version 2 defines 0x0003\)"):
+        StreamDecoder(FakeSock(raw_preamble(msgpack.packb(INFO), flags=flags))).read_preamble()
+
+
+def test_ram_fd_only_where_a_descriptor_can_come():
+    """RAM_FD on a TCP stream (or a file) is refused; a unix socket's decoder takes it,
+    and then refuses any PAGES or ZERO record: the RAM is the descriptor."""
+    data = raw_preamble(msgpack.packb(INFO), flags=wire.FLAG_RAM_FD)
+    with pytest.raises(StreamError, match="only a unix: socket can carry"):
+        StreamDecoder(FakeSock(data)).read_preamble()
+    for rec in (wire.pages_header(0, 1) + bytes(4096), wire.zero_record(0, 1)):
+        dec = StreamDecoder(FakeSock(data + rec), ram_fd_allowed=True)
+        assert dec.read_preamble().ram_fd
+        with pytest.raises(StreamError, match="whose RAM came as a file descriptor"):
+            dec.next_record(lambda g, n: bytearray(n))
+
+
+def test_ram_fd_and_channel_exclude_each_other():
+    with pytest.raises(ValueError):
+        wire.encode_preamble(INFO, flags=wire.FLAG_RAM_FD | wire.FLAG_CHANNEL)
 
 
 @pytest.mark.parametrize("hlen", [0, wire.MAX_HEADER_LEN + 1, 0xFFFFFFFF])
