@@ -48,7 +48,6 @@ __all__ = ["Monitor", "CAPABILITY_DEFAULTS", "PARAMETER_DEFAULTS", "SHUTDOWN_BY_
 # kvmlite's defaults, which differ from QEMU's where kvmlite's design does.
 _DEFAULT_PARAMS = MigrationParams("file:-")
 CAPABILITY_DEFAULTS = {"events": False, "auto-converge": _DEFAULT_PARAMS.auto_converge,
-CAPABILITY_DEFAULTS = {"events": False, "auto-converge": _DEFAULT_PARAMS.auto_converge,
                        "multifd": _DEFAULT_PARAMS.channels > 1, "postcopy-ram": _DEFAULT_PARAMS.postcopy,
                        "x-free-page-hint": _DEFAULT_PARAMS.hint, "x-local": _DEFAULT_PARAMS.local}
 PARAMETER_DEFAULTS = {"downtime-limit": round(_DEFAULT_PARAMS.downtime_ms),

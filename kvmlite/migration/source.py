@@ -291,13 +291,15 @@ class Migration:
         if self.status in (S.HANDOVER, S.UNRESOLVED):
             # COMMIT may have reached the destination: the guest may run there.
             # It stays paused here until the destination's answer or an operator.
-            self.state.advance(S.UNRESOLVED, only_from=(S.HANDOVER,))
             also = ""
             if self.switched:
+                # the switch's figures, before anyone reads "unresolved"
                 self._after_switch()
                 # post-copy: should the destination have the VM, it waits for its pages
                 also = ("; if it does (post-copy), `kvmlite migrate --monitor SOCKET URI --resume` "
                         "reconnects and finishes")
+            self.state.advance(S.UNRESOLVED, only_from=(S.HANDOVER,))
+            if self.switched:
                 self._drop_sink()
             log.error(f"migration to {self.params.uri}: {self.stats.error}; COMMIT was sent, so "
                       "the VM may be running there: it stays paused here. Resolve with "
