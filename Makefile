@@ -32,8 +32,12 @@ demo: setup guest
 run: setup guest
 	$(PY) -m kvmlite run guest/guest.bin --cmdline "workload=churn pages=20000 rounds=50" --stats
 
+# Four workers (pytest-xdist), a test file to each: most tests wait on guests,
+# sockets and timeouts, so four share two CPUs well (the suite needs about six
+# CPU-minutes).  `make test JOBS=0` runs them one at a time.
+JOBS ?= 4
 test: setup guest
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(if $(filter-out 0,$(JOBS)),-n $(JOBS) --dist loadfile) tests
 
 unit: setup
 	$(PY) -m pytest -q tests/unit

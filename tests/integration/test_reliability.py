@@ -38,12 +38,18 @@ DEST_POINTS = [
     ("dst:header", LIVE),            # header read, before any page
     ("dst:round:0:pages", LIVE),     # mid-round 1
     ("dst:round:1", LIVE),           # between rounds 1 and 2
-    ("dst:round:2:pages", LIVE),     # mid-round 3
+    ("dst:round:2:pages", LIVE),     # mid-round 3, or a later one (LATER_ROUNDS)
     ("dst:round:0:pages", {"stop_copy": True}),   # during complete: the stop-copy pass
     ("dst:state", LIVE),             # device and vCPU state read, before END
     ("dst:end", LIVE),               # END checked, before the state is restored
     ("dst:restored", LIVE),          # state restored, before READY is sent
 ]
+
+
+# A round finds no page dirty when the guest got no CPU since the last sync
+# (a loaded host): its ":pages" point never comes.  "Mid-round 3" is then the
+# first later pre-copy round, or the final pass, with pages.
+LATER_ROUNDS = {"dst:round:2:pages": [f"dst:round:{n}:pages" for n in range(2, 6)]}
 
 
 @pytest.mark.parametrize("point,how", DEST_POINTS,
@@ -52,12 +58,14 @@ def test_destination_killed_at_each_point_source_resumes(point, how):
     """The destination is SIGKILLed at a point; the source resumes, and a second migration succeeds intact."""
     src, live = busy_vm()
     port = free_port()
-    dst = start_destination(port, vmm=vmm_command([f"{point}=kill"]))
+    points = LATER_ROUNDS.get(point, [point])
+    dst = start_destination(port, vmm=vmm_command([f"{p}=kill" for p in points]))
     with src, dst:
         s = migrate(src, port, **how)
         assert s["status"] == "failed" and s["error-desc"], s
         assert dst.wait(30) == -signal.SIGKILL, dst.output()
-        assert f"test fault at {point}" in "\n".join(dst.stderr_lines)
+        said = "\n".join(dst.stderr_lines)
+        assert any(f"test fault at {p}" in said for p in points), said
         assert not dst.stdout_lines, "the half-migrated guest must not have run"
         assert src.execute("query-status")["status"] == "running"
         src.wait_for("keeps running here", timeout=10, stream="stderr")    # stderr is read by a thread
