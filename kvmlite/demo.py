@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from rich.console import Console
 
+from . import exitcodes
+from .errors import ConfigError
+from .images import default_guest
 from .tools.migrate import migrate, print_stats
 from .procs import VmProcess, free_port, start_destination
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv=None) -> int:
@@ -26,8 +26,15 @@ def main(argv=None) -> int:
     ap.add_argument("--pages", type=int, default=40000, help="churn working set, in pages")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--migrate-after", type=int, default=15, help="churn round to migrate at")
-    ap.add_argument("--image", default=str(ROOT / "guest" / "guest.bin"))
+    ap.add_argument("--image", help="the guest image (default: the checkout's guest/guest.bin, "
+                    "else the one packaged with kvmlite)")
     args = ap.parse_args(argv)
+    if args.image is None:
+        try:
+            args.image = str(default_guest())
+        except ConfigError as e:
+            print(f"kvmlite demo: {e}", file=sys.stderr)
+            return exitcodes.NOINPUT
     con = Console(highlight=False)
     cmdline = f"workload=churn pages={args.pages} rounds={args.rounds} free=50"
     port = free_port()

@@ -29,12 +29,13 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+from . import exitcodes
+from .errors import ConfigError
+from .images import default_guest
 from .procs import KVMLITE, VmProcess, free_port, start_destination
 from .tools.migrate import run_migration
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str | None = None,
@@ -45,7 +46,7 @@ def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str 
     `extra`, options every VMM gets.  With `smp` > 1 the guest churns on every
     CPU, `pages` slots in all; the destinations learn the vCPU count from the stream.
     `postcopy`: every migration switches to post-copy at once."""
-    image = image or str(ROOT / "guest" / "guest.bin")
+    image = image or str(default_guest())
     cmdline = f"workload=churn pages={max(pages // smp, 1)} rounds=0 free=50"
     vm = VmProcess([image, "--memory", memory, "--smp", str(smp), "--cmdline", cmdline, *extra], vmm=vmm)
     t0 = time.perf_counter()
@@ -142,15 +143,24 @@ def main(argv=None, *, vmm=KVMLITE, label: str = "", prog: str = "python -m kvml
     ap.add_argument("--postcopy", action="store_true",
                     help="every migration switches to post-copy at once (docs/postcopy.md)")
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
+    ap.add_argument("--image", help="the guest image (default: the checkout's guest/guest.bin, "
+                    "else the one packaged with kvmlite)")
     if extra_options:
         extra_options(ap)
     args = ap.parse_args(argv)
+    if args.image is None:
+        try:
+            args.image = str(default_guest())
+        except ConfigError as e:
+            print(f"kvmlite soak: {e}", file=sys.stderr)
+            return exitcodes.NOINPUT
     if callable(vmm):
         vmm, label = vmm(args)
     extra = ("--auth-key", args.auth_key) if args.auth_key else ()
     if args.dirty_ring:
         extra += ("--dirty-ring",)
-    r = soak(args.migrations, memory=args.memory, pages=args.pages, vmm=vmm, label=label, extra=extra,
+    r = soak(args.migrations, memory=args.memory, pages=args.pages, image=args.image, vmm=vmm,
+             label=label, extra=extra,
              smp=args.smp, postcopy=args.postcopy,
              log=None if args.json else lambda m: print(m, file=sys.stderr, flush=True))
     if args.json:
