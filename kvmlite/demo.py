@@ -14,8 +14,7 @@ import sys
 from rich.console import Console
 
 from . import exitcodes
-from .errors import ConfigError
-from .images import default_guest
+from .images import image_or_say
 from .tools.migrate import migrate, print_stats
 from .procs import VmProcess, free_port, start_destination
 
@@ -29,12 +28,9 @@ def main(argv=None) -> int:
     ap.add_argument("--image", help="the guest image (default: the checkout's guest/guest.bin, "
                     "else the one packaged with kvmlite)")
     args = ap.parse_args(argv)
+    args.image = image_or_say(args.image, "kvmlite demo")
     if args.image is None:
-        try:
-            args.image = str(default_guest())
-        except ConfigError as e:
-            print(f"kvmlite demo: {e}", file=sys.stderr)
-            return exitcodes.NOINPUT
+        return exitcodes.NOINPUT
     con = Console(highlight=False)
     cmdline = f"workload=churn pages={args.pages} rounds={args.rounds} free=50"
     port = free_port()

@@ -10,6 +10,7 @@ get one, and `--image` takes any image.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .errors import ConfigError
@@ -30,3 +31,14 @@ def default_guest(*, checkout: Path = CHECKOUT, packaged: Path = PACKAGED) -> Pa
     raise ConfigError("this kvmlite has no guest image: its wheel was built where the guest "
                       "could not be (it needs gcc, as and ld).  Build one in a checkout of kvmlite "
                       "(`make guest`) and pass it with --image PATH")
+
+
+def image_or_say(image: str | None, prog: str) -> str | None:
+    """`image` if named, else the default guest; None once stderr says why there is none."""
+    if image is not None:
+        return image
+    try:
+        return str(default_guest())
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None

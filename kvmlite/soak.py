@@ -31,8 +31,7 @@ import sys
 import time
 
 from . import exitcodes
-from .errors import ConfigError
-from .images import default_guest
+from .images import default_guest, image_or_say
 from .procs import KVMLITE, VmProcess, free_port, start_destination
 from .tools.migrate import run_migration
 
@@ -148,12 +147,9 @@ def main(argv=None, *, vmm=KVMLITE, label: str = "", prog: str = "python -m kvml
     if extra_options:
         extra_options(ap)
     args = ap.parse_args(argv)
+    args.image = image_or_say(args.image, "kvmlite soak")
     if args.image is None:
-        try:
-            args.image = str(default_guest())
-        except ConfigError as e:
-            print(f"kvmlite soak: {e}", file=sys.stderr)
-            return exitcodes.NOINPUT
+        return exitcodes.NOINPUT
     if callable(vmm):
         vmm, label = vmm(args)
     extra = ("--auth-key", args.auth_key) if args.auth_key else ()

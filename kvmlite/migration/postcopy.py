@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .._postcopy import ffi, lib
-from ..bitmap import PAGE_SHIFT, PAGE_SIZE
+from ..bitmap import PAGE_SHIFT, PAGE_SIZE, list_runs, mask_to_words, words_to_mask
 from ..errors import PostcopyLinkError, StreamError
 from ..hooks import NO_HOOKS
 from ..vstate.uffd import Userfault
@@ -47,29 +47,6 @@ STATE_NAMES = {lib.KVMLITE_PC_OTHER: "here", lib.KVMLITE_PC_PENDING: "to come",
                lib.KVMLITE_PC_ZERO_OTHER: "zero page here"}
 
 
-def _bits(words: np.ndarray, npages: int) -> np.ndarray:
-    """uint64 bitmap words -> bool per page."""
-    return np.unpackbits(np.ascontiguousarray(words, dtype="<u8").view(np.uint8),
-                         bitorder="little")[:npages].view(bool)
-
-
-def _words(mask: np.ndarray) -> np.ndarray:
-    """bool per page -> uint64 bitmap words (the last one zero-padded)."""
-    mask = np.pad(np.asarray(mask, dtype=bool), (0, -len(mask) % 64))
-    return np.packbits(mask, bitorder="little").view("<u8")
-
-
-def _runs(pages: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Runs of consecutive numbers in a sorted page list: (starts, lengths)."""
-    if len(pages) == 0:
-        empty = np.empty(0, dtype=np.int64)
-        return empty, empty
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = pages[np.concatenate(([0], breaks))]
-    ends = pages[np.concatenate((breaks - 1, [len(pages) - 1]))] + 1
-    return starts.astype(np.int64), (ends - starts).astype(np.int64)
-
-
 def discard_runs(pending: np.ndarray, free: np.ndarray,
                  present: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """The page runs a destination drops at the switch (bool per page in, (starts, lengths) out).
@@ -87,7 +64,7 @@ def discard_runs(pending: np.ndarray, free: np.ndarray,
         return empty, empty
     # present None: any page may be here (pre-faulted RAM), so none counts as absent
     ok = drop | free if present is None else drop | free | ~present
-    starts, lengths = _runs(np.flatnonzero(ok))
+    starts, lengths = list_runs(np.flatnonzero(ok))
     ends = starts + lengths
     # trim each run to its first and last page to drop; runs with none are skipped
     idx = np.flatnonzero(drop)
@@ -246,7 +223,7 @@ class PostcopySender:
         not still to come at the switch is refused (the destination asked for
         something the switch never promised).
         """
-        need = _bits(need, self.memory.npages)
+        need = words_to_mask(need, self.memory.npages)
         stray = need & ((self.flags & lib.KVMLITE_PCS_PENDING) == 0)
         if stray.any():
             raise StreamError(f"NEED lists {int(stray.sum())} pages that were not still to come "
@@ -333,8 +310,8 @@ class PostcopyIncoming:
         self.memory = memory
         self.timeout = timeout
         self.integrity = integrity
-        pend = _bits(pending, n)
-        fr = _bits(free, n)
+        pend = words_to_mask(pending, n)
+        fr = words_to_mask(free, n)
         if (pend & fr).any():
             raise StreamError("a page cannot be both still to come and free")
         assert lib.KVMLITE_PC_OTHER == 0       # so that one multiply-add builds the states
@@ -418,7 +395,7 @@ class PostcopyIncoming:
     def need(self) -> np.ndarray:
         """The NEED set for a recovery: pages still to come that have not arrived (words)."""
         s = self.state
-        return _words((s == lib.KVMLITE_PC_PENDING) | (s == lib.KVMLITE_PC_REQUESTED))
+        return mask_to_words((s == lib.KVMLITE_PC_PENDING) | (s == lib.KVMLITE_PC_REQUESTED))
 
     def need_record(self, keys=None) -> bytes:
         return wire.need_record(self.memory.gpa, self.memory.npages, self.need(), keys)

@@ -19,8 +19,8 @@ import pytest
 from kvmlite._postcopy import ffi, lib
 from kvmlite.errors import PostcopyLinkError, UserfaultError
 from kvmlite.migration import transport, wire
-from kvmlite.migration.postcopy import (PostcopyIncoming, PostcopySender, _bits, _words,
-                                        switch_sets)
+from kvmlite.bitmap import mask_to_words, words_to_mask
+from kvmlite.migration.postcopy import PostcopyIncoming, PostcopySender, switch_sets
 from kvmlite.vstate.dirtylog import BitmapLog
 from kvmlite.vstate.memory import GuestMemory
 from kvmlite.vstate.uffd import Userfault
@@ -69,8 +69,8 @@ class Pair:
                 self.dst.write(p * PS, pattern(p))
             elif self.kind[p] == PENDING and stale and p % 2:
                 self.dst.write(p * PS, b"\xee" * PS)          # a stale pre-copy copy
-        self.pending = _words(self.kind == PENDING)
-        self.free = _words(self.kind == FREE)
+        self.pending = mask_to_words(self.kind == PENDING)
+        self.free = mask_to_words(self.kind == FREE)
         present = self.kind == HERE
         if stale:
             present = present | ((self.kind == PENDING) & (np.arange(NPAGES) % 2 == 1))
@@ -210,7 +210,7 @@ def test_a_broken_link_pauses_both_halves_and_resume_sends_only_what_is_needed()
     free_page = int(np.flatnonzero(pair.kind == FREE)[-1])
     pair.touch(free_page)                                     # no link needed for this one
     assert pair.dst.read(free_page * PS, PS) == bytes(PS)
-    need = _bits(pair.inc.need(), NPAGES)
+    need = words_to_mask(pair.inc.need(), NPAGES)
     assert np.array_equal(need, (pair.kind == PENDING) & ~np.isin(np.arange(NPAGES), first))
     # recovery: a new connection, NEED, the rest
     pair.d_sock.close()
@@ -231,7 +231,7 @@ def test_a_broken_link_pauses_both_halves_and_resume_sends_only_what_is_needed()
 
 def test_resume_refuses_a_need_beyond_what_was_to_come():
     pair = Pair(seed=6)
-    bogus = _words(pair.kind == FREE)
+    bogus = mask_to_words(pair.kind == FREE)
     with pytest.raises(Exception, match="not still to come"):
         pair.sender.resume(transport.SocketSink(pair.s_sock), bogus)
     pair.close()
