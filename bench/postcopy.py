@@ -60,10 +60,10 @@ PATTERN = np.uint64(0x9E3779B97F4A7C15)
 
 
 def _sets(npages: int):
-    from kvmlite.migration.postcopy import _words
+    from kvmlite.bitmap import mask_to_words
     free = (np.arange(npages) % FREE_EVERY) == FREE_EVERY - 1
     pending = ~free
-    return _words(pending), _words(free), pending, free
+    return mask_to_words(pending), mask_to_words(free), pending, free
 
 
 def _fill(mem) -> None:

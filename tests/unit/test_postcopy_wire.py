@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kvmlite.bitmap import mask_to_words, words_to_mask
 from kvmlite.errors import StreamError
 from kvmlite.migration import wire
-from kvmlite.migration.postcopy import _bits, _words
 from kvmlite.migration.wire import PageSet, ReturnPathDecoder, State, StreamDecoder
 from tests.unit.test_wire import INFO, MEM_SIZE, PS, RAM, Builder, FakeSock, page_data
 
@@ -24,7 +24,7 @@ def sets(seed: int = 1):
     for gpa, size in REGIONS:
         n = size // PS
         pick = rng.integers(0, 3, n)           # 0 here, 1 pending, 2 free
-        out[gpa] = (_words(pick == 1), _words(pick == 2), n)
+        out[gpa] = (mask_to_words(pick == 1), mask_to_words(pick == 2), n)
     return out
 
 
@@ -177,9 +177,9 @@ def test_need_round_trips_and_is_checked():
     n = 64
     need = np.zeros(n, bool)
     need[[0, 5, 63]] = True
-    sock = FakeSock(wire.need_record(0, n, _words(need)), seed=1, max_chunk=3)
+    sock = FakeSock(wire.need_record(0, n, mask_to_words(need)), seed=1, max_chunk=3)
     gpa, npages, words = wire.read_need(sock, REGIONS)
-    assert (gpa, npages) == (0, n) and np.array_equal(_bits(words, n), need)
+    assert (gpa, npages) == (0, n) and np.array_equal(words_to_mask(words, n), need)
     with pytest.raises(StreamError, match="not a RAM region"):
         wire.read_need(FakeSock(wire.need_record(0, 32, np.zeros(1, np.uint64))), REGIONS)
     with pytest.raises(StreamError, match="expected a NEED record"):
@@ -213,7 +213,7 @@ def test_a_post_copy_header_is_checked(info, why):
 def test_need_carries_a_mac_on_a_keyed_link():
     keys = wire.StreamKeys.derive(b"k" * 32, b"a", b"b")
     n = MEM_SIZE // PS
-    words = _words(np.arange(n) % 5 == 0)
+    words = mask_to_words(np.arange(n) % 5 == 0)
     rec = wire.need_record(0, n, words, keys)
     gpa, npages, got = wire.read_need(FakeSock(rec, 2, max_chunk=5), [(0, MEM_SIZE)], keys)
     assert np.array_equal(got, words)
