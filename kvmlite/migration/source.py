@@ -64,6 +64,8 @@ PAGEMAP_MIN_PAGES = 4096
 # While the guest runs, wait up to this long for the destination to take in
 # what was sent: bytes still queued at the pause would count as downtime.
 DRAIN_TIMEOUT = 1.0
+# While the bandwidth limit holds the sender back, how often it looks for migrate-start-postcopy.
+SWITCH_POLL = 0.05
 # How long the source waits for the destination's post-copy stats after DONE.
 POSTCOPY_STATS_WAIT = 2.0
 
@@ -144,6 +146,9 @@ class Migration:
         self.migration_id = os.urandom(wire.MIGRATION_ID_SIZE)
         self._switch_asked = threading.Event()
         self._switch_reason: str | None = None   # why the switch happened; None: pre-copy
+        # The switch's records (sets, STATE, END) are not held to the bandwidth
+        # limit: they are the downtime, and the page server has its own limit.
+        self._in_switch = False
         self._in_rounds = False
         self.switched = False            # the switch to post-copy happened (the sets went out)
         self.sender: PostcopySender | None = None   # the page server, once the downtime is over
@@ -507,7 +512,8 @@ class Migration:
                 raise MigrationError("the guest ended before the migration could complete")
             self.hooks.point("src:paused")
             self._mark("sets")
-            # fetch and clear the dirty log, then read the free bits (claim 2)
+            self._in_switch = True
+            # fetch the dirty log, then read the free bits (claim 2)
             pending, free = switch_sets(self.log, dirty, self._free_words)
             self._mark("state")
             self._send(switch_records(mem.gpa, mem.npages, pending, free), structural=True)
@@ -804,8 +810,11 @@ class Migration:
         if self._cancel.is_set():
             raise MigrationError("cancelled")
 
+    def _switch_pending(self) -> bool:
+        return self._in_rounds and self._switch_asked.is_set()
+
     def _check_switch(self) -> None:
-        if self._in_rounds and self._switch_asked.is_set():
+        if self._switch_pending():
             raise _SwitchNow()
 
     def _connect(self) -> None:
@@ -891,6 +900,7 @@ class Migration:
             total += self._send_chunk(w0, w1, look if free is None else look & ~free, hinted=free is not None)
             # cleared only now, so that `kvmlite pagemap` shows a chunk's pages dirty until sent
             dirty[w0:w1] = 0
+            self._check_switch()        # asked while this chunk went: switch before the next
         self._first_pass_done = True
         return total
 
@@ -968,8 +978,12 @@ class Migration:
             key = np.arange(len(ds)) // records * (1 << 40) + before // most
             cuts = [0, *(np.flatnonzero(np.diff(key)) + 1).tolist(), len(ds)]
             for lo, hi in zip(cuts, cuts[1:]):
+                if lo:
+                    # migrate-start-postcopy between batches, not only between 256 MiB
+                    # chunks; what the chunk has not sent stays dirty and goes after it
+                    self._check_switch()
                 self._send_page_batch(heads[lo * size:hi * size], ds[lo:hi] << PAGE_SHIFT, dl[lo:hi])
-            self.stats.pages_sent += int(dl.sum())
+                self.stats.pages_sent += int(dl[lo:hi].sum())     # END counts what went, batch by batch
         return len(pages)
 
     def _send_page_batch(self, heads: memoryview, offsets: np.ndarray, npages: np.ndarray) -> None:
@@ -1011,10 +1025,13 @@ class Migration:
 
     def _limit_bandwidth(self) -> None:
         bandwidth = self.params.bandwidth
-        if bandwidth:
-            ahead = self.stats.bytes_wire / bandwidth - (time.perf_counter() - self._t0)
-            if ahead > 0 and self._cancel.wait(ahead):
+        if not bandwidth or self._in_switch:
+            return
+        while (ahead := self.stats.bytes_wire / bandwidth - (time.perf_counter() - self._t0)) > 0:
+            if self._cancel.wait(min(ahead, SWITCH_POLL)):
                 raise MigrationError("cancelled")
+            if self._switch_pending():
+                return      # the switch need not wait out a low limit: the next batch or chunk takes it
 
     def _bandwidth_estimate(self) -> float:
         elapsed = time.perf_counter() - self._t0
