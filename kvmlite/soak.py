@@ -36,7 +36,6 @@ from .procs import KVMLITE, VmProcess, free_port, start_destination
 from .tools.migrate import run_migration
 
 
-
 def soak(migrations: int, *, memory: str = "1G", pages: int = 12000, image: str | None = None,
          log=print, vmm=KVMLITE, label: str = "", extra=(), smp: int = 1,
          postcopy: bool = False) -> dict:

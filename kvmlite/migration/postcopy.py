@@ -80,7 +80,6 @@ def discard_runs(pending: np.ndarray, free: np.ndarray,
 # ---- the switch (source, vCPUs paused) -------------------------------------------------
 
 
-
 def _c_wire(integrity: bool):
     return ffi.new("struct kvmlite_pc_wire *", wire.postcopy_c_wire(integrity))
 
