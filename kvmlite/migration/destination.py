@@ -336,9 +336,11 @@ class Incoming:
             return
         if self.config.insecure and not self.creds.any:
             log.warning(f"--insecure: any peer that reaches {target} may send this VMM a VM")
-        self.can_postcopy = _postcopy_problem(self.creds)
+        self.can_postcopy = _postcopy_problem(self.creds, self.machine_config)
         if self.can_postcopy is None:
             from . import postcopy  # noqa: F401  (imported now, not in the downtime)
+        else:
+            log.info(f"post-copy not offered: {self.can_postcopy}")
         self.listener = transport.Listener(target, self.creds, io_timeout=self.config.timeout,
                                            hooks=self.hooks, offers=self._offers())
         log.info(f"waiting for a migration on {target}"
@@ -694,10 +696,15 @@ class Incoming:
             self._drop_postcopy()
 
 
-def _postcopy_problem(creds: Credentials) -> str | None:
+def _postcopy_problem(creds: Credentials, machine_config: MachineConfig | None) -> str | None:
     """Why this destination cannot take post-copy, or None if it can."""
     if creds.tls:
         return "TLS (post-copy's C threads use the socket itself; kernel TLS is not built)"
+    if machine_config is not None and machine_config.memory_backend != "anon":
+        # Dropping a stale copy (MADV_DONTNEED) leaves a memfd's page in its page
+        # cache, so the guest would read it without the fault that fetches the real one.
+        return (f"its RAM is a {machine_config.memory_backend} (--memory-backend): post-copy "
+                "needs anonymous memory, whose missing pages fault")
     try:
         from ..vstate.uffd import Userfault
         Userfault().close()

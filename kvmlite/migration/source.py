@@ -374,8 +374,8 @@ class Migration:
                                  "page tags protect post-copy records too")
         if not offers.get("postcopy"):
             raise MigrationError("the destination cannot take a post-copy migration (it has no "
-                                 "userfaultfd for faults KVM takes, or is an older kvmlite): "
-                                 "migrate without --postcopy")
+                                 "userfaultfd for faults KVM takes, its RAM is a memfd, or it is "
+                                 "an older kvmlite; its log says which): migrate without --postcopy")
 
     def _iterate(self, dirty: np.ndarray) -> None:
         """Pre-copy rounds while the guest runs, until what is left fits the downtime

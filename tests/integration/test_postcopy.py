@@ -99,6 +99,29 @@ def test_postcopy_now_the_guest_runs_on_and_free_pages_are_never_requested():
         finish(dst)
 
 
+def test_postcopy_to_a_memfd_destination_is_refused_before_anything_moves():
+    """A destination whose RAM is a memfd does not offer post-copy (a dropped stale copy
+    would stay in the memfd, read without a fault): the source is refused at once and
+    keeps running its guest; pre-copy to such a destination completes."""
+    src, fill = fill_vm("256M")
+    port = free_port()
+    dst = start_destination(port, "256M", extra=["--memory-backend", "memfd"])
+    with src, dst:
+        rc, s, err = migrate_cli(src, f"tcp:127.0.0.1:{port}", "--postcopy-now")
+        assert rc != 0 and s["status"] == "failed", (s, err)
+        assert "cannot take a post-copy migration" in s["error-desc"], s
+        assert src.execute("query-status")["status"] == "running"
+        dst.wait_for("post-copy not offered: its RAM is a memfd", timeout=10, stream="stderr")
+        assert dst.wait(30) != 0 and not dst.stdout_lines, "the destination never ran the guest"
+        port2 = free_port()
+        dst2 = start_destination(port2, "256M", extra=["--memory-backend", "memfd"])
+        with dst2:
+            rc, s, err = migrate_cli(src, f"tcp:127.0.0.1:{port2}")
+            assert rc == 0 and s["status"] == "completed", (s, err)
+            assert src.wait(30) == 0
+            finish_and_check(dst2, fill["live"])
+
+
 def test_precopy_that_does_not_converge_switches_to_postcopy():
     """Under a bandwidth limit the churning guest dirties pages as fast as the rounds
     send them: pre-copy stops converging, and --postcopy switches instead of throttling."""
