@@ -186,7 +186,11 @@ def serve(machine: Machine, cfg: RunConfig, *, hooks: Hooks = NO_HOOKS,
             _postmigrate(monitor, cfg.postmigrate_timeout)
         cause = shutdown_cause(result, monitor)
         if monitor is not None and monitor.migration is not None:
-            monitor.migration.wait(5.0)      # a migration thread still finishing uses the machine
+            # A migration thread still running reads guest RAM, which closing the
+            # machine unmaps: a pre-copy one (the guest ended, or quit, mid-round)
+            # is cancelled first, then each is given time to finish.
+            monitor.migration.cancel()
+            monitor.migration.wait(5.0)
     finally:
         if monitor is not None:
             monitor.shutdown(cause)

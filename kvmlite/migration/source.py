@@ -195,7 +195,7 @@ class Migration:
 
     def start_postcopy(self) -> None:
         """Switch to post-copy at the next chance (QEMU's migrate-start-postcopy):
-        between two 256 MiB chunks of the round in progress, or before the next."""
+        between two batches of pages of the round in progress, or before the next."""
         if not self.params.postcopy:
             raise MigrationError("this migration may not switch to post-copy (start it with "
                                  "the postcopy-ram capability on: kvmlite migrate --postcopy)")

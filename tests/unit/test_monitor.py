@@ -27,6 +27,7 @@ from kvmlite.migration.status import ReceiveState as R, RECEIVE_TRANSITIONS, Sta
 from kvmlite.pagemap.model import DIRTY, FREE, UNTOUCHED, from_monitor
 from kvmlite.vstate.memory import GuestMemory
 
+from kvmlite.migration.source import Migration
 from tests.fakes import FakeMachine, StreamSink, new_migration_for
 
 NPAGES = 1024                   # 4 MiB
@@ -56,6 +57,9 @@ def make_monitor(tmp_path):
         return mon
     yield make
     for mon in made:
+        if isinstance(mon.migration, Migration):   # its thread reads guest RAM the fixture unmaps next
+            mon.migration.cancel()
+            assert mon.migration.wait(10), "a migration thread outlived its test"
         mon.close()
 
 
@@ -198,6 +202,7 @@ def test_a_failed_migration_resumes_the_guest_here_and_says_why(machine, make_mo
         assert events(q, 0.05) == [("STOP", None), ("RESUME", None)]   # MIGRATION needs the capability
         assert q.execute("query-status")["status"] == "running"
         q.execute("migrate", {"uri": "tcp:127.0.0.1:9"})                 # and it may try again
+        assert wait_status(q, "failed", "completed")["status"] == "failed"
 
 
 @pytest.mark.parametrize("owner,status,state", [("source", "failed", "running"),
