@@ -8,12 +8,10 @@ declaration or a build against another header shows up here.  No /dev/kvm.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 
 from kvmlite.kvm import ffi, lib
+from tests.unit.cfacts import header_facts
 
 # struct → fields whose offsets kvmlite relies on.  Dotted names go through
 # anonymous unions / nested structs (offsetof(struct kvm_run, io.port)).
@@ -107,19 +105,7 @@ def _c_program() -> str:
 @pytest.fixture(scope="module")
 def header(tmp_path_factory):
     """What gcc says about <linux/kvm.h>: {("size", struct): n, ("offset", struct, f): n, ...}."""
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler")
-    d = tmp_path_factory.mktemp("abi")
-    (d / "abi.c").write_text(_c_program())
-    subprocess.run([gcc, "-o", str(d / "abi"), str(d / "abi.c")], check=True,
-                   capture_output=True, text=True)
-    out = subprocess.run([str(d / "abi")], check=True, capture_output=True, text=True).stdout
-    facts = {}
-    for line in out.splitlines():
-        *key, value = line.split()
-        facts[tuple(key)] = int(value)
-    return facts
+    return header_facts(tmp_path_factory, "abi", _c_program())
 
 
 @pytest.mark.parametrize("struct", sorted(STRUCTS))

@@ -9,13 +9,11 @@ match wire.py's own record sizes.  No /dev/kvm, no userfaultfd needed.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-
 import pytest
 
 from kvmlite._postcopy import ffi, lib
 from kvmlite.migration import wire
+from tests.unit.cfacts import header_facts
 
 STRUCTS = {
     "uffdio_api": ["api", "features", "ioctls"],
@@ -54,19 +52,7 @@ def _c_program() -> str:
 
 @pytest.fixture(scope="module")
 def header(tmp_path_factory):
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
-        pytest.skip("no C compiler")
-    d = tmp_path_factory.mktemp("uffd")
-    (d / "uffd.c").write_text(_c_program())
-    subprocess.run([gcc, "-o", str(d / "uffd"), str(d / "uffd.c")], check=True,
-                   capture_output=True, text=True)
-    out = subprocess.run([str(d / "uffd")], check=True, capture_output=True, text=True).stdout
-    facts = {}
-    for line in out.splitlines():
-        *key, value = line.split()
-        facts[tuple(key)] = int(value)
-    return facts
+    return header_facts(tmp_path_factory, "uffd", _c_program())
 
 
 @pytest.mark.parametrize("struct", sorted(STRUCTS))
